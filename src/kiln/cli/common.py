@@ -1,0 +1,51 @@
+"""Shared CLI pieces: where state lives, how to find the running server, output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def kiln_home() -> Path:
+    return Path(os.environ.get("KILN_HOME", Path.home() / ".kiln")).expanduser()
+
+
+def find_server_url() -> str | None:
+    """The local server's inference URL: KILN_URL, else server.json, else a `kiln serve` one."""
+    if os.environ.get("KILN_URL"):
+        return os.environ["KILN_URL"].rstrip("/")
+    home = kiln_home()
+    for name in ("server.json", "serve.json"):
+        path = home / name
+        try:
+            info = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if _alive(info.get("pid")):
+            return str(info["url"]).rstrip("/")
+    return None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail(message: str, code: int = 1) -> None:
+    import typer
+
+    err_console.print(f"[bold red]Error:[/] {message}", highlight=False)
+    raise typer.Exit(code)

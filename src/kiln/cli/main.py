@@ -1,0 +1,151 @@
+"""`kiln`: init a project, validate it, serve it, call it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kiln import __version__
+from kiln.cli.common import console, err_console, fail
+
+app = typer.Typer(
+    name="kiln",
+    help="Turn trained models into web services: kiln init, kiln serve, kiln predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print Kiln's version."""
+    console.print(__version__)
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Argument(help="Folder (and API name) to create.")],
+    template: Annotated[
+        str, typer.Option("--template", "-t", help="Starting point: python or onnx.")
+    ] = "python",
+) -> None:
+    """Create a new project folder with kiln.yaml, a handler, a model folder and a Dockerfile."""
+    from kiln.cli.scaffold import create_project
+
+    dest = Path(name)
+    try:
+        files = create_project(dest, template, name=dest.name)
+    except (FileExistsError, ValueError) as exc:
+        fail(str(exc), 2)
+    console.print(f"Created [bold]{dest}[/] from the {template} template:")
+    for file in files:
+        console.print(f"  {dest / file}")
+    console.print(
+        f"\nNext:\n  cd {dest}\n  kiln serve\n"
+        f"  kiln predict {dest.name} --file sample.json   (in another terminal)"
+    )
+
+
+@app.command()
+def validate(
+    project_dir: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+    file: Annotated[
+        str | None, typer.Option("-f", "--file", help="Config file (default kiln.yaml).")
+    ] = None,
+) -> None:
+    """Check kiln.yaml (or cortex.yaml) and report every problem, without starting anything."""
+    project = _load(project_dir, file)
+    from kiln.cli.tables import api_table
+
+    console.print(f"[green]{project.config_file.name} is valid[/]: {len(project.apis)} API(s)")
+    if project.apis:
+        console.print(api_table(project.apis))
+
+
+def _load(project_dir: Path, file: str | None):  # noqa: ANN202 - returns kiln.config.Project
+    from kiln.config import ConfigError, load_project
+
+    try:
+        return load_project(project_dir, file)
+    except ConfigError as exc:
+        count = len(exc.issues)
+        err_console.print(
+            f"[bold red]The configuration has {count} problem{'s' if count != 1 else ''}:[/]",
+            highlight=False,
+        )
+        for line in str(exc).splitlines():
+            err_console.print(f"  {line}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    project_dir: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+    file: Annotated[str | None, typer.Option("-f", "--file", help="Config file.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Inference port; 0 picks a free one.")] = 8080,
+    home: Annotated[
+        Path | None, typer.Option(help="State folder (logs, server.json); default: temporary.")
+    ] = None,
+    auth: Annotated[bool, typer.Option(help="Require API keys (not available yet).")] = False,
+    allow_unauthenticated: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unauthenticated",
+            help="Serve on a non-loopback --host without API keys (e.g. inside a container).",
+        ),
+    ] = False,
+) -> None:
+    """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
+    from kiln.cli.serve_cmd import run_serve
+
+    if auth:
+        fail(
+            "--auth needs API keys, which this version of Kiln does not have yet; serve on "
+            "127.0.0.1, or pass --allow-unauthenticated behind your own gateway",
+            2,
+        )
+    from kiln.control.server import is_loopback
+
+    if not is_loopback(host) and not allow_unauthenticated:
+        fail(
+            f"refusing to serve on {host} without authentication: anyone who can reach this "
+            f"machine could call your models. Use --host 127.0.0.1, or pass "
+            f"--allow-unauthenticated if a gateway in front of Kiln checks callers",
+            2,
+        )
+    project = _load(project_dir, file)
+    raise typer.Exit(run_serve(project, host, port, home))
+
+
+@app.command()
+def predict(
+    target: Annotated[str, typer.Argument(help="An API name, or a full URL.")],
+    payload: Annotated[
+        str | None, typer.Argument(help="JSON body, a JSON file, or - for stdin.")
+    ] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-F", help="Send this file.")] = None,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Server URL (default: the local server).")
+    ] = None,
+    api_version: Annotated[
+        str | None, typer.Option("--version", help="API version to call.")
+    ] = None,
+    debug: Annotated[bool, typer.Option(help="Log the request's four debug stages.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 120.0,
+) -> None:
+    """Send one request to an API and print the answer (or the error)."""
+    from kiln.cli.predict_cmd import run_predict
+
+    raise typer.Exit(run_predict(target, payload, file, url, api_version, debug, timeout))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

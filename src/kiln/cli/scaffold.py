@@ -1,0 +1,120 @@
+"""`kiln init`: create a ready-to-serve project folder from a template.
+
+A new user's first five minutes decide whether they keep going, so the
+scaffold must serve real answers as created (a small real model ships with
+every template) and must show every hook the user can fill in. Templates are
+plain files under `templates/<name>/` (plus `templates/_common/`, shared by
+all) so they can be read, linted and tested like any other code; `{{name}}`
+in text files becomes the project name.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+TEMPLATES = ("python", "onnx")
+
+TEMPLATE_ROOT = Path(__file__).resolve().parent / "templates"
+COMMON = "_common"
+
+# Package data globs skip dotfiles, so dotfiles ship without their dot.
+RENAMES = {"dockerignore": ".dockerignore"}
+# Copied byte for byte: no placeholder substitution.
+BINARY_SUFFIXES = {".onnx", ".npz", ".npy", ".pb", ".pt", ".bin"}
+SKIPPED = {"__pycache__", ".DS_Store"}
+
+# API names become URL path segments; these would shadow fixed routes.
+RESERVED_NAMES = {
+    "ping",
+    "healthz",
+    "predictions",
+    "explanations",
+    "models",
+    "v1",
+    "v2",
+    "metrics",
+    "docs",
+    "api-description",
+    "apis",
+    "batch",
+}
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def suggest_name(raw: str) -> str:
+    """A DNS-label version of `raw`, offered in error messages as the fix."""
+    name = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")
+    name = re.sub(r"-{2,}", "-", name)[:63].strip("-")
+    return name or "my-api"
+
+
+def validate_name(name: str) -> None:
+    """Raise ValueError, naming the fix, unless `name` can be an API name."""
+    if not _DNS_LABEL.match(name):
+        raise ValueError(
+            f"project name {name!r} is not a DNS label: use 1-63 lowercase letters, "
+            f"digits and hyphens, starting and ending with a letter or digit "
+            f"(for example {suggest_name(name)!r})"
+        )
+    if name in RESERVED_NAMES:
+        raise ValueError(
+            f"project name {name!r} would shadow Kiln's fixed route /{name}; "
+            f"choose another name (for example {name + '-api'!r})"
+        )
+
+
+def template_files(template: str) -> dict[Path, Path]:
+    """Map each output path (relative) to its source file for `template`.
+
+    Files of the template itself win over `_common` ones with the same path.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    files: dict[Path, Path] = {}
+    for folder in (TEMPLATE_ROOT / COMMON, TEMPLATE_ROOT / template):
+        for src in sorted(folder.rglob("*")):
+            rel = src.relative_to(folder)
+            if src.is_dir() or SKIPPED.intersection(rel.parts) or src.suffix == ".pyc":
+                continue
+            files[rel.with_name(RENAMES.get(rel.name, rel.name))] = src
+    return files
+
+
+def _render(src: Path, name: str) -> bytes:
+    data = src.read_bytes()
+    if src.suffix in BINARY_SUFFIXES:
+        return data
+    return data.decode("utf-8").replace("{{name}}", name).encode("utf-8")
+
+
+def create_project(dest: Path, template: str = "python", name: str | None = None) -> list[Path]:
+    """Create a new project in `dest` (which must not exist) from `template`.
+
+    `name` defaults to the folder name and becomes the API name in kiln.yaml.
+    Returns the created files, relative to `dest`, sorted. A half-written
+    project is removed again if anything fails, so a retry starts clean.
+    """
+    dest = Path(dest)
+    files = template_files(template)
+    name = dest.resolve().name if name is None else name
+    validate_name(name)
+    if dest.exists() or dest.is_symlink():
+        kind = "folder" if dest.is_dir() else "file"
+        raise FileExistsError(
+            f"{dest} already exists (a {kind}); Kiln will not write into it. "
+            f"Choose a new folder name, or remove {dest} first"
+        )
+    dest.mkdir(parents=True)
+    try:
+        for rel, src in files.items():
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(_render(src, name))
+            if src.stat().st_mode & 0o111:
+                out.chmod(out.stat().st_mode | 0o111)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return sorted(files)

@@ -1,0 +1,66 @@
+"""`kiln serve`: the development server in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from kiln.cli.common import console, err_console, kiln_home
+from kiln.cli.tables import api_table
+from kiln.control.server import InferenceServer, RunningServer, ServerError, ServerOptions
+
+
+def _run_loop(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def run_serve(project: Any, host: str, port: int, home: Path | None) -> int:
+    """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
+    temporary = home is None
+    state_home = Path(tempfile.mkdtemp(prefix="kiln-serve-")) if temporary else home
+    pointers = [kiln_home() / "serve.json"] if temporary else []
+    options = ServerOptions(host=host, port=port, home=state_home, pointer_files=pointers)
+    server = InferenceServer(project, options)
+
+    def on_loading(count: int) -> None:
+        console.print(
+            f"Loading {count} API(s) from {escape(str(project.config_file))} ...", highlight=False
+        )
+
+    def on_ready(running: RunningServer) -> None:
+        states = {(s.name, s.version): (s.state, s.error) for s in running.apis}
+        console.print(api_table([s.api for s in running.apis], running.url, states))
+        console.print(
+            f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}). "
+            f"Logs: {escape(str(state_home / 'logs'))}. Press Ctrl-C to stop.",
+            highlight=False,
+        )
+        first = next((s for s in running.apis if s.state == "ready"), None)
+        if first is not None:
+            console.print(
+                f"Try: curl -X POST {running.url}{first.api.endpoint} "
+                f"-H 'Content-Type: application/json' -d @sample.json",
+                highlight=False,
+                markup=False,
+            )
+
+    try:
+        _run_loop(server.run(on_loading, on_ready))
+    except ServerError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        return 1
+    finally:
+        if temporary:
+            shutil.rmtree(state_home, ignore_errors=True)
+    console.print("Kiln stopped: every request in flight was answered and all workers exited.")
+    return 0

@@ -1,0 +1,1 @@
+"""The control plane: running the server, its state, logs."""

@@ -1,0 +1,71 @@
+"""Structured logs: one JSON line per event, per API, and a readable echo on a terminal.
+
+Each API has its own file (`KILN_HOME/logs/<api>.log`) so `kiln logs API` and
+users' log shippers read one API at a time; stderr gets the same records,
+as JSON when it is a pipe (for collectors) and as text when a person watches.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+
+class LogSink:
+    """Writes records for every API; thread-safe, line-buffered, append-only."""
+
+    def __init__(self, folder: Path, stream: IO[str] | None = None, quiet: bool = False) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, IO[bytes]] = {}
+        self._lock = threading.Lock()
+        self._stream = stream if stream is not None else sys.stderr
+        self._pretty = bool(getattr(self._stream, "isatty", lambda: False)())
+        self._quiet = quiet
+
+    def path_for(self, api: str) -> Path:
+        return self.folder / f"{api}.log"
+
+    def write(self, api: str, record: dict[str, Any]) -> None:
+        record = {"ts": round(time.time(), 3), "api": api, **record}
+        line = orjson.dumps(record, default=str) + b"\n"
+        with self._lock:
+            file = self._files.get(api)
+            if file is None:
+                file = self._files[api] = open(self.path_for(api), "ab", buffering=0)  # noqa: SIM115
+            file.write(line)
+            if not self._quiet:
+                self._echo(record, line)
+
+    def _echo(self, record: dict[str, Any], line: bytes) -> None:
+        try:
+            if self._pretty:
+                self._stream.write(_human(record) + "\n")
+            else:
+                self._stream.write(line.decode())
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for file in self._files.values():
+                file.close()
+            self._files.clear()
+
+
+def _human(record: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(record["ts"]))
+    if record.get("event") == "request":
+        return (
+            f"{stamp} {record['api']:<16} {record.get('method', '')} {record.get('path', '')} "
+            f"{record.get('status')} {record.get('latency_ms')}ms id={record.get('request_id')}"
+        )
+    if record.get("event") == "debug":
+        return f"{stamp} {record['api']:<16} debug [{record['stage']}] {record['value']}"
+    return f"{stamp} {record['api']:<16} {record.get('message', '')}"

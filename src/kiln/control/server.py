@@ -1,0 +1,181 @@
+"""Running the inference server in the foreground: bind, load, announce, serve, drain.
+
+Order matters: the port is bound first (so port 0 is resolved and a busy port
+fails before anything loads), workers load next, then the table of APIs is
+printed and `server.json` written, and only then do requests flow. On SIGINT
+or SIGTERM the HTTP server stops accepting, requests in flight finish, then
+workers are stopped and reaped, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+
+from kiln.control.logs import LogSink
+from kiln.protocols.app import InferenceApp
+from kiln.serving.router import Registry, ServedApi
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+class ServerError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServerError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another port with "
+            f"--port, or --port 0 for a free one"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, minus its signal handling: the Kiln server owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    home: Path = field(default_factory=lambda: Path.home() / ".kiln")
+    pointer_files: list[Path] = field(default_factory=list)  # extra copies of server.json
+    quiet_logs: bool = False
+
+
+@dataclass
+class RunningServer:
+    """What `on_ready` learns once the server is listening."""
+
+    url: str
+    host: str
+    port: int
+    apis: list[ServedApi]
+
+
+class InferenceServer:
+    def __init__(self, project: Any, options: ServerOptions) -> None:
+        self.project = project
+        self.options = options
+        self.registry = Registry()
+        self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
+        self._server: _Uvicorn | None = None
+        self._stop_requested = asyncio.Event()
+
+    def _log_line(self, api: str) -> Callable[[str], None]:
+        return lambda line: self.log.write(api, {"event": "worker", "message": line})
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+        if self._server is not None:
+            self._server.should_exit = True
+
+    async def run(
+        self,
+        on_loading: Callable[[int], None] | None = None,
+        on_ready: Callable[[RunningServer], None] | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        sock = bind_socket(self.options.host, self.options.port)
+        host, port = sock.getsockname()[:2]
+        try:
+            for api in self.project.apis:
+                self.registry.add(
+                    ServedApi(api, cwd=str(self.project.root), log_line=self._log_line(api.name))
+                )
+            served = self.registry.all()
+            if on_loading:
+                on_loading(len(served))
+            loading = asyncio.gather(*(s.start() for s in served))
+            stop_wait = asyncio.ensure_future(self._stop_requested.wait())
+            await asyncio.wait([loading, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if self._stop_requested.is_set():
+                loading.cancel()
+                return
+            stop_wait.cancel()
+            url_host = f"[{host}]" if ":" in host else host
+            running = RunningServer(f"http://{url_host}:{port}", host, port, served)
+            self._write_server_json(running)
+            if on_ready:
+                on_ready(running)
+            config = uvicorn.Config(
+                InferenceApp(self.registry, self.log),
+                http="httptools",
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            )
+            self._server = _Uvicorn(config)
+            if self._stop_requested.is_set():
+                return
+            await self._server.serve(sockets=[sock])
+        finally:
+            await asyncio.gather(
+                *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
+            )
+            sock.close()
+            self._remove_server_json()
+            self.log.close()
+
+    def _server_files(self) -> list[Path]:
+        return [self.options.home / "server.json", *self.options.pointer_files]
+
+    def _write_server_json(self, running: RunningServer) -> None:
+        info = {
+            "pid": os.getpid(),
+            "url": running.url,
+            "host": running.host,
+            "ports": {"inference": running.port},
+            "project": str(self.project.root),
+            "home": str(self.options.home),
+            "started": time.time(),
+        }
+        for path in self._server_files():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+            tmp.replace(path)
+
+    def _remove_server_json(self) -> None:
+        for path in self._server_files():
+            with contextlib.suppress(FileNotFoundError):
+                if orjson.loads(path.read_bytes()).get("pid") == os.getpid():
+                    path.unlink()

@@ -1,0 +1,64 @@
+"""The `python:` runtime: the user's class or function, loaded once per worker."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+from kiln.handlers.user_code import adapt_call, find_entry, import_target, split_handler
+from kiln.serving.types import WorkerSpec
+
+
+class PythonHandler:
+    """Any user entry point, seen through one interface: `predict(payload, context)`."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        model_dir = spec.model_path or ""
+        if model_dir:
+            os.environ["MODEL_DIR"] = model_dir  # before import: module-level loading reads it
+        target, name = split_handler(spec.handler or "")
+        entry = find_entry(import_target(target), name)
+        values = {"config": spec.config, "metadata": spec.metadata, "job_spec": None}
+        self.declared_signature: dict[str, Any] | None = spec.signature
+        self._explain = None
+        if inspect.isclass(entry):
+            instance = _construct(entry, spec, values)
+            if callable(getattr(instance, "load", None)):
+                instance.load(model_dir, spec.config)
+            self.declared_signature = getattr(instance, "signature", None) or spec.signature
+            self._predict_fn = instance.predict
+            if callable(getattr(instance, "explain", None)):
+                self._explain = adapt_call(instance.explain, values)
+        elif inspect.ismodule(entry):  # Cortex v0.10 predictor module
+            if callable(getattr(entry, "init", None)):
+                adapt_call(entry.init, {"model_path": model_dir, **values})({"payload": model_dir})
+            self._predict_fn = entry.predict
+        else:
+            self._predict_fn = entry
+        self.is_async = inspect.iscoroutinefunction(self._predict_fn)
+        self._predict = adapt_call(self._predict_fn, values)
+
+    def predict(self, payload: Any, context: Any) -> Any:
+        return self._predict(
+            {
+                "payload": payload,
+                "context": context,
+                "query_params": context.query,
+                "headers": context.headers,
+            }
+        )
+
+
+def _construct(cls: type, spec: WorkerSpec, values: dict[str, Any]) -> Any:
+    init = cls.__init__
+    if init is object.__init__:
+        return cls()
+    params = [p for p in inspect.signature(init).parameters.values()][1:]
+    kwargs = {}
+    for param in params:
+        if param.name in values:
+            kwargs[param.name] = values[param.name]
+        elif param.name in ("model_dir", "model_path"):
+            kwargs[param.name] = spec.model_path
+    return cls(**kwargs)

@@ -1,0 +1,29 @@
+"""One exception tree, rendered in each protocol's own error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import KilnError, MethodNotAllowed, Unavailable
+
+
+def error_headers(err: KilnError) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if isinstance(err, Unavailable) and err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    allow = getattr(err, "allow", None)
+    if isinstance(err, MethodNotAllowed) and allow:
+        headers["Allow"] = ", ".join(allow)
+    return headers
+
+
+def native_error(err: KilnError, request_id: str) -> dict[str, Any]:
+    return {"error": {"type": err.type, "message": err.message}, "request_id": request_id}
+
+
+def torchserve_error(err: KilnError, request_id: str) -> dict[str, Any]:
+    return {"code": err.status, "type": err.type, "message": err.message}
+
+
+def kserve_error(err: KilnError, request_id: str) -> dict[str, Any]:
+    return {"error": err.message}

@@ -1,0 +1,139 @@
+"""Kiln's native JSON API: `POST {endpoint}` predicts, `GET {endpoint}` pings and loads.
+
+Success bodies carry only the result, so the same request gives the same body;
+the request id travels in `X-Request-ID`. Errors use the native shape
+`{"error": {"type", "message"}, "request_id"}`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kiln.errors import KilnError, MethodNotAllowed, NotFound
+from kiln.protocols.http import Request, Send, send_bytes, send_json
+from kiln.serving.router import ApiGroup, Registry, ServedApi
+from kiln.serving.types import InferenceRequest
+
+_FORWARDED_HEADERS = ("content-type", "user-agent", "x-request-id")
+
+
+def _method_not_allowed(allowed: tuple[str, ...], path: str, method: str) -> MethodNotAllowed:
+    err = MethodNotAllowed(f"{method} is not allowed on {path}; use {' or '.join(allowed)}")
+    err.allow = allowed  # type: ignore[attr-defined]
+    return err
+
+
+class NativeApi:
+    """Routes for the APIs' own endpoints."""
+
+    def __init__(self, registry: Registry, log: Any) -> None:
+        self.registry = registry
+        self.log = log
+
+    def match(self, path: str) -> tuple[ApiGroup, str] | None:
+        """(group, action) for a native path, or None when the path is not an API's."""
+        group = self.registry.by_endpoint(path)
+        if group is not None:
+            return group, "predict"
+        if path.endswith("/signature"):
+            group = self.registry.by_endpoint(path[: -len("/signature")])
+            if group is not None:
+                return group, "signature"
+        return None
+
+    async def handle(self, request: Request, send: Send, group: ApiGroup, action: str) -> int:
+        served = group.get(request.query.get("version"))
+        if action == "signature":
+            if request.method != "GET":
+                raise _method_not_allowed(("GET",), request.path, request.method)
+            await served.wait_ready(served.api.serving.startup_timeout_s)
+            await send_json(send, 200, _signature_body(served), request.request_id)
+            return 200
+        if request.method == "GET":
+            await served.wait_ready(served.api.serving.startup_timeout_s)
+            await send_json(send, 200, _status_body(served), request.request_id)
+            return 200
+        if request.method != "POST":
+            raise _method_not_allowed(("GET", "POST"), request.path, request.method)
+        return await self._predict(request, send, served)
+
+    async def _predict(self, request: Request, send: Send, served: ServedApi) -> int:
+        body = await request.body(served.api.serving.max_request_bytes)
+        debug = request.flag("debug")
+        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
+        query = {k: v for k, v in request.query.items() if k not in ("debug", "version")}
+        inference = InferenceRequest(
+            api=served.name,
+            version=served.version,
+            request_id=request.request_id,
+            body=body,
+            content_type=request.content_type or "application/json",
+            protocol="native",
+            headers=headers,
+            query=query,
+            debug=debug,
+        )
+        try:
+            response = await served.predict(inference)
+        except KilnError as err:
+            self._log_debug(served.name, request.request_id, getattr(err, "debug_stages", ()))
+            raise
+        self._log_debug(served.name, request.request_id, response.debug_stages)
+        await send_bytes(
+            send,
+            response.status,
+            response.body,
+            response.content_type,
+            request.request_id,
+            response.headers or None,
+        )
+        return response.status
+
+    def _log_debug(self, api: str, request_id: str, stages: Any) -> None:
+        for index, (stage, value) in enumerate(stages or (), start=1):
+            self.log.write(
+                api,
+                {
+                    "event": "debug",
+                    "request_id": request_id,
+                    "step": index,
+                    "stage": stage,
+                    "value": value,
+                },
+            )
+
+
+def _signature_body(served: ServedApi) -> dict[str, Any]:
+    signature = served.signature
+    # Seed-era replicas answered {"signature": {name: {"shape", "type"}}}; keep that shape.
+    by_name = {
+        spec["name"]: {"shape": spec.get("shape"), "type": spec.get("datatype")}
+        for spec in signature.get("inputs", [])
+    }
+    return {
+        "signature": by_name,
+        "inputs": signature.get("inputs", []),
+        "outputs": signature.get("outputs", []),
+    }
+
+
+def _status_body(served: ServedApi) -> dict[str, Any]:
+    return {
+        "status": served.state,
+        "api": served.name,
+        "version": served.version,
+        "endpoint": served.api.endpoint,
+        "runtime": served.api.runtime,
+        "signature": served.signature,
+        "metadata": served.api.metadata,
+        "message": f"send a POST request with a JSON body to {served.api.endpoint} to predict",
+    }
+
+
+def unknown_path(path: str) -> NotFound:
+    return NotFound(f"no API is served at {path}; GET /apis lists the APIs and their endpoints")
+
+
+def now_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

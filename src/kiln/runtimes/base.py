@@ -1,0 +1,172 @@
+"""What every tensor runtime (onnx, tensorflow, torch) offers the worker.
+
+JSON arrives as nested lists; `TensorSignature.to_tensors` turns it into named,
+typed, shape-checked numpy arrays once, here, so every runtime gets the same
+validation and every client the same 400 messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import InvalidInput
+
+# numpy dtype -> Open Inference Protocol datatype name
+_V2_NAMES = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.int8): "INT8",
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.object_): "BYTES",
+}
+
+
+def v2_datatype(dtype: np.dtype) -> str:
+    return _V2_NAMES.get(np.dtype(dtype), str(np.dtype(dtype)))
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One named input or output: dims are ints, or None where any size is allowed."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None  # None: rank unknown
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "datatype": v2_datatype(self.dtype),
+            "shape": [-1 if d is None else d for d in self.shape] if self.shape else [],
+        }
+
+    def shape_text(self) -> str:
+        if self.shape is None:
+            return "any shape"
+        return "[" + ", ".join("N" if d is None else str(d) for d in self.shape) + "]"
+
+
+def _cast(name: str, value: Any, spec: TensorSpec) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        array = np.asarray(value, dtype=object)
+    if array.dtype == object and spec.dtype != np.object_:
+        raise InvalidInput(
+            f"input '{name}' is not a rectangular array of numbers: every row must have "
+            f"the same length (expected shape {spec.shape_text()})"
+        )
+    if array.dtype.kind in "US" and spec.dtype.kind in "biuf":
+        raise InvalidInput(
+            f"input '{name}' must hold {spec.dtype.name} numbers, but it holds strings"
+        )
+    if spec.dtype.kind in "iu" and array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.floor(array)):
+            raise InvalidInput(
+                f"input '{name}' must hold integers ({spec.dtype.name}), but it holds "
+                f"fractional numbers"
+            )
+    try:
+        return array.astype(spec.dtype, copy=False)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"input '{name}' cannot be read as {spec.dtype.name}: {exc}") from None
+
+
+class TensorSignature:
+    """The inputs and outputs of a model, and the JSON -> tensor conversion."""
+
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self._by_name = {spec.name: spec for spec in inputs}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "inputs": [spec.describe() for spec in self.inputs],
+            "outputs": [spec.describe() for spec in self.outputs],
+        }
+
+    def to_tensors(self, sample: Any) -> tuple[dict[str, np.ndarray], bool]:
+        """Named arrays from a JSON sample, and whether the batch axis was added for it."""
+        names = ", ".join(f"'{s.name}'" for s in self.inputs)
+        if isinstance(sample, dict) and (len(self.inputs) > 1 or self.inputs[0].name in sample):
+            unknown = [key for key in sample if key not in self._by_name]
+            if unknown:
+                raise InvalidInput(f"unknown input '{unknown[0]}': the model's inputs are {names}")
+            missing = [spec.name for spec in self.inputs if spec.name not in sample]
+            if missing:
+                raise InvalidInput(f"missing input '{missing[0]}': the model's inputs are {names}")
+            named = sample
+        elif len(self.inputs) == 1:
+            named = {self.inputs[0].name: sample}
+        else:
+            raise InvalidInput(
+                f"this model has {len(self.inputs)} inputs ({names}): send a JSON object "
+                f"with one key per input"
+            )
+        tensors: dict[str, np.ndarray] = {}
+        unbatched: set[bool] = set()
+        for spec in self.inputs:
+            array = _cast(spec.name, named[spec.name], spec)
+            array, added = _fit_rank(spec, array)
+            unbatched.add(added)
+            tensors[spec.name] = array
+        if len(unbatched) > 1:
+            raise InvalidInput(
+                "some inputs were sent with a batch axis and some without: send all of "
+                "them as one instance or all of them as a batch"
+            )
+        return tensors, unbatched.pop()
+
+
+def _fit_rank(spec: TensorSpec, array: np.ndarray) -> tuple[np.ndarray, bool]:
+    if spec.shape is None:
+        return array, False
+    rank = len(spec.shape)
+    sent = list(array.shape)
+    added = False
+    if array.ndim == rank - 1 and rank >= 1 and spec.shape[0] in (None, 1):
+        array = array[np.newaxis, ...]
+        added = True
+    if array.ndim != rank:
+        raise InvalidInput(
+            f"input '{spec.name}' has the wrong shape: expected {spec.shape_text()} "
+            f"(rank {rank}), got {list(array.shape)} (rank {array.ndim})"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if want is not None and want != got:
+            if added:
+                one = "[" + spec.shape_text()[1:].split(", ", 1)[-1]
+                raise InvalidInput(
+                    f"input '{spec.name}' has the wrong shape: expected {spec.shape_text()} "
+                    f"for a batch or {one} for one instance, got {sent}"
+                )
+            raise InvalidInput(
+                f"input '{spec.name}' has the wrong shape: expected {spec.shape_text()}, "
+                f"got {sent} (dimension {axis} must be {want})"
+            )
+    return array, added
+
+
+class TensorRuntime:
+    """Base of tensor runtimes: a loaded model with a signature and a `run`."""
+
+    signature: TensorSignature
+
+    def handler_signature(self) -> Any:
+        """What seed-era request handlers receive as `signature`."""
+        return self.signature.inputs
+
+    def run(self, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The data plane core: worker processes, the IPC between them and the server, routing."""

@@ -1,0 +1,218 @@
+"""The server's handle on one worker process: spawn, send requests, notice death.
+
+Requests are written to the worker's socket as they come and matched to their
+answers by id, so the server never blocks on a worker. When the socket closes
+(the worker crashed, was killed or exited) every request still in flight fails
+with 503 at once, and the owner decides whether to start a new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kiln.errors import Timeout, Unavailable, error_from_wire
+from kiln.serving.ipc import encode_frame, read_frame
+from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
+
+
+class LoadFailed(Exception):
+    """The worker could not load the model or the user's code."""
+
+
+class Replica:
+    """One worker process serving one API version."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        cwd: str,
+        env: dict[str, str],
+        log_line: Callable[[str], None],
+        on_exit: Callable[[Replica], Awaitable[None]] | None = None,
+    ) -> None:
+        self.spec = spec
+        self._cwd = cwd
+        self._env = env
+        self._log_line = log_line
+        self._on_exit = on_exit
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[InferenceResponse]] = {}
+        self._process: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.signature: dict[str, Any] = {}
+        self.pid: int | None = None
+        self.stopping = False
+        self.exited = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def start(self, timeout: float) -> None:
+        """Spawn the worker and wait until it has loaded the model (or failed to)."""
+        parent, child = socket.socketpair()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kiln.serving.worker",
+                str(child.fileno()),
+                pass_fds=(child.fileno(),),
+                cwd=self._cwd,
+                env=self._env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        finally:
+            child.close()
+        self.pid = self._process.pid
+        self._tasks.append(asyncio.create_task(self._pump_output()))
+        reader, self._writer = await asyncio.open_connection(sock=parent)
+        self._writer.writelines(encode_frame({"op": "init", "spec": self.spec.to_wire()}))
+        try:
+            header, _ = await asyncio.wait_for(read_frame(reader), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise LoadFailed(
+                f"the model did not load within {timeout:g}s (startup_timeout_s)"
+            ) from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self._process.wait()
+            await self._drain_output()
+            raise LoadFailed(
+                f"the worker exited while loading (exit code {code}); see the log"
+            ) from None
+        if header.get("op") != "ready":
+            await self._process.wait()
+            await self._drain_output()
+            raise LoadFailed(header.get("error", "the worker failed to load"))
+        self.signature = header.get("signature") or {}
+        self._tasks.append(asyncio.create_task(self._read_replies(reader)))
+
+    async def _pump_output(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        while line := await self._process.stdout.readline():
+            self._log_line(line.decode("utf-8", "replace").rstrip("\n"))
+
+    async def _drain_output(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks[:1], timeout=1)
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                header, buffers = await read_frame(reader)
+                future = self._pending.pop(header["id"], None)
+                if future is None or future.done():
+                    continue
+                if header.get("ok"):
+                    future.set_result(
+                        InferenceResponse(
+                            body=bytes(buffers[0]) if buffers else b"",
+                            content_type=header.get("ct", "application/json"),
+                            status=header.get("st", 200),
+                            headers=header.get("hd") or {},
+                            debug_stages=[tuple(s) for s in header.get("dbg", ())],
+                        )
+                    )
+                else:
+                    err = header["err"]
+                    error = error_from_wire(err["type"], err["message"], err["status"])
+                    error.debug_stages = [tuple(s) for s in header.get("dbg", ())]
+                    future.set_exception(error)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            await self._handle_exit()
+
+    async def _handle_exit(self) -> None:
+        code = await self._process.wait() if self._process else None
+        reason = _describe_exit(code)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(
+                    Unavailable(
+                        f"the worker of API '{self.spec.api}' {reason} before answering; "
+                        f"it is being restarted, retry shortly",
+                        retry_after=1,
+                    )
+                )
+        self._pending.clear()
+        self.exited.set()
+        if self._on_exit is not None and not self.stopping:
+            await self._on_exit(self)
+
+    async def submit(self, request: InferenceRequest, timeout: float | None) -> InferenceResponse:
+        """Send one request and wait for its answer."""
+        if self._writer is None or self.exited.is_set():
+            raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
+        request_id = next(self._ids)
+        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        header = {"op": "predict", "id": request_id, "rid": request.request_id}
+        if request.debug:
+            header["dbg"] = True
+        if request.protocol != "native":
+            header["proto"] = request.protocol
+        if request.headers:
+            header["hdr"] = request.headers
+        if request.query:
+            header["q"] = request.query
+        self._writer.writelines(encode_frame(header, [request.body]))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            self._pending.pop(request_id, None)
+            # A worker stuck past its deadline is stuck for everyone behind it: restart it.
+            self._log_line(f"request {request.request_id} timed out after {timeout:g}s; restarting")
+            await self.kill()
+            raise Timeout(
+                f"API '{self.spec.api}' did not answer within {timeout:g}s (response_timeout_s)"
+            ) from None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Let requests in flight finish, then close the socket so the worker exits."""
+        self.stopping = True
+        if self._pending:
+            await asyncio.wait(list(self._pending.values()), timeout=grace)
+        if self._writer is not None:
+            self._writer.close()
+        if self._process is not None:
+            try:
+                await asyncio.wait_for(self._process.wait(), timeout=grace)
+            except TimeoutError:
+                await self.kill()
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, timeout=1)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+
+    async def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            try:
+                os.kill(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self._process.wait()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

@@ -1,0 +1,67 @@
+"""The one internal request/response pair every protocol adapter speaks.
+
+Adapters translate HTTP into an `InferenceRequest` and an `InferenceResponse`
+back into HTTP; the worker transport and the runtimes never see HTTP. The body
+travels as the raw bytes the client sent, so JSON is parsed exactly once, in
+the worker, and never re-encoded between processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One request for one API version, as the worker will receive it."""
+
+    api: str
+    version: str | None
+    request_id: str
+    body: bytes
+    content_type: str = "application/json"
+    protocol: str = "native"
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+    debug: bool = False
+    deadline: float | None = None  # time.monotonic() value after which the answer is useless
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    """The worker's answer: already-encoded body bytes plus what HTTP needs."""
+
+    body: bytes
+    content_type: str = "application/json"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    debug_stages: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """What a worker process needs to load one API version; plain data, sent as msgpack."""
+
+    api: str
+    version: str | None
+    runtime: str
+    model_path: str | None = None
+    request_handler: str | None = None
+    handler: str | None = None
+    signature_key: str | None = None
+    method: str = "predict"
+    trusted: bool = False
+    signature: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    python_path: str | None = None
+    threads: int = 1
+    response_envelope: str = "none"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> WorkerSpec:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import KilnServer  # noqa: E402
+
+
+@pytest.fixture
+def serve_project(tmp_path_factory: pytest.TempPathFactory):
+    """Start `kiln serve` on a project folder; every server is stopped at teardown."""
+    servers: list[KilnServer] = []
+
+    def start(project: Path, *args: str, **env: str) -> KilnServer:
+        server = KilnServer(project, tmp_path_factory.mktemp("home"), list(args), env or None)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
