@@ -78,6 +78,7 @@ class KilnServer:
         self.home = home
         self.state = home / "state"
         self.log_path = home / "serve.out"
+        home.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "KILN_HOME": str(home), "PYTHONUNBUFFERED": "1", **(env or {})}
         self._out = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -115,7 +116,8 @@ class KilnServer:
         raise RuntimeError(f"kiln serve did not start in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log_path.read_text(errors="replace")
 
     def api_log(self, api: str) -> list[dict[str, Any]]:

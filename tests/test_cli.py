@@ -1,0 +1,154 @@
+"""The CLI as a new user runs it: init, validate, serve, predict, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from support import KILN, KilnServer, write
+
+
+def kiln(*args: str, cwd: Path, home: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILN_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run(
+        [*KILN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_init_serve_predict_as_a_new_user(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    created = kiln("init", "my-api", cwd=tmp_path, home=home)
+    assert created.returncode == 0, created.stderr
+    assert "kiln serve" in created.stdout
+    project = tmp_path / "my-api"
+    for name in ("kiln.yaml", "src/handler.py", "requirements.txt", "Dockerfile", ".dockerignore"):
+        assert (project / name).is_file(), name
+
+    again = kiln("init", "my-api", cwd=tmp_path, home=home)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+
+    checked = kiln("validate", cwd=project, home=home)
+    assert checked.returncode == 0, checked.stderr
+    assert "valid" in checked.stdout
+
+    # `kiln serve` from inside the project, on a free port, found by `kiln predict` by name.
+    env = {**os.environ, "KILN_HOME": str(home), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [*KILN, "serve", "--port", "0"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        pointer = home / "serve.json"
+        deadline = time.monotonic() + 60
+        while not pointer.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert pointer.exists(), proc.stdout.read() if proc.poll() is not None else "no serve.json"
+        url = orjson.loads(pointer.read_bytes())["url"]
+
+        answer = kiln("predict", "my-api", "sample.json", cwd=project, home=home)
+        assert answer.returncode == 0, answer.stderr
+        body = orjson.loads(answer.stdout)
+        assert [p["label"] for p in body["predictions"]] == ["setosa", "virginica"]
+
+        inline = kiln(
+            "predict",
+            f"{url}/my-api",
+            '{"inputs": [[5.1, 3.5, 1.4, 0.2]]}',
+            cwd=tmp_path,
+            home=home,
+        )
+        assert orjson.loads(inline.stdout)["predictions"][0]["label"] == "setosa"
+
+        bad = kiln("predict", "my-api", '{"inputs": [[1, 2]]}', cwd=project, home=home)
+        assert bad.returncode == 1
+        assert "400 InvalidInput" in bad.stderr
+
+        missing = kiln("predict", "no-such-api", "[1]", cwd=project, home=home)
+        assert missing.returncode == 2
+        assert "no API named 'no-such-api'" in missing.stderr and "my-api" in missing.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "my-api" in out and url in out  # the table of APIs with their URLs
+    assert not (home / "serve.json").exists()
+
+
+def test_onnx_template_validates_and_serves(tmp_path: Path, serve_project) -> None:
+    home = tmp_path / "home"
+    assert kiln("init", "clf", "--template", "onnx", cwd=tmp_path, home=home).returncode == 0
+    server = serve_project(tmp_path / "clf")
+    body = server.client.post("/clf", json={"inputs": [[6.3, 3.3, 6.0, 2.5]]}).json()
+    assert body["predictions"][0]["label"] == "virginica"
+
+
+def test_bad_config_stops_before_listening_and_names_file_field_and_fix(tmp_path: Path) -> None:
+    write(tmp_path / "kiln.yaml", "- kind: api\n  name: iris\n  onnx:\n    modle: m.onnx\n")
+    for command in (["serve", "--port", "0"], ["validate"]):
+        result = kiln(*command, cwd=tmp_path, home=tmp_path / "home")
+        assert result.returncode == 2
+        assert "kiln.yaml:4" in result.stderr
+        assert "modle" in result.stderr and "'model'" in result.stderr
+    assert not (tmp_path / "home" / "serve.json").exists()
+
+
+def test_serve_refuses_a_public_host_without_auth(tmp_path: Path) -> None:
+    result = kiln("serve", "--host", "0.0.0.0", "--port", "0", cwd=tmp_path, home=tmp_path)
+    assert result.returncode == 2
+    assert "refusing to serve on 0.0.0.0" in result.stderr
+
+
+def test_busy_port_is_a_clear_error(tmp_path: Path, serve_project) -> None:
+    write(tmp_path / "p" / "h.py", "def predict(payload, context):\n    return payload\n")
+    write(tmp_path / "p" / "kiln.yaml", "- kind: api\n  name: echo\n  python:\n    handler: h.py\n")
+    server = serve_project(tmp_path / "p")
+    port = server.url.rsplit(":", 1)[1]
+    result = kiln("serve", str(tmp_path / "p"), "--port", port, cwd=tmp_path, home=tmp_path / "h")
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+SLOW = """
+import time
+
+def predict(payload, context):
+    time.sleep(payload)
+    return {"slept": payload}
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_finishes_in_flight_requests_and_leaves_no_workers(tmp_path: Path, sig) -> None:
+    write(tmp_path / "p" / "slow.py", SLOW)
+    write(
+        tmp_path / "p" / "kiln.yaml", "- kind: api\n  name: slow\n  python:\n    handler: slow.py\n"
+    )
+    server = KilnServer(tmp_path / "p", tmp_path / "home")
+    workers = server.worker_pids()
+    assert len(workers) == 1
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(r=server.client.post("/slow", json=1.5)))
+    thread.start()
+    time.sleep(0.5)
+    if sig == signal.SIGINT:  # Ctrl-C in a terminal reaches the whole process group
+        os.killpg(server.proc.pid, signal.SIGINT)
+    code = server.stop(sig)
+    thread.join(10)
+    assert result["r"].status_code == 200
+    assert result["r"].json() == {"slept": 1.5}
+    assert code == 0
+    assert "Kiln stopped" in server.output()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists(), "worker outlived the server"
