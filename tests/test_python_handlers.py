@@ -83,7 +83,8 @@ def pre_inference(sample, signature, metadata):
 
 
 def post_inference(prediction, signature, metadata):
-    return {"scores": prediction[0][0].tolist(), "label": metadata["labels"][int(prediction[0][0].argmax())]}
+    scores = prediction[0][0]
+    return {"scores": scores.tolist(), "label": metadata["labels"][int(scores.argmax())]}
 """
 
 SEED_ERA_HOOKS = """

@@ -66,7 +66,10 @@ class TensorPipeline(Pipeline):
             outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
         if len(outputs) == 1:
             return outputs[0]
-        return {spec.name: out for spec, out in zip(self.runtime.signature.outputs, outputs, strict=False)}
+        return {
+            spec.name: out
+            for spec, out in zip(self.runtime.signature.outputs, outputs, strict=False)
+        }
 
 
 class PythonPipeline(Pipeline):
