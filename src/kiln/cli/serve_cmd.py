@@ -44,6 +44,7 @@ def run_serve(project: Any, host: str, port: int, home: Path | None) -> int:
             f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}). "
             f"Logs: {escape(str(state_home / 'logs'))}. Press Ctrl-C to stop.",
             highlight=False,
+            soft_wrap=True,
         )
         first = next((s for s in running.apis if s.state == "ready"), None)
         if first is not None:
@@ -52,6 +53,7 @@ def run_serve(project: Any, host: str, port: int, home: Path | None) -> int:
                 f"-H 'Content-Type: application/json' -d @sample.json",
                 highlight=False,
                 markup=False,
+                soft_wrap=True,
             )
 
     try:
