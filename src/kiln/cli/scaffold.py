@@ -14,6 +14,8 @@ import re
 import shutil
 from pathlib import Path
 
+from kiln.config.blocks import RESERVED_NAMES
+
 TEMPLATES = ("python", "onnx")
 
 TEMPLATE_ROOT = Path(__file__).resolve().parent / "templates"
@@ -25,21 +27,7 @@ RENAMES = {"dockerignore": ".dockerignore"}
 BINARY_SUFFIXES = {".onnx", ".npz", ".npy", ".pb", ".pt", ".bin"}
 SKIPPED = {"__pycache__", ".DS_Store"}
 
-# API names become URL path segments; these would shadow fixed routes.
-RESERVED_NAMES = {
-    "ping",
-    "healthz",
-    "predictions",
-    "explanations",
-    "models",
-    "v1",
-    "v2",
-    "metrics",
-    "docs",
-    "api-description",
-    "apis",
-    "batch",
-}
+# API names become URL path segments; RESERVED_NAMES would shadow fixed routes.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
