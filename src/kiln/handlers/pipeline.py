@@ -1,8 +1,12 @@
-"""What a worker runs for one request: hooks, the model, and the debug trace.
+"""What a worker runs for a batch of requests: hooks, the model, and the debug trace.
 
 Tensor runtimes follow the seed-era flow (raw sample -> pre_inference ->
-inference -> post_inference); Python handlers are called as they are.
-`stages` collects the four values for `?debug=true`.
+inference -> post_inference) per item, with the model called once per group
+of items whose tensors stack (same dtype and same shape past the batch axis):
+items of different lengths are grouped, never padded, so no model sees rows
+it was not sent. Python handlers get `predict_batch` when they define it and
+`predict` per item otherwise. Every item keeps its own outcome: a failure is
+an exception in that item's slot, never the whole batch's.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import InferenceError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.request_hooks import RequestHooks
@@ -23,12 +28,14 @@ Stages = list[tuple[str, Any]] | None
 
 
 class Pipeline:
-    """Base: `load` once, then `predict` per request."""
+    """Base: built (loaded) once, then `predict_batch` per batch of requests."""
 
     def signature(self) -> dict[str, Any]:
         return {"inputs": [], "outputs": []}
 
-    def predict(self, payload: Any, context: RequestContext, stages: Stages) -> Any:
+    def predict_batch(
+        self, payloads: list[Any], contexts: list[RequestContext], stages: list[Stages]
+    ) -> list[Any]:
         raise NotImplementedError
 
 
@@ -38,11 +45,12 @@ class TensorPipeline(Pipeline):
         self.hooks = RequestHooks(
             spec.request_handler, self.runtime.handler_signature(), spec.metadata
         )
+        self.max_rows = max(1, spec.max_batch_size)
 
     def signature(self) -> dict[str, Any]:
         return self.runtime.signature.describe()
 
-    def predict(self, payload: Any, context: RequestContext, stages: Stages) -> Any:
+    def _prepare(self, payload: Any, stages: Stages) -> tuple[dict[str, np.ndarray], bool]:
         sample = payload
         if stages is not None:
             stages.append(("raw sample", sample))
@@ -50,8 +58,9 @@ class TensorPipeline(Pipeline):
             sample = self.hooks.pre(sample)
             if stages is not None:
                 stages.append(("after pre_inference", sample))
-        tensors, unbatched = self.runtime.signature.to_tensors(sample)
-        outputs = self.runtime.run(tensors)
+        return self.runtime.signature.to_tensors(sample)
+
+    def _finish(self, outputs: list[Any], unbatched: bool, stages: Stages) -> Any:
         if stages is not None:
             stages.append(("after inference", outputs))
         if self.hooks.post is not None:
@@ -59,17 +68,85 @@ class TensorPipeline(Pipeline):
             if stages is not None:
                 stages.append(("after post_inference", result))
             return result
-        return self._format(outputs, unbatched)
-
-    def _format(self, outputs: list[Any], unbatched: bool) -> Any:
         if unbatched:
             outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
         if len(outputs) == 1:
             return outputs[0]
-        return {
-            spec.name: out
-            for spec, out in zip(self.runtime.signature.outputs, outputs, strict=False)
-        }
+        names = [spec.name for spec in self.runtime.signature.outputs]
+        return dict(zip(names, outputs, strict=False))
+
+    def predict_batch(
+        self, payloads: list[Any], contexts: list[RequestContext], stages: list[Stages]
+    ) -> list[Any]:
+        results: list[Any] = [None] * len(payloads)
+        groups: dict[tuple[Any, ...], list[tuple[int, dict[str, np.ndarray], bool]]] = {}
+        for index, payload in enumerate(payloads):
+            try:
+                tensors, unbatched = self._prepare(payload, stages[index])
+            except Exception as exc:  # noqa: BLE001 - hooks are user code
+                results[index] = exc
+                continue
+            key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in tensors.items())
+            groups.setdefault(key, []).append((index, tensors, unbatched))
+        for members in groups.values():
+            for index, outputs in self._run_group(members):
+                _, _, unbatched = next(m for m in members if m[0] == index)
+                if isinstance(outputs, BaseException):
+                    results[index] = outputs
+                    continue
+                try:
+                    results[index] = self._finish(outputs, unbatched, stages[index])
+                except Exception as exc:  # noqa: BLE001 - hooks are user code
+                    results[index] = exc
+        return results
+
+    def _run_group(
+        self, members: list[tuple[int, dict[str, np.ndarray], bool]]
+    ) -> list[tuple[int, Any]]:
+        """Run items with stackable tensors as few model calls as `max_batch_size` rows allow."""
+        out: list[tuple[int, Any]] = []
+        chunk: list[tuple[int, dict[str, np.ndarray], bool]] = []
+        rows = 0
+        for member in members:
+            member_rows = _rows(member[1])
+            if chunk and rows + member_rows > self.max_rows:
+                out.extend(self._run_chunk(chunk))
+                chunk, rows = [], 0
+            chunk.append(member)
+            rows += member_rows
+        if chunk:
+            out.extend(self._run_chunk(chunk))
+        return out
+
+    def _run_chunk(
+        self, chunk: list[tuple[int, dict[str, np.ndarray], bool]]
+    ) -> list[tuple[int, Any]]:
+        if len(chunk) == 1:
+            index, tensors, _ = chunk[0]
+            try:
+                return [(index, self.runtime.run(tensors))]
+            except Exception as exc:  # noqa: BLE001
+                return [(index, exc)]
+        names = list(chunk[0][1])
+        stacked = {n: np.concatenate([m[1][n] for m in chunk], axis=0) for n in names}
+        counts = [_rows(m[1]) for m in chunk]
+        try:
+            outputs = self.runtime.run(stacked)
+        except Exception:  # noqa: BLE001 - find the bad item: run each alone
+            return [item for member in chunk for item in self._run_chunk([member])]
+        total = sum(counts)
+        if not all(isinstance(o, np.ndarray) and o.ndim and o.shape[0] == total for o in outputs):
+            # Outputs that do not follow the batch axis cannot be split back: run items alone.
+            return [item for member in chunk for item in self._run_chunk([member])]
+        bounds = np.cumsum([0, *counts])
+        return [
+            (m[0], [o[bounds[i] : bounds[i + 1]] for o in outputs]) for i, m in enumerate(chunk)
+        ]
+
+
+def _rows(tensors: dict[str, np.ndarray]) -> int:
+    first = next(iter(tensors.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 class PythonPipeline(Pipeline):
@@ -80,19 +157,42 @@ class PythonPipeline(Pipeline):
     def signature(self) -> dict[str, Any]:
         return self.handler.declared_signature or {"inputs": [], "outputs": []}
 
-    def predict(self, payload: Any, context: RequestContext, stages: Stages) -> Any:
-        if stages is not None:
-            stages.append(("raw sample", payload))
-        result = self.handler.predict(payload, context)
+    def _settle(self, result: Any) -> Any:
         if inspect.isawaitable(result):
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
             result = self._loop.run_until_complete(result)
         if inspect.isgenerator(result):
-            result = list(result)  # streaming routes come later; plain routes get every chunk
-        if stages is not None:
-            stages.append(("after inference", result))
+            result = list(result)  # plain routes get every chunk; streaming routes stream them
         return result
+
+    def predict_batch(
+        self, payloads: list[Any], contexts: list[RequestContext], stages: list[Stages]
+    ) -> list[Any]:
+        for payload, stage in zip(payloads, stages, strict=True):
+            if stage is not None:
+                stage.append(("raw sample", payload))
+        if self.handler.has_batch and len(payloads) > 1:
+            results = self._settle(self.handler.predict_batch(payloads, contexts))
+            if not isinstance(results, (list, tuple)) or len(results) != len(payloads):
+                got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
+                error = InferenceError(
+                    f"predict_batch returned {got} results for {len(payloads)} requests; "
+                    f"it must return a list with one result per request, in order"
+                )
+                return [error] * len(payloads)
+            results = list(results)
+        else:
+            results = []
+            for payload, context in zip(payloads, contexts, strict=True):
+                try:
+                    results.append(self._settle(self.handler.predict(payload, context)))
+                except Exception as exc:  # noqa: BLE001 - user code
+                    results.append(exc)
+        for result, stage in zip(results, stages, strict=True):
+            if stage is not None and not isinstance(result, BaseException):
+                stage.append(("after inference", result))
+        return results
 
 
 def build_pipeline(spec: WorkerSpec) -> Pipeline:

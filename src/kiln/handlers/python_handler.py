@@ -22,12 +22,15 @@ class PythonHandler:
         values = {"config": spec.config, "metadata": spec.metadata, "job_spec": None}
         self.declared_signature: dict[str, Any] | None = spec.signature
         self._explain = None
+        self._predict_batch = None
         if inspect.isclass(entry):
             instance = _construct(entry, spec, values)
             if callable(getattr(instance, "load", None)):
                 instance.load(model_dir, spec.config)
             self.declared_signature = getattr(instance, "signature", None) or spec.signature
             self._predict_fn = instance.predict
+            if callable(getattr(instance, "predict_batch", None)):
+                self._predict_batch = instance.predict_batch
             if callable(getattr(instance, "explain", None)):
                 self._explain = adapt_call(instance.explain, values)
         elif inspect.ismodule(entry):  # Cortex v0.10 predictor module
@@ -38,6 +41,14 @@ class PythonHandler:
             self._predict_fn = entry
         self.is_async = inspect.iscoroutinefunction(self._predict_fn)
         self._predict = adapt_call(self._predict_fn, values)
+
+    @property
+    def has_batch(self) -> bool:
+        return self._predict_batch is not None
+
+    def predict_batch(self, payloads: list[Any], contexts: list[Any]) -> Any:
+        assert self._predict_batch is not None
+        return self._predict_batch(payloads, contexts)
 
     def predict(self, payload: Any, context: Any) -> Any:
         return self._predict(

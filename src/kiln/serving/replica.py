@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kiln.errors import Timeout, Unavailable, error_from_wire
+from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
 from kiln.serving.ipc import encode_frame, read_frame
 from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
 
@@ -44,7 +44,7 @@ class Replica:
         self._log_line = log_line
         self._on_exit = on_exit
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[InferenceResponse]] = {}
+        self._pending: dict[int, asyncio.Future[list[Any]]] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -52,9 +52,11 @@ class Replica:
         self.pid: int | None = None
         self.stopping = False
         self.exited = asyncio.Event()
+        self.exit_reason: str | None = None
+        self.in_flight = 0  # requests sent and not answered yet
 
     @property
-    def in_flight(self) -> int:
+    def batches_in_flight(self) -> int:
         return len(self._pending)
 
     async def start(self, timeout: float) -> None:
@@ -113,23 +115,8 @@ class Replica:
             while True:
                 header, buffers = await read_frame(reader)
                 future = self._pending.pop(header["id"], None)
-                if future is None or future.done():
-                    continue
-                if header.get("ok"):
-                    future.set_result(
-                        InferenceResponse(
-                            body=bytes(buffers[0]) if buffers else b"",
-                            content_type=header.get("ct", "application/json"),
-                            status=header.get("st", 200),
-                            headers=header.get("hd") or {},
-                            debug_stages=[tuple(s) for s in header.get("dbg", ())],
-                        )
-                    )
-                else:
-                    err = header["err"]
-                    error = error_from_wire(err["type"], err["message"], err["status"])
-                    error.debug_stages = [tuple(s) for s in header.get("dbg", ())]
-                    future.set_exception(error)
+                if future is not None and not future.done():
+                    future.set_result(_split_batch_reply(header, buffers))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -137,13 +124,13 @@ class Replica:
 
     async def _handle_exit(self) -> None:
         code = await self._process.wait() if self._process else None
-        reason = _describe_exit(code)
+        self.exit_reason = self.exit_reason or _describe_exit(code)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(
                     Unavailable(
-                        f"the worker of API '{self.spec.api}' {reason} before answering; "
-                        f"it is being restarted, retry shortly",
+                        f"the worker of API '{self.spec.api}' {self.exit_reason} before "
+                        f"answering; it is being restarted, retry shortly",
                         retry_after=1,
                     )
                 )
@@ -152,33 +139,52 @@ class Replica:
         if self._on_exit is not None and not self.stopping:
             await self._on_exit(self)
 
-    async def submit(self, request: InferenceRequest, timeout: float | None) -> InferenceResponse:
-        """Send one request and wait for its answer."""
+    async def submit_batch(
+        self, requests: list[InferenceRequest], timeout: float | None
+    ) -> list[InferenceResponse | KilnError]:
+        """Send requests as one batch frame; one outcome per request, in order.
+
+        Raises Unavailable when the worker dies with the batch, and Timeout (after
+        killing the worker, which would otherwise stay wedged) when it overruns.
+        """
         if self._writer is None or self.exited.is_set():
             raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
-        request_id = next(self._ids)
-        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        header = {"op": "predict", "id": request_id, "rid": request.request_id}
-        if request.debug:
-            header["dbg"] = True
-        if request.protocol != "native":
-            header["proto"] = request.protocol
-        if request.headers:
-            header["hdr"] = request.headers
-        if request.query:
-            header["q"] = request.query
-        self._writer.writelines(encode_frame(header, [request.body]))
+        batch_id = next(self._ids)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._pending[batch_id] = future
+        items = []
+        for request in requests:
+            item: dict[str, Any] = {"rid": request.request_id}
+            if request.debug:
+                item["dbg"] = True
+            if request.protocol != "native":
+                item["proto"] = request.protocol
+            if request.headers:
+                item["hdr"] = request.headers
+            if request.query:
+                item["q"] = request.query
+            items.append(item)
+        self.in_flight += len(requests)
+        self._writer.writelines(
+            encode_frame(
+                {"op": "batch", "id": batch_id, "items": items}, [r.body for r in requests]
+            )
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            self._pending.pop(request_id, None)
-            # A worker stuck past its deadline is stuck for everyone behind it: restart it.
-            self._log_line(f"request {request.request_id} timed out after {timeout:g}s; restarting")
+            self._pending.pop(batch_id, None)
+            self.exit_reason = "overran its response timeout"
+            self._log_line(
+                f"a batch of {len(requests)} overran its deadline ({timeout:.3g}s); "
+                f"restarting the worker so it cannot stay wedged"
+            )
             await self.kill()
             raise Timeout(
-                f"API '{self.spec.api}' did not answer within {timeout:g}s (response_timeout_s)"
+                f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
             ) from None
+        finally:
+            self.in_flight -= len(requests)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Let requests in flight finish, then close the socket so the worker exits."""
@@ -198,7 +204,19 @@ class Replica:
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
 
-    async def kill(self) -> None:
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the worker (Linux), for the `compute.mem` watchdog."""
+        if self.pid is None:
+            return None
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    async def kill(self, reason: str | None = None) -> None:
+        if reason:
+            self.exit_reason = reason
         if self._process is not None and self._process.returncode is None:
             try:
                 os.kill(self._process.pid, signal.SIGKILL)
@@ -216,3 +234,28 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _split_batch_reply(
+    header: dict[str, Any], buffers: list[memoryview]
+) -> list[InferenceResponse | KilnError]:
+    outcomes: list[InferenceResponse | KilnError] = []
+    for item, buffer in zip(header["items"], buffers, strict=True):
+        stages = [tuple(s) for s in item.get("dbg", ())]
+        if item.get("ok"):
+            outcomes.append(
+                InferenceResponse(
+                    body=bytes(buffer),
+                    content_type=item.get("ct", "application/json"),
+                    status=item.get("st", 200),
+                    headers=item.get("hd") or {},
+                    debug_stages=stages,
+                    batch_size=header.get("n", 1),
+                )
+            )
+        else:
+            err = item["err"]
+            error = error_from_wire(err["type"], err["message"], err["status"])
+            error.debug_stages = stages  # type: ignore[attr-defined]
+            outcomes.append(error)
+    return outcomes

@@ -37,6 +37,7 @@ class InferenceResponse:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     debug_stages: list[tuple[str, str]] = field(default_factory=list)
+    batch_size: int = 1  # how many requests shared the model call (observability)
 
 
 @dataclass(slots=True)
@@ -57,6 +58,8 @@ class WorkerSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     python_path: str | None = None
     threads: int = 1
+    cpus: list[int] | None = None  # CPU affinity of this replica
+    max_batch_size: int = 1
     response_envelope: str = "none"
 
     def to_wire(self) -> dict[str, Any]:

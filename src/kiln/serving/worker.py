@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from kiln.errors import InvalidInput, KilnError
+from kiln.errors import InferenceError, InvalidInput, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import Pipeline, build_pipeline
 from kiln.serving.encoding import dumps, encode_result, preview
@@ -41,66 +41,106 @@ def _die_with_parent() -> None:
         pass
 
 
-def _error_header(request_id: int, err: KilnError) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "ok": False,
-        "err": {"type": err.type, "message": err.message, "status": err.status},
-    }
-
-
 def _to_kiln_error(exc: BaseException, api: str, request_id: str) -> KilnError:
     if isinstance(exc, KilnError):
         return exc
+    if exc.__traceback__ is None:  # an exception *returned* for one item, never raised
+        return InferenceError(f"{type(exc).__name__}: {exc}")
     # The traceback goes to the log (our stderr is collected by the server), never to the client.
-    sys.stderr.write(f"request {request_id} failed in API '{api}':\n{traceback.format_exc()}")
+    trace = "".join(traceback.format_exception(exc))
+    sys.stderr.write(f"request {request_id} failed in API '{api}':\n{trace}")
     sys.stderr.flush()
-    from kiln.errors import InferenceError
-
     return InferenceError(f"{type(exc).__name__}: {exc}")
 
 
-def handle_predict(
-    pipeline: Pipeline, spec: WorkerSpec, header: dict[str, Any], body: memoryview
-) -> tuple[dict[str, Any], list[bytes]]:
-    """Answer one predict frame: parse, run, encode."""
-    rid = header.get("rid", "")
-    stages: list[tuple[str, Any]] | None = [] if header.get("dbg") else None
-    context = RequestContext(
-        request_id=rid,
+def _context(spec: WorkerSpec, item: dict[str, Any]) -> RequestContext:
+    return RequestContext(
+        request_id=item.get("rid", ""),
         api=spec.api,
         version=spec.version,
-        protocol=header.get("proto", "native"),
-        headers=header.get("hdr") or {},
-        query=header.get("q") or {},
+        protocol=item.get("proto", "native"),
+        headers=item.get("hdr") or {},
+        query=item.get("q") or {},
         metadata=spec.metadata,
         config=spec.config,
     )
-    try:
+
+
+def _encode_item(
+    spec: WorkerSpec, result: Any, context: RequestContext
+) -> tuple[dict[str, Any], bytes]:
+    if spec.response_envelope == "hub" and context.protocol == "native":
+        result = {"statusCode": context.status or 200, "body": {"output": result}}
+    out, content_type = encode_result(result)
+    reply: dict[str, Any] = {"ok": True, "ct": content_type}
+    if context.status:
+        reply["st"] = context.status
+    if context.response_headers:
+        reply["hd"] = context.response_headers
+        override = context.response_headers.get("Content-Type")
+        if override:
+            reply["ct"] = override
+    return reply, out
+
+
+def handle_batch(
+    pipeline: Pipeline, spec: WorkerSpec, header: dict[str, Any], bodies: list[memoryview]
+) -> tuple[dict[str, Any], list[bytes]]:
+    """Answer one batch frame: parse each body, run the batch, encode each answer.
+
+    Every item gets its own reply slot: a body that is not JSON, an exception
+    returned for one item, or an answer that cannot be encoded fails that item
+    alone; the others are answered normally.
+    """
+    items: list[dict[str, Any]] = header["items"]
+    count = len(items)
+    contexts = [_context(spec, item) for item in items]
+    stages: list[list[tuple[str, Any]] | None] = [[] if it.get("dbg") else None for it in items]
+    outcomes: list[Any] = [None] * count
+    runnable: list[int] = []
+    for index, body in enumerate(bodies):
         try:
-            payload = orjson.loads(body) if len(body) else None
+            outcomes[index] = orjson.loads(body) if len(body) else None
+            runnable.append(index)
         except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-        result = pipeline.predict(payload, context, stages)
-        if spec.response_envelope == "hub" and context.protocol == "native":
-            result = {"statusCode": context.status or 200, "body": {"output": result}}
-        out, content_type = encode_result(result)
-        reply: dict[str, Any] = {"id": header["id"], "ok": True, "ct": content_type}
-        if context.status:
-            reply["st"] = context.status
-        if context.response_headers:
-            reply["hd"] = context.response_headers
-            content_type = context.response_headers.get("Content-Type")
-            if content_type:
-                reply["ct"] = content_type
-        buffers = [out]
-    except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        reply, buffers = _error_header(header["id"], _to_kiln_error(exc, spec.api, rid)), []
-    if stages is not None:
-        reply["dbg"] = [[name, preview(value)] for name, value in stages]
-    return reply, buffers
+            outcomes[index] = InvalidInput(f"the request body is not valid JSON: {exc}")
+    if runnable:
+        try:
+            results = pipeline.predict_batch(
+                [outcomes[i] for i in runnable],
+                [contexts[i] for i in runnable],
+                [stages[i] for i in runnable],
+            )
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            error = _to_kiln_error(exc, spec.api, contexts[runnable[0]].request_id)
+            results = [error] * len(runnable)
+        for index, result in zip(runnable, results, strict=True):
+            outcomes[index] = result
+    replies: list[dict[str, Any]] = []
+    buffers: list[bytes] = []
+    for index in range(count):
+        outcome = outcomes[index]
+        body = b""
+        error: KilnError | None = None
+        if isinstance(outcome, BaseException):
+            error = _to_kiln_error(outcome, spec.api, contexts[index].request_id)
+        else:
+            try:
+                reply, body = _encode_item(spec, outcome, contexts[index])
+            except Exception as exc:  # noqa: BLE001 - encoding user values may fail
+                error = _to_kiln_error(exc, spec.api, contexts[index].request_id)
+        if error is not None:
+            reply = {
+                "ok": False,
+                "err": {"type": error.type, "message": error.message, "status": error.status},
+            }
+        if stages[index] is not None:
+            reply["dbg"] = [[name, preview(value)] for name, value in stages[index]]
+        replies.append(reply)
+        buffers.append(body)
+    return {"id": header["id"], "items": replies, "n": count}, buffers
 
 
 def serve(channel: BlockingChannel) -> int:
@@ -108,6 +148,11 @@ def serve(channel: BlockingChannel) -> int:
     if first is None or first[0].get("op") != "init":
         return 2
     spec = WorkerSpec.from_wire(first[0]["spec"])
+    if spec.cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, spec.cpus)
+        except OSError:
+            pass  # a container may not allow it; threads still follow compute.cpu
     if spec.python_path and spec.python_path not in sys.path:
         sys.path.insert(0, spec.python_path)
     started = time.monotonic()
@@ -136,8 +181,8 @@ def serve(channel: BlockingChannel) -> int:
         if frame is None:
             return 0
         header, buffers = frame
-        if header.get("op") == "predict":
-            reply, out = handle_predict(pipeline, spec, header, buffers[0] if buffers else b"")
+        if header.get("op") == "batch":
+            reply, out = handle_batch(pipeline, spec, header, buffers)
             channel.send(reply, out)
         elif header.get("op") == "stop":
             return 0

@@ -1,0 +1,312 @@
+"""One API version: its replicas, its queue, and the dispatcher between them.
+
+The dispatcher sends each batch to the least-loaded ready replica that has
+room (one batch at a time per replica with batching on, so requests gather
+while the model runs; two without, so the next request is already waiting in
+the worker when the current one finishes). Requests held by a replica that
+dies get 503 and are not retried elsewhere: a prediction may have side
+effects, so only the client may decide to send it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import time
+from typing import Any
+
+from kiln.errors import KilnError, Timeout, Unavailable
+from kiln.serving.batcher import Pending, RequestQueue
+from kiln.serving.supervisor import ReplicaSlot
+from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
+
+
+def worker_spec_for(api: Any) -> WorkerSpec:
+    """The plain data a worker needs, from a validated `kiln.config.ApiSpec`."""
+    block = api.runtime_block
+    handler = getattr(block, "handler", None) if api.runtime in ("python", "torch") else None
+    return WorkerSpec(
+        api=api.name,
+        version=api.version,
+        runtime=api.runtime,
+        model_path=api.model_path,
+        request_handler=api.request_handler_path,
+        handler=handler,
+        signature_key=getattr(block, "signature_key", None),
+        method=getattr(block, "method", "predict"),
+        trusted=bool(getattr(block, "trusted", False)),
+        signature=getattr(block, "signature", None),
+        config=dict(api.config or {}),
+        metadata=dict(api.metadata or {}),
+        python_path=api.python_path,
+        threads=max(1, math.ceil(api.compute.cpu or 1)),
+        max_batch_size=api.batching.max_batch_size if api.batching else 1,
+        response_envelope=api.response_envelope,
+    )
+
+
+_next_core = itertools.count()
+
+
+def _cores_for(cpu: float) -> list[int] | None:
+    """Spread replicas over the machine's cores, `ceil(cpu)` cores each."""
+    try:
+        available = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    want = max(1, math.ceil(cpu))
+    if want >= len(available):
+        return None
+    start = next(_next_core) * want
+    return [available[(start + i) % len(available)] for i in range(want)]
+
+
+class ServedApi:
+    """An API version: the unit that is loaded, scaled, queued and routed to."""
+
+    def __init__(self, api: Any, *, cwd: str, log_line: Any) -> None:
+        self.api = api
+        self.name: str = api.name
+        self.version: str | None = api.version
+        self.worker_spec = worker_spec_for(api)
+        self._cwd = cwd
+        self._log_line = log_line
+        batching = api.batching
+        self.max_batch_size = batching.max_batch_size if batching else 1
+        self.batch_delay_s = (batching.max_batch_delay_ms / 1000) if batching else 0.0
+        self.depth = 1 if self.max_batch_size > 1 else 2
+        self.queue = RequestQueue(self.name, api.serving.max_queue_size)
+        self.slots: list[ReplicaSlot] = []
+        self._changed = asyncio.Event()
+        self._capacity = asyncio.Event()
+        self._stopping = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._below_min_since: float | None = None
+        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
+
+    # ----- lifecycle ---------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        spec = self.worker_spec
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (spec.python_path, env.get("PYTHONPATH")) if p
+        )
+        if spec.model_path:
+            path = spec.model_path
+            env["MODEL_DIR"] = path if os.path.isdir(path) else os.path.dirname(path)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(spec.threads)
+        env["KILN_API"] = spec.api
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _new_slot(self, index: int) -> ReplicaSlot:
+        spec = WorkerSpec.from_wire(self.worker_spec.to_wire())
+        spec.cpus = _cores_for(self.api.compute.cpu or 1) if self.api.compute.cpu else None
+        return ReplicaSlot(
+            index,
+            spec,
+            cwd=self._cwd,
+            env=self._env(),
+            startup_timeout=self.api.serving.startup_timeout_s,
+            mem_limit=self.api.compute.mem,
+            log_line=self._log_line,
+            on_change=self._on_slot_change,
+        )
+
+    async def start(self) -> None:
+        """Start `init_replicas` workers and wait until each is ready or has failed."""
+        count = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+        self.slots = [self._new_slot(i) for i in range(count)]
+        self._dispatcher = asyncio.create_task(self._dispatch_loop())
+        await asyncio.gather(*(slot.start() for slot in self.slots))
+
+    async def scale(self, replicas: int) -> None:
+        """Grow or shrink to `replicas` workers (the management API's min_worker)."""
+        replicas = max(1, replicas)
+        if replicas > len(self.slots):
+            new = [self._new_slot(i) for i in range(len(self.slots), replicas)]
+            self.slots.extend(new)
+            await asyncio.gather(*(slot.start() for slot in new))
+        else:
+            extra, self.slots = self.slots[replicas:], self.slots[:replicas]
+            await asyncio.gather(*(slot.stop(30) for slot in extra))
+        self._on_slot_change()
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        deadline = time.monotonic() + grace
+        while len(self.queue) and time.monotonic() < deadline and self.ready_slots():
+            await asyncio.sleep(0.05)
+        self.queue.fail_all(Unavailable(f"API '{self.name}' is shutting down", retry_after=5))
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        await asyncio.gather(*(slot.stop(grace) for slot in self.slots), return_exceptions=True)
+
+    def _on_slot_change(self) -> None:
+        self._changed.set()
+        self._capacity.set()
+        live = len(self.ready_slots())
+        minimum = max(1, self.api.compute.min_replicas or 1)
+        if live >= minimum:
+            self._below_min_since = None
+        elif self._below_min_since is None:
+            self._below_min_since = time.monotonic()
+
+    # ----- state -------------------------------------------------------------------
+    def ready_slots(self) -> list[ReplicaSlot]:
+        return [slot for slot in self.slots if slot.ready]
+
+    @property
+    def state(self) -> str:
+        if self._stopping:
+            return "stopped"
+        states = {slot.state for slot in self.slots}
+        if "ready" in states:
+            return "ready"
+        if states and states <= {"failed"}:
+            return "failed"
+        if "restarting" in states or self.restarts:
+            return "restarting"
+        return "loading"
+
+    @property
+    def error(self) -> str | None:
+        errors = [slot.error for slot in self.slots if slot.error and not slot.ready]
+        return errors[0] if errors else None
+
+    @property
+    def restarts(self) -> int:
+        return sum(slot.restarts for slot in self.slots)
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        for slot in self.slots:
+            if slot.replica is not None:
+                return slot.replica.signature
+        return {}
+
+    def healthy(self) -> bool:
+        """False once the API has had fewer live replicas than its minimum for too long."""
+        if self.state == "failed":
+            return False
+        since = self._below_min_since
+        return since is None or time.monotonic() - since <= self.api.serving.max_retry_timeout_s
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait for a ready replica (the first GET loads the model); 503 if it cannot load."""
+        deadline = time.monotonic() + timeout
+        while self.state != "ready":
+            if self.state == "failed":
+                raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"API '{self.name}' is still {self.state}; retry shortly", retry_after=1
+                )
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    # ----- requests ----------------------------------------------------------------
+    async def predict(self, request: InferenceRequest) -> InferenceResponse:
+        """Queue one request and wait for its answer, within its deadline (queue time included)."""
+        serving = self.api.serving
+        arrived = time.monotonic()
+        deadline = request.deadline or arrived + serving.response_timeout_s
+        if self.state != "ready":
+            await self.wait_ready(min(serving.startup_timeout_s, deadline - arrived))
+        pending = Pending(request, deadline)
+        try:
+            self.queue.put(pending)
+        except Unavailable:
+            self.stats["rejected"] += 1
+            raise
+        self.stats["requests"] += 1
+        self._capacity.set()
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(pending.future), max(0.0, deadline - time.monotonic()) + 1.0
+            )
+        except TimeoutError:
+            pending.future.cancel()
+            raise Timeout(f"API '{self.name}' did not answer within its deadline") from None
+
+    def _pick(self) -> ReplicaSlot | None:
+        best: ReplicaSlot | None = None
+        for slot in self.slots:
+            replica = slot.replica
+            if not slot.ready or replica is None or replica.batches_in_flight >= self.depth:
+                continue
+            if best is None or replica.in_flight < best.replica.in_flight:  # type: ignore[union-attr]
+                best = slot
+        return best
+
+    def _busy(self) -> bool:
+        return any(s.replica is not None and s.replica.batches_in_flight for s in self.slots)
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            await self.queue.wait_nonempty()
+            slot = self._pick()
+            if slot is None:
+                self._capacity.clear()
+                await self._capacity.wait()
+                continue
+            batch = self.queue.take(self.max_batch_size)
+            if batch and len(batch) < self.max_batch_size and self.batch_delay_s and self._busy():
+                await self.queue.top_up(batch, self.max_batch_size, self.batch_delay_s)
+                if not slot.ready:
+                    slot = self._pick() or slot
+            if batch:
+                asyncio.create_task(self._run(slot, batch))
+
+    async def _run(self, slot: ReplicaSlot, batch: list[Pending]) -> None:
+        replica = slot.replica
+        try:
+            if replica is None:
+                raise Unavailable(f"the worker of API '{self.name}' is restarting", retry_after=1)
+            timeout = max(p.deadline for p in batch) - time.monotonic()
+            outcomes = await replica.submit_batch([p.request for p in batch], max(timeout, 0.001))
+        except KilnError as error:
+            outcomes = [error] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - never let the dispatcher die
+            outcomes = [Unavailable(f"internal error while dispatching: {exc}")] * len(batch)
+        finally:
+            self._capacity.set()
+        self.stats["batches"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "endpoint": self.api.endpoint,
+            "runtime": self.api.runtime,
+            "status": self.state,
+            "replicas": {
+                "ready": len(self.ready_slots()),
+                "requested": len(self.slots),
+                "restarts": self.restarts,
+            },
+            "queue": {"length": len(self.queue), "max": self.queue.max_size},
+            "batching": {
+                "max_batch_size": self.max_batch_size,
+                "max_batch_delay_ms": self.batch_delay_s * 1000,
+            },
+            "stats": dict(self.stats),
+        }
+        if self.error:
+            info["error"] = self.error
+        return info
