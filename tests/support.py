@@ -120,11 +120,21 @@ class KilnServer:
             self._out.flush()
         return self.log_path.read_text(errors="replace")
 
-    def api_log(self, api: str) -> list[dict[str, Any]]:
+    def api_log(self, api: str, until: Any = None, timeout: float = 5) -> list[dict[str, Any]]:
+        """The API's log records; with `until`, poll until until(records) is true.
+
+        Records are flushed a few times a second, so a test waits for the ones it expects.
+        """
         path = self.state / "logs" / f"{api}.log"
-        if not path.exists():
-            return []
-        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        deadline = time.monotonic() + timeout
+        while True:
+            records = []
+            if path.exists():
+                lines = path.read_bytes().splitlines()
+                records = [orjson.loads(line) for line in lines if line.strip()]
+            if until is None or until(records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.05)
 
     def worker_pids(self) -> list[int]:
         """Children of the server process, read from /proc (no procps needed)."""

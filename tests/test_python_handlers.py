@@ -217,7 +217,13 @@ def test_debug_logs_the_four_stages_in_order(server: KilnServer) -> None:
     server.client.post(
         "/hooked", json={"values": [1, 0, 0, 0]}, headers={"X-Request-ID": "nodbg-1"}
     )
-    records = server.api_log("hooked")
+    records = server.api_log(
+        "hooked",
+        until=lambda rs: (
+            any(r.get("request_id") == "nodbg-1" for r in rs)
+            and sum(r.get("request_id") == "dbg-1" for r in rs) >= 5
+        ),
+    )
     stages = [r for r in records if r.get("event") == "debug" and r["request_id"] == "dbg-1"]
     assert [s["stage"] for s in stages] == [
         "raw sample",

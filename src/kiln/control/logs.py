@@ -37,7 +37,7 @@ class LogSink:
         with self._lock:
             file = self._files.get(api)
             if file is None:
-                file = self._files[api] = open(self.path_for(api), "ab", buffering=0)  # noqa: SIM115
+                file = self._files[api] = open(self.path_for(api), "ab")  # noqa: SIM115
             file.write(line)
             if not self._quiet:
                 self._echo(record, line)
@@ -48,11 +48,28 @@ class LogSink:
                 self._stream.write(_human(record) + "\n")
             else:
                 self._stream.write(line.decode())
-            self._stream.flush()
         except (OSError, ValueError):
             pass
 
+    def flush(self) -> None:
+        """Push buffered records out; the server calls this a few times a second.
+
+        Buffering saves two system calls per request on the hot path; a record
+        reaches its file within one flush interval.
+        """
+        with self._lock:
+            for file in self._files.values():
+                try:
+                    file.flush()
+                except (OSError, ValueError):
+                    pass
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass
+
     def close(self) -> None:
+        self.flush()
         with self._lock:
             for file in self._files.values():
                 file.close()

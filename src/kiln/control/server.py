@@ -29,6 +29,7 @@ from kiln.protocols.app import InferenceApp
 from kiln.serving.router import Registry, ServedApi
 
 SHUTDOWN_GRACE_S = 30.0
+LOG_FLUSH_S = 0.2
 
 
 class ServerError(Exception):
@@ -115,6 +116,7 @@ class InferenceServer:
             loop.add_signal_handler(sig, self.request_stop)
         sock = bind_socket(self.options.host, self.options.port)
         host, port = sock.getsockname()[:2]
+        flusher = asyncio.create_task(self._flush_logs())
         try:
             for api in self.project.apis:
                 self.registry.add(
@@ -148,12 +150,18 @@ class InferenceServer:
                 return
             await self._server.serve(sockets=[sock])
         finally:
+            flusher.cancel()
             await asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
             sock.close()
             self._remove_server_json()
             self.log.close()
+
+    async def _flush_logs(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_S)
+            self.log.flush()
 
     def _server_files(self) -> list[Path]:
         return [self.options.home / "server.json", *self.options.pointer_files]

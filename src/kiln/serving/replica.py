@@ -54,6 +54,7 @@ class Replica:
         self.exited = asyncio.Event()
         self.exit_reason: str | None = None
         self.in_flight = 0  # requests sent and not answered yet
+        self._kill_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def batches_in_flight(self) -> int:
@@ -170,21 +171,36 @@ class Replica:
                 {"op": "batch", "id": batch_id, "items": items}, [r.body for r in requests]
             )
         )
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            self._pending.pop(batch_id, None)
-            self.exit_reason = "overran its response timeout"
-            self._log_line(
-                f"a batch of {len(requests)} overran its deadline ({timeout:.3g}s); "
-                f"restarting the worker so it cannot stay wedged"
+        timer = None
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                timeout, self._overrun, batch_id, len(requests)
             )
-            await self.kill()
-            raise Timeout(
-                f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
-            ) from None
+        try:
+            return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self.in_flight -= len(requests)
+
+    def _overrun(self, batch_id: int, size: int) -> None:
+        """A batch outlived every deadline in it: answer 504 and replace the wedged worker."""
+        future = self._pending.pop(batch_id, None)
+        if future is None or future.done():
+            return
+        self.exit_reason = "overran its response timeout"
+        self._log_line(
+            f"a batch of {size} overran its deadline; "
+            f"restarting the worker so it cannot stay wedged"
+        )
+        future.set_exception(
+            Timeout(
+                f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
+            )
+        )
+        task = asyncio.get_running_loop().create_task(self.kill())
+        self._kill_tasks.add(task)
+        task.add_done_callback(self._kill_tasks.discard)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Let requests in flight finish, then close the socket so the worker exits."""

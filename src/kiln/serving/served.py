@@ -228,13 +228,20 @@ class ServedApi:
             raise
         self.stats["requests"] += 1
         self._capacity.set()
+        # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending
+        )
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(pending.future), max(0.0, deadline - time.monotonic()) + 1.0
+            return await pending.future
+        finally:
+            timer.cancel()
+
+    def _expire(self, pending: Pending) -> None:
+        if not pending.future.done():
+            pending.future.set_exception(
+                Timeout(f"API '{self.name}' did not answer within its deadline")
             )
-        except TimeoutError:
-            pending.future.cancel()
-            raise Timeout(f"API '{self.name}' did not answer within its deadline") from None
 
     def _pick(self) -> ReplicaSlot | None:
         best: ReplicaSlot | None = None
