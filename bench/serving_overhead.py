@@ -3,18 +3,19 @@
 Rows:
   model in-process      onnxruntime `session.run` on one row, plus orjson decode/encode:
                         the floor no server can beat
-  bare ASGI app         uvicorn + httptools answering a fixed body: the ceiling of the HTTP stack
+  bare ASGI app         bench/bare_app.py's /fixed (Starlette on uvicorn + httptools, a fixed
+                        body): the ceiling of the HTTP stack
   kiln serve (onnx)     the full path: HTTP, routing, IPC to the worker, JSON -> tensor, model,
                         JSON back
   kiln serve (python)   the same with a Python handler that echoes its input
 
 Run: .venv/bin/python bench/serving_overhead.py [--duration 5] [--concurrency 1,16]
+(bench/data_plane.py is the fuller data-plane benchmark: batching, replicas, bigger model.)
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import subprocess
@@ -28,7 +29,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadgen import run_load  # noqa: E402
+from loadgen import build, run_load  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 BODY = b"[5.1, 3.5, 1.4, 0.2]"
@@ -89,12 +90,18 @@ def wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def measure(url: str, concurrency: list[int], duration: float) -> list[tuple[int, object]]:
-    rows = []
-    for c in concurrency:
-        asyncio.run(run_load(url, BODY, c, 0.5))  # warm up
-        rows.append((c, asyncio.run(run_load(url, BODY, c, duration))))
-    return rows
+class _Result:
+    def __init__(self, answer: dict) -> None:
+        self.rps = answer["rps"]
+        self.errors = answer["errors"]
+        self._p = {50: answer["p50_ms"], 90: answer["p90_ms"], 99: answer["p99_ms"]}
+
+    def percentile(self, q: int) -> float:
+        return self._p[q]
+
+
+def measure(url: str, concurrency: list[int], duration: float) -> list[tuple[int, _Result]]:
+    return [(c, _Result(run_load(url, BODY, c, duration, warmup=0.5))) for c in concurrency]
 
 
 def main() -> None:
@@ -103,6 +110,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
+    build()
     table: list[tuple[str, int, float, float, float, int]] = []
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,8 +121,8 @@ def main() -> None:
         port = free_port()
         bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_app.py"), str(port)])
         try:
-            wait_http(f"http://127.0.0.1:{port}/")
-            for c, r in measure(f"http://127.0.0.1:{port}/", concurrency, args.duration):
+            wait_http(f"http://127.0.0.1:{port}/fixed")
+            for c, r in measure(f"http://127.0.0.1:{port}/fixed", concurrency, args.duration):
                 table.append(
                     ("bare ASGI app", c, r.rps, r.percentile(50), r.percentile(99), r.errors)
                 )
