@@ -143,6 +143,8 @@ class InferenceServer:
                 lifespan="off",
                 log_level="warning",
                 access_log=False,
+                proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
+                server_header=False,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             )
             self._server = _Uvicorn(config)

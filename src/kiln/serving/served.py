@@ -51,16 +51,22 @@ _next_core = itertools.count()
 
 
 def _cores_for(cpu: float) -> list[int] | None:
-    """Spread replicas over the machine's cores, `ceil(cpu)` cores each."""
+    """Cores for the next replica: `ceil(cpu)` of them, round-robin over the worker cores.
+
+    The first core is left to the server process (HTTP, routing, IPC) when the
+    machine has more than one, so workers never compete with the gateway that
+    feeds them; with one core there is nothing to pin.
+    """
     try:
         available = sorted(os.sched_getaffinity(0))
     except AttributeError:
         return None
+    workers = available[1:] if len(available) > 1 else available
     want = max(1, math.ceil(cpu))
-    if want >= len(available):
+    if len(available) == 1 or want > len(workers):
         return None
     start = next(_next_core) * want
-    return [available[(start + i) % len(available)] for i in range(want)]
+    return [workers[(start + i) % len(workers)] for i in range(want)]
 
 
 class ServedApi:
