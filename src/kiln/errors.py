@@ -88,6 +88,13 @@ class InferenceError(KilnError):
     type = "InferenceError"
 
 
+class NotImplementedByApi(KilnError):
+    """The API does not offer this operation (for example explanations)."""
+
+    status = 501
+    type = "NotImplemented"
+
+
 class Unavailable(KilnError):
     """The API cannot answer now (loading, restarting or overloaded); retry later."""
 
@@ -121,6 +128,7 @@ _BY_TYPE: dict[str, type[KilnError]] = {
         UnsupportedMediaType,
         TooManyRequests,
         InferenceError,
+        NotImplementedByApi,
         Unavailable,
         Timeout,
     )

@@ -139,7 +139,7 @@ class InferenceServer:
                 on_ready(running)
             config = uvicorn.Config(
                 InferenceApp(self.registry, self.log),
-                http="httptools",
+                http=os.environ.get("KILN_HTTP", "httptools"),
                 lifespan="off",
                 log_level="warning",
                 access_log=False,

@@ -20,6 +20,7 @@ class RequestContext:
     config: dict[str, Any] = field(default_factory=dict)
     status: int | None = None
     response_headers: dict[str, str] = field(default_factory=dict)
+    wants_tensors: bool = False  # a V2 client: answer with named arrays, skip the JSON hooks
 
     def set_status(self, code: int) -> None:
         """Answer with this HTTP status instead of 200."""

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from kiln.errors import InferenceError
+from kiln.errors import InferenceError, NotImplementedByApi
 from kiln.handlers.context import RequestContext
+from kiln.handlers.explain import feature_ablation
 from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.request_hooks import RequestHooks
 from kiln.runtimes import TENSOR_RUNTIMES, load_runtime
-from kiln.serving.types import WorkerSpec
+from kiln.serving.types import TensorPayload, WorkerSpec
 
 Stages = list[tuple[str, Any]] | None
 
@@ -30,8 +32,21 @@ Stages = list[tuple[str, Any]] | None
 class Pipeline:
     """Base: built (loaded) once, then `predict_batch` per batch of requests."""
 
+    is_tensor = False
+    can_explain = False
+
     def signature(self) -> dict[str, Any]:
         return {"inputs": [], "outputs": []}
+
+    def explain(self, payload: Any, context: RequestContext) -> Any:
+        raise NotImplementedByApi(
+            f"API '{context.api}' has no explanations: add an explain(payload, context) "
+            f"method to its handler class"
+        )
+
+    def stream(self, payload: Any, context: RequestContext) -> Iterator[Any]:
+        """Items to stream: what a generator handler yields, else the one answer."""
+        yield from self.predict_batch([payload], [context], [None])
 
     def predict_batch(
         self, payloads: list[Any], contexts: list[RequestContext], stages: list[Stages]
@@ -40,6 +55,9 @@ class Pipeline:
 
 
 class TensorPipeline(Pipeline):
+    is_tensor = True
+    can_explain = True
+
     def __init__(self, spec: WorkerSpec) -> None:
         self.runtime = load_runtime(spec)
         self.hooks = RequestHooks(
@@ -54,15 +72,24 @@ class TensorPipeline(Pipeline):
         sample = payload
         if stages is not None:
             stages.append(("raw sample", sample))
+        if isinstance(payload, TensorPayload):  # V2: typed tensors go straight to the model
+            return self.runtime.signature.to_tensors(dict(payload))
         if self.hooks.pre is not None:
             sample = self.hooks.pre(sample)
             if stages is not None:
                 stages.append(("after pre_inference", sample))
         return self.runtime.signature.to_tensors(sample)
 
-    def _finish(self, outputs: list[Any], unbatched: bool, stages: Stages) -> Any:
+    def _finish(
+        self, outputs: list[Any], unbatched: bool, stages: Stages, context: RequestContext
+    ) -> Any:
         if stages is not None:
             stages.append(("after inference", outputs))
+        names = [spec.name for spec in self.runtime.signature.outputs]
+        if context.wants_tensors:
+            if unbatched:
+                outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
+            return dict(zip(names, outputs, strict=False))
         if self.hooks.post is not None:
             result = self.hooks.post(outputs)
             if stages is not None:
@@ -72,7 +99,6 @@ class TensorPipeline(Pipeline):
             outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
         if len(outputs) == 1:
             return outputs[0]
-        names = [spec.name for spec in self.runtime.signature.outputs]
         return dict(zip(names, outputs, strict=False))
 
     def predict_batch(
@@ -95,7 +121,9 @@ class TensorPipeline(Pipeline):
                     results[index] = outputs
                     continue
                 try:
-                    results[index] = self._finish(outputs, unbatched, stages[index])
+                    results[index] = self._finish(
+                        outputs, unbatched, stages[index], contexts[index]
+                    )
                 except Exception as exc:  # noqa: BLE001 - hooks are user code
                     results[index] = exc
         return results
@@ -143,6 +171,10 @@ class TensorPipeline(Pipeline):
             (m[0], [o[bounds[i] : bounds[i + 1]] for o in outputs]) for i, m in enumerate(chunk)
         ]
 
+    def explain(self, payload: Any, context: RequestContext) -> Any:
+        tensors, _ = self._prepare(payload, None)
+        return feature_ablation(self.runtime.run, tensors)
+
 
 def _rows(tensors: dict[str, np.ndarray]) -> int:
     first = next(iter(tensors.values()), None)
@@ -153,15 +185,46 @@ class PythonPipeline(Pipeline):
     def __init__(self, spec: WorkerSpec) -> None:
         self.handler = PythonHandler(spec)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.can_explain = self.handler.has_explain
+
+    def _run_async(self, awaitable: Any) -> Any:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
+
+    def explain(self, payload: Any, context: RequestContext) -> Any:
+        if not self.handler.has_explain:
+            return super().explain(payload, context)
+        return self._settle(self.handler.explain(payload, context))
+
+    def stream(self, payload: Any, context: RequestContext) -> Iterator[Any]:
+        result = self.handler.predict(payload, context)
+        if inspect.isasyncgen(result):
+            while True:
+                try:
+                    yield self._run_async(result.__anext__())
+                except StopAsyncIteration:
+                    return
+        if inspect.isawaitable(result):
+            result = self._run_async(result)
+        if inspect.isgenerator(result) or isinstance(result, Iterator):
+            yield from result
+        else:
+            yield result
 
     def signature(self) -> dict[str, Any]:
         return self.handler.declared_signature or {"inputs": [], "outputs": []}
 
     def _settle(self, result: Any) -> Any:
+        if inspect.isasyncgen(result):
+            agen, result = result, []
+            while True:
+                try:
+                    result.append(self._run_async(agen.__anext__()))
+                except StopAsyncIteration:
+                    break
         if inspect.isawaitable(result):
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            result = self._loop.run_until_complete(result)
+            result = self._run_async(result)
         if inspect.isgenerator(result):
             result = list(result)  # plain routes get every chunk; streaming routes stream them
         return result

@@ -43,6 +43,14 @@ class PythonHandler:
         self._predict = adapt_call(self._predict_fn, values)
 
     @property
+    def has_explain(self) -> bool:
+        return self._explain is not None
+
+    def explain(self, payload: Any, context: Any) -> Any:
+        assert self._explain is not None
+        return self._explain({"payload": payload, "context": context})
+
+    @property
     def has_batch(self) -> bool:
         return self._predict_batch is not None
 

@@ -9,8 +9,10 @@ the client's JSON once and the server forwards the worker's bytes as they are.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -50,10 +52,29 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], list
 
 
 class BlockingChannel:
-    """The worker's side of the socket: plain blocking reads and writes."""
+    """The worker's side of the socket: plain blocking reads and writes.
+
+    While a stream runs, frames that arrive are parked here (`cancelled` reads
+    ahead to spot a cancel) and handed out by `recv` afterwards, in order.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._parked: deque[tuple[dict[str, Any], list[memoryview]]] = deque()
+
+    def cancelled(self, stream_id: int) -> bool:
+        """Read whatever has arrived without blocking; True if it cancels `stream_id`."""
+        found = False
+        while select.select([self._sock], [], [], 0)[0]:
+            frame = self._recv_frame()
+            if frame is None:
+                return True  # the server is gone: nobody is listening
+            header = frame[0]
+            if header.get("op") == "cancel":
+                found = found or header.get("id") == stream_id
+            else:
+                self._parked.append(frame)
+        return found
 
     def _read_exactly(self, n: int) -> bytearray | None:
         buf = bytearray(n)
@@ -68,6 +89,13 @@ class BlockingChannel:
 
     def recv(self) -> tuple[dict[str, Any], list[memoryview]] | None:
         """Next frame, or None when the server closed the connection."""
+        while self._parked:
+            frame = self._parked.popleft()
+            if frame[0].get("op") != "cancel":
+                return frame
+        return self._recv_frame()
+
+    def _recv_frame(self) -> tuple[dict[str, Any], list[memoryview]] | None:
         prefix = self._read_exactly(4)
         if prefix is None:
             return None

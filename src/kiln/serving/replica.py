@@ -14,12 +14,13 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
 from kiln.serving.ipc import encode_frame, read_frame
 from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
+from kiln.serving.wire import decode_outcomes, encode_request
 
 
 class LoadFailed(Exception):
@@ -45,16 +46,18 @@ class Replica:
         self._on_exit = on_exit
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[list[Any]]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[dict[str, Any], bytes]]] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.signature: dict[str, Any] = {}
+        self.can_explain = False
         self.pid: int | None = None
         self.stopping = False
         self.exited = asyncio.Event()
         self.exit_reason: str | None = None
+        self.doomed = False  # killed on purpose; no new work goes here
         self.in_flight = 0  # requests sent and not answered yet
-        self._kill_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def batches_in_flight(self) -> int:
@@ -86,20 +89,24 @@ class Replica:
             header, _ = await asyncio.wait_for(read_frame(reader), timeout)
         except TimeoutError:
             await self.kill()
+            self._close_channel()
             raise LoadFailed(
                 f"the model did not load within {timeout:g}s (startup_timeout_s)"
             ) from None
         except (asyncio.IncompleteReadError, ConnectionError):
+            self._close_channel()
             code = await self._process.wait()
             await self._drain_output()
             raise LoadFailed(
                 f"the worker exited while loading (exit code {code}); see the log"
             ) from None
         if header.get("op") != "ready":
+            self._close_channel()
             await self._process.wait()
             await self._drain_output()
             raise LoadFailed(header.get("error", "the worker failed to load"))
         self.signature = header.get("signature") or {}
+        self.can_explain = bool(header.get("explain"))
         self._tasks.append(asyncio.create_task(self._read_replies(reader)))
 
     async def _pump_output(self) -> None:
@@ -115,15 +122,30 @@ class Replica:
         try:
             while True:
                 header, buffers = await read_frame(reader)
+                stream = self._streams.get(header["id"])
+                if stream is not None:
+                    stream.put_nowait((header, bytes(buffers[0]) if buffers else b""))
+                    continue
                 future = self._pending.pop(header["id"], None)
                 if future is not None and not future.done():
-                    future.set_result(_split_batch_reply(header, buffers))
+                    future.set_result(decode_outcomes(header, buffers))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
             await self._handle_exit()
 
+    def _close_channel(self) -> None:
+        """Close our end of the socketpair explicitly.
+
+        A transport left to the garbage collector closes its file descriptor a
+        second time from the socket object; by then the number may belong to a
+        client's TCP connection, which would be cut (uvloop#645/#738).
+        """
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.close()
+
     async def _handle_exit(self) -> None:
+        self._close_channel()
         code = await self._process.wait() if self._process else None
         self.exit_reason = self.exit_reason or _describe_exit(code)
         for future in self._pending.values():
@@ -136,14 +158,16 @@ class Replica:
                     )
                 )
         self._pending.clear()
+        for stream in self._streams.values():
+            stream.put_nowait(({"dead": True}, b""))
         self.exited.set()
         if self._on_exit is not None and not self.stopping:
             await self._on_exit(self)
 
     async def submit_batch(
-        self, requests: list[InferenceRequest], timeout: float | None
+        self, requests: list[InferenceRequest], timeout: float | None, op: str = "batch"
     ) -> list[InferenceResponse | KilnError]:
-        """Send requests as one batch frame; one outcome per request, in order.
+        """Send requests as one frame; one outcome per request, in order.
 
         Raises Unavailable when the worker dies with the batch, and Timeout (after
         killing the worker, which would otherwise stay wedged) when it overruns.
@@ -153,24 +177,9 @@ class Replica:
         batch_id = next(self._ids)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = future
-        items = []
-        for request in requests:
-            item: dict[str, Any] = {"rid": request.request_id}
-            if request.debug:
-                item["dbg"] = True
-            if request.protocol != "native":
-                item["proto"] = request.protocol
-            if request.headers:
-                item["hdr"] = request.headers
-            if request.query:
-                item["q"] = request.query
-            items.append(item)
+        items, buffers = self._encode(requests)
         self.in_flight += len(requests)
-        self._writer.writelines(
-            encode_frame(
-                {"op": "batch", "id": batch_id, "items": items}, [r.body for r in requests]
-            )
-        )
+        self._writer.writelines(encode_frame({"op": op, "id": batch_id, "items": items}, buffers))
         timer = None
         if timeout is not None:
             timer = asyncio.get_running_loop().call_later(
@@ -183,6 +192,54 @@ class Replica:
                 timer.cancel()
             self.in_flight -= len(requests)
 
+    @staticmethod
+    def _encode(requests: list[InferenceRequest]) -> tuple[list[dict[str, Any]], list[Any]]:
+        items: list[dict[str, Any]] = []
+        buffers: list[Any] = []
+        for request in requests:
+            item, owned = encode_request(request)
+            items.append(item)
+            buffers.extend(owned)
+        return items, buffers
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[tuple[bytes, str]]:
+        """(chunk, content type) pairs as the handler yields them.
+
+        Leaving the loop early (the client disconnected) tells the worker to
+        stop the generator. A worker that dies mid-stream ends it with 503.
+        """
+        if self._writer is None or self.exited.is_set():
+            raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
+        stream_id = next(self._ids)
+        queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue()
+        self._streams[stream_id] = queue
+        items, buffers = self._encode([request])
+        self.in_flight += 1
+        self._writer.writelines(
+            encode_frame({"op": "stream", "id": stream_id, "items": items}, buffers)
+        )
+        finished = False
+        try:
+            while True:
+                header, data = await queue.get()
+                if header.get("dead"):
+                    raise Unavailable(
+                        f"the worker of API '{self.spec.api}' {self.exit_reason} mid-stream",
+                        retry_after=1,
+                    )
+                if header.get("end"):
+                    finished = True
+                    if not header.get("ok", True):
+                        err = header["err"]
+                        raise error_from_wire(err["type"], err["message"], err["status"])
+                    return
+                yield data, header.get("ct", "application/octet-stream")
+        finally:
+            self.in_flight -= 1
+            self._streams.pop(stream_id, None)
+            if not finished and self._writer is not None and not self.exited.is_set():
+                self._writer.writelines(encode_frame({"op": "cancel", "id": stream_id}))
+
     def _overrun(self, batch_id: int, size: int) -> None:
         """A batch outlived every deadline in it: answer 504 and replace the wedged worker."""
         future = self._pending.pop(batch_id, None)
@@ -193,14 +250,18 @@ class Replica:
             f"a batch of {size} overran its deadline; "
             f"restarting the worker so it cannot stay wedged"
         )
+        # Kill now, before the 504 is delivered, so no new request is routed to this worker.
+        self.doomed = True
+        if self._process is not None and self._process.returncode is None:
+            try:
+                os.kill(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         future.set_exception(
             Timeout(
                 f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
             )
         )
-        task = asyncio.get_running_loop().create_task(self.kill())
-        self._kill_tasks.add(task)
-        task.add_done_callback(self._kill_tasks.discard)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Let requests in flight finish, then close the socket so the worker exits."""
@@ -250,28 +311,3 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def _split_batch_reply(
-    header: dict[str, Any], buffers: list[memoryview]
-) -> list[InferenceResponse | KilnError]:
-    outcomes: list[InferenceResponse | KilnError] = []
-    for item, buffer in zip(header["items"], buffers, strict=True):
-        stages = [tuple(s) for s in item.get("dbg", ())]
-        if item.get("ok"):
-            outcomes.append(
-                InferenceResponse(
-                    body=bytes(buffer),
-                    content_type=item.get("ct", "application/json"),
-                    status=item.get("st", 200),
-                    headers=item.get("hd") or {},
-                    debug_stages=stages,
-                    batch_size=header.get("n", 1),
-                )
-            )
-        else:
-            err = item["err"]
-            error = error_from_wire(err["type"], err["message"], err["status"])
-            error.debug_stages = stages  # type: ignore[attr-defined]
-            outcomes.append(error)
-    return outcomes

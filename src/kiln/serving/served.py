@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable
@@ -90,6 +91,7 @@ class ServedApi:
         self._stopping = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._below_min_since: float | None = None
+        self._waiting_for_load = 0
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
 
     # ----- lifecycle ---------------------------------------------------------------
@@ -154,6 +156,10 @@ class ServedApi:
     def _on_slot_change(self) -> None:
         self._changed.set()
         self._capacity.set()
+        if self.state == "failed" and len(self.queue):
+            self.queue.fail_all(
+                Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+            )
         live = len(self.ready_slots())
         minimum = max(1, self.api.compute.min_replicas or 1)
         if live >= minimum:
@@ -169,9 +175,9 @@ class ServedApi:
     def state(self) -> str:
         if self._stopping:
             return "stopped"
-        states = {slot.state for slot in self.slots}
-        if "ready" in states:
+        if any(slot.ready for slot in self.slots):
             return "ready"
+        states = {slot.state for slot in self.slots}
         if states and states <= {"failed"}:
             return "failed"
         if "restarting" in states or self.restarts:
@@ -224,8 +230,26 @@ class ServedApi:
         serving = self.api.serving
         arrived = time.monotonic()
         deadline = request.deadline or arrived + serving.response_timeout_s
-        if self.state != "ready":
-            await self.wait_ready(min(serving.startup_timeout_s, deadline - arrived))
+        state = self.state
+        if state == "failed":
+            raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+        if state == "loading":
+            # The first load (seed 003's ping-to-load) is not the request's fault: its
+            # deadline starts when the model is ready, as long as the queue has room.
+            if self._waiting_for_load >= self.queue.max_size:
+                self.stats["rejected"] += 1
+                raise Unavailable(
+                    f"API '{self.name}' is still loading and {self.queue.max_size} requests "
+                    f"are already waiting; retry shortly",
+                    retry_after=1,
+                )
+            self._waiting_for_load += 1
+            try:
+                await self.wait_ready(serving.startup_timeout_s)
+            finally:
+                self._waiting_for_load -= 1
+            deadline = time.monotonic() + serving.response_timeout_s
+        # While a worker restarts, requests wait in the bounded queue like any other.
         pending = Pending(request, deadline)
         try:
             self.queue.put(pending)
@@ -248,6 +272,37 @@ class ServedApi:
             pending.future.set_exception(
                 Timeout(f"API '{self.name}' did not answer within its deadline")
             )
+
+    async def _replica_for_direct_call(self, request: InferenceRequest) -> Any:
+        """A ready replica for work that bypasses the batch queue (explain, stream)."""
+        if self.state != "ready":
+            await self.wait_ready(self.api.serving.startup_timeout_s)
+        ready = [s.replica for s in self.slots if s.ready and s.replica is not None]
+        if not ready:
+            raise Unavailable(
+                f"API '{self.name}' has no ready worker; retry shortly", retry_after=1
+            )
+        return min(ready, key=lambda r: r.in_flight)
+
+    async def explain(self, request: InferenceRequest) -> InferenceResponse:
+        """One explanation: the handler's explain(), or the built-in explainer for tensors."""
+        replica = await self._replica_for_direct_call(request)
+        timeout = self.api.serving.response_timeout_s
+        outcome = (await replica.submit_batch([request], timeout, op="explain"))[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[tuple[bytes, str]]:
+        """Chunks as the handler yields them; streaming requests are never batched."""
+        replica = await self._replica_for_direct_call(request)
+        self.stats["requests"] += 1
+        async for chunk in replica.stream(request):
+            yield chunk
+
+    @property
+    def can_explain(self) -> bool:
+        return any(s.replica is not None and s.replica.can_explain for s in self.slots)
 
     def _pick(self) -> ReplicaSlot | None:
         best: ReplicaSlot | None = None

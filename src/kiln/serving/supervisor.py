@@ -54,7 +54,7 @@ class ReplicaSlot:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.replica is not None
+        return self.state == "ready" and self.replica is not None and not self.replica.doomed
 
     async def start(self) -> None:
         """Start the first worker; returns once it is ready or has failed to load."""

@@ -13,6 +13,26 @@ from typing import Any
 
 
 @dataclass(slots=True)
+class Part:
+    """One part of a multipart body (TorchServe's `curl -F data=@file`)."""
+
+    name: str
+    data: bytes
+    content_type: str = ""
+    filename: str | None = None
+
+
+@dataclass(slots=True)
+class Tensor:
+    """A typed tensor (Open Inference Protocol): numeric data is a numpy array, BYTES a list."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any  # np.ndarray for numeric datatypes, list[bytes] for BYTES
+
+
+@dataclass(slots=True)
 class InferenceRequest:
     """One request for one API version, as the worker will receive it."""
 
@@ -26,6 +46,17 @@ class InferenceRequest:
     query: dict[str, str] = field(default_factory=dict)
     debug: bool = False
     deadline: float | None = None  # time.monotonic() value after which the answer is useless
+    # How the worker turns the request into the handler's payload:
+    #   "json"    the body is JSON (native, V1 routes); 400 when it is not
+    #   "raw"     decoded as TorchServe does, by content_type: JSON -> object,
+    #             text/* -> str, anything else -> bytes
+    #   "parts"   multipart: `parts`, each decoded like "raw"
+    #   "tensors" typed tensors (V2): `tensors`, given to tensor runtimes as they are
+    kind: str = "json"
+    parts: list[Part] | None = None
+    tensors: list[Tensor] | None = None
+    want_tensors: bool = False  # answer with typed output tensors (V2)
+    outputs: list[str] | None = None  # the output names a V2 client asked for
 
 
 @dataclass(slots=True)
@@ -38,6 +69,7 @@ class InferenceResponse:
     headers: dict[str, str] = field(default_factory=dict)
     debug_stages: list[tuple[str, str]] = field(default_factory=list)
     batch_size: int = 1  # how many requests shared the model call (observability)
+    tensors: list[Tensor] | None = None  # when the request asked for typed tensors
 
 
 @dataclass(slots=True)
@@ -68,3 +100,7 @@ class WorkerSpec:
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> WorkerSpec:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class TensorPayload(dict):  # type: ignore[type-arg]
+    """Named numpy arrays from a typed (V2) request: tensor runtimes skip the JSON hooks."""

@@ -16,16 +16,17 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
-import orjson
-
-from kiln.errors import InferenceError, InvalidInput, KilnError
+from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import Pipeline, build_pipeline
-from kiln.serving.encoding import dumps, encode_result, preview
+from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
+from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
 from kiln.serving.types import WorkerSpec
+from kiln.serving.wire import split_items
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,106 +42,160 @@ def _die_with_parent() -> None:
         pass
 
 
-def _to_kiln_error(exc: BaseException, api: str, request_id: str) -> KilnError:
+def to_kiln_error(exc: BaseException, api: str, request_id: str) -> KilnError:
+    """A client-safe error; the traceback of an unexpected one goes to the log only."""
     if isinstance(exc, KilnError):
         return exc
-    if exc.__traceback__ is None:  # an exception *returned* for one item, never raised
-        return InferenceError(f"{type(exc).__name__}: {exc}")
-    # The traceback goes to the log (our stderr is collected by the server), never to the client.
-    trace = "".join(traceback.format_exception(exc))
-    sys.stderr.write(f"request {request_id} failed in API '{api}':\n{trace}")
-    sys.stderr.flush()
+    if exc.__traceback__ is not None:  # raised, not returned in an item's slot
+        trace = "".join(traceback.format_exception(exc))
+        sys.stderr.write(f"request {request_id} failed in API '{api}':\n{trace}")
+        sys.stderr.flush()
     return InferenceError(f"{type(exc).__name__}: {exc}")
 
 
-def _context(spec: WorkerSpec, item: dict[str, Any]) -> RequestContext:
-    return RequestContext(
-        request_id=item.get("rid", ""),
-        api=spec.api,
-        version=spec.version,
-        protocol=item.get("proto", "native"),
-        headers=item.get("hdr") or {},
-        query=item.get("q") or {},
-        metadata=spec.metadata,
-        config=spec.config,
-    )
+def _error_reply(error: KilnError) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "err": {"type": error.type, "message": error.message, "status": error.status},
+        "nb": 0,
+    }
 
 
-def _encode_item(
-    spec: WorkerSpec, result: Any, context: RequestContext
-) -> tuple[dict[str, Any], bytes]:
-    if spec.response_envelope == "hub" and context.protocol == "native":
-        result = {"statusCode": context.status or 200, "body": {"output": result}}
-    out, content_type = encode_result(result)
-    reply: dict[str, Any] = {"ok": True, "ct": content_type}
-    if context.status:
-        reply["st"] = context.status
-    if context.response_headers:
-        reply["hd"] = context.response_headers
-        override = context.response_headers.get("Content-Type")
-        if override:
-            reply["ct"] = override
-    return reply, out
+class Worker:
+    """The request loop of one worker process."""
 
+    def __init__(self, channel: BlockingChannel, spec: WorkerSpec, pipeline: Pipeline) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.pipeline = pipeline
+        signature = pipeline.signature()
+        self.input_names = [i["name"] for i in signature.get("inputs", [])]
+        self.output_names = [o["name"] for o in signature.get("outputs", [])]
+        self.tensor_api = pipeline.is_tensor
 
-def handle_batch(
-    pipeline: Pipeline, spec: WorkerSpec, header: dict[str, Any], bodies: list[memoryview]
-) -> tuple[dict[str, Any], list[bytes]]:
-    """Answer one batch frame: parse each body, run the batch, encode each answer.
+    def _context(self, item: dict[str, Any]) -> RequestContext:
+        return RequestContext(
+            request_id=item.get("rid", ""),
+            api=self.spec.api,
+            version=self.spec.version,
+            protocol=item.get("proto", "native"),
+            headers=item.get("hdr") or {},
+            query=item.get("q") or {},
+            metadata=self.spec.metadata,
+            config=self.spec.config,
+            wants_tensors=bool(item.get("wt")),
+        )
 
-    Every item gets its own reply slot: a body that is not JSON, an exception
-    returned for one item, or an answer that cannot be encoded fails that item
-    alone; the others are answered normally.
-    """
-    items: list[dict[str, Any]] = header["items"]
-    count = len(items)
-    contexts = [_context(spec, item) for item in items]
-    stages: list[list[tuple[str, Any]] | None] = [[] if it.get("dbg") else None for it in items]
-    outcomes: list[Any] = [None] * count
-    runnable: list[int] = []
-    for index, body in enumerate(bodies):
-        try:
-            outcomes[index] = orjson.loads(body) if len(body) else None
-            runnable.append(index)
-        except orjson.JSONDecodeError as exc:
-            outcomes[index] = InvalidInput(f"the request body is not valid JSON: {exc}")
-    if runnable:
-        try:
-            results = pipeline.predict_batch(
-                [outcomes[i] for i in runnable],
-                [contexts[i] for i in runnable],
-                [stages[i] for i in runnable],
-            )
-        except BaseException as exc:  # noqa: BLE001 - user code may raise anything
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                raise
-            error = _to_kiln_error(exc, spec.api, contexts[runnable[0]].request_id)
-            results = [error] * len(runnable)
-        for index, result in zip(runnable, results, strict=True):
-            outcomes[index] = result
-    replies: list[dict[str, Any]] = []
-    buffers: list[bytes] = []
-    for index in range(count):
-        outcome = outcomes[index]
-        body = b""
-        error: KilnError | None = None
-        if isinstance(outcome, BaseException):
-            error = _to_kiln_error(outcome, spec.api, contexts[index].request_id)
-        else:
+    def _decode(self, item: dict[str, Any], owned: list[memoryview]) -> Any:
+        return decode_payload(item, owned, self.input_names, self.tensor_api)
+
+    def run(self) -> int:
+        while True:
+            frame = self.channel.recv()
+            if frame is None:
+                return 0
+            header, buffers = frame
+            op = header.get("op")
+            if op == "batch":
+                self.channel.send(*self.handle_batch(header, buffers))
+            elif op == "explain":
+                self.channel.send(*self.handle_explain(header, buffers))
+            elif op == "stream":
+                self.handle_stream(header, buffers)
+            elif op == "stop":
+                return 0
+
+    def handle_batch(
+        self, header: dict[str, Any], buffers: list[memoryview]
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """Answer one batch frame; every item keeps its own outcome.
+
+        A body that does not decode, an exception returned for one item, or an
+        answer that cannot be encoded fails that item alone; a `predict_batch`
+        that raises fails this batch and no other.
+        """
+        items: list[dict[str, Any]] = header["items"]
+        contexts = [self._context(item) for item in items]
+        stages: list[list[tuple[str, Any]] | None] = [[] if i.get("dbg") else None for i in items]
+        outcomes: list[Any] = [None] * len(items)
+        runnable: list[int] = []
+        for index, (item, owned) in enumerate(zip(items, split_items(items, buffers), strict=True)):
             try:
-                reply, body = _encode_item(spec, outcome, contexts[index])
-            except Exception as exc:  # noqa: BLE001 - encoding user values may fail
-                error = _to_kiln_error(exc, spec.api, contexts[index].request_id)
-        if error is not None:
-            reply = {
-                "ok": False,
-                "err": {"type": error.type, "message": error.message, "status": error.status},
-            }
-        if stages[index] is not None:
-            reply["dbg"] = [[name, preview(value)] for name, value in stages[index]]
-        replies.append(reply)
-        buffers.append(body)
-    return {"id": header["id"], "items": replies, "n": count}, buffers
+                outcomes[index] = self._decode(item, owned)
+                runnable.append(index)
+            except Exception as exc:  # noqa: BLE001 - decoding client data
+                outcomes[index] = exc
+        if runnable:
+            try:
+                results = self.pipeline.predict_batch(
+                    [outcomes[i] for i in runnable],
+                    [contexts[i] for i in runnable],
+                    [stages[i] for i in runnable],
+                )
+            except Exception as exc:  # noqa: BLE001 - user code may raise anything
+                error = to_kiln_error(exc, self.spec.api, contexts[runnable[0]].request_id)
+                results = [error] * len(runnable)
+            for index, result in zip(runnable, results, strict=True):
+                outcomes[index] = result
+        replies: list[dict[str, Any]] = []
+        out: list[Any] = []
+        for index, outcome in enumerate(outcomes):
+            reply, owned = self._reply(outcome, contexts[index], items[index])
+            if stages[index] is not None:
+                reply["dbg"] = [[name, preview(value)] for name, value in stages[index]]
+            replies.append(reply)
+            out.extend(owned)
+        return {"id": header["id"], "items": replies, "n": len(items)}, out
+
+    def _reply(
+        self, outcome: Any, context: RequestContext, item: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[Any]]:
+        if isinstance(outcome, BaseException):
+            return _error_reply(to_kiln_error(outcome, self.spec.api, context.request_id)), []
+        try:
+            return encode_reply(
+                outcome, context, self.spec.response_envelope, item, self.output_names
+            )
+        except Exception as exc:  # noqa: BLE001 - encoding user values may fail
+            return _error_reply(to_kiln_error(exc, self.spec.api, context.request_id)), []
+
+    def handle_explain(
+        self, header: dict[str, Any], buffers: list[memoryview]
+    ) -> tuple[dict[str, Any], list[Any]]:
+        item = header["items"][0]
+        context = self._context(item)
+        try:
+            result = self.pipeline.explain(self._decode(item, buffers), context)
+            reply, out = self._reply(result, context, item)
+        except Exception as exc:  # noqa: BLE001 - user code
+            reply, out = self._reply(exc, context, item)
+        return {"id": header["id"], "items": [reply], "n": 1}, out
+
+    def handle_stream(self, header: dict[str, Any], buffers: list[memoryview]) -> None:
+        """Send each item the handler yields as its own frame, as soon as it exists.
+
+        Between items the worker looks for a `cancel` from the server (the client
+        went away) and closes the generator, so user code stops working for nobody.
+        """
+        stream_id = header["id"]
+        item = header["items"][0]
+        context = self._context(item)
+        chunks: Iterator[Any] | None = None
+        try:
+            chunks = self.pipeline.stream(self._decode(item, buffers), context)
+            for value in chunks:
+                data, content_type = encode_chunk(value)
+                self.channel.send({"id": stream_id, "c": 1, "ct": content_type}, [data])
+                if self.channel.cancelled(stream_id):
+                    break
+            self.channel.send({"id": stream_id, "end": 1, "st": context.status or 200})
+        except Exception as exc:  # noqa: BLE001 - user code
+            error = to_kiln_error(exc, self.spec.api, context.request_id)
+            self.channel.send({"id": stream_id, "end": 1, **_error_reply(error)})
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
 
 def serve(channel: BlockingChannel) -> int:
@@ -173,19 +228,11 @@ def serve(channel: BlockingChannel) -> int:
             "op": "ready",
             "pid": os.getpid(),
             "signature": signature,
+            "explain": pipeline.can_explain,
             "load_s": round(time.monotonic() - started, 3),
         }
     )
-    while True:
-        frame = channel.recv()
-        if frame is None:
-            return 0
-        header, buffers = frame
-        if header.get("op") == "batch":
-            reply, out = handle_batch(pipeline, spec, header, buffers)
-            channel.send(reply, out)
-        elif header.get("op") == "stop":
-            return 0
+    return Worker(channel, spec, pipeline).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,116 @@
+"""In the worker: turn a request item into the handler's payload, and a result into a reply.
+
+Decoding follows what each protocol's users expect: JSON for the native and
+V1 routes; TorchServe's rules on its routes (JSON decoded, text as str, other
+content as bytes); typed arrays for V2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from kiln.errors import InvalidInput
+from kiln.handlers.context import RequestContext
+from kiln.serving.encoding import encode_result
+from kiln.serving.types import TensorPayload
+from kiln.serving.wire import decode_tensors, encode_tensors, item_parts, to_output_tensors
+
+_JSONISH = ("application/json",)
+
+
+def _json(data: Any) -> Any:
+    try:
+        return orjson.loads(data) if len(data) else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+
+
+def decode_raw(data: bytes, content_type: str, tensor_api: bool) -> Any:
+    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytes."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype in _JSONISH or ctype.endswith("+json"):
+        return _json(data)
+    if ctype.startswith("text/"):
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("the text body is not valid UTF-8") from None
+    untyped = ("", "application/octet-stream", "application/x-www-form-urlencoded")
+    if tensor_api and ctype in untyped:
+        try:
+            return orjson.loads(data)  # `curl -T file.json` sends no JSON content type
+        except orjson.JSONDecodeError:
+            return data
+    return data
+
+
+def decode_payload(
+    item: dict[str, Any], buffers: list[memoryview], input_names: list[str], tensor_api: bool
+) -> Any:
+    kind = item.get("k", "json")
+    if kind == "json":
+        return _json(buffers[0]) if buffers else None
+    if kind == "raw":
+        return decode_raw(bytes(buffers[0]), item.get("ct", ""), tensor_api)
+    if kind == "parts":
+        values = [decode_raw(p.data, p.content_type, tensor_api) for p in item_parts(item, buffers)]
+        if len(input_names) > 1 and len(values) > 1:
+            # A model with several inputs takes the parts in order (seed 004's multi-input model).
+            return dict(zip(input_names, values, strict=False)) if tensor_api else values
+        return values[-1] if values else None  # single-input APIs take the last part
+    if kind == "tensors":
+        payload = TensorPayload()
+        for tensor in decode_tensors(item["t"], buffers):
+            data = tensor.data
+            if tensor.datatype == "BYTES":
+                data = np.array(data, dtype=object).reshape(tensor.shape)
+            payload[tensor.name] = data
+        return payload
+    raise InvalidInput(f"unknown request kind {kind!r}")
+
+
+def encode_reply(
+    result: Any,
+    context: RequestContext,
+    envelope: str,
+    item: dict[str, Any],
+    output_names: list[str],
+) -> tuple[dict[str, Any], list[Any]]:
+    """The reply header and buffers of one successful item."""
+    reply: dict[str, Any] = {"ok": True}
+    if item.get("wt"):
+        tensors = to_output_tensors(result, output_names)
+        wanted = item.get("o")
+        if wanted:
+            unknown = [n for n in wanted if n not in {t.name for t in tensors}]
+            if unknown:
+                raise InvalidInput(
+                    f"unknown output '{unknown[0]}': the outputs are "
+                    + ", ".join(t.name for t in tensors)
+                )
+            tensors = [t for t in tensors if t.name in wanted]
+        reply["t"], buffers = encode_tensors(tensors)
+    else:
+        if envelope == "hub" and context.protocol == "native":
+            result = {"statusCode": context.status or 200, "body": {"output": result}}
+        body, reply["ct"] = encode_result(result)
+        buffers = [body]
+    if context.status:
+        reply["st"] = context.status
+    if context.response_headers:
+        reply["hd"] = context.response_headers
+        override = context.response_headers.get("Content-Type")
+        if override:
+            reply["ct"] = override
+    reply["nb"] = len(buffers)
+    return reply, buffers
+
+
+def encode_chunk(value: Any) -> tuple[bytes, str]:
+    """One streamed item: bytes as they are, str as UTF-8 text, anything else as JSON."""
+    if isinstance(value, str):
+        return value.encode(), "text/plain; charset=utf-8"
+    return encode_result(value)
