@@ -300,7 +300,8 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
             env = {**os.environ, "KILN_HOME": str(project / "home")}
             server = Server(
                 [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
-                + ["--port", str(port), "--home", str(project / "state")],
+                + ["--port", str(port), "--management-port", "0"]
+                + ["--home", str(project / "state")],
                 project / "serve.log",
                 env,
             )

@@ -141,6 +141,8 @@ def main() -> None:
                 str(folder),
                 "--port",
                 str(port),
+                "--management-port",
+                "0",
                 "--home",
                 str(folder / "state"),
             ],

@@ -88,6 +88,8 @@ class KilnServer:
                 str(project),
                 "--port",
                 "0",
+                "--management-port",
+                "0",
                 "--home",
                 str(self.state),
                 *(extra_args or []),

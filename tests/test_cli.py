@@ -41,7 +41,7 @@ def test_init_serve_predict_as_a_new_user(tmp_path: Path) -> None:
     # `kiln serve` from inside the project, on a free port, found by `kiln predict` by name.
     env = {**os.environ, "KILN_HOME": str(home), "COLUMNS": "200"}
     proc = subprocess.Popen(
-        [*KILN, "serve", "--port", "0"],
+        [*KILN, "serve", "--port", "0", "--management-port", "0"],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -115,7 +115,16 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, serve_project) -> None:
     write(tmp_path / "p" / "kiln.yaml", "- kind: api\n  name: echo\n  python:\n    handler: h.py\n")
     server = serve_project(tmp_path / "p")
     port = server.url.rsplit(":", 1)[1]
-    result = kiln("serve", str(tmp_path / "p"), "--port", port, cwd=tmp_path, home=tmp_path / "h")
+    result = kiln(
+        "serve",
+        str(tmp_path / "p"),
+        "--port",
+        port,
+        "--management-port",
+        "0",
+        cwd=tmp_path,
+        home=tmp_path / "h",
+    )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 

@@ -87,6 +87,16 @@ def serve(
     file: Annotated[str | None, typer.Option("-f", "--file", help="Config file.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Inference port; 0 picks a free one.")] = 8080,
+    management_port: Annotated[
+        int, typer.Option(help="Management port (TorchServe management API); 0 picks a free one.")
+    ] = 8081,
+    enable_model_api: Annotated[
+        bool,
+        typer.Option(
+            "--enable-model-api",
+            help="Allow TorchServe's register (POST /models) and delete routes.",
+        ),
+    ] = False,
     home: Annotated[
         Path | None, typer.Option(help="State folder (logs, server.json); default: temporary.")
     ] = None,
@@ -118,7 +128,7 @@ def serve(
             2,
         )
     project = _load(project_dir, file)
-    raise typer.Exit(run_serve(project, host, port, home))
+    raise typer.Exit(run_serve(project, host, port, home, management_port, enable_model_api))
 
 
 @app.command()

@@ -24,12 +24,26 @@ def _run_loop(coro: Any) -> None:
         uvloop.run(coro)
 
 
-def run_serve(project: Any, host: str, port: int, home: Path | None) -> int:
+def run_serve(
+    project: Any,
+    host: str,
+    port: int,
+    home: Path | None,
+    management_port: int | None = 8081,
+    enable_model_api: bool = False,
+) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
     temporary = home is None
     state_home = Path(tempfile.mkdtemp(prefix="kiln-serve-")) if temporary else home
     pointers = [kiln_home() / "serve.json"] if temporary else []
-    options = ServerOptions(host=host, port=port, home=state_home, pointer_files=pointers)
+    options = ServerOptions(
+        host=host,
+        port=port,
+        management_port=management_port,
+        enable_model_api=enable_model_api,
+        home=state_home,
+        pointer_files=pointers,
+    )
     server = InferenceServer(project, options)
 
     def on_loading(count: int) -> None:
@@ -41,7 +55,8 @@ def run_serve(project: Any, host: str, port: int, home: Path | None) -> int:
         states = {(s.name, s.version): (s.state, s.error) for s in running.apis}
         console.print(api_table([s.api for s in running.apis], running.url, states))
         console.print(
-            f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}). "
+            f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}, "
+            f"management {running.management_url or 'off'}). "
             f"Logs: {escape(str(state_home / 'logs'))}. Press Ctrl-C to stop.",
             highlight=False,
             soft_wrap=True,

@@ -74,6 +74,9 @@ class _Uvicorn(uvicorn.Server):
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8080
+    management_port: int | None = 8081  # None: no management port
+    enable_model_api: bool = False  # TorchServe's register/delete routes (off: ShellTorch)
+    model_store: Path | None = None
     home: Path = field(default_factory=lambda: Path.home() / ".kiln")
     pointer_files: list[Path] = field(default_factory=list)  # extra copies of server.json
     quiet_logs: bool = False
@@ -87,6 +90,8 @@ class RunningServer:
     host: str
     port: int
     apis: list[ServedApi]
+    management_url: str | None = None
+    management_port: int | None = None
 
 
 class InferenceServer:
@@ -96,6 +101,7 @@ class InferenceServer:
         self.registry = Registry()
         self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
         self._server: _Uvicorn | None = None
+        self._management: _Uvicorn | None = None
         self._stop_requested = asyncio.Event()
 
     def _log_line(self, api: str) -> Callable[[str], None]:
@@ -103,8 +109,9 @@ class InferenceServer:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
-        if self._server is not None:
-            self._server.should_exit = True
+        for server in (self._server, self._management):
+            if server is not None:
+                server.should_exit = True
 
     async def run(
         self,
@@ -116,6 +123,13 @@ class InferenceServer:
             loop.add_signal_handler(sig, self.request_stop)
         sock = bind_socket(self.options.host, self.options.port)
         host, port = sock.getsockname()[:2]
+        management_sock = None
+        if self.options.management_port is not None:
+            try:
+                management_sock = bind_socket(self.options.host, self.options.management_port)
+            except ServerError as exc:
+                sock.close()
+                raise ServerError(str(exc).replace("--port", "--management-port", 1)) from None
         flusher = asyncio.create_task(self._flush_logs())
         try:
             for api in self.project.apis:
@@ -134,6 +148,9 @@ class InferenceServer:
             stop_wait.cancel()
             url_host = f"[{host}]" if ":" in host else host
             running = RunningServer(f"http://{url_host}:{port}", host, port, served)
+            if management_sock is not None:
+                running.management_port = management_sock.getsockname()[1]
+                running.management_url = f"http://{url_host}:{running.management_port}"
             self._write_server_json(running)
             if on_ready:
                 on_ready(running)
@@ -148,15 +165,32 @@ class InferenceServer:
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             )
             self._server = _Uvicorn(config)
+            servers = [self._server.serve(sockets=[sock])]
+            if management_sock is not None:
+                from kiln.protocols.management import build_management_app
+
+                self._management = _Uvicorn(
+                    uvicorn.Config(
+                        build_management_app(self.registry, self.log, self),
+                        http="httptools",
+                        lifespan="off",
+                        log_level="warning",
+                        access_log=False,
+                        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                    )
+                )
+                servers.append(self._management.serve(sockets=[management_sock]))
             if self._stop_requested.is_set():
                 return
-            await self._server.serve(sockets=[sock])
+            await asyncio.gather(*servers)
         finally:
             flusher.cancel()
             await asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
             sock.close()
+            if management_sock is not None:
+                management_sock.close()
             self._remove_server_json()
             self.log.close()
 
@@ -173,7 +207,8 @@ class InferenceServer:
             "pid": os.getpid(),
             "url": running.url,
             "host": running.host,
-            "ports": {"inference": running.port},
+            "ports": {"inference": running.port, "management": running.management_port},
+            "management_url": running.management_url,
             "project": str(self.project.root),
             "home": str(self.options.home),
             "started": time.time(),

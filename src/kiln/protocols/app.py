@@ -1,11 +1,17 @@
-"""The inference port: one raw ASGI app routing to each protocol adapter."""
+"""The inference port: one raw ASGI app that hands each request to the adapter owning its path.
+
+Adapters are tried in order; each returns a handler for paths it serves and
+renders errors in its own protocol's shape. Paths no adapter claims get the
+native 404.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from kiln.errors import KilnError, MethodNotAllowed
 from kiln.protocols.errors import error_headers, native_error
@@ -13,16 +19,42 @@ from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
 from kiln.serving.router import Registry
 
+Handler = Callable[[Request, Send], Awaitable[int]]
 _SYSTEM = "kiln"
 
 
-class InferenceApp:
-    """Serves `/`, `/apis`, `/healthz` and every API's native endpoint."""
+class Adapter(Protocol):
+    """A protocol's routes on the inference port."""
 
-    def __init__(self, registry: Registry, log: Any) -> None:
+    def route(self, request: Request) -> tuple[Handler, str] | None:
+        """(handler, api name for logs) when this adapter serves the request's path."""
+
+    def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
+        """The error body in this protocol's shape."""
+
+
+def default_adapters(registry: Registry, log: Any) -> list[Adapter]:
+    from kiln.protocols.kserve_v1 import KServeV1
+    from kiln.protocols.openapi import OpenApiRoutes
+    from kiln.protocols.torchserve import TorchServeInference
+    from kiln.protocols.v2 import OpenInferenceV2
+
+    return [
+        TorchServeInference(registry, log),
+        KServeV1(registry, log),
+        OpenInferenceV2(registry, log),
+        OpenApiRoutes(registry, log),
+        NativeApi(registry, log),
+    ]
+
+
+class InferenceApp:
+    """Serves every protocol of every API on one port."""
+
+    def __init__(self, registry: Registry, log: Any, adapters: list[Adapter] | None = None) -> None:
         self.registry = registry
         self.log = log
-        self.native = NativeApi(registry, log)
+        self.adapters = adapters if adapters is not None else default_adapters(registry, log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -34,27 +66,34 @@ class InferenceApp:
         request = Request(scope, receive)
         api_name = _SYSTEM
         status = 500
+        renderer: Callable[[KilnError, str], dict[str, Any]] = native_error
+        started_response = _ResponseTracker(send)
         try:
-            matched = self.native.match(request.path)
-            if matched is not None:
-                api_name = matched[0].name
-                status = await self.native.handle(request, send, *matched)
+            for adapter in self.adapters:
+                routed = adapter.route(request)
+                if routed is not None:
+                    handler, api_name = routed
+                    renderer = adapter.render_error
+                    status = await handler(request, started_response)
+                    break
             else:
-                status = await self._system_route(request, send)
+                status = await self._system_route(request, started_response)
         except KilnError as err:
             status = err.status
-            await send_json(
-                send,
-                status,
-                native_error(err, request.request_id),
-                request.request_id,
-                error_headers(err),
-            )
+            if not started_response.started:
+                await send_json(
+                    send,
+                    status,
+                    renderer(err, request.request_id),
+                    request.request_id,
+                    error_headers(err),
+                )
         except Exception:  # a bug in Kiln itself: log it, never show it
             traceback.print_exc(file=sys.stderr)
             status = 500
-            err = KilnError("internal server error; the details are in the server log")
-            await send_json(send, 500, native_error(err, request.request_id), request.request_id)
+            if not started_response.started:
+                err = KilnError("internal server error; the details are in the server log")
+                await send_json(send, 500, renderer(err, request.request_id), request.request_id)
         if api_name != _SYSTEM or status >= 400:
             self.log.write(
                 api_name,
@@ -82,6 +121,21 @@ class InferenceApp:
                 await send_json(send, 200, {"apis": apis}, request.request_id)
             return 200
         raise unknown_path(request.path)
+
+
+class _ResponseTracker:
+    """Wraps `send` to know whether a response has started (then errors cannot be sent)."""
+
+    __slots__ = ("_send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

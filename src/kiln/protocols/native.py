@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from kiln.errors import KilnError, MethodNotAllowed, NotFound
+from kiln.protocols.errors import native_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
 from kiln.serving.router import ApiGroup, Registry, ServedApi
 from kiln.serving.types import InferenceRequest
@@ -30,6 +31,20 @@ class NativeApi:
     def __init__(self, registry: Registry, log: Any) -> None:
         self.registry = registry
         self.log = log
+
+    def route(self, request: Request) -> tuple[Any, str] | None:
+        matched = self.match(request.path)
+        if matched is None:
+            return None
+        group, action = matched
+
+        async def handler(req: Request, send: Send) -> int:
+            return await self.handle(req, send, group, action)
+
+        return handler, group.name
+
+    def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
+        return native_error(err, request_id)
 
     def match(self, path: str) -> tuple[ApiGroup, str] | None:
         """(group, action) for a native path, or None when the path is not an API's."""
