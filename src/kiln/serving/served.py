@@ -92,6 +92,7 @@ class ServedApi:
         self._dispatcher: asyncio.Task[None] | None = None
         self._below_min_since: float | None = None
         self._waiting_for_load = 0
+        self.unloaded = False
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
 
     # ----- lifecycle ---------------------------------------------------------------
@@ -143,6 +144,24 @@ class ServedApi:
             await asyncio.gather(*(slot.stop(30) for slot in extra))
         self._on_slot_change()
 
+    async def unload(self, grace: float = 30.0) -> None:
+        """Stop the workers but keep the API known (V2 repository `unload`): requests get 503."""
+        self.unloaded = True
+        slots, self.slots = self.slots, []
+        self.queue.fail_all(Unavailable(f"API '{self.name}' is unloaded", retry_after=5))
+        await asyncio.gather(*(slot.stop(grace) for slot in slots), return_exceptions=True)
+        self._on_slot_change()
+
+    async def load(self) -> None:
+        """Start the workers again after `unload` (V2 repository `load`)."""
+        if self.slots and not self.unloaded:
+            return
+        self.unloaded = False
+        count = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+        self.slots = [self._new_slot(i) for i in range(count)]
+        await asyncio.gather(*(slot.start() for slot in self.slots))
+        self._on_slot_change()
+
     async def stop(self, grace: float) -> None:
         self._stopping = True
         deadline = time.monotonic() + grace
@@ -175,6 +194,8 @@ class ServedApi:
     def state(self) -> str:
         if self._stopping:
             return "stopped"
+        if self.unloaded:
+            return "unloaded"
         if any(slot.ready for slot in self.slots):
             return "ready"
         states = {slot.state for slot in self.slots}
@@ -213,6 +234,8 @@ class ServedApi:
         while self.state != "ready":
             if self.state == "failed":
                 raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+            if self.state in ("unloaded", "stopped"):
+                raise Unavailable(f"API '{self.name}' is {self.state}", retry_after=5)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Unavailable(
@@ -233,6 +256,8 @@ class ServedApi:
         state = self.state
         if state == "failed":
             raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+        if state == "unloaded":
+            raise Unavailable(f"API '{self.name}' is unloaded; load it first", retry_after=5)
         if state == "loading":
             # The first load (seed 003's ping-to-load) is not the request's fault: its
             # deadline starts when the model is ready, as long as the queue has room.
