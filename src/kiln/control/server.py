@@ -102,6 +102,7 @@ class InferenceServer:
         self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
         self._server: _Uvicorn | None = None
         self._management: _Uvicorn | None = None
+        self._autoscalers: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
 
     def _log_line(self, api: str) -> Callable[[str], None]:
@@ -146,6 +147,7 @@ class InferenceServer:
                 loading.cancel()
                 return
             stop_wait.cancel()
+            self._start_autoscalers()
             url_host = f"[{host}]" if ":" in host else host
             running = RunningServer(f"http://{url_host}:{port}", host, port, served)
             if management_sock is not None:
@@ -185,6 +187,8 @@ class InferenceServer:
             await asyncio.gather(*servers)
         finally:
             flusher.cancel()
+            for task in self._autoscalers:
+                task.cancel()
             await asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
@@ -193,6 +197,13 @@ class InferenceServer:
                 management_sock.close()
             self._remove_server_json()
             self.log.close()
+
+    def _start_autoscalers(self) -> None:
+        from kiln.control.scaling import AutoscaleLoop, autoscaling_enabled
+
+        for served in self.registry.all():
+            if autoscaling_enabled(served):
+                self._autoscalers.append(asyncio.create_task(AutoscaleLoop(served, self.log).run()))
 
     async def _flush_logs(self) -> None:
         while True:

@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,7 +94,11 @@ class ServedApi:
         self._below_min_since: float | None = None
         self._waiting_for_load = 0
         self.unloaded = False
+        self.scaled_to_zero = False
+        self.last_request_at = time.monotonic()
+        self._cold_start: asyncio.Task[None] | None = None
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
+        self.scaling_events: deque[dict[str, Any]] = deque(maxlen=20)
 
     # ----- lifecycle ---------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -133,8 +138,14 @@ class ServedApi:
         await asyncio.gather(*(slot.start() for slot in self.slots))
 
     async def scale(self, replicas: int) -> None:
-        """Grow or shrink to `replicas` workers (the management API's min_worker)."""
-        replicas = max(1, replicas)
+        """Grow or shrink to `replicas` workers (management API, autoscaler).
+
+        Zero is allowed only with `min_replicas: 0`: the API then holds the next
+        request while a worker starts (a cold start) instead of refusing it.
+        """
+        floor = 0 if (self.api.compute.min_replicas == 0) else 1
+        replicas = max(floor, replicas)
+        self.scaled_to_zero = replicas == 0
         if replicas > len(self.slots):
             new = [self._new_slot(i) for i in range(len(self.slots), replicas)]
             self.slots.extend(new)
@@ -143,6 +154,45 @@ class ServedApi:
             extra, self.slots = self.slots[replicas:], self.slots[:replicas]
             await asyncio.gather(*(slot.stop(30) for slot in extra))
         self._on_slot_change()
+
+    @property
+    def max_replicas(self) -> int:
+        """`compute.max_replicas`, capped by what this machine can hold.
+
+        The seed default of 100 must not fork 100 processes on a laptop: the sum of
+        replicas' CPU (and memory, when `compute.mem` is set) requests stays within
+        the machine's cores and memory.
+        """
+        compute = self.api.compute
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        cap = min(compute.max_replicas, max(1, int(cores / max(compute.cpu or 1.0, 0.01))))
+        if compute.mem:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            cap = min(cap, max(1, total // compute.mem))
+        return max(cap, compute.min_replicas or 0, 1)
+
+    def in_flight_total(self) -> int:
+        """Requests queued or running: the autoscaler's load signal."""
+        running = sum(s.replica.in_flight for s in self.slots if s.replica is not None)
+        return len(self.queue) + running
+
+    async def cold_start(self) -> None:
+        """Bring a scaled-to-zero API back for a waiting request, within cold_start_timeout."""
+        if self._cold_start is None or self._cold_start.done():
+            self._log_line("cold start: a request arrived while scaled to zero")
+            self._cold_start = asyncio.create_task(self.scale(1))
+        timeout = self.api.autoscaling.cold_start_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(self._cold_start), timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"API '{self.name}' is starting from zero replicas and was not ready within "
+                f"{timeout:g}s (autoscaling.cold_start_timeout); retry shortly",
+                retry_after=max(1, int(timeout)),
+            ) from None
 
     async def unload(self, grace: float = 30.0) -> None:
         """Stop the workers but keep the API known (V2 repository `unload`): requests get 503."""
@@ -196,6 +246,8 @@ class ServedApi:
             return "stopped"
         if self.unloaded:
             return "unloaded"
+        if self.scaled_to_zero and not self.slots:
+            return "scaled to zero"
         if any(slot.ready for slot in self.slots):
             return "ready"
         states = {slot.state for slot in self.slots}
@@ -230,6 +282,9 @@ class ServedApi:
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for a ready replica (the first GET loads the model); 503 if it cannot load."""
+        self.last_request_at = time.monotonic()
+        if self.state == "scaled to zero":
+            await self.cold_start()  # seed 003: a GET pings the API and loads the model
         deadline = time.monotonic() + timeout
         while self.state != "ready":
             if self.state == "failed":
@@ -253,7 +308,12 @@ class ServedApi:
         serving = self.api.serving
         arrived = time.monotonic()
         deadline = request.deadline or arrived + serving.response_timeout_s
+        self.last_request_at = arrived
         state = self.state
+        if state == "scaled to zero":
+            await self.cold_start()
+            state = self.state
+            deadline = time.monotonic() + serving.response_timeout_s
         if state == "failed":
             raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
         if state == "unloaded":
@@ -391,6 +451,8 @@ class ServedApi:
             "replicas": {
                 "ready": len(self.ready_slots()),
                 "requested": len(self.slots),
+                "min": self.api.compute.min_replicas,
+                "max": self.max_replicas,
                 "restarts": self.restarts,
             },
             "queue": {"length": len(self.queue), "max": self.queue.max_size},
@@ -399,6 +461,7 @@ class ServedApi:
                 "max_batch_delay_ms": self.batch_delay_s * 1000,
             },
             "stats": dict(self.stats),
+            "scaling_events": list(self.scaling_events),
         }
         if self.error:
             info["error"] = self.error
