@@ -300,7 +300,7 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
             env = {**os.environ, "KILN_HOME": str(project / "home")}
             server = Server(
                 [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
-                + ["--port", str(port), "--management-port", "0"]
+                + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
                 + ["--home", str(project / "state")],
                 project / "serve.log",
                 env,

@@ -143,6 +143,8 @@ def main() -> None:
                 str(port),
                 "--management-port",
                 "0",
+                "--metrics-port",
+                "0",
                 "--home",
                 str(folder / "state"),
             ],

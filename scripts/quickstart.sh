@@ -11,7 +11,7 @@ export KILN_HOME="${KILN_HOME:-$(mktemp -d)}"
 
 cd examples/iris-onnx
 python build_model.py
-kiln serve --port "${PORT:-8080}" --management-port "${MANAGEMENT_PORT:-8081}" 2>"$KILN_HOME/serve.log" &   # request logs go to stderr
+kiln serve --port "${PORT:-8080}" --management-port "${MANAGEMENT_PORT:-8081}" --metrics-port "${METRICS_PORT:-8082}" 2>"$KILN_HOME/serve.log" &   # request logs go to stderr
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do [ -f "$KILN_HOME/serve.json" ] && break; sleep 0.1; done

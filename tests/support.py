@@ -90,6 +90,8 @@ class KilnServer:
                 "0",
                 "--management-port",
                 "0",
+                "--metrics-port",
+                "0",
                 "--home",
                 str(self.state),
                 *(extra_args or []),
@@ -100,6 +102,9 @@ class KilnServer:
             start_new_session=True,
         )
         self.url = self._wait_for_url()
+        info = orjson.loads((self.state / "server.json").read_bytes())
+        self.management_url: str | None = info.get("management_url")
+        self.metrics_url: str | None = info.get("metrics_url")
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def _wait_for_url(self, timeout: float = 60) -> str:

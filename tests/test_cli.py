@@ -41,7 +41,7 @@ def test_init_serve_predict_as_a_new_user(tmp_path: Path) -> None:
     # `kiln serve` from inside the project, on a free port, found by `kiln predict` by name.
     env = {**os.environ, "KILN_HOME": str(home), "COLUMNS": "200"}
     proc = subprocess.Popen(
-        [*KILN, "serve", "--port", "0", "--management-port", "0"],
+        [*KILN, "serve", "--port", "0", "--management-port", "0", "--metrics-port", "0"],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -121,6 +121,8 @@ def test_busy_port_is_a_clear_error(tmp_path: Path, serve_project) -> None:
         "--port",
         port,
         "--management-port",
+        "0",
+        "--metrics-port",
         "0",
         cwd=tmp_path,
         home=tmp_path / "h",

@@ -90,6 +90,9 @@ def serve(
     management_port: Annotated[
         int, typer.Option(help="Management port (TorchServe management API); 0 picks a free one.")
     ] = 8081,
+    metrics_port: Annotated[
+        int, typer.Option(help="Prometheus metrics port; 0 picks a free one.")
+    ] = 8082,
     enable_model_api: Annotated[
         bool,
         typer.Option(
@@ -128,7 +131,9 @@ def serve(
             2,
         )
     project = _load(project_dir, file)
-    raise typer.Exit(run_serve(project, host, port, home, management_port, enable_model_api))
+    raise typer.Exit(
+        run_serve(project, host, port, home, management_port, enable_model_api, metrics_port)
+    )
 
 
 @app.command()

@@ -31,6 +31,7 @@ def run_serve(
     home: Path | None,
     management_port: int | None = 8081,
     enable_model_api: bool = False,
+    metrics_port: int | None = 8082,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
     temporary = home is None
@@ -40,6 +41,7 @@ def run_serve(
         host=host,
         port=port,
         management_port=management_port,
+        metrics_port=metrics_port,
         enable_model_api=enable_model_api,
         home=state_home,
         pointer_files=pointers,
@@ -56,7 +58,8 @@ def run_serve(
         console.print(api_table([s.api for s in running.apis], running.url, states))
         console.print(
             f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}, "
-            f"management {running.management_url or 'off'}). "
+            f"management {running.management_url or 'off'}, "
+            f"metrics {running.metrics_url or 'off'}). "
             f"Logs: {escape(str(state_home / 'logs'))}. Press Ctrl-C to stop.",
             highlight=False,
             soft_wrap=True,

@@ -75,6 +75,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     management_port: int | None = 8081  # None: no management port
+    metrics_port: int | None = 8082  # None: no metrics port
     enable_model_api: bool = False  # TorchServe's register/delete routes (off: ShellTorch)
     model_store: Path | None = None
     home: Path = field(default_factory=lambda: Path.home() / ".kiln")
@@ -92,6 +93,8 @@ class RunningServer:
     apis: list[ServedApi]
     management_url: str | None = None
     management_port: int | None = None
+    metrics_url: str | None = None
+    metrics_port: int | None = None
 
 
 class InferenceServer:
@@ -102,15 +105,25 @@ class InferenceServer:
         self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
         self._server: _Uvicorn | None = None
         self._management: _Uvicorn | None = None
+        self._metrics_server: _Uvicorn | None = None
+        from kiln.control.metrics import Metrics
+
+        self.metrics = Metrics(self.registry)
         self._autoscalers: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
+
+    def served_api(self, api: Any, root: Path) -> ServedApi:
+        """A ServedApi wired to this server's logs and metrics (also used by registration)."""
+        return ServedApi(
+            api, cwd=str(root), log_line=self._log_line(api.name), observer=self.metrics
+        )
 
     def _log_line(self, api: str) -> Callable[[str], None]:
         return lambda line: self.log.write(api, {"event": "worker", "message": line})
 
     def request_stop(self) -> None:
         self._stop_requested.set()
-        for server in (self._server, self._management):
+        for server in (self._server, self._management, self._metrics_server):
             if server is not None:
                 server.should_exit = True
 
@@ -131,12 +144,19 @@ class InferenceServer:
             except ServerError as exc:
                 sock.close()
                 raise ServerError(str(exc).replace("--port", "--management-port", 1)) from None
+        metrics_sock = None
+        if self.options.metrics_port is not None:
+            try:
+                metrics_sock = bind_socket(self.options.host, self.options.metrics_port)
+            except ServerError as exc:
+                sock.close()
+                if management_sock is not None:
+                    management_sock.close()
+                raise ServerError(str(exc).replace("--port", "--metrics-port", 1)) from None
         flusher = asyncio.create_task(self._flush_logs())
         try:
             for api in self.project.apis:
-                self.registry.add(
-                    ServedApi(api, cwd=str(self.project.root), log_line=self._log_line(api.name))
-                )
+                self.registry.add(self.served_api(api, self.project.root))
             served = self.registry.all()
             if on_loading:
                 on_loading(len(served))
@@ -153,11 +173,14 @@ class InferenceServer:
             if management_sock is not None:
                 running.management_port = management_sock.getsockname()[1]
                 running.management_url = f"http://{url_host}:{running.management_port}"
+            if metrics_sock is not None:
+                running.metrics_port = metrics_sock.getsockname()[1]
+                running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
             self._write_server_json(running)
             if on_ready:
                 on_ready(running)
             config = uvicorn.Config(
-                InferenceApp(self.registry, self.log),
+                InferenceApp(self.registry, self.log, metrics=self.metrics),
                 http=os.environ.get("KILN_HTTP", "httptools"),
                 lifespan="off",
                 log_level="warning",
@@ -182,6 +205,19 @@ class InferenceServer:
                     )
                 )
                 servers.append(self._management.serve(sockets=[management_sock]))
+            if metrics_sock is not None:
+                from kiln.control.metrics import metrics_app
+
+                self._metrics_server = _Uvicorn(
+                    uvicorn.Config(
+                        metrics_app(self.metrics),
+                        http="httptools",
+                        lifespan="off",
+                        log_level="warning",
+                        access_log=False,
+                    )
+                )
+                servers.append(self._metrics_server.serve(sockets=[metrics_sock]))
             if self._stop_requested.is_set():
                 return
             await asyncio.gather(*servers)
@@ -193,8 +229,9 @@ class InferenceServer:
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
             sock.close()
-            if management_sock is not None:
-                management_sock.close()
+            for extra in (management_sock, metrics_sock):
+                if extra is not None:
+                    extra.close()
             self._remove_server_json()
             self.log.close()
 
@@ -218,8 +255,13 @@ class InferenceServer:
             "pid": os.getpid(),
             "url": running.url,
             "host": running.host,
-            "ports": {"inference": running.port, "management": running.management_port},
+            "ports": {
+                "inference": running.port,
+                "management": running.management_port,
+                "metrics": running.metrics_port,
+            },
             "management_url": running.management_url,
+            "metrics_url": running.metrics_url,
             "project": str(self.project.root),
             "home": str(self.options.home),
             "started": time.time(),

@@ -51,9 +51,16 @@ def default_adapters(registry: Registry, log: Any) -> list[Adapter]:
 class InferenceApp:
     """Serves every protocol of every API on one port."""
 
-    def __init__(self, registry: Registry, log: Any, adapters: list[Adapter] | None = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        log: Any,
+        adapters: list[Adapter] | None = None,
+        metrics: Any = None,
+    ) -> None:
         self.registry = registry
         self.log = log
+        self.metrics = metrics
         self.adapters = adapters if adapters is not None else default_adapters(registry, log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,6 +74,7 @@ class InferenceApp:
         api_name = _SYSTEM
         status = 500
         renderer: Callable[[KilnError, str], dict[str, Any]] = native_error
+        protocol = "native"
         started_response = _ResponseTracker(send)
         try:
             for adapter in self.adapters:
@@ -74,6 +82,7 @@ class InferenceApp:
                 if routed is not None:
                     handler, api_name = routed
                     renderer = adapter.render_error
+                    protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
                     status = await handler(request, started_response)
                     break
             else:
@@ -94,6 +103,8 @@ class InferenceApp:
             if not started_response.started:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
+        if self.metrics is not None and api_name != _SYSTEM:
+            self.metrics.request(api_name, protocol, status, time.perf_counter() - started)
         if api_name != _SYSTEM or status >= 400:
             self.log.write(
                 api_name,

@@ -28,6 +28,8 @@ def _method_not_allowed(allowed: tuple[str, ...], path: str, method: str) -> Met
 class NativeApi:
     """Routes for the APIs' own endpoints."""
 
+    protocol = "native"
+
     def __init__(self, registry: Registry, log: Any) -> None:
         self.registry = registry
         self.log = log

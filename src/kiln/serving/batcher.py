@@ -24,6 +24,7 @@ class Pending:
 
     request: InferenceRequest
     deadline: float
+    enqueued: float = field(default_factory=time.monotonic)
     future: asyncio.Future[InferenceResponse] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

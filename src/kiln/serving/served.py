@@ -74,11 +74,12 @@ def _cores_for(cpu: float) -> list[int] | None:
 class ServedApi:
     """An API version: the unit that is loaded, scaled, queued and routed to."""
 
-    def __init__(self, api: Any, *, cwd: str, log_line: Any) -> None:
+    def __init__(self, api: Any, *, cwd: str, log_line: Any, observer: Any = None) -> None:
         self.api = api
         self.name: str = api.name
         self.version: str | None = api.version
         self.worker_spec = worker_spec_for(api)
+        self.observer = observer  # metrics: .batch(served, queue_times, inference_s, size)
         self._cwd = cwd
         self._log_line = log_line
         batching = api.batching
@@ -420,6 +421,7 @@ class ServedApi:
 
     async def _run(self, slot: ReplicaSlot, batch: list[Pending]) -> None:
         replica = slot.replica
+        sent = time.monotonic()
         try:
             if replica is None:
                 raise Unavailable(f"the worker of API '{self.name}' is restarting", retry_after=1)
@@ -433,6 +435,10 @@ class ServedApi:
             self._capacity.set()
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+        if self.observer is not None:
+            self.observer.batch(
+                self, [sent - p.enqueued for p in batch], time.monotonic() - sent, len(batch)
+            )
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue

@@ -1,0 +1,167 @@
+"""Prometheus metrics: histograms on the hot path, gauges read at scrape time.
+
+Counters and histograms are updated per request and per batch; gauges (queue
+depth, in-flight, replicas by state, restarts) are computed from the registry
+only when Prometheus scrapes, so they cost nothing per request. TorchServe's
+documented metric names are kept beside Kiln's so existing TorchServe
+dashboards keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _LiveState(Collector):
+    """Gauges read from the running APIs when scraped."""
+
+    def __init__(self, registry_of_apis: Any) -> None:
+        self.apis = registry_of_apis
+
+    def collect(self) -> Iterator[Any]:
+        in_flight = GaugeMetricFamily(
+            "kiln_in_flight_requests", "Requests queued or running", labels=["api", "version"]
+        )
+        queue = GaugeMetricFamily(
+            "kiln_queue_depth", "Requests waiting for a replica", labels=["api", "version"]
+        )
+        replicas = GaugeMetricFamily(
+            "kiln_replicas", "Replicas by state", labels=["api", "version", "state"]
+        )
+        restarts = CounterMetricFamily(
+            "kiln_worker_restarts", "Worker processes restarted", labels=["api", "version"]
+        )
+        for served in self.apis.all():
+            labels = [served.name, served.version or ""]
+            in_flight.add_metric(labels, served.in_flight_total())
+            queue.add_metric(labels, len(served.queue))
+            counts: dict[str, int] = {}
+            for slot in served.slots:
+                counts[slot.state] = counts.get(slot.state, 0) + 1
+            for state in ("ready", "loading", "restarting", "failed"):
+                replicas.add_metric([*labels, state], counts.get(state, 0))
+            restarts.add_metric(labels, served.restarts)
+        yield from (in_flight, queue, replicas, restarts)
+
+
+class Metrics:
+    """Kiln's metrics registry; one per server."""
+
+    def __init__(self, apis: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "kiln_requests", "Requests answered", ["api", "protocol", "status_class"], registry=r
+        )
+        self.latency = Histogram(
+            "kiln_request_latency_seconds",
+            "Time from request to response",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kiln_queue_time_seconds",
+            "Time a request waited for a replica",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "kiln_inference_time_seconds",
+            "Time a batch spent in its worker",
+            ["api"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kiln_batch_size",
+            "Requests per model call",
+            ["api"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        # TorchServe's names (docs/metrics.md of pytorch/serve), for existing dashboards.
+        self.ts_requests = Counter(
+            "ts_inference_requests",
+            "Total inference requests (TorchServe name)",
+            ["model_name", "model_version"],
+            registry=r,
+        )
+        self.ts_latency = Counter(
+            "ts_inference_latency_microseconds",
+            "Cumulative inference latency (TorchServe name)",
+            ["model_name", "model_version"],
+            registry=r,
+        )
+        self.ts_queue = Counter(
+            "ts_queue_latency_microseconds",
+            "Cumulative queue latency (TorchServe name)",
+            ["model_name", "model_version"],
+            registry=r,
+        )
+        r.register(_LiveState(apis))
+
+    def request(self, api: str, protocol: str, status: int, seconds: float) -> None:
+        self.requests.labels(api, protocol, f"{status // 100}xx").inc()
+        self.latency.labels(api).observe(seconds)
+
+    def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
+        name, version = served.name, served.version or ""
+        self.batch_size.labels(name).observe(size)
+        self.inference_time.labels(name).observe(inference_s)
+        queue_hist = self.queue_time.labels(name)
+        for waited in queue_times:
+            queue_hist.observe(waited)
+        self.ts_requests.labels(name, version).inc(size)
+        self.ts_latency.labels(name, version).inc(inference_s * 1e6 * size)
+        self.ts_queue.labels(name, version).inc(sum(queue_times) * 1e6)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_app(metrics: Metrics) -> Any:
+    """The metrics port: `GET /metrics` in Prometheus' text format."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] not in ("/metrics", "/"):
+            body, status, ctype = b"not found: scrape /metrics\n", 404, b"text/plain"
+        else:
+            body, status, ctype = metrics.render(), 200, b"text/plain; version=0.0.4"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
