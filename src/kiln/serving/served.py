@@ -175,6 +175,13 @@ class ServedApi:
             cap = min(cap, max(1, total // compute.mem))
         return max(cap, compute.min_replicas or 0, 1)
 
+    def set_batching(self, max_batch_size: int, max_batch_delay_ms: float) -> None:
+        """Change dynamic batching at run time (TorchServe's batch_size / max_batch_delay)."""
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_delay_s = max(0.0, float(max_batch_delay_ms)) / 1000
+        self.depth = 1 if self.max_batch_size > 1 else 2
+        self._capacity.set()
+
     def in_flight_total(self) -> int:
         """Requests queued or running: the autoscaler's load signal."""
         running = sum(s.replica.in_flight for s in self.slots if s.replica is not None)
