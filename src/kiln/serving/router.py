@@ -21,20 +21,50 @@ def _version_key(version: str | None) -> tuple[Any, ...]:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-]", version))
 
 
+_UNSET: Any = object()
+
+
 class ApiGroup:
-    """All versions of one API name, served at one endpoint."""
+    """All versions of one API name, served at one endpoint.
+
+    The default version (what unversioned routes of every protocol get) is the
+    one chosen at runtime with `set_default` (the management API's
+    `set-default`), else the entry marked `default: true`, else the highest.
+    Switching it is one attribute assignment on the event loop, so a request
+    sees either the old default or the new one, never a gap.
+    """
 
     def __init__(self, name: str, endpoint: str) -> None:
         self.name = name
         self.endpoint = endpoint
         self.versions: dict[str | None, ServedApi] = {}
+        self._chosen: Any = _UNSET
 
     @property
     def default(self) -> ServedApi:
-        marked = [v for v in self.versions.values() if v.api.default]
+        if self._chosen is not _UNSET and self._chosen in self.versions:
+            return self.versions[self._chosen]
+        return self.versions[self.configured_default()]
+
+    @property
+    def default_version(self) -> str | None:
+        """The version unversioned requests get."""
+        return self.default.version
+
+    def configured_default(self) -> str | None:
+        """The default from kiln.yaml: `default: true`, else the highest version."""
+        marked = [v.version for v in self.versions.values() if v.api.default]
         if marked:
             return marked[0]
-        return max(self.versions.values(), key=lambda v: _version_key(v.version))
+        return max(self.versions, key=_version_key)
+
+    def set_default(self, version: str | None) -> ServedApi:
+        """Make `version` the one unversioned requests get; NotFound if it is not served."""
+        served = self.get(version) if version is not None else self.versions.get(None)
+        if served is None:
+            raise NotFound(f"API '{self.name}' has no unversioned entry to make the default")
+        self._chosen = served.version
+        return served
 
     def get(self, version: str | None) -> ServedApi:
         if version is None:
@@ -59,6 +89,20 @@ class Registry:
             group = self.groups[served.name] = ApiGroup(served.name, served.api.endpoint)
             self._by_endpoint[served.api.endpoint.rstrip("/") or "/"] = group
         group.versions[served.version] = served
+
+    def remove(self, name: str, version: str | None) -> ServedApi:
+        """Take one version out of routing (the caller stops it); the API goes with its last."""
+        group = self.by_name(name)
+        served = group.get(version) if version is not None else group.versions.get(None)
+        if served is None:
+            raise NotFound(f"API '{name}' has no unversioned entry; name the version to remove")
+        del group.versions[served.version]
+        if group._chosen is not _UNSET and group._chosen == served.version:
+            group._chosen = _UNSET
+        if not group.versions:
+            del self.groups[name]
+            self._by_endpoint.pop(group.endpoint.rstrip("/") or "/", None)
+        return served
 
     def by_endpoint(self, path: str) -> ApiGroup | None:
         return self._by_endpoint.get(path.rstrip("/") or "/")
