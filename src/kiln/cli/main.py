@@ -93,6 +93,12 @@ def serve(
     metrics_port: Annotated[
         int, typer.Option(help="Prometheus metrics port; 0 picks a free one.")
     ] = 8082,
+    model_store: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder that POST /models may register from (default: <home>/model-store)."
+        ),
+    ] = None,
     enable_model_api: Annotated[
         bool,
         typer.Option(
@@ -132,7 +138,9 @@ def serve(
         )
     project = _load(project_dir, file)
     raise typer.Exit(
-        run_serve(project, host, port, home, management_port, enable_model_api, metrics_port)
+        run_serve(
+            project, host, port, home, management_port, enable_model_api, metrics_port, model_store
+        )
     )
 
 

@@ -32,6 +32,7 @@ def run_serve(
     management_port: int | None = 8081,
     enable_model_api: bool = False,
     metrics_port: int | None = 8082,
+    model_store: Path | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
     temporary = home is None
@@ -42,6 +43,7 @@ def run_serve(
         port=port,
         management_port=management_port,
         metrics_port=metrics_port,
+        model_store=model_store.resolve() if model_store else None,
         enable_model_api=enable_model_api,
         home=state_home,
         pointer_files=pointers,

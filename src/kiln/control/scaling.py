@@ -21,11 +21,12 @@ TICK_S = 1.0
 
 def policy_for(served: Any) -> Policy:
     api = served.api
-    scaling, compute = api.autoscaling, api.compute
+    scaling = api.autoscaling
     target = scaling.target_replica_concurrency or float(max(1, served.max_batch_size))
+    low, high = served.replica_bounds
     return Policy(
-        min_replicas=compute.min_replicas,
-        max_replicas=served.max_replicas,
+        min_replicas=low,
+        max_replicas=high,
         target_replica_concurrency=target,
         downscale_stabilization_s=scaling.downscale_stabilization_period,
         upscale_stabilization_s=scaling.upscale_stabilization_period,
@@ -38,8 +39,8 @@ def policy_for(served: Any) -> Policy:
 
 
 def autoscaling_enabled(served: Any) -> bool:
-    compute = served.api.compute
-    return compute.min_replicas == 0 or served.max_replicas > max(1, compute.min_replicas)
+    low, high = served.replica_bounds
+    return low == 0 or high > max(1, low)
 
 
 class AutoscaleLoop:
@@ -57,6 +58,11 @@ class AutoscaleLoop:
             served = self.served
             if served.state in ("loading", "failed", "unloaded", "stopped"):
                 continue
+            if not autoscaling_enabled(served):
+                continue
+            policy = policy_for(served)
+            if policy != self.recommender.policy:  # the management API moved the bounds
+                self.recommender.policy = policy
             self._samples.append(served.in_flight_total())
             now = time.monotonic()
             current = len(served.slots)

@@ -236,11 +236,17 @@ class InferenceServer:
             self.log.close()
 
     def _start_autoscalers(self) -> None:
-        from kiln.control.scaling import AutoscaleLoop, autoscaling_enabled
-
         for served in self.registry.all():
-            if autoscaling_enabled(served):
-                self._autoscalers.append(asyncio.create_task(AutoscaleLoop(served, self.log).run()))
+            self.start_autoscaler(served)
+
+    def start_autoscaler(self, served: ServedApi) -> None:
+        """Run the autoscaler for an API (at start, and for APIs registered later).
+
+        The loop idles while the API's bounds leave nothing to decide (min == max).
+        """
+        from kiln.control.scaling import AutoscaleLoop
+
+        self._autoscalers.append(asyncio.create_task(AutoscaleLoop(served, self.log).run()))
 
     async def _flush_logs(self) -> None:
         while True:

@@ -215,6 +215,8 @@ class Management:
         async with self.lock(served):
             record = self.record(served)
             record.min_workers, record.max_workers = minimum, maximum
+            # TorchServe's min/max_worker become the autoscaler's bounds for this version.
+            served.bounds_override = (minimum, max(minimum, maximum))
             if minimum == 0:
                 await served.unload()
             else:
@@ -359,9 +361,13 @@ class Management:
     async def _start(self, served: ServedApi, workers: int | None) -> None:
         async with self.lock(served):
             await served.start()
+            start_autoscaler = getattr(self.server, "start_autoscaler", None)
+            if start_autoscaler is not None:
+                start_autoscaler(served)
             if workers is not None:
                 record = self.record(served)
                 record.min_workers = record.max_workers = workers
+                served.bounds_override = (workers, max(workers, 1))
                 if workers == 0:
                     await served.unload()
                 elif workers != len(served.slots):

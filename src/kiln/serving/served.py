@@ -96,6 +96,7 @@ class ServedApi:
         self._waiting_for_load = 0
         self.unloaded = False
         self.scaled_to_zero = False
+        self.bounds_override: tuple[int, int] | None = None  # management API min/max_worker
         self.last_request_at = time.monotonic()
         self._cold_start: asyncio.Task[None] | None = None
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
@@ -174,6 +175,13 @@ class ServedApi:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             cap = min(cap, max(1, total // compute.mem))
         return max(cap, compute.min_replicas or 0, 1)
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas the autoscaler keeps within: kiln.yaml's, or the management API's."""
+        if self.bounds_override is not None:
+            return self.bounds_override
+        return self.api.compute.min_replicas, self.max_replicas
 
     def set_batching(self, max_batch_size: int, max_batch_delay_ms: float) -> None:
         """Change dynamic batching at run time (TorchServe's batch_size / max_batch_delay)."""
