@@ -1,20 +1,194 @@
-"""Placeholder adapter: being written (issue 3)."""
+"""KServe's V1 protocol (TensorFlow-Serving style) on Kiln's inference port.
+
+    GET  /v1/models              {"models": [names]}
+    GET  /v1/models/{m}          {"name": m, "ready": true}; 503 while not ready
+    POST /v1/models/{m}:predict  {"instances": [...]} or {"inputs": ...} -> {"predictions": [...]}
+    POST /v1/models/{m}:explain  same body -> {"explanations": [...]}
+
+Every instance is its own request to the API, as TorchServe's KServe envelope
+does: the instances are submitted together, so the dynamic batcher groups
+them (with `batching:` on, into one model call), and their answers come back
+in order. An error in any instance fails the call with that error. Errors
+are `{"error": "message"}`. These routes use the API's default version.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kiln.errors import KilnError
-from kiln.protocols.errors import native_error
+import orjson
+
+from kiln.errors import InvalidInput, KilnError, NotFound, Unavailable
+from kiln.protocols.errors import kserve_error
+from kiln.protocols.http import Request, Send, send_bytes, send_json
+from kiln.protocols.torchserve import find_group, method_not_allowed
+from kiln.serving.router import Registry, ServedApi
+from kiln.serving.types import InferenceRequest, InferenceResponse
+
+_PREFIX = "/v1/models"
+_SYSTEM = "kiln"
+_FORWARDED_HEADERS = ("user-agent", "x-request-id")
+_ACTIONS = {"predict": "predictions", "explain": "explanations"}
+
+
+def instances_of(document: Any) -> list[Any]:
+    """The instances of a V1 body: `instances` rows, or TF-Serving's columnar `inputs`.
+
+    `{"inputs": {"a": [a1, a2], "b": [b1, b2]}}` (named columns of one length)
+    becomes the rows `{"a": a1, "b": b1}` and `{"a": a2, "b": b2}`; a list of
+    `inputs` is rows already; any other `inputs` value is one instance.
+    """
+    if not isinstance(document, dict) or not ("instances" in document or "inputs" in document):
+        raise InvalidInput(
+            'the body must be a JSON object with "instances": [...] (one item per '
+            'instance) or "inputs": ... (columnar), e.g. {"instances": [[1, 2, 3]]}'
+        )
+    if "instances" in document:
+        instances = document["instances"]
+        if not isinstance(instances, list):
+            raise InvalidInput(
+                f'"instances" must be a list with one item per instance, '
+                f"got {type(instances).__name__}"
+            )
+        return instances
+    inputs = document["inputs"]
+    if isinstance(inputs, list):
+        return inputs
+    if isinstance(inputs, dict) and inputs and all(isinstance(v, list) for v in inputs.values()):
+        lengths = {len(v) for v in inputs.values()}
+        if len(lengths) == 1:
+            count = lengths.pop()
+            return [{name: column[i] for name, column in inputs.items()} for i in range(count)]
+    return [inputs]
+
+
+def answer_json(response: InferenceResponse) -> bytes:
+    """One instance's answer as JSON text, to splice into the list of answers.
+
+    JSON answers are used as the worker encoded them (never parsed again);
+    text becomes a JSON string; bytes become `{"b64": ...}` (TF-Serving's form).
+    """
+    ctype = response.content_type.split(";", 1)[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return response.body or b"null"
+    if ctype.startswith("text/"):
+        return orjson.dumps(response.body.decode("utf-8", "replace"))
+    return orjson.dumps({"b64": base64.b64encode(response.body).decode("ascii")})
 
 
 class KServeV1:
-    def __init__(self, registry: Any, log: Any) -> None:
+    """`/v1/models...` in KServe V1's shapes."""
+
+    def __init__(self, registry: Registry, log: Any) -> None:
         self.registry = registry
         self.log = log
 
-    def route(self, request: Any) -> None:
-        return None
-
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
-        return native_error(err, request_id)
+        return kserve_error(err, request_id)
+
+    def route(self, request: Request) -> tuple[Any, str] | None:
+        path = request.path.rstrip("/")
+        if path == _PREFIX:
+            return self._list, _SYSTEM
+        if not path.startswith(_PREFIX + "/"):
+            return None
+        rest = path[len(_PREFIX) + 1 :]
+        name, _, action = rest.partition(":")
+        if "/" in rest or not name or (action and action not in _ACTIONS):
+            return self._bad_path, _SYSTEM
+        group = find_group(self.registry, name)
+        api_name = group.name if group is not None else _SYSTEM
+
+        async def handler(req: Request, send: Send) -> int:
+            found = find_group(self.registry, name)
+            if found is None:
+                raise NotFound(f"Model with name {name} does not exist.")
+            served = found.default
+            if not action:
+                return await self._status(req, send, served, name)
+            return await self._infer(req, send, served, action)
+
+        return handler, api_name
+
+    async def _bad_path(self, request: Request, send: Send) -> int:
+        raise NotFound(
+            f"no route {request.path}; V1 routes are /v1/models, /v1/models/{{name}}, "
+            f"/v1/models/{{name}}:predict and /v1/models/{{name}}:explain"
+        )
+
+    async def _list(self, request: Request, send: Send) -> int:
+        if request.method not in ("GET", "HEAD"):
+            raise method_not_allowed(request, ("GET",))
+        await send_json(send, 200, {"models": list(self.registry.groups)}, request.request_id)
+        return 200
+
+    async def _status(self, request: Request, send: Send, served: ServedApi, name: str) -> int:
+        if request.method not in ("GET", "HEAD"):
+            raise method_not_allowed(request, ("GET",))
+        if served.state != "ready":
+            detail = f": {served.error}" if served.error else ""
+            raise Unavailable(
+                f"Model with name {name} is not ready ({served.state}{detail})", retry_after=1
+            )
+        await send_json(send, 200, {"name": name, "ready": True}, request.request_id)
+        return 200
+
+    async def _infer(self, request: Request, send: Send, served: ServedApi, action: str) -> int:
+        if request.method != "POST":
+            raise method_not_allowed(request, ("POST",))
+        body = await request.body(served.api.serving.max_request_bytes)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+        instances = instances_of(document)
+        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
+        requests = [
+            InferenceRequest(
+                api=served.name,
+                version=served.version,
+                request_id=request.request_id,
+                body=orjson.dumps(instance),
+                content_type="application/json",
+                protocol="v1",
+                headers=headers,
+                query=dict(request.query),
+                kind="json",
+            )
+            for instance in instances
+        ]
+        call = served.predict if action == "predict" else served.explain
+        window = max(
+            1, min(len(requests), max(2 * served.max_batch_size, 32), served.queue.max_size)
+        )
+        answers = await _in_order(call, requests, window)
+        key = _ACTIONS[action].encode()
+        payload = b'{"' + key + b'":[' + b",".join(answer_json(a) for a in answers) + b"]}"
+        await send_bytes(send, 200, payload, "application/json", request.request_id)
+        return 200
+
+
+async def _in_order(
+    call: Callable[[InferenceRequest], Awaitable[InferenceResponse]],
+    requests: list[InferenceRequest],
+    window: int,
+) -> list[InferenceResponse]:
+    """Run every request with at most `window` in flight; answers in order, first error wins.
+
+    All instances are in the API's queue together (so they batch), but a very
+    long list does not fill the queue alone and push other clients into 503s.
+    """
+    gate = asyncio.Semaphore(window)
+
+    async def one(inference: InferenceRequest) -> InferenceResponse:
+        async with gate:
+            return await call(inference)
+
+    outcomes = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes  # type: ignore[return-value]

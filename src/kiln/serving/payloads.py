@@ -101,10 +101,13 @@ def encode_reply(
     if context.status:
         reply["st"] = context.status
     if context.response_headers:
-        reply["hd"] = context.response_headers
-        override = context.response_headers.get("Content-Type")
-        if override:
-            reply["ct"] = override
+        headers = dict(context.response_headers)
+        for name in [n for n in headers if n.lower() in ("content-type", "content-length")]:
+            value = headers.pop(name)
+            if name.lower() == "content-type":
+                reply["ct"] = value  # the one Content-Type of the answer
+        if headers:
+            reply["hd"] = headers
     reply["nb"] = len(buffers)
     return reply, buffers
 
