@@ -16,14 +16,15 @@ registration may only name a project folder or archive inside the model store
 (see `model_store.py`). The port binds to 127.0.0.1 unless told otherwise.
 Errors use TorchServe's shape `{"code", "type", "message"}`.
 
-The management API is not the hot path, so it is a plain Starlette app.
+The management API is not the hot path, so it is a plain Starlette app. This
+module holds its handlers (`Management`) and builds the app; the route table and
+its OpenAPI document are `management_doc.py`, and query parsing, worker
+descriptions and the TorchServe-shaped error handlers are `management_http.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,23 +34,25 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Route
 
-from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
-from kiln.protocols.errors import error_headers, torchserve_error
+from kiln.errors import InvalidInput, KilnError, MethodNotAllowed
+from kiln.protocols.management_doc import ROUTES, management_document
+from kiln.protocols.management_http import (
+    _flag,
+    _http_error,
+    _int_param,
+    _kiln_error,
+    _load_apis,
+    _unexpected,
+    _worker,
+)
 from kiln.protocols.model_store import prepare_project
 from kiln.serving.router import ApiGroup, Registry, ServedApi
 
 MAX_PAGE = 1000
 STOP_GRACE_S = 30.0
 _ENABLE_FLAG = "--enable-model-api"
-_WORKER_STATUS = {
-    "ready": "READY",
-    "loading": "LOADING",
-    "restarting": "RESTARTING",
-    "failed": "FAILED",
-    "stopped": "UNLOADING",
-}
 
 
 class Conflict(KilnError):
@@ -376,187 +379,6 @@ class Management:
     # ----- description ---------------------------------------------------------------
     async def api_description(self, request: Request) -> Response:
         return JSONResponse(management_document())
-
-
-def _load_apis(root: Path, url: str) -> list[Any]:
-    from kiln.config import ConfigError, load_project
-
-    try:
-        project = load_project(root)
-    except ConfigError as exc:
-        raise InvalidInput(f"the kiln.yaml of '{url}' is not valid:\n{exc}") from None
-    if not project.apis:
-        raise InvalidInput(f"the kiln.yaml of '{url}' defines no `kind: api` entry")
-    return list(project.apis)
-
-
-def _worker(slot: Any) -> dict[str, Any]:
-    replica = slot.replica
-    started = None
-    if slot.started_at:
-        wall = time.time() - (time.monotonic() - slot.started_at)
-        started = dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="milliseconds")
-    memory = replica.rss_bytes() if replica is not None else None
-    return {
-        "id": str(slot.index),
-        "startTime": started,
-        "status": _WORKER_STATUS.get(slot.state, slot.state.upper()),
-        "memoryUsage": memory or 0,
-        "pid": replica.pid if replica is not None and replica.pid is not None else -1,
-        "gpu": False,
-        "gpuUsage": "N/A",
-    }
-
-
-def _int_param(request: Request, name: str, default: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer, got '{raw}'") from None
-
-
-def _flag(request: Request, name: str) -> bool:
-    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
-
-
-# ----- errors ------------------------------------------------------------------------
-def _kiln_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, KilnError)
-    headers = error_headers(exc)
-    if isinstance(exc, MethodNotAllowed) and "Allow" not in headers:
-        headers["Allow"] = ", ".join(_allowed(request))
-    return JSONResponse(torchserve_error(exc, ""), status_code=exc.status, headers=headers)
-
-
-def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    err: KilnError
-    if exc.status_code == 404:
-        err = NotFound(
-            f"no management route at {request.url.path}; OPTIONS / lists the management API"
-        )
-    elif exc.status_code == 405:
-        allowed = _allowed(request)
-        err = MethodNotAllowed(
-            f"{request.method} is not allowed on {request.url.path}; use {' or '.join(allowed)}"
-        )
-        return JSONResponse(
-            torchserve_error(err, ""), status_code=405, headers={"Allow": ", ".join(allowed)}
-        )
-    else:
-        err = KilnError(str(exc.detail), status=exc.status_code)
-    return JSONResponse(torchserve_error(err, ""), status_code=err.status)
-
-
-def _unexpected(request: Request, exc: Exception) -> Response:
-    err = KilnError("internal server error; the details are in the server log")
-    return JSONResponse(torchserve_error(err, ""), status_code=500)
-
-
-def _allowed(request: Request) -> list[str]:
-    """The methods some route serves at this path (less the ones switched off)."""
-    mgmt: Management = request.app.state.management
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods.update(route.methods or ())
-    methods.discard("HEAD")
-    if not mgmt.enabled:
-        methods -= {"POST", "DELETE"}
-    return sorted(methods)
-
-
-# ----- the app and its description ---------------------------------------------------
-# (method, path, summary, query parameters): the app's routes and the document come from it.
-ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("options", "/", "This OpenAPI document", ()),
-    ("get", "/api-description", "This OpenAPI document", ()),
-    ("get", "/models", "List models", ("limit", "next_page_token")),
-    (
-        "post",
-        "/models",
-        "Register a model from the model store (needs --enable-model-api)",
-        ("url", "model_name", "initial_workers", "synchronous", "batch_size", "max_batch_delay"),
-    ),
-    ("get", "/models/{model}", "Describe the default version", ()),
-    (
-        "put",
-        "/models/{model}",
-        "Scale the default version",
-        ("min_worker", "max_worker", "synchronous"),
-    ),
-    ("delete", "/models/{model}", "Unregister the default version (needs --enable-model-api)", ()),
-    ("get", "/models/{model}/all", "Describe every version", ()),
-    ("get", "/models/{model}/{version}", "Describe one version", ()),
-    (
-        "put",
-        "/models/{model}/{version}",
-        "Scale one version",
-        ("min_worker", "max_worker", "synchronous"),
-    ),
-    (
-        "delete",
-        "/models/{model}/{version}",
-        "Unregister one version (needs --enable-model-api)",
-        (),
-    ),
-    ("put", "/models/{model}/{version}/set-default", "Make this version the default", ()),
-)
-
-
-def management_document() -> dict[str, Any]:
-    import kiln
-
-    paths: dict[str, Any] = {}
-    for method, path, summary, query in ROUTES:
-        params = [
-            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in ("model", "version")
-            if "{" + n + "}" in path
-        ]
-        params += [
-            {"name": n, "in": "query", "required": n == "url", "schema": {"type": "string"}}
-            for n in query
-        ]
-        operation: dict[str, Any] = {
-            "summary": summary,
-            "operationId": f"{method}_{path}".replace("/", "_").replace("{", "").replace("}", ""),
-            "responses": {
-                "200": {"description": "Success", "content": {"application/json": {"schema": {}}}},
-                "default": {
-                    "description": "Error",
-                    "content": {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/TorchServeError"}
-                        }
-                    },
-                },
-            },
-        }
-        if params:
-            operation["parameters"] = params
-        paths.setdefault(path, {})[method] = operation
-    return {
-        "openapi": "3.0.1",
-        "info": {"title": "Kiln management API", "version": kiln.__version__},
-        "paths": paths,
-        "components": {
-            "schemas": {
-                "TorchServeError": {
-                    "type": "object",
-                    "properties": {
-                        "code": {"type": "integer"},
-                        "type": {"type": "string"},
-                        "message": {"type": "string"},
-                    },
-                }
-            }
-        },
-    }
 
 
 def build_management_app(registry: Registry, log: Any, server: Any = None) -> Starlette:

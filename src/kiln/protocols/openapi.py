@@ -8,26 +8,33 @@ Nothing here is written per API. `ROUTES` is the table of every route shape the
 inference port knows; the document expands each shape for every API and version
 in the registry (`/predictions/{model}` becomes `/predictions/iris`) and keeps
 only the paths one of the live adapters actually claims, so a protocol that is
-switched off, or a route an adapter does not serve, never appears. Request
-schemas and examples come from each version's real signature (input names,
-V2 datatypes, shapes).
+switched off, or a route an adapter does not serve, never appears.
+
+This module decides *which* operations exist and assembles the document. What
+each operation's parameters, request bodies and responses look like (schemas and
+examples from each version's real signature: input names, V2 datatypes, shapes)
+lives in `openapi_schemas.py`; the `/docs` HTML page is `openapi_docs.py`.
 """
 
 from __future__ import annotations
 
-import html
 import re
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 import kiln
 from kiln.errors import KilnError, MethodNotAllowed
 from kiln.protocols.errors import native_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
+from kiln.protocols.openapi_docs import render_docs
+from kiln.protocols.openapi_schemas import (
+    _COMPONENTS,
+    _parameters,
+    _request_body,
+    _responses,
+    _signature_text,
+)
 from kiln.serving.router import ApiGroup, Registry, ServedApi
 
 OPENAPI_VERSION = "3.0.1"
@@ -345,47 +352,6 @@ def build_document(operations: list[Operation], base_url: str = "") -> dict[str,
     return document
 
 
-_COMPONENTS: dict[str, Any] = {
-    "NativeError": {
-        "type": "object",
-        "required": ["error", "request_id"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["type", "message"],
-                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-            },
-            "request_id": {"type": "string"},
-        },
-    },
-    "TorchServeError": {
-        "type": "object",
-        "required": ["code", "type", "message"],
-        "properties": {
-            "code": {"type": "integer"},
-            "type": {"type": "string"},
-            "message": {"type": "string"},
-        },
-    },
-    "KServeError": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string"}},
-    },
-}
-_ERROR_SCHEMA = {"native": "NativeError", "torchserve": "TorchServeError", "kserve": "KServeError"}
-_ERROR_TEXT = {
-    "400": "The request does not fit the model",
-    "404": "No such model or version",
-    "405": "Method not allowed on this path",
-    "413": "The body is over the API's max_request_bytes",
-    "500": "The model or its handler failed",
-    "501": "The API does not offer this operation",
-    "503": "The model is loading, restarting or overloaded; retry after Retry-After seconds",
-    "504": "The model did not answer in time",
-}
-
-
 def _operation(op: Operation, used_ids: set[str]) -> dict[str, Any]:
     route = op.route
     operation_id = _unique_id(f"{route.protocol}_{route.method}_{op.path}", used_ids)
@@ -420,344 +386,8 @@ def _unique_id(raw: str, used: set[str]) -> str:
     return candidate
 
 
-def _parameters(op: Operation) -> list[dict[str, Any]]:
-    if op.route.protocol != "native" or op.group is None:
-        return []
-    params = []
-    versions = sorted(str(v) for v in op.group.versions if v is not None)
-    if versions:
-        params.append(
-            {
-                "name": "version",
-                "in": "query",
-                "required": False,
-                "description": f"Which version answers; default {op.group.default_version}",
-                "schema": {"type": "string", "enum": versions},
-            }
-        )
-    if op.route.method == "post":
-        params.append(
-            {
-                "name": "debug",
-                "in": "query",
-                "required": False,
-                "description": "Log each stage of the request (pre_inference, model, ...)",
-                "schema": {"type": "boolean"},
-            }
-        )
-    return params
-
-
-def _responses(op: Operation) -> dict[str, Any]:
-    route = op.route
-    if route.template == "/docs":
-        ok: dict[str, Any] = {"text/html": {"schema": {"type": "string"}}}
-    elif route.body in ("native", "torchserve"):
-        ok = {
-            "application/json": {"schema": {}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        }
-    else:
-        ok = {"application/json": {"schema": _ok_schema(op)}}
-    responses: dict[str, Any] = {"200": {"description": "Success", "content": ok}}
-    codes = ["404", "405"]
-    if route.body is not None:
-        codes = ["400", "404", "413", "500", "503", "504"]
-        if "explain" in route.template:
-            codes.append("501")
-    elif op.served is not None:
-        codes.append("503")
-    error = {"$ref": f"#/components/schemas/{_ERROR_SCHEMA[route.errors]}"}
-    for code in sorted(codes):
-        responses[code] = {
-            "description": _ERROR_TEXT[code],
-            "content": {"application/json": {"schema": error}},
-        }
-    return responses
-
-
-def _ok_schema(op: Operation) -> dict[str, Any]:
-    if op.route.body == "v2" and op.served is not None:
-        outputs = [o.get("name") for o in op.served.signature.get("outputs", []) if o.get("name")]
-        name_schema: dict[str, Any] = {"type": "string"}
-        if outputs:
-            name_schema["enum"] = outputs
-        return {
-            "type": "object",
-            "properties": {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "name": name_schema,
-                            "datatype": {"type": "string"},
-                            "shape": {"type": "array", "items": {"type": "integer"}},
-                            "data": {"type": "array", "items": {}},
-                        },
-                    },
-                },
-            },
-        }
-    if op.route.body == "v1":
-        key = "explanations" if op.path.endswith(":explain") else "predictions"
-        return {"type": "object", "properties": {key: {"type": "array", "items": {}}}}
-    return {}
-
-
-# ----- schemas from signatures --------------------------------------------------------
-_LEAF = {"BOOL": {"type": "boolean"}, "BYTES": {"type": "string"}}
-_EXAMPLE_LEAF: dict[str, Any] = {"BOOL": False, "BYTES": "text"}
-
-
-def _leaf(datatype: str | None) -> dict[str, Any]:
-    datatype = (datatype or "").upper()
-    if datatype in _LEAF:
-        return dict(_LEAF[datatype])
-    if datatype.startswith(("INT", "UINT")):
-        return {"type": "integer"}
-    if datatype.startswith(("FP", "BF")):
-        return {"type": "number"}
-    return {}
-
-
-def _example_leaf(datatype: str | None) -> Any:
-    datatype = (datatype or "").upper()
-    if datatype in _EXAMPLE_LEAF:
-        return _EXAMPLE_LEAF[datatype]
-    if datatype.startswith(("INT", "UINT")):
-        return 0
-    return 0.0
-
-
-def _dims(shape: Any) -> list[int]:
-    return [int(d) if isinstance(d, int) else -1 for d in shape] if isinstance(shape, list) else []
-
-
-def tensor_schema(spec: dict[str, Any], drop_batch: bool = False) -> dict[str, Any]:
-    """Nested JSON arrays for one tensor: one array level per dimension."""
-    dims = _dims(spec.get("shape"))
-    if drop_batch and dims:
-        dims = dims[1:]
-    schema = _leaf(spec.get("datatype"))
-    for size in reversed(dims):
-        level: dict[str, Any] = {"type": "array", "items": schema}
-        if size > 0:
-            level["minItems"] = level["maxItems"] = size
-        schema = level
-    schema["description"] = (
-        f"`{spec.get('name')}`: {spec.get('datatype') or 'any'} tensor, "
-        f"shape {_shape_text(spec.get('shape'))}"
-    )
-    return schema
-
-
-def tensor_example(spec: dict[str, Any], drop_batch: bool = False) -> Any:
-    dims = _dims(spec.get("shape"))
-    if drop_batch and dims:
-        dims = dims[1:]
-    value = _example_leaf(spec.get("datatype"))
-    for size in reversed(dims):
-        value = [value] * (size if size > 0 else 1)
-    return value
-
-
-def _shape_text(shape: Any) -> str:
-    if not isinstance(shape, list):
-        return "unknown"
-    return "[" + ", ".join("N" if d == -1 else str(d) for d in shape) + "]"
-
-
-def _signature_text(signature: dict[str, Any]) -> str:
-    inputs = signature.get("inputs") or []
-    if not inputs:
-        return "The API declares no input signature: the body is whatever its handler reads."
-    described = ", ".join(
-        f"`{i.get('name')}` ({i.get('datatype')}, shape {_shape_text(i.get('shape'))})"
-        for i in inputs
-    )
-    return f"Inputs: {described}; N is any size."
-
-
-def _inputs(served: ServedApi) -> list[dict[str, Any]]:
-    if served.worker_spec.request_handler:
-        return []  # pre_inference decides what the body looks like
-    return [i for i in served.signature.get("inputs") or [] if i.get("name")]
-
-
-def json_body(served: ServedApi) -> tuple[dict[str, Any], Any]:
-    """(schema, example) of the JSON body on the native and TorchServe routes."""
-    inputs = _inputs(served)
-    if not inputs:
-        hook = served.worker_spec.request_handler
-        why = "its pre_inference hook" if hook else "its handler"
-        return {"description": f"Any JSON: the API's {why} reads it"}, {}
-    schema = {
-        "type": "object",
-        "required": [i["name"] for i in inputs],
-        "properties": {i["name"]: tensor_schema(i) for i in inputs},
-        "description": "Each input by name as nested arrays"
-        + ("; a single-input API also takes the bare array" if len(inputs) == 1 else ""),
-    }
-    return schema, {i["name"]: tensor_example(i) for i in inputs}
-
-
-def v1_body(served: ServedApi) -> tuple[dict[str, Any], Any]:
-    inputs = _inputs(served)
-    if len(inputs) == 1:
-        row = tensor_schema(inputs[0], drop_batch=True)
-        example_row = tensor_example(inputs[0], drop_batch=True)
-    elif inputs:
-        row = {
-            "type": "object",
-            "properties": {i["name"]: tensor_schema(i, drop_batch=True) for i in inputs},
-        }
-        example_row = {i["name"]: tensor_example(i, drop_batch=True) for i in inputs}
-    else:
-        row, example_row = {}, {}
-    schema = {
-        "type": "object",
-        "required": ["instances"],
-        "properties": {"instances": {"type": "array", "items": row, "description": "One per row"}},
-    }
-    return schema, {"instances": [example_row]}
-
-
-def v2_body(served: ServedApi) -> tuple[dict[str, Any], Any]:
-    inputs = [i for i in served.signature.get("inputs") or [] if i.get("name")]
-    name_schema: dict[str, Any] = {"type": "string"}
-    if inputs:
-        name_schema["enum"] = [i["name"] for i in inputs]
-    schema = {
-        "type": "object",
-        "required": ["inputs"],
-        "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object", "additionalProperties": True},
-            "inputs": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["name", "datatype", "shape", "data"],
-                    "properties": {
-                        "name": name_schema,
-                        "datatype": {"type": "string"},
-                        "shape": {"type": "array", "items": {"type": "integer"}},
-                        "data": {"type": "array", "items": {}},
-                        "parameters": {"type": "object", "additionalProperties": True},
-                    },
-                },
-                "description": _signature_text(served.signature),
-            },
-            "outputs": {
-                "type": "array",
-                "items": {"type": "object", "properties": {"name": {"type": "string"}}},
-            },
-        },
-    }
-    example_inputs = []
-    for spec in inputs:
-        shape = [d if d > 0 else 1 for d in _dims(spec.get("shape"))]
-        count = 1
-        for d in shape:
-            count *= d
-        example_inputs.append(
-            {
-                "name": spec["name"],
-                "datatype": spec.get("datatype") or "FP32",
-                "shape": shape,
-                "data": [_example_leaf(spec.get("datatype"))] * count,
-            }
-        )
-    return schema, {"inputs": example_inputs}
-
-
-def _request_body(kind: str, served: ServedApi) -> dict[str, Any]:
-    if kind == "v2":
-        schema, example = v2_body(served)
-    elif kind == "v1":
-        schema, example = v1_body(served)
-    else:
-        schema, example = json_body(served)
-    content: dict[str, Any] = {"application/json": {"schema": schema, "example": example}}
-    if kind == "torchserve":
-        content["application/octet-stream"] = {
-            "schema": {"type": "string", "format": "binary", "description": "Raw bytes (curl -T)"}
-        }
-        content["multipart/form-data"] = {
-            "schema": {
-                "type": "object",
-                "properties": {"data": {"type": "string", "format": "binary"}},
-                "description": "Form fields (curl -F data=@file); repeated fields are all passed",
-            }
-        }
-    return {"required": True, "content": content}
-
-
 def _base_url(request: Request) -> str:
     host = request.headers.get("host", "")
     if not re.fullmatch(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
         return ""
     return f"http://{host}"
-
-
-# ----- the docs page ------------------------------------------------------------------
-_STYLE = """
-body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;color:#222}
-h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-.op{border:1px solid #ddd;border-radius:6px;margin:.8rem 0;padding:.6rem .9rem}
-.m{display:inline-block;min-width:4.5rem;font-weight:700;text-transform:uppercase}
-.get{color:#0a6}.post{color:#06c}.options{color:#a60}
-code,pre{font:13px/1.35 ui-monospace,monospace}
-pre{background:#f6f6f6;padding:.5rem;overflow:auto;border-radius:4px}
-details summary{cursor:pointer;color:#555}
-"""
-
-
-def render_docs(document: dict[str, Any]) -> str:
-    """The document as a plain HTML page: every path, its method, schema and a curl line."""
-    base = (document.get("servers") or [{"url": "http://127.0.0.1:8080"}])[0]["url"]
-    by_tag: dict[str, list[str]] = {name: [] for name in _TAGS.values()}
-    for path, item in document["paths"].items():
-        for method, op in item.items():
-            by_tag.setdefault(op["tags"][0], []).append(_render_op(base, path, method, op))
-    esc = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{esc(document['info']['title'])}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{esc(document['info']['title'])} <small>{esc(document['info']['version'])}</small>",
-        f"</h1><p>{esc(document['info']['description'])}</p>",
-        "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> "
-        "(also <code>OPTIONS /</code> and <code>GET /api-description</code>).</p>",
-    ]
-    for tag, ops in by_tag.items():
-        if ops:
-            parts.append(f"<h2>{esc(tag)}</h2>")
-            parts.extend(ops)
-    parts.append("</body></html>")
-    return "".join(parts)
-
-
-def _render_op(base: str, path: str, method: str, op: dict[str, Any]) -> str:
-    esc = html.escape
-    out = [
-        f"<div class='op'><span class='m {esc(method)}'>{esc(method)}</span>",
-        f"<code>{esc(path)}</code> &mdash; {esc(op.get('summary', ''))}",
-    ]
-    if op.get("description"):
-        out.append(f"<p>{esc(op['description'])}</p>")
-    curl = ["curl"]
-    if method != "get":
-        curl += ["-X", method.upper()]
-    curl.append(base + path)
-    body = op.get("requestBody", {}).get("content", {}).get("application/json")
-    if body is not None:
-        curl += ["-H", "Content-Type: application/json"]
-        curl += ["-d", orjson.dumps(body.get("example", {})).decode()]
-        schema = orjson.dumps(body["schema"], option=orjson.OPT_INDENT_2).decode()
-        out.append(f"<details><summary>request schema</summary><pre>{esc(schema)}</pre></details>")
-    out.append(f"<pre>{esc(' '.join(shlex.quote(c) for c in curl))}</pre></div>")
-    return "".join(out)

@@ -1,0 +1,100 @@
+"""The management port's route table and its OpenAPI 3.0 description.
+
+One table, `ROUTES`, says every (method, path) the management port serves, its
+summary and query parameters. `management.py` builds the Starlette app's routes
+from it and `management_document()` (served at `OPTIONS /` and
+`GET /api-description`) describes the same table, so the app and its document
+cannot drift apart. Kept apart from `management.py` because it is pure data and
+document-building: no handlers, no registry, no Starlette.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (method, path, summary, query parameters): the app's routes and the document come from it.
+ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("options", "/", "This OpenAPI document", ()),
+    ("get", "/api-description", "This OpenAPI document", ()),
+    ("get", "/models", "List models", ("limit", "next_page_token")),
+    (
+        "post",
+        "/models",
+        "Register a model from the model store (needs --enable-model-api)",
+        ("url", "model_name", "initial_workers", "synchronous", "batch_size", "max_batch_delay"),
+    ),
+    ("get", "/models/{model}", "Describe the default version", ()),
+    (
+        "put",
+        "/models/{model}",
+        "Scale the default version",
+        ("min_worker", "max_worker", "synchronous"),
+    ),
+    ("delete", "/models/{model}", "Unregister the default version (needs --enable-model-api)", ()),
+    ("get", "/models/{model}/all", "Describe every version", ()),
+    ("get", "/models/{model}/{version}", "Describe one version", ()),
+    (
+        "put",
+        "/models/{model}/{version}",
+        "Scale one version",
+        ("min_worker", "max_worker", "synchronous"),
+    ),
+    (
+        "delete",
+        "/models/{model}/{version}",
+        "Unregister one version (needs --enable-model-api)",
+        (),
+    ),
+    ("put", "/models/{model}/{version}/set-default", "Make this version the default", ()),
+)
+
+
+def management_document() -> dict[str, Any]:
+    import kiln
+
+    paths: dict[str, Any] = {}
+    for method, path, summary, query in ROUTES:
+        params = [
+            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+            for n in ("model", "version")
+            if "{" + n + "}" in path
+        ]
+        params += [
+            {"name": n, "in": "query", "required": n == "url", "schema": {"type": "string"}}
+            for n in query
+        ]
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "operationId": f"{method}_{path}".replace("/", "_").replace("{", "").replace("}", ""),
+            "responses": {
+                "200": {"description": "Success", "content": {"application/json": {"schema": {}}}},
+                "default": {
+                    "description": "Error",
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/TorchServeError"}
+                        }
+                    },
+                },
+            },
+        }
+        if params:
+            operation["parameters"] = params
+        paths.setdefault(path, {})[method] = operation
+    return {
+        "openapi": "3.0.1",
+        "info": {"title": "Kiln management API", "version": kiln.__version__},
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "TorchServeError": {
+                    "type": "object",
+                    "properties": {
+                        "code": {"type": "integer"},
+                        "type": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
