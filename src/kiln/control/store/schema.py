@@ -1,0 +1,126 @@
+"""The live table definitions the store's queries use.
+
+These mirror the schema that the migrations in `migrations.py` build, step by step;
+a test reflects a migrated database and checks the two agree. Change a table by
+adding a migration step AND editing its definition here, never one without the other.
+
+Conventions (kept portable across SQLite and PostgreSQL):
+- times are UTC epoch seconds (`Double`), bucket starts whole seconds (`BigInteger`);
+- an API without a version has version "" (not NULL, so keys and uniqueness hold);
+- counters are BigInteger and only ever changed with `col = col + :n` or an upsert.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Double, nullable=False),
+)
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(63), nullable=False, unique=True),
+    sa.Column("current_revision", sa.String(128), nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+revisions = sa.Table(
+    "revisions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "deployment_id",
+        sa.Integer,
+        sa.ForeignKey("deployments.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("content_hash", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("artifact_path", sa.Text, nullable=False),
+    sa.Column("config_text", sa.Text, nullable=False),
+    sa.UniqueConstraint("deployment_id", "content_hash", name="uq_revisions_hash"),
+)
+
+apis = sa.Table(
+    "apis",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column(
+        "revision_id", sa.Integer, sa.ForeignKey("revisions.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(63), nullable=False),
+    sa.Column("version", sa.String(63), nullable=False),
+    sa.Column("min_replicas", sa.Integer, nullable=False),
+    sa.Column("max_replicas", sa.Integer, nullable=False),
+    sa.Column("init_replicas", sa.Integer, nullable=False),
+    sa.Column("requested_replicas", sa.Integer, nullable=False),
+    sa.UniqueConstraint("revision_id", "name", "version", name="uq_apis_name"),
+)
+
+tracker_classes = sa.Table(
+    "tracker_classes",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(63), primary_key=True),
+    sa.Column("bucket_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("label", sa.String(255), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+tracker_values = sa.Table(
+    "tracker_values",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(63), primary_key=True),
+    sa.Column("bucket_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("min_value", sa.Double, nullable=False),
+    sa.Column("max_value", sa.Double, nullable=False),
+    sa.Column("sum_value", sa.Double, nullable=False),
+    sa.Column("sum_squares", sa.Double, nullable=False),
+)
+
+tracker_histogram = sa.Table(
+    "tracker_histogram",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(63), primary_key=True),
+    sa.Column("bucket_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("bin", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+usage_counts = sa.Table(
+    "usage_counts",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(63), primary_key=True),
+    sa.Column("period_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("status_class", sa.String(3), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+scaling_events = sa.Table(
+    "scaling_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("api", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(63), nullable=False),
+    sa.Column("from_replicas", sa.Integer, nullable=False),
+    sa.Column("to_replicas", sa.Integer, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Index("ix_scaling_events_api_at", "api", "at"),
+)
