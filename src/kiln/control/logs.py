@@ -7,6 +7,7 @@ as JSON when it is a pipe (for collectors) and as text when a person watches.
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -26,6 +27,17 @@ class LogSink:
         self._lock = threading.Lock()
         self._stream = stream if stream is not None else sys.stderr
         self._pretty = bool(getattr(self._stream, "isatty", lambda: False)())
+        # stderr is line-buffered even when it is a pipe (Python 3.9+): one system call
+        # per record. For machines (not a terminal) write JSON through our own buffer,
+        # flushed with the files a few times a second.
+        self._raw: IO[bytes] | None = None
+        if not self._pretty:
+            try:
+                self._raw = io.BufferedWriter(
+                    io.FileIO(self._stream.fileno(), "w", closefd=False), 1 << 16
+                )
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                self._raw = None
         self._quiet = quiet
 
     def path_for(self, api: str) -> Path:
@@ -46,6 +58,8 @@ class LogSink:
         try:
             if self._pretty:
                 self._stream.write(_human(record) + "\n")
+            elif self._raw is not None:
+                self._raw.write(line)
             else:
                 self._stream.write(line.decode())
         except (OSError, ValueError):
@@ -64,6 +78,8 @@ class LogSink:
                 except (OSError, ValueError):
                     pass
             try:
+                if self._raw is not None:
+                    self._raw.flush()
                 self._stream.flush()
             except (OSError, ValueError):
                 pass

@@ -125,21 +125,44 @@ class Metrics:
             registry=r,
         )
         r.register(_LiveState(apis))
+        # `labels()` validates and locks on every call; the hot path looks children up once.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     def request(self, api: str, protocol: str, status: int, seconds: float) -> None:
-        self.requests.labels(api, protocol, f"{status // 100}xx").inc()
-        self.latency.labels(api).observe(seconds)
+        key = (api, protocol, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(api, protocol, f"{status // 100}xx"),
+                self.latency.labels(api),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
-        name, version = served.name, served.version or ""
-        self.batch_size.labels(name).observe(size)
-        self.inference_time.labels(name).observe(inference_s)
-        queue_hist = self.queue_time.labels(name)
+        key = (served.name, served.version or "")
+        children = self._batch_children.get(key)
+        if children is None:
+            name, version = key
+            children = (
+                self.batch_size.labels(name),
+                self.inference_time.labels(name),
+                self.queue_time.labels(name),
+                self.ts_requests.labels(name, version),
+                self.ts_latency.labels(name, version),
+                self.ts_queue.labels(name, version),
+            )
+            self._batch_children[key] = children
+        batch_size, inference, queue, ts_requests, ts_latency, ts_queue = children
+        batch_size.observe(size)
+        inference.observe(inference_s)
         for waited in queue_times:
-            queue_hist.observe(waited)
-        self.ts_requests.labels(name, version).inc(size)
-        self.ts_latency.labels(name, version).inc(inference_s * 1e6 * size)
-        self.ts_queue.labels(name, version).inc(sum(queue_times) * 1e6)
+            queue.observe(waited)
+        ts_requests.inc(size)
+        ts_latency.inc(inference_s * 1e6 * size)
+        ts_queue.inc(sum(queue_times) * 1e6)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

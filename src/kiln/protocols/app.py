@@ -39,12 +39,14 @@ def default_adapters(registry: Registry, log: Any) -> list[Adapter]:
     from kiln.protocols.torchserve import TorchServeInference
     from kiln.protocols.v2 import OpenInferenceV2
 
+    # Native first: it is an exact dictionary lookup, and config validation keeps API
+    # endpoints off the protocol prefixes, so no other adapter can claim its paths.
     return [
+        NativeApi(registry, log),
         TorchServeInference(registry, log),
         KServeV1(registry, log),
         OpenInferenceV2(registry, log),
         OpenApiRoutes(registry, log),
-        NativeApi(registry, log),
     ]
 
 
