@@ -7,8 +7,8 @@ microsecond here is added to every prediction.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -42,7 +42,7 @@ class Request:
             dict(parse_qsl(raw_query.decode("latin-1"))) if raw_query else {}
         )
         given = self.headers.get("x-request-id", "")
-        self.request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        self.request_id = given if given and _SAFE_ID.match(given) else os.urandom(16).hex()
 
     @property
     def content_type(self) -> str:

@@ -36,6 +36,8 @@ from kiln.serving.wire import V2_TO_NUMPY
 DATATYPES = (*V2_TO_NUMPY, "BYTES", "BF16")
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in V2_TO_NUMPY.items()}
 _UNSUPPORTED_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_DATATYPE_SET = frozenset(DATATYPES)
+_NO_TAIL = memoryview(b"")
 
 
 @dataclass(slots=True)
@@ -68,7 +70,7 @@ class InferBody:
     outputs: list[str] | None  # requested output names; None: all
     binary_outputs: dict[str, bool] = field(default_factory=dict)  # explicit per-output choice
     binary_default: bool = False  # request-level `binary_data_output`
-    tail: memoryview = field(default_factory=lambda: memoryview(b""))
+    tail: memoryview = _NO_TAIL
 
     def wants_binary(self, name: str) -> bool:
         return self.binary_outputs.get(name, self.binary_default)
@@ -106,6 +108,12 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 
 def _shape(name: str, value: Any) -> list[int]:
+    if type(value) is list:
+        for d in value:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return value
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
@@ -122,13 +130,18 @@ def _input_header(raw: Any, index: int) -> InputHeader:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"inputs[{index}] needs a 'name' (a string)")
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in _DATATYPE_SET:
         raise InvalidInput(
             f"input '{name}' has datatype {datatype!r}, which is not a V2 datatype; "
             f"use one of {', '.join(DATATYPES)}"
         )
     shape = _shape(name, raw.get("shape"))
-    params = _object(raw.get("parameters"), f"the parameters of input '{name}'")
+    params = raw.get("parameters")
+    if params is None:  # the common case: JSON data, no parameters
+        if "data" in raw and datatype != "BF16":
+            return InputHeader(name, datatype, shape, raw["data"], None)
+        params = {}
+    params = _object(params, f"the parameters of input '{name}'")
     if any(key in params for key in _UNSUPPORTED_PARAMS):
         raise InvalidInput(
             f"input '{name}' uses shared memory, which this server does not offer; "
@@ -168,7 +181,7 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
     else:
         split = len(body)
     try:
-        head = orjson.loads(memoryview(body)[:split])
+        head = orjson.loads(body if split == len(body) else memoryview(body)[:split])
     except orjson.JSONDecodeError as exc:
         hint = (
             ""
@@ -188,15 +201,17 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
             'the request needs "inputs": a list of {"name", "shape", "datatype", "data"}'
         )
     inputs = [_input_header(raw, i) for i, raw in enumerate(raw_inputs)]
-    seen: set[str] = set()
-    for spec in inputs:
-        if spec.name in seen:
-            raise InvalidInput(f"input '{spec.name}' is given twice: send each input once")
-        seen.add(spec.name)
+    if len(inputs) > 1 and len({spec.name for spec in inputs}) != len(inputs):
+        seen: set[str] = set()
+        for spec in inputs:
+            if spec.name in seen:
+                raise InvalidInput(f"input '{spec.name}' is given twice: send each input once")
+            seen.add(spec.name)
     body_info = InferBody(request_id, parameters, inputs, None)
-    body_info.binary_default = _bool(
-        parameters.get("binary_data_output", False), "binary_data_output"
-    )
+    if parameters:
+        body_info.binary_default = _bool(
+            parameters.get("binary_data_output", False), "binary_data_output"
+        )
     raw_outputs = head.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -220,7 +235,7 @@ def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
                 body_info.binary_outputs[name] = _bool(params["binary_data"], "binary_data")
             body_info.outputs.append(name)
         body_info.outputs = list(dict.fromkeys(body_info.outputs)) or None
-    body_info.tail = memoryview(body)[split:]
+    body_info.tail = memoryview(body)[split:] if split < len(body) else _NO_TAIL
     declared = sum(spec.binary_size or 0 for spec in inputs)
     if declared != len(body_info.tail):
         binary = [s.name for s in inputs if s.binary_size is not None]
@@ -376,31 +391,88 @@ def _split_bytes(name: str, chunk: memoryview) -> list[bytes]:
 # ----- signature checks ----------------------------------------------------------------
 
 
+class _Checks:
+    """A signature prepared for `check_signature`: lookups instead of per-request scans."""
+
+    __slots__ = ("inputs", "names", "outputs", "known_outputs")
+
+    def __init__(self, signature: dict[str, Any]) -> None:
+        declared = signature.get("inputs") or []
+        # name -> (the declared spec, its datatype or None, (axis, dim) pairs that must
+        # match, rank or None): rank None leaves the shape unchecked
+        self.inputs: dict[str, tuple[dict[str, Any], Any, tuple[tuple[int, int], ...], Any]] = {}
+        for spec in declared:
+            shape = spec.get("shape")
+            fixed = tuple(
+                (axis, dim) for axis, dim in enumerate(shape or ()) if dim is not None and dim >= 0
+            )
+            self.inputs[spec["name"]] = (
+                spec,
+                spec.get("datatype"),
+                fixed,
+                len(shape) if shape else None,
+            )
+        self.names = ", ".join(f"'{n}'" for n in self.inputs)
+        self.outputs = frozenset(o["name"] for o in signature.get("outputs") or [])
+        self.known_outputs = ", ".join(f"'{o['name']}'" for o in signature.get("outputs") or [])
+
+
+# id(signature) -> (the signature, its checks). A worker's signature is one dict for the
+# life of its replica, so this holds a few entries; the signature is kept so that its id
+# cannot be reused by another dict while the entry lives.
+_CHECKS: dict[int, tuple[dict[str, Any], _Checks]] = {}
+
+
+def _checks_for(signature: dict[str, Any]) -> _Checks:
+    entry = _CHECKS.get(id(signature))
+    if entry is not None and entry[0] is signature:
+        return entry[1]
+    checks = _Checks(signature)
+    if len(_CHECKS) >= 64:
+        _CHECKS.clear()
+    _CHECKS[id(signature)] = (signature, checks)
+    return checks
+
+
 def check_signature(body: InferBody, signature: dict[str, Any]) -> None:
     """400 naming the tensor when the request does not fit the model's declared signature.
 
     A signature with no inputs (a Python handler that declares none) accepts anything;
     a declared input without a datatype or shape leaves that part unchecked.
     """
-    declared = signature.get("inputs") or []
-    if declared:
-        by_name = {spec["name"]: spec for spec in declared}
-        names = ", ".join(f"'{n}'" for n in by_name)
+    checks = _checks_for(signature)
+    by_name = checks.inputs
+    if by_name:
         for spec in body.inputs:
             if spec.name not in by_name:
-                raise InvalidInput(f"unknown input '{spec.name}': the model's inputs are {names}")
-        sent = {spec.name for spec in body.inputs}
-        for name in by_name:
-            if name not in sent:
-                raise InvalidInput(f"missing input '{name}': the model's inputs are {names}")
+                raise InvalidInput(
+                    f"unknown input '{spec.name}': the model's inputs are {checks.names}"
+                )
+        # Input names are unique and all known here, so equal counts mean none is missing.
+        if len(body.inputs) != len(by_name):
+            sent = {spec.name for spec in body.inputs}
+            for name in by_name:
+                if name not in sent:
+                    raise InvalidInput(
+                        f"missing input '{name}': the model's inputs are {checks.names}"
+                    )
         for spec in body.inputs:
-            _check_input(spec, by_name[spec.name])
-    outputs = [o["name"] for o in signature.get("outputs") or []]
-    if outputs and body.outputs:
+            want, datatype, fixed, rank = by_name[spec.name]
+            if datatype and spec.datatype != datatype:
+                _check_input(spec, want)  # raises, with the message
+            if rank is not None:
+                shape = spec.shape
+                if len(shape) != rank:
+                    _check_input(spec, want)
+                for axis, dim in fixed:
+                    if shape[axis] != dim:
+                        _check_input(spec, want)
+    if checks.outputs and body.outputs:
         for name in body.outputs:
-            if name not in outputs:
-                known = ", ".join(f"'{n}'" for n in outputs)
-                raise InvalidInput(f"unknown output '{name}': the model's outputs are {known}")
+            if name not in checks.outputs:
+                raise InvalidInput(
+                    f"unknown output '{name}': the model's outputs are {checks.known_outputs}"
+                )
 
 
 def _check_input(spec: InputHeader, want: dict[str, Any]) -> None:
@@ -441,7 +513,10 @@ def _json_data(tensor: Tensor) -> Any:
                 f'cannot carry: request it as binary data (outputs: [{{"name": '
                 f'"{tensor.name}", "parameters": {{"binary_data": true}}}}])'
             ) from None
-    return np.ascontiguousarray(tensor.data).reshape(-1)
+    data = tensor.data
+    if type(data) is np.ndarray:
+        return data.ravel()  # a view when already contiguous, else a C-order copy
+    return np.ascontiguousarray(data).reshape(-1)
 
 
 def _binary_data(tensor: Tensor) -> bytes:
