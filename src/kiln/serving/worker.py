@@ -10,6 +10,7 @@ or the parent-death signal on Linux), so no worker outlives its server.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -223,6 +224,9 @@ def serve(channel: BlockingChannel) -> int:
             message = f"{type(exc).__name__}: {exc}"
         channel.send({"op": "failed", "error": message})
         return 3
+    # The model and user code live as long as the worker: keep them out of GC scans.
+    gc.collect()
+    gc.freeze()
     channel.send(
         {
             "op": "ready",
