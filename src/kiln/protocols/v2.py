@@ -12,11 +12,14 @@ is a model version. Routes (all under `/v2`):
     POST /v2/repository/index                  every version and its state (Triton)
     POST /v2/repository/models/{m}/load|unload start or stop all versions' workers
 
-Requests are held against the model's signature here, before they are queued,
-so a bad tensor is a 400 naming it and costs the worker nothing. Tensors reach
-the worker as typed arrays (`kind="tensors"`) and come back typed
-(`want_tensors`); no JSON is built for them in between. Errors are
-`{"error": "message"}`. The tensor encodings are in `v2_codec`.
+A JSON-only request (no binary data asked for, no `timeout`) goes to the worker
+as its raw body (`kind="v2json"`): the worker parses it, holds it against the
+signature (a bad tensor is a 400 naming it) and answers with the finished
+response body, which is sent as it is, so the server never touches the JSON.
+Other requests are held against the signature here, before they are queued;
+their tensors reach the worker as typed arrays (`kind="tensors"`) and come
+back typed (`want_tensors`). Errors are `{"error": "message"}`. The tensor
+encodings are in `kiln.serving.v2_tensors`.
 """
 
 from __future__ import annotations
@@ -277,7 +280,10 @@ class OpenInferenceV2:
         if encoding:
             raw = decompress(raw, encoding, limit)
         headers = request.headers
-        body = parse_infer_body(raw, headers.get("inference-header-content-length"))
+        header_length = headers.get("inference-header-content-length")
+        if header_length is None and b"binary_data" not in raw and b"timeout" not in raw:
+            return await self._infer_in_worker(request, send, served, raw)
+        body = parse_infer_body(raw, header_length)
         self._refuse_unavailable(served)
         signature = served.signature
         if signature:
@@ -319,6 +325,37 @@ class OpenInferenceV2:
             await send_bytes(
                 send, 200, payload, "application/octet-stream", request.request_id, extra
             )
+        return 200
+
+    async def _infer_in_worker(
+        self, request: Request, send: Send, served: ServedApi, raw: bytes
+    ) -> int:
+        """A JSON-only request: the worker parses, checks and answers it (`kind="v2json"`).
+
+        The server is the one process every request crosses, so it only forwards
+        bytes; requests with binary data, binary outputs or a `timeout` take `_infer`.
+        """
+        self._refuse_unavailable(served)
+        headers = request.headers
+        inference = InferenceRequest(
+            api=served.name,
+            version=served.version,
+            request_id=request.request_id,
+            body=raw,
+            protocol="v2",
+            headers={k: headers[k] for k in _FORWARDED_HEADERS if k in headers},
+            kind="v2json",
+            want_tensors=True,
+        )
+        response = await served.predict(inference)
+        await send_bytes(
+            send,
+            200,
+            response.body,
+            response.content_type,
+            request.request_id,
+            response.headers or None,
+        )
         return 200
 
     # ----- repository extension ----------------------------------------------------

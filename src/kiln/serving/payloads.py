@@ -2,7 +2,9 @@
 
 Decoding follows what each protocol's users expect: JSON for the native and
 V1 routes; TorchServe's rules on its routes (JSON decoded, text as str, other
-content as bytes); typed arrays for V2.
+content as bytes); typed arrays for V2. A JSON-only V2 request (`kind="v2json"`)
+arrives as its raw body: it is parsed and held against the signature here, and
+its answer is the finished V2 response body, so the server only forwards bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import orjson
 from kiln.errors import InvalidInput
 from kiln.handlers.context import RequestContext
 from kiln.serving.encoding import encode_result
-from kiln.serving.types import TensorPayload
+from kiln.serving.types import Tensor, TensorPayload
+from kiln.serving.v2_tensors import (
+    check_signature,
+    decode_inputs,
+    encode_infer_response,
+    parse_infer_body,
+)
 from kiln.serving.wire import decode_tensors, encode_tensors, item_parts, to_output_tensors
 
 _JSONISH = ("application/json",)
@@ -47,12 +55,32 @@ def decode_raw(data: bytes, content_type: str, tensor_api: bool) -> Any:
     return data
 
 
+def _tensor_payload(tensors: list[Tensor]) -> TensorPayload:
+    payload = TensorPayload()
+    for tensor in tensors:
+        data = tensor.data
+        if tensor.datatype == "BYTES":
+            data = np.array(data, dtype=object).reshape(tensor.shape)
+        payload[tensor.name] = data
+    return payload
+
+
 def decode_payload(
-    item: dict[str, Any], buffers: list[memoryview], input_names: list[str], tensor_api: bool
+    item: dict[str, Any],
+    buffers: list[memoryview],
+    input_names: list[str],
+    tensor_api: bool,
+    signature: dict[str, Any] | None = None,
 ) -> Any:
     kind = item.get("k", "json")
     if kind == "json":
         return _json(buffers[0]) if buffers else None
+    if kind == "v2json":
+        # The parsed request stays with the item: its id and outputs shape the answer.
+        body = parse_infer_body(buffers[0], None)
+        check_signature(body, signature or {})
+        item["v2"] = body
+        return _tensor_payload(decode_inputs(body))
     if kind == "raw":
         return decode_raw(bytes(buffers[0]), item.get("ct", ""), tensor_api)
     if kind == "parts":
@@ -62,14 +90,37 @@ def decode_payload(
             return dict(zip(input_names, values, strict=False)) if tensor_api else values
         return values[-1] if values else None  # single-input APIs take the last part
     if kind == "tensors":
-        payload = TensorPayload()
-        for tensor in decode_tensors(item["t"], buffers):
-            data = tensor.data
-            if tensor.datatype == "BYTES":
-                data = np.array(data, dtype=object).reshape(tensor.shape)
-            payload[tensor.name] = data
-        return payload
+        return _tensor_payload(decode_tensors(item["t"], buffers))
     raise InvalidInput(f"unknown request kind {kind!r}")
+
+
+def _v2_response(
+    result: Any, context: RequestContext, item: dict[str, Any], output_names: list[str]
+) -> tuple[dict[str, Any], list[Any]]:
+    """The finished V2 response body of a `v2json` item, as the V2 adapter would build it."""
+    body = item["v2"]
+    tensors = _wanted(to_output_tensors(result, output_names), body.outputs)
+    head: dict[str, Any] = {"model_name": context.api}
+    if context.version is not None:
+        head["model_version"] = context.version
+    head["id"] = body.id if body.id is not None else context.request_id
+    payload, header_length = encode_infer_response(head, tensors, body.wants_binary)
+    reply: dict[str, Any] = {"ok": True, "ct": "application/json", "nb": 1}
+    if header_length is not None:
+        reply["ct"] = "application/octet-stream"
+        reply["hd"] = {"Inference-Header-Content-Length": str(header_length)}
+    return reply, [payload]
+
+
+def _wanted(tensors: list[Tensor], wanted: list[str] | None) -> list[Tensor]:
+    if not wanted:
+        return tensors
+    unknown = [n for n in wanted if n not in {t.name for t in tensors}]
+    if unknown:
+        raise InvalidInput(
+            f"unknown output '{unknown[0]}': the outputs are " + ", ".join(t.name for t in tensors)
+        )
+    return [t for t in tensors if t.name in wanted]
 
 
 def encode_reply(
@@ -80,18 +131,11 @@ def encode_reply(
     output_names: list[str],
 ) -> tuple[dict[str, Any], list[Any]]:
     """The reply header and buffers of one successful item."""
+    if item.get("k") == "v2json":
+        return _v2_response(result, context, item, output_names)
     reply: dict[str, Any] = {"ok": True}
     if item.get("wt"):
-        tensors = to_output_tensors(result, output_names)
-        wanted = item.get("o")
-        if wanted:
-            unknown = [n for n in wanted if n not in {t.name for t in tensors}]
-            if unknown:
-                raise InvalidInput(
-                    f"unknown output '{unknown[0]}': the outputs are "
-                    + ", ".join(t.name for t in tensors)
-                )
-            tensors = [t for t in tensors if t.name in wanted]
+        tensors = _wanted(to_output_tensors(result, output_names), item.get("o"))
         reply["t"], buffers = encode_tensors(tensors)
     else:
         if envelope == "hub" and context.protocol == "native":

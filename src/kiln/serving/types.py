@@ -52,6 +52,8 @@ class InferenceRequest:
     #             text/* -> str, anything else -> bytes
     #   "parts"   multipart: `parts`, each decoded like "raw"
     #   "tensors" typed tensors (V2): `tensors`, given to tensor runtimes as they are
+    #   "v2json"  a V2 JSON request body (no binary data): the worker parses it, checks
+    #             it against the signature and answers with the V2 response body
     kind: str = "json"
     parts: list[Part] | None = None
     tensors: list[Tensor] | None = None

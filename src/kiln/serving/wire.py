@@ -105,6 +105,8 @@ def encode_request(request: InferenceRequest) -> tuple[dict[str, Any], list[Any]
         if kind == "raw":
             item["k"] = kind
             item["ct"] = request.content_type
+        elif kind == "v2json":
+            item["k"] = kind
         buffers = [request.body]
     item["nb"] = len(buffers)
     return item, buffers

@@ -69,7 +69,7 @@ class Worker:
         self.channel = channel
         self.spec = spec
         self.pipeline = pipeline
-        signature = pipeline.signature()
+        signature = self.signature = pipeline.signature()
         self.input_names = [i["name"] for i in signature.get("inputs", [])]
         self.output_names = [o["name"] for o in signature.get("outputs", [])]
         self.tensor_api = pipeline.is_tensor
@@ -88,7 +88,7 @@ class Worker:
         )
 
     def _decode(self, item: dict[str, Any], owned: list[memoryview]) -> Any:
-        return decode_payload(item, owned, self.input_names, self.tensor_api)
+        return decode_payload(item, owned, self.input_names, self.tensor_api, self.signature)
 
     def run(self) -> int:
         while True:
