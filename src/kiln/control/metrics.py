@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kiln.control.tracker import PredictionMonitor
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -124,6 +126,19 @@ class Metrics:
             ["model_name", "model_version"],
             registry=r,
         )
+        self.tracked_classes = Counter(
+            "kiln_tracked_predictions",
+            "Predictions per class (tracker: classification)",
+            ["api", "version", "class_name"],
+            registry=r,
+        )
+        self.tracked_values = Summary(
+            "kiln_tracked_value",
+            "Predicted values (tracker: regression)",
+            ["api", "version"],
+            registry=r,
+        )
+        self.monitor = PredictionMonitor()
         r.register(_LiveState(apis))
         # `labels()` validates and locks on every call; the hot path looks children up once.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -163,6 +178,19 @@ class Metrics:
         ts_requests.inc(size)
         ts_latency.inc(inference_s * 1e6 * size)
         ts_queue.inc(sum(queue_times) * 1e6)
+
+    def tracked(self, served: Any, values: list[Any]) -> None:
+        """Values the worker pulled out of answers for the API's `tracker:`."""
+        version = served.version or ""
+        model_type = served.api.tracker.model_type
+        self.monitor.record(served.name, version, model_type, values)
+        if model_type == "classification":
+            for value in values:
+                self.tracked_classes.labels(served.name, version, value).inc()
+        else:
+            summary = self.tracked_values.labels(served.name, version)
+            for value in values:
+                summary.observe(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

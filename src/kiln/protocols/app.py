@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from kiln.errors import KilnError, MethodNotAllowed
+from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
@@ -122,6 +122,8 @@ class InferenceApp:
 
     async def _system_route(self, request: Request, send: Send) -> int:
         path = request.path.rstrip("/") or "/"
+        if path.startswith("/apis/") and path.endswith("/monitoring"):
+            return await self._monitoring(request, send, path[len("/apis/") : -len("/monitoring")])
         if path in ("/", "/apis", "/healthz"):
             if request.method not in ("GET", "HEAD"):
                 err = MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET")
@@ -134,6 +136,25 @@ class InferenceApp:
                 await send_json(send, 200, {"apis": apis}, request.request_id)
             return 200
         raise unknown_path(request.path)
+
+    async def _monitoring(self, request: Request, send: Send, name: str) -> int:
+        """`GET /apis/{name}/monitoring?window=1h`: the tracker's summary (seed `tracker:`)."""
+        from kiln.config.quantities import parse_duration
+
+        group = self.registry.by_name(name)
+        served = group.get(request.query.get("version"))
+        if served.api.tracker is None or self.metrics is None:
+            raise NotFound(
+                f"API '{name}' has no tracker; add `tracker: {{model_type: classification}}` "
+                f"(or regression, with `key:` for object answers) to its kiln.yaml entry"
+            )
+        try:
+            window = parse_duration(request.query.get("window", "1h"))
+        except ValueError as exc:
+            raise InvalidInput(f"window: {exc}; use e.g. window=15m or window=1h") from None
+        summary = self.metrics.monitor.summary(served.name, served.version or "", window)
+        await send_json(send, 200, summary, request.request_id)
+        return 200
 
 
 class _ResponseTracker:

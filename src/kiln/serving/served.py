@@ -45,6 +45,8 @@ def worker_spec_for(api: Any) -> WorkerSpec:
         python_path=api.python_path,
         threads=max(1, math.ceil(api.compute.cpu or 1)),
         max_batch_size=api.batching.max_batch_size if api.batching else 1,
+        tracker_key=api.tracker.key if api.tracker else None,
+        tracker_type=api.tracker.model_type if api.tracker else None,
         response_envelope=api.response_envelope,
     )
 
@@ -454,6 +456,14 @@ class ServedApi:
             self.observer.batch(
                 self, [sent - p.enqueued for p in batch], time.monotonic() - sent, len(batch)
             )
+            tracked = [
+                value
+                for outcome in outcomes
+                if not isinstance(outcome, BaseException) and outcome.tracked
+                for value in outcome.tracked
+            ]
+            if tracked:
+                self.observer.tracked(self, tracked)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue

@@ -72,6 +72,7 @@ class InferenceResponse:
     debug_stages: list[tuple[str, str]] = field(default_factory=list)
     batch_size: int = 1  # how many requests shared the model call (observability)
     tensors: list[Tensor] | None = None  # when the request asked for typed tensors
+    tracked: list[Any] | None = None  # prediction-monitoring values (tracker:)
 
 
 @dataclass(slots=True)
@@ -95,6 +96,8 @@ class WorkerSpec:
     cpus: list[int] | None = None  # CPU affinity of this replica
     max_batch_size: int = 1
     response_envelope: str = "none"
+    tracker_key: str | None = None
+    tracker_type: str | None = None  # "classification" | "regression" | None
 
     def to_wire(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

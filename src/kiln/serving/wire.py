@@ -152,6 +152,7 @@ def decode_outcomes(
                     debug_stages=stages,
                     batch_size=header.get("n", 1),
                     tensors=tensors,
+                    tracked=item.get("tv"),
                 )
             )
         else:

@@ -26,6 +26,7 @@ from kiln.handlers.pipeline import Pipeline, build_pipeline
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
 from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
+from kiln.serving.tracking import tracked_values
 from kiln.serving.types import WorkerSpec
 from kiln.serving.wire import split_items
 
@@ -154,11 +155,18 @@ class Worker:
         if isinstance(outcome, BaseException):
             return _error_reply(to_kiln_error(outcome, self.spec.api, context.request_id)), []
         try:
-            return encode_reply(
+            reply, buffers = encode_reply(
                 outcome, context, self.spec.response_envelope, item, self.output_names
             )
         except Exception as exc:  # noqa: BLE001 - encoding user values may fail
             return _error_reply(to_kiln_error(exc, self.spec.api, context.request_id)), []
+        if self.spec.tracker_type:
+            values = tracked_values(
+                self.spec.api, outcome, self.spec.tracker_key, self.spec.tracker_type
+            )
+            if values:
+                reply["tv"] = values
+        return reply, buffers
 
     def handle_explain(
         self, header: dict[str, Any], buffers: list[memoryview]

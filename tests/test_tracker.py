@@ -1,0 +1,88 @@
+"""Prediction monitoring (seed `tracker:`): counts and stats equal the answers sent."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from support import KilnServer, write
+
+HANDLERS = """
+class Classifier:
+    def predict(self, payload, context):
+        if payload == "weird":
+            return {"label": 3.5}
+        return {"label": payload, "score": 0.9}
+
+
+class Regressor:
+    def predict(self, payload, context):
+        return payload * 2
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tracker")
+    write(root / "h.py", HANDLERS)
+    write(
+        root / "kiln.yaml",
+        """
+- kind: api
+  name: clf
+  python: {handler: h.py:Classifier}
+  tracker: {key: label, model_type: classification}
+- kind: api
+  name: reg
+  python: {handler: h.py:Regressor}
+  tracker: {model_type: regression}
+- kind: api
+  name: plain
+  python: {handler: h.py:Regressor}
+""",
+    )
+    srv = KilnServer(root, tmp_path_factory.mktemp("home"))
+    yield srv
+    srv.stop()
+
+
+def test_classification_counts_equal_the_responses(server: KilnServer) -> None:
+    for label in ["a", "a", "b", "a", "c"]:
+        assert server.client.post("/clf", json=label).json()["label"] == label
+    summary = server.client.get("/apis/clf/monitoring?window=1h").json()
+    assert summary["model_type"] == "classification"
+    assert summary["classes"] == {"a": 3, "b": 1, "c": 1}
+    assert summary["count"] == 5
+
+
+def test_a_wrong_type_never_changes_the_answer(server: KilnServer) -> None:
+    before = server.client.get("/apis/clf/monitoring").json()["count"]
+    response = server.client.post("/clf", json="weird")
+    assert response.status_code == 200 and response.json() == {"label": 3.5}
+    assert server.client.get("/apis/clf/monitoring").json()["count"] == before
+    warned = server.api_log(
+        "clf", until=lambda rs: any("tracker warning" in r.get("message", "") for r in rs)
+    )
+    assert any("string or integer classes" in r.get("message", "") for r in warned)
+
+
+def test_regression_min_max_mean_and_percentiles(server: KilnServer) -> None:
+    for value in [1, 2, 6]:
+        server.client.post("/reg", json=value)
+    summary = server.client.get("/apis/reg/monitoring?window=15m").json()
+    assert summary["window_s"] == 900
+    assert (summary["count"], summary["min"], summary["max"], summary["mean"]) == (3, 2, 12, 6)
+    assert summary["p50"] == 4
+
+
+def test_metrics_carry_the_tracked_values(server: KilnServer) -> None:
+    text = httpx.get(server.metrics_url).text
+    assert 'kiln_tracked_predictions_total{api="clf",class_name="a",version=""} 3.0' in text
+    assert 'kiln_tracked_value_count{api="reg",version=""} 3.0' in text
+
+
+def test_monitoring_errors_say_what_to_do(server: KilnServer) -> None:
+    missing = server.client.get("/apis/plain/monitoring")
+    assert missing.status_code == 404 and "add `tracker:" in missing.json()["error"]["message"]
+    assert server.client.get("/apis/nope/monitoring").status_code == 404
+    bad = server.client.get("/apis/clf/monitoring?window=soon")
+    assert bad.status_code == 400 and "window" in bad.json()["error"]["message"]
