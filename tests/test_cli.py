@@ -163,3 +163,35 @@ def test_shutdown_finishes_in_flight_requests_and_leaves_no_workers(tmp_path: Pa
     assert "Kiln stopped" in server.output()
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists(), "worker outlived the server"
+
+
+def test_get_and_logs_show_what_the_server_is_doing(tmp_path: Path) -> None:
+    write(tmp_path / "p" / "h.py", "def predict(payload, context):\n    return payload\n")
+    write(
+        tmp_path / "p" / "kiln.yaml",
+        "- kind: api\n  name: echo\n  python:\n    handler: h.py\n"
+        "  tracker: {model_type: classification}\n",
+    )
+    server = KilnServer(tmp_path / "p", tmp_path / "home")
+    try:
+        for body in ["x", "x", "y"]:
+            server.client.post("/echo", json=body, headers={"X-Request-ID": f"req-{body}"})
+        server.client.post("/echo", content=b"{bad")
+        listing = kiln("get", "-o", "json", cwd=tmp_path, home=server.state)
+        assert listing.returncode == 0, listing.stderr
+        echo = orjson.loads(listing.stdout)["apis"][0]
+        assert echo["name"] == "echo" and echo["status"] == "ready"
+        assert echo["traffic"]["2xx"] == 3 and echo["traffic"]["4xx"] == 1
+        assert echo["url"] == f"{server.url}/echo"
+        detail = kiln("get", "echo", cwd=tmp_path, home=server.state)
+        assert detail.returncode == 0, detail.stderr
+        assert "tracker" in detail.stdout and '"x": 2' in detail.stdout
+        assert "?debug=true" in detail.stdout
+        server.api_log("echo", until=lambda rs: len([r for r in rs if r.get("status")]) >= 4)
+        logs = kiln("logs", "echo", cwd=tmp_path, home=server.state)
+        assert logs.returncode == 0, logs.stderr
+        assert "POST /echo 200" in logs.stdout and "id=req-y" in logs.stdout
+        missing = kiln("get", "nope", cwd=tmp_path, home=server.state)
+        assert missing.returncode == 2 and "no API named 'nope'" in missing.stderr
+    finally:
+        server.stop()

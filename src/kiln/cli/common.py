@@ -16,6 +16,19 @@ def kiln_home() -> Path:
     return Path(os.environ.get("KILN_HOME", Path.home() / ".kiln")).expanduser()
 
 
+def find_server_info() -> dict | None:
+    """The running local server's server.json (pid, url, ports, home), if one is alive."""
+    home = kiln_home()
+    for name in ("server.json", "serve.json"):
+        try:
+            info = orjson.loads((home / name).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if _alive(info.get("pid")):
+            return info
+    return None
+
+
 def find_server_url() -> str | None:
     """The local server's inference URL: KILN_URL, else server.json, else a `kiln serve` one."""
     if os.environ.get("KILN_URL"):

@@ -166,6 +166,32 @@ def predict(
     raise typer.Exit(run_predict(target, payload, file, url, api_version, debug, timeout))
 
 
+@app.command()
+def get(
+    api: Annotated[str | None, typer.Argument(help="One API for details.")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Server URL.")] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="pretty or json.")] = "pretty",
+    watch: Annotated[bool, typer.Option("-w", "--watch", help="Refresh every 2 s.")] = False,
+) -> None:
+    """Show every API with status, replicas, requests by status and latency."""
+    from kiln.cli.get_cmd import run_get
+
+    raise typer.Exit(run_get(api, url, output, watch))
+
+
+@app.command()
+def logs(
+    api: Annotated[str, typer.Argument(help="The API whose log to show.")],
+    follow: Annotated[
+        bool, typer.Option("-f", "--follow", help="Keep printing new lines.")
+    ] = False,
+) -> None:
+    """Print an API's log (requests, worker output, scaling), merged across its replicas."""
+    from kiln.cli.get_cmd import run_logs
+
+    raise typer.Exit(run_logs(api, follow))
+
+
 def main() -> None:
     app()
 
