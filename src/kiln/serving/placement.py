@@ -1,0 +1,94 @@
+"""Where and how a replica runs: its worker spec, environment, CPU cores and the machine cap.
+
+Kept apart from `served.py` (queueing and dispatch) because these are decisions
+about processes and the machine, not about requests.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from typing import Any
+
+from kiln.serving.types import WorkerSpec
+
+
+def worker_spec_for(api: Any) -> WorkerSpec:
+    """The plain data a worker needs, from a validated `kiln.config.ApiSpec`."""
+    block = api.runtime_block
+    handler = getattr(block, "handler", None) if api.runtime in ("python", "torch") else None
+    return WorkerSpec(
+        api=api.name,
+        version=api.version,
+        runtime=api.runtime,
+        model_path=api.model_path,
+        request_handler=api.request_handler_path,
+        handler=handler,
+        signature_key=getattr(block, "signature_key", None),
+        method=getattr(block, "method", "predict"),
+        trusted=bool(getattr(block, "trusted", False)),
+        signature=getattr(block, "signature", None),
+        config=dict(api.config or {}),
+        metadata=dict(api.metadata or {}),
+        python_path=api.python_path,
+        threads=max(1, math.ceil(api.compute.cpu or 1)),
+        max_batch_size=api.batching.max_batch_size if api.batching else 1,
+        tracker_key=api.tracker.key if api.tracker else None,
+        tracker_type=api.tracker.model_type if api.tracker else None,
+        response_envelope=api.response_envelope,
+    )
+
+
+_next_core = itertools.count()
+
+
+def cores_for(cpu: float) -> list[int] | None:
+    """Cores for the next replica: `ceil(cpu)` of them, round-robin over the worker cores.
+
+    The first core is left to the server process (HTTP, routing, IPC) when the
+    machine has more than one, so workers never compete with the gateway that
+    feeds them; with one core there is nothing to pin.
+    """
+    try:
+        available = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    workers = available[1:] if len(available) > 1 else available
+    want = max(1, math.ceil(cpu))
+    if len(available) == 1 or want > len(workers):
+        return None
+    start = next(_next_core) * want
+    return [workers[(start + i) % len(workers)] for i in range(want)]
+
+
+def worker_env(spec: WorkerSpec) -> dict[str, str]:
+    """The worker's environment: PYTHONPATH, MODEL_DIR (before user code imports), threads."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (spec.python_path, env.get("PYTHONPATH")) if p)
+    if spec.model_path:
+        path = spec.model_path
+        env["MODEL_DIR"] = path if os.path.isdir(path) else os.path.dirname(path)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(spec.threads)
+    env["KILN_API"] = spec.api
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def machine_replica_cap(compute: Any) -> int:
+    """`compute.max_replicas`, capped by what this machine can hold.
+
+    The seed default of 100 must not fork 100 processes on a laptop: the sum of
+    replicas' CPU (and memory, when `compute.mem` is set) requests stays within
+    the machine's cores and memory.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    cap = min(compute.max_replicas, max(1, int(cores / max(compute.cpu or 1.0, 0.01))))
+    if compute.mem:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cap = min(cap, max(1, total // compute.mem))
+    return max(cap, compute.min_replicas or 0, 1)
