@@ -19,7 +19,7 @@ response body, which is sent as it is, so the server never touches the JSON.
 Other requests are held against the signature here, before they are queued;
 their tensors reach the worker as typed arrays (`kind="tensors"`) and come
 back typed (`want_tensors`). Errors are `{"error": "message"}`. The tensor
-encodings are in `kiln.serving.v2_tensors`.
+encodings are in `kiln.serving.v2_tensors` and `kiln.serving.v2_response`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The HTTP side of Open Inference Protocol (V2) tensors: request compression.
 
-The tensor encodings themselves (parsing, signature checks, response bodies)
-are in `kiln.serving.v2_tensors`, shared with the worker, which answers
-JSON-only V2 requests itself.
+The tensor encodings themselves are in `kiln.serving.v2_tensors` (parsing,
+signature checks) and `kiln.serving.v2_response` (response bodies), shared
+with the worker, which answers JSON-only V2 requests itself.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import zlib
 
 from kiln.errors import InvalidInput, PayloadTooLarge
+from kiln.serving.v2_response import encode_infer_response
 from kiln.serving.v2_tensors import (
     DATATYPES,
     InferBody,
     InputHeader,
     check_signature,
     decode_inputs,
-    encode_infer_response,
     parse_infer_body,
 )
 

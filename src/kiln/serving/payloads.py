@@ -18,10 +18,10 @@ from kiln.errors import InvalidInput
 from kiln.handlers.context import RequestContext
 from kiln.serving.encoding import encode_result
 from kiln.serving.types import Tensor, TensorPayload
+from kiln.serving.v2_response import encode_infer_response
 from kiln.serving.v2_tensors import (
     check_signature,
     decode_inputs,
-    encode_infer_response,
     parse_infer_body,
 )
 from kiln.serving.wire import decode_tensors, encode_tensors, item_parts, to_output_tensors

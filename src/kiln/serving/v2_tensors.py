@@ -11,7 +11,8 @@ The header is parsed and checked (names, datatypes, shapes) before any tensor
 data is decoded, so a request can be held against the model's signature and
 answered 400 naming the tensor before any model runs. No HTTP lives here: the
 V2 adapter uses this module for binary requests, and the worker uses it for
-JSON-only requests, which it parses, checks and answers itself.
+JSON-only requests, which it parses, checks and answers itself. Response
+bodies are built in `kiln.serving.v2_response`.
 
 BF16: numpy has no bfloat16, so a BF16 input (binary only; JSON cannot carry
 it) is widened to float32 by moving each 16-bit value into the high half of a
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -476,62 +476,3 @@ def _check_input(spec: InputHeader, want: dict[str, Any]) -> None:
                 f"input '{spec.name}' has shape {spec.shape}, but the model takes {expected}: "
                 f"dimension {axis} must be {dim}"
             )
-
-
-# ----- tensors -> response -------------------------------------------------------------
-
-
-def _json_data(tensor: Tensor) -> Any:
-    if tensor.datatype == "BYTES":
-        try:
-            return [v.decode() if isinstance(v, bytes) else str(v) for v in tensor.data]
-        except UnicodeDecodeError:
-            raise InvalidInput(
-                f"output '{tensor.name}' holds bytes that are not UTF-8 text, which JSON "
-                f'cannot carry: request it as binary data (outputs: [{{"name": '
-                f'"{tensor.name}", "parameters": {{"binary_data": true}}}}])'
-            ) from None
-    data = tensor.data
-    if type(data) is np.ndarray:
-        return data.ravel()  # a view when already contiguous, else a C-order copy
-    return np.ascontiguousarray(data).reshape(-1)
-
-
-def _binary_data(tensor: Tensor) -> bytes:
-    if tensor.datatype == "BYTES":
-        parts: list[bytes] = []
-        for value in tensor.data:
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            parts.append(struct.pack("<I", len(raw)))
-            parts.append(raw)
-        return b"".join(parts)
-    array = np.asarray(tensor.data)
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8).tobytes()
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
-def encode_infer_response(
-    head: dict[str, Any], tensors: list[Tensor], binary: Callable[[str], bool]
-) -> tuple[bytes, int | None]:
-    """(body, JSON header length when binary outputs follow it, else None)."""
-    outputs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    for tensor in tensors:
-        out: dict[str, Any] = {
-            "name": tensor.name,
-            "datatype": tensor.datatype,
-            "shape": list(tensor.shape),
-        }
-        if binary(tensor.name):
-            raw = _binary_data(tensor)
-            out["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            out["data"] = _json_data(tensor)
-        outputs.append(out)
-    head["outputs"] = outputs
-    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return header, None
-    return b"".join((header, *chunks)), len(header)
