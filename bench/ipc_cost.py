@@ -50,7 +50,7 @@ async def measure(model: Path, features: int, rows: int, n: int) -> dict[str, fl
         WorkerSpec(api="ipc", version=None, runtime="onnx", model_path=str(model)),
         cwd=str(model.parent),
         env=dict(os.environ),
-        log_line=lambda line: None,
+        log_line=lambda line, replica=None: None,
     )
     await replica.start(60)
     body = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -180,12 +180,16 @@ def test_get_and_logs_show_what_the_server_is_doing(tmp_path: Path) -> None:
         listing = kiln("get", "-o", "json", cwd=tmp_path, home=server.state)
         assert listing.returncode == 0, listing.stderr
         echo = orjson.loads(listing.stdout)["apis"][0]
-        assert echo["name"] == "echo" and echo["status"] == "ready"
-        assert echo["traffic"]["2xx"] == 3 and echo["traffic"]["4xx"] == 1
+        assert echo["name"] == "echo" and echo["status"] == "live"
+        assert echo["requests"]["2xx"] == 3 and echo["requests"]["4xx"] == 1
         assert echo["url"] == f"{server.url}/echo"
         detail = kiln("get", "echo", cwd=tmp_path, home=server.state)
         assert detail.returncode == 0, detail.stderr
-        assert "tracker" in detail.stdout and '"x": 2' in detail.stdout
+        assert "tracker" in detail.stdout and "classification" in detail.stdout
+        as_json = orjson.loads(
+            kiln("get", "echo", "-o", "json", cwd=tmp_path, home=server.state).stdout
+        )
+        assert as_json["tracker"]["classes"] == {"x": 2, "y": 1}
         assert "?debug=true" in detail.stdout
         server.api_log("echo", until=lambda rs: len([r for r in rs if r.get("status")]) >= 4)
         logs = kiln("logs", "echo", cwd=tmp_path, home=server.state)

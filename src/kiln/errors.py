@@ -60,6 +60,13 @@ class MethodNotAllowed(KilnError):
     type = "MethodNotAllowed"
 
 
+class Conflict(KilnError):
+    """The name is taken, or the thing is in a state that forbids the change."""
+
+    status = 409
+    type = "Conflict"
+
+
 class PayloadTooLarge(KilnError):
     """The request body is larger than the API accepts."""
 

@@ -1,103 +1,73 @@
-"""`kiln get [API]` and `kiln logs API`: what the running server is doing."""
+"""`kiln get [API]` and `kiln logs API`: what the server is doing, via the management API."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Group
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, find_server_info
+from kiln.cli.client import Management, resolve
+from kiln.cli.common import console
 
-_STYLE = {"ready": "green", "failed": "red", "scaled to zero": "blue"}
-
-
-def _server(url: str | None) -> tuple[str, str | None, dict | None]:
-    info = find_server_info()
-    if url:
-        return url.rstrip("/"), None, info
-    if info is None:
-        raise LookupError(
-            "no running Kiln server found: start one with `kiln serve`, or pass --url"
-        )
-    return str(info["url"]).rstrip("/"), info.get("metrics_url"), info
+_STYLE = {
+    "live": "green",
+    "error": "red",
+    "error (out of memory)": "red",
+    "compute unavailable": "red",
+    "scaled to zero": "blue",
+}
 
 
-def _traffic(metrics_url: str | None) -> dict[str, dict[str, Any]]:
-    """Per API: requests by status class and p50/p99 latency, from the metrics port."""
-    if not metrics_url:
-        return {}
-    try:
-        text = httpx.get(metrics_url, timeout=5).text
-    except httpx.HTTPError:
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    buckets: dict[str, list[tuple[float, float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            api = sample.labels.get("api")
-            if api is None:
-                continue
-            entry = out.setdefault(api, {"2xx": 0, "4xx": 0, "5xx": 0})
-            if sample.name == "kiln_requests_total":
-                status = sample.labels["status_class"]
-                entry[status] = entry.get(status, 0) + int(sample.value)
-            elif sample.name == "kiln_request_latency_seconds_bucket":
-                buckets.setdefault(api, []).append((float(sample.labels["le"]), sample.value))
-    for api, points in buckets.items():
-        points.sort()
-        total = points[-1][1] if points else 0
-        for q in (50, 99):
-            bound = next((le for le, c in points if total and c >= total * q / 100), None)
-            out[api][f"p{q}"] = bound
-    return out
-
-
-def _ms(bound: float | None) -> str:
-    if bound is None:
-        return "-"
-    return "slower" if bound == float("inf") else f"<={bound * 1000:g}ms"
-
-
-def run_get(api: str | None, url: str | None, output: str, watch: bool) -> int:
-    try:
-        base, metrics_url, _ = _server(url)
-    except LookupError as exc:
-        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
-        return 2
-    while True:
+def run_get(api: str | None, env: str | None, output: str, watch: bool) -> int:
+    client = Management(resolve(env))
+    if output == "json":
+        data = client.get(f"/apis/{api}") if api else client.get("/apis")
+        console.print_json(orjson.dumps(data).decode())
+        return 0
+    if not watch:
+        console.print(_render(client, api))
+        return 0
+    with Live(_render(client, api), console=console, refresh_per_second=1) as live:
         try:
-            apis = httpx.get(f"{base}/apis", timeout=10).json()["apis"]
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            err_console.print(f"[bold red]Error:[/] cannot reach {base}: {exc}", highlight=False)
-            return 1
-        if api is not None:
-            apis = [a for a in apis if a["name"] == api]
-            if not apis:
-                err_console.print(f"[bold red]Error:[/] no API named '{escape(api)}' on {base}")
-                return 2
-        traffic = _traffic(metrics_url)
-        if output == "json":
-            for entry in apis:
-                entry["traffic"] = traffic.get(entry["name"], {})
-                entry["url"] = f"{base}{entry['endpoint']}"
-            console.print_json(orjson.dumps({"apis": apis}).decode())
-        else:
-            console.print(_table(apis, traffic, base))
-            if api is not None:
-                _details(apis[0], base)
-        if not watch:
+            while True:
+                time.sleep(2)
+                live.update(_render(client, api))
+        except KeyboardInterrupt:
             return 0
-        time.sleep(2)
-        console.clear()
 
 
-def _table(apis: list[dict], traffic: dict, base: str) -> Table:
+def _render(client: Management, api: str | None) -> Any:
+    if api is None:
+        apis = client.get("/apis")["apis"]
+        if not apis:
+            return "No APIs are deployed. Deploy a project with `kiln deploy DIR`."
+        return _table(apis)
+    detail = client.get(f"/apis/{api}")
+    return Group(_table(detail["versions"]), *_details(detail))
+
+
+def _ms(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, str) else f"{value:g}ms"
+
+
+def _ago(stamp: float | None) -> str:
+    if not stamp:
+        return "-"
+    seconds = max(0, time.time() - stamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _table(apis: list[dict]) -> Table:
     table = Table(show_edge=False, header_style="bold")
     for column in (
         "API",
@@ -109,78 +79,99 @@ def _table(apis: list[dict], traffic: dict, base: str) -> Table:
         "5XX",
         "P50",
         "P99",
+        "LAST UPDATE",
         "URL",
     ):
         table.add_column(column)
     for entry in apis:
-        t = traffic.get(entry["name"], {})
-        replicas = entry.get("replicas", {})
+        replicas = entry["replicas"]
+        requests = entry["requests"]
         style = _STYLE.get(entry["status"], "yellow")
+        count = f"{replicas['ready']}/{replicas['requested']}"
+        if replicas.get("capped"):
+            count += f" (max {replicas['max']}*)"
         table.add_row(
             entry["name"],
             entry.get("version") or "-",
-            f"[{style}]{entry['status']}[/]",
-            f"{replicas.get('ready', 0)}/{replicas.get('requested', 0)}",
-            str(t.get("2xx", 0)),
-            str(t.get("4xx", 0)),
-            str(t.get("5xx", 0)),
-            _ms(t.get("p50")),
-            _ms(t.get("p99")),
-            f"{base}{entry['endpoint']}",
+            f"[{style}]{escape(entry['status'])}[/]",
+            count,
+            str(requests.get("2xx", 0)),
+            str(requests.get("4xx", 0)),
+            str(requests.get("5xx", 0)),
+            _ms(entry["latency_ms"]["p50"]),
+            _ms(entry["latency_ms"]["p99"]),
+            _ago(entry.get("last_update")),
+            entry["url"],
         )
     return table
 
 
-def _details(entry: dict, base: str) -> None:
-    if entry.get("error"):
-        console.print(f"[red]error:[/] {escape(entry['error'])}", highlight=False)
-    events = entry.get("scaling_events") or []
+def _details(detail: dict) -> list[Any]:
+    out: list[Any] = []
+    if detail.get("replicas", {}).get("capped"):
+        out.append(f"\n* {escape(detail['replicas']['capped'])}")
+    if detail.get("deployment"):
+        out.append(
+            f"\ndeployment [bold]{escape(detail['deployment'])}[/], revision {detail['revision']}"
+        )
+    tracker = detail.get("tracker")
+    if tracker:
+        out.append(f"\ntracker (last {tracker['window_s'] / 60:g} min, {tracker['model_type']}):")
+        if tracker.get("model_type") == "classification":
+            rows = Table(show_edge=False, header_style="bold")
+            rows.add_column("CLASS")
+            rows.add_column("COUNT", justify="right")
+            for label, count in tracker.get("classes", {}).items():
+                rows.add_row(escape(str(label)), str(count))
+            out.append(rows)
+        elif tracker.get("count"):
+            out.append(
+                "  count {count}  min {min:g}  max {max:g}  mean {mean:g}  p50 {p50:g}  "
+                "p99 {p99:g}".format(**tracker)
+            )
+        else:
+            out.append(f"  {tracker.get('message', 'no predictions in the window')}")
+    errors = detail.get("recent_errors") or []
+    if errors:
+        out.append("\nrecent errors:")
+        out += [f"  [red]{escape(e['error'])}[/]" for e in errors[-5:]]
+    events = detail.get("scaling_events") or []
     if events:
-        console.print("\nscaling events:")
+        out.append("\nscaling events:")
         for event in events[-10:]:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            console.print(f"  {stamp} {event['from']} -> {event['to']}: {escape(event['reason'])}")
-    monitoring = httpx.get(f"{base}/apis/{entry['name']}/monitoring", timeout=10)
-    if monitoring.status_code == 200:
-        console.print("\ntracker (last hour):")
-        console.print_json(monitoring.text)
-    console.print(
-        f"\ncurl -X POST '{base}{entry['endpoint']}?debug=true' "
-        f"-H 'Content-Type: application/json' -d @sample.json",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
-    )
+            out.append(
+                f"  {stamp} {event['from']} -> {event['to']}: {escape(str(event['reason']))}"
+            )
+    out.append(f"\n{escape(detail['curl'])}")
+    return out
 
 
-def run_logs(api: str, follow: bool) -> int:
-    info = find_server_info()
-    if info is None or not info.get("home"):
-        err_console.print(
-            "[bold red]Error:[/] no running Kiln server found: start one with `kiln serve`"
-        )
-        return 2
-    path = Path(info["home"]) / "logs" / f"{api}.log"
-    if not path.exists():
-        err_console.print(f"[bold red]Error:[/] no logs for API '{escape(api)}' yet ({path})")
-        return 2
-    with path.open("rb") as handle:
-        while True:
-            line = handle.readline()
-            if line:
-                console.print(_log_line(line), markup=False, highlight=False, soft_wrap=True)
-                continue
-            if not follow:
-                return 0
-            time.sleep(0.2)
+def run_logs(api: str, env: str | None, follow: bool, tail: int) -> int:
+    client = Management(resolve(env))
+    params = {"follow": "true" if follow else "false", "tail": str(tail)}
+    try:
+        with client.stream(f"/apis/{api}/logs", params) as response:
+            if response.status_code >= 400:
+                response.read()
+                from kiln.cli.client import CliError, _message
+
+                raise CliError(_message(response), 1)
+            for line in response.iter_lines():
+                if line.strip():
+                    console.print(_log_line(line), markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
-def _log_line(line: bytes) -> str:
+def _log_line(line: str) -> str:
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return line.decode(errors="replace").rstrip()
+        return line.rstrip()
     stamp = time.strftime("%H:%M:%S", time.localtime(record.get("ts", 0)))
+    replica = f"[{record['replica']}] " if record.get("replica") else ""
     if record.get("event") == "request":
         return (
             f"{stamp} {record.get('method')} {record.get('path')} {record.get('status')} "
@@ -190,4 +181,4 @@ def _log_line(line: bytes) -> str:
         return f"{stamp} debug [{record.get('stage')}] {record.get('value')}"
     if record.get("event") == "scaling":
         return f"{stamp} scaled {record.get('from')} -> {record.get('to')}: {record.get('reason')}"
-    return f"{stamp} {record.get('message', '')}"
+    return f"{stamp} {replica}{record.get('message', '')}"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from kiln import __version__
 from kiln.cli.common import console, err_console, fail
@@ -166,30 +167,113 @@ def predict(
     raise typer.Exit(run_predict(target, payload, file, url, api_version, debug, timeout))
 
 
+EnvOption = Annotated[
+    str | None,
+    typer.Option("--env", "-e", help="Which server (see `kiln env list`; default: local)."),
+]
+
+
+def _cli(action: Any) -> None:
+    """Run a command body; a CliError is printed as one clear message and an exit code."""
+    from kiln.cli.client import CliError
+
+    try:
+        code = action()
+    except CliError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(exc.code) from None
+    raise typer.Exit(code or 0)
+
+
+@app.command()
+def deploy(
+    project_dir: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+    env: EnvOption = None,
+    name: Annotated[
+        str | None, typer.Option(help="Deployment name (default: kiln.yaml's, else the folder's).")
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Return once uploaded; do not wait for live.")
+    ] = False,
+) -> None:
+    """Pack a project, upload it to the server and roll it out (an unchanged project is a no-op)."""
+    from kiln.cli.deploy_cmd import run_deploy
+
+    _cli(lambda: run_deploy(project_dir, None, env, name, not no_wait))
+
+
 @app.command()
 def get(
     api: Annotated[str | None, typer.Argument(help="One API for details.")] = None,
-    url: Annotated[str | None, typer.Option("--url", help="Server URL.")] = None,
+    env: EnvOption = None,
     output: Annotated[str, typer.Option("-o", "--output", help="pretty or json.")] = "pretty",
     watch: Annotated[bool, typer.Option("-w", "--watch", help="Refresh every 2 s.")] = False,
 ) -> None:
     """Show every API with status, replicas, requests by status and latency."""
     from kiln.cli.get_cmd import run_get
 
-    raise typer.Exit(run_get(api, url, output, watch))
+    _cli(lambda: run_get(api, env, output, watch))
 
 
 @app.command()
 def logs(
     api: Annotated[str, typer.Argument(help="The API whose log to show.")],
+    env: EnvOption = None,
     follow: Annotated[
         bool, typer.Option("-f", "--follow", help="Keep printing new lines.")
     ] = False,
+    tail: Annotated[int, typer.Option(help="How many past lines to show first.")] = 200,
 ) -> None:
-    """Print an API's log (requests, worker output, scaling), merged across its replicas."""
+    """Print an API's log (requests, worker output by replica, scaling), merged."""
     from kiln.cli.get_cmd import run_logs
 
-    raise typer.Exit(run_logs(api, follow))
+    _cli(lambda: run_logs(api, env, follow, tail))
+
+
+@app.command()
+def delete(
+    api: Annotated[str, typer.Argument(help="The API to delete.")],
+    env: EnvOption = None,
+    force: Annotated[bool, typer.Option("-f", "--force", help="Do not ask first.")] = False,
+) -> None:
+    """Stop serving an API and forget it (asks first unless -f)."""
+    from kiln.cli.deploy_cmd import run_delete
+
+    _cli(lambda: run_delete(api, env, force))
+
+
+@app.command()
+def refresh(
+    api: Annotated[str, typer.Argument(help="The API whose replicas to restart.")],
+    env: EnvOption = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for it.")] = False,
+) -> None:
+    """Restart an API's replicas without downtime (new ones load before old ones stop)."""
+    from kiln.cli.deploy_cmd import run_refresh
+
+    _cli(lambda: run_refresh(api, env, not no_wait))
+
+
+@app.command()
+def rollback(
+    api: Annotated[str, typer.Argument(help="The API whose deployment to roll back.")],
+    revision: Annotated[
+        str | None, typer.Argument(help="Revision (default: the previous live one).")
+    ] = None,
+    env: EnvOption = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for it.")] = False,
+) -> None:
+    """Return an API's deployment to an earlier revision (`kiln get API` lists them)."""
+    from kiln.cli.deploy_cmd import run_rollback
+
+    _cli(lambda: run_rollback(api, revision, env, not no_wait))
+
+
+from kiln.cli.env_cmd import env_app  # noqa: E402
+from kiln.cli.server_cmd import server_app  # noqa: E402
+
+app.add_typer(server_app, name="server")
+app.add_typer(env_app, name="env")
 
 
 def main() -> None:

@@ -57,6 +57,11 @@ class _LiveState(Collector):
         restarts = CounterMetricFamily(
             "kiln_worker_restarts", "Worker processes restarted", labels=["api", "version"]
         )
+        oom = CounterMetricFamily(
+            "kiln_worker_oom_kills",
+            "Workers killed for exceeding compute.mem",
+            labels=["api", "version"],
+        )
         for served in self.apis.all():
             labels = [served.name, served.version or ""]
             in_flight.add_metric(labels, served.in_flight_total())
@@ -67,7 +72,8 @@ class _LiveState(Collector):
             for state in ("ready", "loading", "restarting", "failed"):
                 replicas.add_metric([*labels, state], counts.get(state, 0))
             restarts.add_metric(labels, served.restarts)
-        yield from (in_flight, queue, replicas, restarts)
+            oom.add_metric(labels, sum(slot.oom_kills for slot in served.slots))
+        yield from (in_flight, queue, replicas, restarts, oom)
 
 
 class Metrics:
@@ -138,7 +144,10 @@ class Metrics:
             ["api", "version"],
             registry=r,
         )
-        self.monitor = PredictionMonitor()
+        # In memory by default; the server swaps in `DurableCounters` (which has the same
+        # `record`/`summary`) so tracker counts and usage survive restarts.
+        self.monitor: Any = PredictionMonitor()
+        self.usage: Any = None  # DurableCounters, when the server has a state store
         r.register(_LiveState(apis))
         # `labels()` validates and locks on every call; the hot path looks children up once.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -155,6 +164,8 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+        if self.usage is not None:
+            self.usage.count_request(api, status)
 
     def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
         key = (served.name, served.version or "")
@@ -191,6 +202,28 @@ class Metrics:
             summary = self.tracked_values.labels(served.name, version)
             for value in values:
                 summary.observe(value)
+
+    def latency_percentiles(self) -> dict[str, dict[str, float | None]]:
+        """Per API: p50 and p99 request latency in seconds, as histogram upper bounds.
+
+        Read from the same histogram Prometheus scrapes, so `kiln get` and a
+        dashboard agree; the value is the bucket bound the percentile falls under.
+        """
+        points: dict[str, list[tuple[float, float]]] = {}
+        for family in self.latency.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    points.setdefault(sample.labels["api"], []).append((le, sample.value))
+        out: dict[str, dict[str, float | None]] = {}
+        for api, series in points.items():
+            series.sort()
+            total = series[-1][1] if series else 0
+            out[api] = {
+                f"p{q}": next((le for le, c in series if total and c >= total * q / 100), None)
+                for q in (50, 99)
+            }
+        return out
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

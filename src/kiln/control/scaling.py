@@ -44,9 +44,10 @@ def autoscaling_enabled(served: Any) -> bool:
 
 
 class AutoscaleLoop:
-    def __init__(self, served: Any, log: Any, tick_s: float = TICK_S) -> None:
+    def __init__(self, served: Any, log: Any, tick_s: float = TICK_S, on_scale: Any = None) -> None:
         self.served = served
         self.log = log
+        self.on_scale = on_scale  # (served, replicas, reason): the manager persists it
         self.tick_s = tick_s
         self.recommender = Recommender(policy_for(served), time.monotonic())
         window = served.api.autoscaling.window
@@ -83,3 +84,5 @@ class AutoscaleLoop:
             served.scaling_events.append(event)
             self.log.write(served.name, {"event": "scaling", **event})
             await served.scale(decision.replicas)
+            if self.on_scale is not None:
+                await asyncio.to_thread(self.on_scale, served, decision.replicas, decision.reason)

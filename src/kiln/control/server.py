@@ -82,6 +82,7 @@ class ServerOptions:
     home: Path = field(default_factory=lambda: Path.home() / ".kiln")
     pointer_files: list[Path] = field(default_factory=list)  # extra copies of server.json
     quiet_logs: bool = False
+    mode: str = "serve"  # "serve": `kiln serve DIR`; "server": the durable `kiln server run`
 
 
 @dataclass
@@ -99,19 +100,51 @@ class RunningServer:
 
 
 class InferenceServer:
+    """One machine's Kiln: the inference, management and metrics ports over one registry.
+
+    `project` is what `kiln serve DIR` serves in place from its folder (None for
+    `kiln server run`); deployed projects come from the state store and the
+    artifact store under `home` (see `deployments.py`).
+    """
+
     def __init__(self, project: Any, options: ServerOptions) -> None:
         self.project = project
         self.options = options
         self.registry = Registry()
         self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
+        self.started = time.time()
+        self.running: RunningServer | None = None
+        self.store: Any = None
+        self.deployments: Any = None
+        self.counters: Any = None
+        self._lock_file: Any = None
         self._server: _Uvicorn | None = None
         self._management: _Uvicorn | None = None
         self._metrics_server: _Uvicorn | None = None
         from kiln.control.metrics import Metrics
 
         self.metrics = Metrics(self.registry)
-        self._autoscalers: list[asyncio.Task[None]] = []
+        self._autoscalers: dict[int, asyncio.Task[None]] = {}
         self._stop_requested = asyncio.Event()
+
+    def _open_state(self) -> None:
+        """Take the home's lock, open the state store and the deployment manager."""
+        from kiln.control.deployments import DeploymentManager
+        from kiln.control.durable import DurableCounters
+        from kiln.control.store import Store, default_url
+
+        home = self.options.home
+        home.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_home(home)
+        url = os.environ.get("KILN_STATE_URL") or default_url(home)
+        try:
+            self.store = Store(url)
+        except Exception as exc:  # noqa: BLE001 - say what and where
+            raise ServerError(f"cannot open the state store at {url}: {exc}") from None
+        self.counters = DurableCounters(self.store)
+        self.metrics.monitor = self.counters
+        self.metrics.usage = self.counters
+        self.deployments = DeploymentManager(self, self.store, home)
 
     def served_api(self, api: Any, root: Path) -> ServedApi:
         """A ServedApi wired to this server's logs and metrics (also used by registration)."""
@@ -120,7 +153,13 @@ class InferenceServer:
         )
 
     def _log_line(self, api: str) -> Callable[[str], None]:
-        return lambda line: self.log.write(api, {"event": "worker", "message": line})
+        def write(line: str, replica: str | None = None) -> None:
+            record = {"event": "worker", "message": line}
+            if replica is not None:
+                record["replica"] = replica
+            self.log.write(api, record)
+
+        return write
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -154,14 +193,28 @@ class InferenceServer:
                 if management_sock is not None:
                     management_sock.close()
                 raise ServerError(str(exc).replace("--port", "--metrics-port", 1)) from None
-        flusher = asyncio.create_task(self._flush_logs())
         try:
-            for api in self.project.apis:
-                self.registry.add(self.served_api(api, self.project.root))
+            self._open_state()
+        except ServerError:
+            for extra in (sock, management_sock, metrics_sock):
+                if extra is not None:
+                    extra.close()
+            raise
+        flusher = asyncio.create_task(self._flush_logs())
+        counters_task = asyncio.create_task(self.counters.run())
+        try:
+            starts = []
+            if self.project is not None:
+                for api in self.project.apis:
+                    served_api = self.served_api(api, self.project.root)
+                    self.registry.add(served_api)
+                    starts.append(served_api.start())
+            for served_api, count in await self.deployments.restore():
+                starts.append(served_api.start(count))
             served = self.registry.all()
             if on_loading:
                 on_loading(len(served))
-            loading = asyncio.gather(*(s.start() for s in served))
+            loading = asyncio.gather(*starts)
             stop_wait = asyncio.ensure_future(self._stop_requested.wait())
             await asyncio.wait([loading, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             if self._stop_requested.is_set():
@@ -184,6 +237,7 @@ class InferenceServer:
             if metrics_sock is not None:
                 running.metrics_port = metrics_sock.getsockname()[1]
                 running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
+            self.running = running
             self._write_server_json(running)
             if on_ready:
                 on_ready(running)
@@ -200,11 +254,14 @@ class InferenceServer:
             self._server = _Uvicorn(config)
             servers = [self._server.serve(sockets=[sock])]
             if management_sock is not None:
+                from kiln.control.rest import control_routes
                 from kiln.protocols.management import build_management_app
 
                 self._management = _Uvicorn(
                     uvicorn.Config(
-                        build_management_app(self.registry, self.log, self),
+                        build_management_app(
+                            self.registry, self.log, self, extra_routes=control_routes(self)
+                        ),
                         http="httptools",
                         lifespan="off",
                         log_level="warning",
@@ -231,11 +288,14 @@ class InferenceServer:
             await asyncio.gather(*servers)
         finally:
             flusher.cancel()
-            for task in self._autoscalers:
+            counters_task.cancel()
+            for task in self._autoscalers.values():
                 task.cancel()
             await asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
+            await asyncio.to_thread(self.counters.flush)
+            self.store.close()
             sock.close()
             for extra in (management_sock, metrics_sock):
                 if extra is not None:
@@ -254,7 +314,14 @@ class InferenceServer:
         """
         from kiln.control.scaling import AutoscaleLoop
 
-        self._autoscalers.append(asyncio.create_task(AutoscaleLoop(served, self.log).run()))
+        on_scale = self.deployments.persist_scale if self.deployments is not None else None
+        loop = AutoscaleLoop(served, self.log, on_scale=on_scale)
+        self._autoscalers[id(served)] = asyncio.create_task(loop.run())
+
+    def stop_autoscaler(self, served: ServedApi) -> None:
+        task = self._autoscalers.pop(id(served), None)
+        if task is not None:
+            task.cancel()
 
     async def _flush_logs(self) -> None:
         while True:
@@ -276,8 +343,10 @@ class InferenceServer:
             },
             "management_url": running.management_url,
             "metrics_url": running.metrics_url,
-            "project": str(self.project.root),
+            "project": str(self.project.root) if self.project is not None else None,
             "home": str(self.options.home),
+            "mode": self.options.mode,
+            "version": _kiln_version(),
             "started": time.time(),
         }
         for path in self._server_files():
@@ -291,3 +360,33 @@ class InferenceServer:
             with contextlib.suppress(FileNotFoundError):
                 if orjson.loads(path.read_bytes()).get("pid") == os.getpid():
                     path.unlink()
+
+
+def _kiln_version() -> str:
+    import kiln
+
+    return kiln.__version__
+
+
+def _lock_home(home: Path) -> Any:
+    """Hold `<home>/server.lock` for the server's life: one server per KILN_HOME.
+
+    A lock, not a pid file: the kernel drops it when the process dies, SIGKILL
+    included, so a crashed server never blocks the next start.
+    """
+    import fcntl
+
+    handle = (home / "server.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ServerError(
+            f"another Kiln server is already running with its state in {home}; stop it "
+            f"(kiln server stop), or give this one its own folder with --home or KILN_HOME"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

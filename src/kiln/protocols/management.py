@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiln.errors import InvalidInput, KilnError, MethodNotAllowed
+from kiln.errors import Conflict, InvalidInput, KilnError, MethodNotAllowed
 from kiln.protocols.management_doc import ROUTES, management_document
 from kiln.protocols.management_http import (
     _flag,
@@ -53,13 +53,6 @@ from kiln.serving.router import ApiGroup, Registry, ServedApi
 MAX_PAGE = 1000
 STOP_GRACE_S = 30.0
 _ENABLE_FLAG = "--enable-model-api"
-
-
-class Conflict(KilnError):
-    """The model or version is already registered."""
-
-    status = 409
-    type = "Conflict"
 
 
 @dataclass
@@ -381,8 +374,14 @@ class Management:
         return JSONResponse(management_document())
 
 
-def build_management_app(registry: Registry, log: Any, server: Any = None) -> Starlette:
-    """The management port's app over `registry`; `server` is the InferenceServer."""
+def build_management_app(
+    registry: Registry, log: Any, server: Any = None, extra_routes: list[Route] | None = None
+) -> Starlette:
+    """The management port's app over `registry`; `server` is the InferenceServer.
+
+    `extra_routes` are the control plane's (`kiln.control.rest`), which the server
+    passes in: protocols never import the control plane.
+    """
     mgmt = Management(registry, log, server)
     handlers = {
         ("options", "/"): mgmt.api_description,
@@ -402,6 +401,7 @@ def build_management_app(registry: Registry, log: Any, server: Any = None) -> St
         Route(path, handlers[(method, path)], methods=[method.upper()])
         for method, path, _, _ in ROUTES
     ]
+    routes += extra_routes or []
     app = Starlette(
         routes=routes,
         exception_handlers={

@@ -49,14 +49,21 @@ ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 )
 
 
-def management_document() -> dict[str, Any]:
+TORCHSERVE_TAG = "TorchServe management API"
+
+
+def management_document(
+    extra: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (), extra_tag: str = "Kiln"
+) -> dict[str, Any]:
+    """The OpenAPI document of `ROUTES`, plus `extra` (the control plane's) under `extra_tag`."""
     import kiln
 
     paths: dict[str, Any] = {}
-    for method, path, summary, query in ROUTES:
+    tagged = [(r, TORCHSERVE_TAG) for r in ROUTES] + [(r, extra_tag) for r in extra]
+    for (method, path, summary, query), tag in tagged:
         params = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in ("model", "version")
+            for n in ("model", "version", "name")
             if "{" + n + "}" in path
         ]
         params += [
@@ -65,6 +72,7 @@ def management_document() -> dict[str, Any]:
         ]
         operation: dict[str, Any] = {
             "summary": summary,
+            "tags": [tag],
             "operationId": f"{method}_{path}".replace("/", "_").replace("{", "").replace("}", ""),
             "responses": {
                 "200": {"description": "Success", "content": {"application/json": {"schema": {}}}},
@@ -83,7 +91,17 @@ def management_document() -> dict[str, Any]:
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.0.1",
-        "info": {"title": "Kiln management API", "version": kiln.__version__},
+        "info": {
+            "title": "Kiln management API",
+            "version": kiln.__version__,
+            "description": (
+                "The management port: Kiln's control plane (deployments, APIs, logs), "
+                "which the kiln CLI uses, and TorchServe's management API."
+            ),
+        },
+        "tags": [{"name": extra_tag}, {"name": TORCHSERVE_TAG}]
+        if extra
+        else [{"name": TORCHSERVE_TAG}],
         "paths": paths,
         "components": {
             "schemas": {

@@ -120,6 +120,6 @@ def _allowed(request: Request) -> list[str]:
         if match is not Match.NONE:
             methods.update(route.methods or ())
     methods.discard("HEAD")
-    if not mgmt.enabled:
+    if not mgmt.enabled and request.url.path.startswith("/models"):
         methods -= {"POST", "DELETE"}
     return sorted(methods)

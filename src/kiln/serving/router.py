@@ -90,6 +90,28 @@ class Registry:
             self._by_endpoint[served.api.endpoint.rstrip("/") or "/"] = group
         group.versions[served.version] = served
 
+    def swap(self, new: ServedApi) -> ServedApi | None:
+        """Put `new` in place of the entry with its name and version, in one step.
+
+        Used by rolling updates: there is no moment at which the API is missing.
+        Returns the entry it replaced (the caller drains and stops it), if any.
+        """
+        group = self.groups.get(new.name)
+        old = group.versions.get(new.version) if group is not None else None
+        if group is not None and group.endpoint != new.api.endpoint:
+            if len(group.versions) == 1 and old is not None:
+                # The endpoint moved: re-key the group.
+                self._by_endpoint.pop(group.endpoint.rstrip("/") or "/", None)
+                group.endpoint = new.api.endpoint
+                self._by_endpoint[new.api.endpoint.rstrip("/") or "/"] = group
+        if group is None:
+            self.add(new)
+        else:
+            group.versions[new.version] = new
+        if old is not None:
+            old.successor = new
+        return old
+
     def remove(self, name: str, version: str | None) -> ServedApi:
         """Take one version out of routing (the caller stops it); the API goes with its last."""
         group = self.by_name(name)

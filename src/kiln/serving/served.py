@@ -26,8 +26,22 @@ from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
 class ServedApi:
     """An API version: the unit that is loaded, scaled, queued and routed to."""
 
-    def __init__(self, api: Any, *, cwd: str, log_line: Any, observer: Any = None) -> None:
+    def __init__(
+        self,
+        api: Any,
+        *,
+        cwd: str,
+        log_line: Any,
+        observer: Any = None,
+        extra_env: dict[str, str] | None = None,
+        revision: str | None = None,
+    ) -> None:
         self.api = api
+        self.revision = revision  # the deploy revision this came from (None: `kiln serve DIR`)
+        self.extra_env = dict(extra_env or {})
+        # Set when a rolling update replaced this one: requests that found it just before
+        # the swap are handed to the new version instead of failing.
+        self.successor: ServedApi | None = None
         self.name: str = api.name
         self.version: str | None = api.version
         self.worker_spec = worker_spec_for(api)
@@ -56,7 +70,7 @@ class ServedApi:
 
     # ----- lifecycle ---------------------------------------------------------------
     def _env(self) -> dict[str, str]:
-        return worker_env(self.worker_spec)
+        return {**worker_env(self.worker_spec), **self.extra_env}
 
     def _new_slot(self, index: int) -> ReplicaSlot:
         spec = WorkerSpec.from_wire(self.worker_spec.to_wire())
@@ -68,13 +82,21 @@ class ServedApi:
             env=self._env(),
             startup_timeout=self.api.serving.startup_timeout_s,
             mem_limit=self.api.compute.mem,
-            log_line=self._log_line,
+            log_line=self._replica_log(index),
             on_change=self._on_slot_change,
         )
 
-    async def start(self) -> None:
-        """Start `init_replicas` workers and wait until each is ready or has failed."""
-        count = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+    def _replica_log(self, index: int) -> Any:
+        """Log lines of one replica, tagged `<revision>-<index>` so merged logs tell them apart."""
+        replica = f"{(self.revision or 'dev')[:7]}-{index}"
+        return lambda line: self._log_line(line, replica=replica)
+
+    async def start(self, replicas: int | None = None) -> None:
+        """Start `init_replicas` (or `replicas`) workers; wait until each is ready or failed."""
+        if replicas is None:
+            replicas = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+        count = replicas if self.api.compute.min_replicas == 0 else max(1, replicas)
+        self.scaled_to_zero = count == 0
         self.slots = [self._new_slot(i) for i in range(count)]
         self._dispatcher = asyncio.create_task(self._dispatch_loop())
         await asyncio.gather(*(slot.start() for slot in self.slots))
@@ -247,6 +269,8 @@ class ServedApi:
     # ----- requests ----------------------------------------------------------------
     async def predict(self, request: InferenceRequest) -> InferenceResponse:
         """Queue one request and wait for its answer, within its deadline (queue time included)."""
+        if self._stopping and self.successor is not None:
+            return await self.successor.predict(request)
         serving = self.api.serving
         arrived = time.monotonic()
         deadline = request.deadline or arrived + serving.response_timeout_s
@@ -313,6 +337,8 @@ class ServedApi:
 
     async def explain(self, request: InferenceRequest) -> InferenceResponse:
         """One explanation: the handler's explain(), or the built-in explainer for tensors."""
+        if self._stopping and self.successor is not None:
+            return await self.successor.explain(request)
         replica = await self._replica_for_direct_call(request)
         timeout = self.api.serving.response_timeout_s
         outcome = (await replica.submit_batch([request], timeout, op="explain"))[0]
@@ -322,6 +348,10 @@ class ServedApi:
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[tuple[bytes, str]]:
         """Chunks as the handler yields them; streaming requests are never batched."""
+        if self._stopping and self.successor is not None:
+            async for chunk in self.successor.stream(request):
+                yield chunk
+            return
         replica = await self._replica_for_direct_call(request)
         self.stats["requests"] += 1
         async for chunk in replica.stream(request):

@@ -48,6 +48,7 @@ class ReplicaSlot:
         self.state = "loading"
         self.error: str | None = None
         self.restarts = 0
+        self.oom_kills = 0
         self.started_at = 0.0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -122,6 +123,7 @@ class ReplicaSlot:
             rss = replica.rss_bytes()
             if rss is not None and self._mem_limit and rss > self._mem_limit:
                 mib = self._mem_limit / 2**20
+                self.oom_kills += 1
                 await replica.kill(
                     f"used {rss / 2**20:.0f} MiB, over its compute.mem of {mib:.0f} MiB"
                 )

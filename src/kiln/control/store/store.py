@@ -234,6 +234,53 @@ class Store(CountersMixin):
         with self._read() as conn:
             return [_api(r) for r in conn.execute(query)]
 
+    def ensure_revision_apis(
+        self, deployment: str, content_hash: str, apis: Sequence[ApiSpec]
+    ) -> int:
+        """Re-declare APIs a revision lost to `delete_api` (a redeploy of the same hash).
+
+        Returns how many were added back; existing rows keep their replica counts.
+        """
+        with self._write() as conn:
+            row = self._require_revision(conn, deployment, content_hash)
+            have = {
+                (r.name, r.version)
+                for r in conn.execute(
+                    sa.select(_A.name, _A.version).where(_A.revision_id == row.id)
+                )
+            }
+            missing = [a for a in apis if (a.name, a.version) not in have]
+            if missing:
+                conn.execute(
+                    t.apis.insert(),
+                    [
+                        {
+                            "revision_id": row.id,
+                            "name": a.name,
+                            "version": a.version,
+                            "min_replicas": a.min_replicas,
+                            "max_replicas": a.max_replicas,
+                            "init_replicas": a.init_replicas,
+                            "requested_replicas": a.init_replicas,
+                        }
+                        for a in missing
+                    ],
+                )
+            return len(missing)
+
+    def delete_api(self, deployment: str, name: str) -> int:
+        """Remove every version of API `name` from the deployment's current revision."""
+        with self._write() as conn:
+            dep = conn.execute(sa.select(t.deployments).where(_D.name == deployment)).first()
+            if dep is None or dep.current_revision is None:
+                return 0
+            row = self._revision_row(conn, deployment, dep.current_revision)
+            if row is None:
+                return 0
+            return conn.execute(
+                t.apis.delete().where(_A.revision_id == row.id, _A.name == name)
+            ).rowcount
+
     def get_api(self, deployment: str, name: str, version: str = "") -> ApiRecord | None:
         """One API of the deployment's current revision."""
         with self._read() as conn:

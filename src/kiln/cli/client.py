@@ -1,0 +1,132 @@
+"""How the CLI reaches a Kiln server: environments, and the management API client.
+
+An environment names a server's management URL. `local` is built in: the
+server whose `server.json` (or `kiln serve`'s `serve.json`) is in KILN_HOME.
+Others are added with `kiln env add NAME URL` and kept in
+`KILN_HOME/environments.json`; `kiln env default NAME` picks the one commands
+use without `--env`. The CLI never opens the server's database: everything
+goes through the management API (and predictions through the inference port).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from kiln.cli.common import find_server_info, kiln_home
+
+LOCAL = "local"
+
+
+class CliError(Exception):
+    """A problem the CLI reports in one sentence (what happened, what to do)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _env_file() -> Path:
+    return kiln_home() / "environments.json"
+
+
+def load_envs() -> dict[str, Any]:
+    try:
+        data = orjson.loads(_env_file().read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        data = {}
+    data.setdefault("default", LOCAL)
+    data.setdefault("environments", {})
+    return data
+
+
+def save_envs(data: dict[str, Any]) -> None:
+    path = _env_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+
+
+@dataclass
+class Target:
+    env: str
+    management_url: str
+
+
+def resolve(env: str | None = None) -> Target:
+    """The management URL of `env` (default: KILN_ENV, else the chosen default)."""
+    data = load_envs()
+    name = env or os.environ.get("KILN_ENV") or data["default"]
+    if name == LOCAL:
+        if os.environ.get("KILN_MANAGEMENT_URL"):
+            return Target(LOCAL, os.environ["KILN_MANAGEMENT_URL"].rstrip("/"))
+        info = find_server_info()
+        if info is None:
+            raise CliError(
+                f"no Kiln server is running on this machine (KILN_HOME={kiln_home()}); start "
+                f"one with `kiln server start` (or `kiln serve DIR`), or choose another "
+                f"environment with --env",
+                2,
+            )
+        url = info.get("management_url")
+        if not url:
+            raise CliError("the local server runs without a management port; restart it with one")
+        return Target(LOCAL, str(url).rstrip("/"))
+    entry = data["environments"].get(name)
+    if entry is None:
+        known = ", ".join([LOCAL, *sorted(data["environments"])])
+        raise CliError(
+            f"no environment named '{name}' (environments: {known}); add it with "
+            f"`kiln env add {name} URL`",
+            2,
+        )
+    return Target(name, str(entry["url"]).rstrip("/"))
+
+
+class Management:
+    """A small client for the management API; raises CliError with the server's message."""
+
+    def __init__(self, target: Target, timeout: float = 30.0) -> None:
+        self.target = target
+        self.http = httpx.Client(base_url=target.management_url, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CliError(
+                f"cannot reach the Kiln server of environment '{self.target.env}' at "
+                f"{self.target.management_url} ({exc}); is it running? `kiln server status` "
+                f"tells",
+                2,
+            ) from None
+        if response.status_code >= 400:
+            raise CliError(_message(response), 2 if response.status_code == 404 else 1)
+        return response.json()
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def inference_url(self) -> str:
+        return str(self.get("/server")["url"]).rstrip("/")
+
+    def stream(self, path: str, params: dict[str, Any]) -> Any:
+        return self.http.stream("GET", path, params=params, timeout=None)
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"the server answered {response.status_code}: {response.text[:300]}"
+    message = body.get("message") or body.get("error") or str(body)
+    issues = body.get("issues")
+    if issues:
+        message = "the configuration has problems:\n" + "\n".join(f"  {i}" for i in issues)
+    return str(message)

@@ -1,0 +1,306 @@
+"""`kiln server start|stop|status|run`: the durable platform on this machine.
+
+`run` is the server in the foreground (what a service manager or a container
+runs). `start` launches `run` as a background process in its own session,
+output to `KILN_HOME/logs/server.log`, and returns once the server answers on
+its management port (or prints the log's tail if it died trying). `stop` sends
+SIGTERM, which drains requests in flight, and SIGKILLs after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kiln.cli.common import console, err_console, kiln_home
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 45.0
+
+
+def _server_json(home: Path) -> dict[str, Any] | None:
+    try:
+        return orjson.loads((home / "server.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def running_info(home: Path) -> dict[str, Any] | None:
+    info = _server_json(home)
+    return info if info and _alive(info.get("pid")) else None
+
+
+def run_foreground(options: Any) -> int:
+    """`kiln server run`: serve every deployment in the foreground."""
+    from kiln.cli.serve_cmd import _run_loop
+    from kiln.control.server import InferenceServer, RunningServer, ServerError
+
+    server = InferenceServer(None, options)
+
+    def on_ready(running: RunningServer) -> None:
+        console.print(
+            f"Kiln server is running (pid {os.getpid()}): inference {running.url}, "
+            f"management {running.management_url}, metrics {running.metrics_url}; "
+            f"{len(running.apis)} API(s) restored. State: {escape(str(options.home))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    try:
+        _run_loop(server.run(on_ready=on_ready))
+    except ServerError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        return 1
+    console.print("Kiln server stopped.")
+    return 0
+
+
+def start(home: Path, args: list[str]) -> int:
+    """Launch `kiln server run ARGS` in the background and wait until it answers."""
+    existing = running_info(home)
+    if existing is not None:
+        console.print(
+            f"A Kiln server is already running (pid {existing['pid']}): management "
+            f"{existing.get('management_url')}. `kiln server stop` stops it.",
+            highlight=False,
+        )
+        return 0
+    log_dir = home / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "server.log"
+    command = [sys.executable, "-m", "kiln.cli.main", "server", "run", "--home", str(home), *args]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "KILN_HOME": str(home)},
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with console.status("Starting the Kiln server (restoring deployed APIs) ..."):
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                err_console.print(
+                    f"[bold red]Error:[/] the server exited with code {process.returncode} "
+                    f"while starting. The end of {escape(str(log_path))}:",
+                    highlight=False,
+                )
+                err_console.print(_tail(log_path), markup=False, highlight=False)
+                return 1
+            info = _server_json(home)
+            if info and info.get("pid") == process.pid and _answers(info):
+                _print_started(info, log_path)
+                return 0
+            time.sleep(0.1)
+    err_console.print(
+        f"[bold red]Error:[/] the server did not answer within {START_TIMEOUT_S:.0f}s; it is "
+        f"still starting or stuck (pid {process.pid}). See {escape(str(log_path))}.",
+        highlight=False,
+    )
+    return 1
+
+
+def _answers(info: dict[str, Any]) -> bool:
+    try:
+        return httpx.get(f"{info['management_url']}/server", timeout=2).status_code == 200
+    except (httpx.HTTPError, KeyError, TypeError):
+        return False
+
+
+def _print_started(info: dict[str, Any], log_path: Path) -> None:
+    console.print(
+        f"Kiln server started (pid {info['pid']}).\n"
+        f"  inference   {info['url']}\n"
+        f"  management  {info['management_url']}   (the CLI talks here; API docs at /docs)\n"
+        f"  metrics     {info['metrics_url']}\n"
+        f"  log         {log_path}\n"
+        f"Next: kiln deploy DIR",
+        highlight=False,
+    )
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop(home: Path) -> int:
+    info = running_info(home)
+    if info is None:
+        console.print(f"No Kiln server is running with its state in {home}.", highlight=False)
+        return 0
+    pid = info["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    with console.status(f"Stopping the Kiln server (pid {pid}): draining requests ..."):
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                console.print("Kiln server stopped.")
+                return 0
+            time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    console.print(
+        f"The server did not stop within {STOP_TIMEOUT_S:.0f}s and was killed; its workers "
+        f"exit with it. Deployed APIs come back at the next `kiln server start`."
+    )
+    return 0
+
+
+def status(home: Path, output: str) -> int:
+    info = running_info(home)
+    if info is None:
+        if output == "json":
+            console.print_json(orjson.dumps({"running": False, "home": str(home)}).decode())
+        else:
+            console.print(
+                f"No Kiln server is running with its state in {home}. Start one with "
+                f"`kiln server start`.",
+                highlight=False,
+            )
+        return 1
+    try:
+        detail = httpx.get(f"{info['management_url']}/server", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        detail = {}
+    merged = {"running": True, **info, **detail}
+    if output == "json":
+        console.print_json(orjson.dumps(merged).decode())
+        return 0
+    table = Table(show_header=False, show_edge=False)
+    uptime = detail.get("uptime_s")
+    rows = [
+        ("status", "[green]running[/]"),
+        ("pid", str(info["pid"])),
+        ("version", str(detail.get("version", "?"))),
+        ("uptime", f"{uptime:.0f}s" if isinstance(uptime, int | float) else "?"),
+        ("inference", str(info.get("url"))),
+        ("management", str(info.get("management_url"))),
+        ("metrics", str(info.get("metrics_url"))),
+        ("APIs", str(detail.get("apis", "?"))),
+        ("state", str(home)),
+    ]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", value)
+    console.print(table)
+    return 0
+
+
+def default_home(home: Path | None) -> Path:
+    return (home or kiln_home()).expanduser().resolve()
+
+
+# ---- the `kiln server` commands ------------------------------------------------------
+
+
+server_app = typer.Typer(
+    help="The durable Kiln platform on this machine: start, stop, status, run.",
+    no_args_is_help=True,
+)
+
+HomeOption = Annotated[
+    Path | None, typer.Option(help="State folder (default: KILN_HOME, else ~/.kiln).")
+]
+HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
+PortOption = Annotated[int, typer.Option(help="Inference port; 0 picks a free one.")]
+MgmtOption = Annotated[int, typer.Option(help="Management port; 0 picks a free one.")]
+MetricsOption = Annotated[int, typer.Option(help="Metrics port; 0 picks a free one.")]
+
+
+def _options(home: Path, host: str, port: int, management_port: int, metrics_port: int) -> Any:
+    from kiln.control.server import ServerOptions, is_loopback
+
+    if not is_loopback(host):
+        err_console.print(
+            f"[bold red]Error:[/] refusing to listen on {escape(host)}: API keys (issue: "
+            f"accounts) are not available yet, so anyone who can reach this machine could "
+            f"deploy and call models. Use 127.0.0.1 behind your own gateway.",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    return ServerOptions(
+        host=host,
+        port=port,
+        management_port=management_port,
+        metrics_port=metrics_port,
+        home=home,
+        mode="server",
+        quiet_logs=True,
+    )
+
+
+@server_app.command("run")
+def run_cmd(
+    home: HomeOption = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
+    management_port: MgmtOption = 8081,
+    metrics_port: MetricsOption = 8082,
+) -> None:
+    """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
+    state = default_home(home)
+    raise typer.Exit(run_foreground(_options(state, host, port, management_port, metrics_port)))
+
+
+@server_app.command("start")
+def start_cmd(
+    home: HomeOption = None,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8080,
+    management_port: MgmtOption = 8081,
+    metrics_port: MetricsOption = 8082,
+) -> None:
+    """Start the server in the background and wait until it answers."""
+    state = default_home(home)
+    _options(state, host, port, management_port, metrics_port)  # refuse bad options early
+    args = [
+        "--host", host, "--port", str(port), "--management-port", str(management_port),
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    raise typer.Exit(start(state, args))
+
+
+@server_app.command("stop")
+def stop_cmd(home: HomeOption = None) -> None:
+    """Stop the background server: requests in flight finish, workers exit."""
+    raise typer.Exit(stop(default_home(home)))
+
+
+@server_app.command("status")
+def status_cmd(
+    home: HomeOption = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="pretty or json.")] = "pretty",
+) -> None:
+    """Is the server running, on which ports, with how many APIs (exit code 1 if not running)."""
+    raise typer.Exit(status(default_home(home), output))

@@ -1,0 +1,500 @@
+"""Deployments: revisions in, rolling updates out, and everything back after a restart.
+
+A deploy is an uploaded project archive. The manager extracts it into the
+artifact store (`<KILN_HOME>/artifacts/<deployment>/<hash>/`), validates its
+kiln.yaml, records a revision named by the content hash, and rolls it out in
+the background:
+
+- an API whose config and files did not change keeps its replicas;
+- a changed or new API gets a fresh `ServedApi` whose replicas load while the
+  old ones keep serving; once every changed API of the revision is ready the
+  registry swaps them in one event-loop step (no request sees a gap), and the
+  old ones drain: queued and running requests finish, late arrivals are handed
+  to the successor;
+- if any new API fails to load, nothing is swapped: the new replicas stop, the
+  revision is marked `error` with the worker's message, and the old revision
+  keeps serving.
+
+After a restart `restore()` loads each deployment's current revision from the
+artifact store with the replica counts the autoscaler last asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from kiln.config import ConfigError, load_project
+from kiln.control.packaging import content_hash, read_dotenv, short_revision, unpack_project
+from kiln.control.store import ApiSpec as StoredApi
+from kiln.control.store import NotFoundError, Store
+from kiln.errors import Conflict, InvalidInput, NotFound
+from kiln.serving.router import ServedApi
+
+log = logging.getLogger("kiln.deployments")
+DRAIN_GRACE_S = 30.0
+DEPLOYMENT_NAME_HELP = (
+    "name the deployment: add `- kind: deployment` with `name: <name>` to kiln.yaml, or "
+    "deploy with --name"
+)
+
+
+class ConfigRejected(InvalidInput):
+    """The uploaded project's kiln.yaml has problems; `issues` lists each one."""
+
+    type = "ConfigError"
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(f"the project's configuration has problems:\n{error}")
+        self.issues = [str(issue) for issue in error.issues]
+
+
+@dataclass
+class Rollout:
+    """What a deployment's latest deploy is doing (shown by `GET /deployments/{name}`)."""
+
+    deployment: str
+    revision: str
+    status: str = "updating"  # updating | live | error
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    apis: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment,
+            "revision": short_revision(self.revision),
+            "status": self.status,
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+            "apis": self.apis,
+        }
+
+
+def api_key(api: Any) -> tuple[str, str | None]:
+    return api.name, api.version
+
+
+class DeploymentManager:
+    """Owns deploy, rollout, rollback, refresh, delete and restore for one server."""
+
+    def __init__(self, server: Any, store: Store, home: Path) -> None:
+        self.server = server
+        self.store = store
+        self.artifacts = home / "artifacts"
+        self.rollouts: dict[str, Rollout] = {}
+        self.owner: dict[str, str] = {}  # API name -> deployment
+        self.fingerprints: dict[tuple[str, str | None], str] = {}
+        self.errors: dict[str, deque[dict[str, Any]]] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- loading a revision -------------------------------------------------------
+    def _load(self, folder: Path) -> Any:
+        env = {**os.environ, **read_dotenv(folder)}
+        try:
+            return load_project(folder, env=env)
+        except ConfigError as exc:
+            raise ConfigRejected(exc) from None
+
+    def _fingerprints(self, project: Any) -> dict[tuple[str, str | None], str]:
+        """Per API: a hash of its own config and of every file but the config file.
+
+        An API whose fingerprint is unchanged keeps its replicas across a deploy.
+        """
+        root = project.root
+        config_rel = project.config_file.relative_to(root).as_posix()
+        from kiln.control.packaging import project_files
+
+        files = [f for f in project_files(root) if f != config_rel]
+        files_hash = content_hash(root, files)
+        out = {}
+        for api in project.apis:
+            dumped = orjson.dumps(api.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+            dumped = dumped.replace(str(root).encode(), b"")
+            out[api_key(api)] = hashlib.sha256(dumped + files_hash.encode()).hexdigest()
+        return out
+
+    def _served(self, api: Any, project: Any, revision: str | None, env: dict[str, str]) -> Any:
+        served = self.server.served_api(api, project.root)
+        served.revision = revision
+        served.extra_env = env
+        return served
+
+    # ---- deploy -------------------------------------------------------------------
+    async def deploy(self, archive: bytes, name: str | None = None) -> dict[str, Any]:
+        """Accept an uploaded project; returns at once with the rollout started (or a no-op)."""
+        staging = self.artifacts / ".incoming" / f"{os.getpid()}-{time.monotonic_ns()}"
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        digest = await asyncio.to_thread(unpack_project, archive, staging)
+        try:
+            project = await asyncio.to_thread(self._load, staging)
+            deployment = name or project.deployment_name
+            if not deployment:
+                raise InvalidInput(f"the deployment has no name; {DEPLOYMENT_NAME_HELP}")
+            from kiln.config.blocks import check_name
+
+            try:
+                check_name(deployment, "deployment")
+            except ValueError as exc:
+                raise InvalidInput(f"deployment name {deployment!r}: {exc}") from None
+            if not project.apis:
+                raise InvalidInput(
+                    "the project declares no realtime API; add a `- kind: api` entry to kiln.yaml"
+                )
+            self._check_owners(deployment, project)
+            final = self.artifacts / deployment / digest
+            if final.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                staging.rename(final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        async with self._lock:
+            current = await asyncio.to_thread(self.store.get_deployment, deployment)
+            project = await asyncio.to_thread(self._load, final)
+            unchanged = (
+                current is not None
+                and current.current_revision == digest
+                and all(self._is_served(deployment, api, digest) for api in project.apis)
+                and not self._rolling(deployment)
+            )
+            if unchanged:
+                return {
+                    "deployment": deployment,
+                    "revision": short_revision(digest),
+                    "status": "unchanged",
+                    "message": "the project has not changed since its last deploy; nothing to do",
+                    "apis": self._api_urls(project),
+                }
+            await asyncio.to_thread(self._record_revision, deployment, digest, final, project)
+            rollout = Rollout(deployment, digest, apis=sorted({a.name for a in project.apis}))
+            self.rollouts[deployment] = rollout
+        self._spawn(self._roll_out(rollout, project))
+        return {**rollout.to_json(), "apis": self._api_urls(project)}
+
+    def _record_revision(self, deployment: str, digest: str, folder: Path, project: Any) -> None:
+        specs = [
+            StoredApi(
+                name=a.name,
+                version=a.version or "",
+                min_replicas=a.compute.min_replicas,
+                max_replicas=a.compute.max_replicas,
+                init_replicas=a.compute.init_replicas or a.compute.min_replicas or 1,
+            )
+            for a in project.apis
+        ]
+        config_text = project.config_file.read_text(encoding="utf-8")
+        revision, created = self.store.add_revision(
+            deployment,
+            digest,
+            config_text=config_text,
+            artifact_path=str(folder),
+            apis=specs,
+            status="updating",
+        )
+        if not created:
+            self.store.ensure_revision_apis(deployment, digest, specs)
+            self.store.set_revision_status(deployment, digest, "updating")
+
+    def _check_owners(self, deployment: str, project: Any) -> None:
+        for api in project.apis:
+            owner = self.owner.get(api.name)
+            if owner is None and api.name in self.server.registry.groups:
+                owner = "the project `kiln serve` started with"
+            if owner is not None and owner != deployment:
+                raise Conflict(
+                    f"an API named '{api.name}' already belongs to {owner!r}; rename the API "
+                    f"in kiln.yaml, or delete the other one first (kiln delete {api.name})"
+                )
+
+    def _is_served(self, deployment: str, api: Any, digest: str) -> bool:
+        group = self.server.registry.groups.get(api.name)
+        served = group.versions.get(api.version) if group else None
+        return served is not None and self.owner.get(api.name) == deployment
+
+    def _rolling(self, deployment: str) -> bool:
+        rollout = self.rollouts.get(deployment)
+        return rollout is not None and rollout.status == "updating"
+
+    def _api_urls(self, project: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": a.name, "version": a.version, "endpoint": a.endpoint} for a in project.apis
+        ]
+
+    # ---- rollout ------------------------------------------------------------------
+    async def _roll_out(self, rollout: Rollout, project: Any, *, force: bool = False) -> None:
+        """Bring `project` live beside what serves now, then swap; see the module docstring."""
+        async with self._lock:
+            deployment, digest = rollout.deployment, rollout.revision
+            env = read_dotenv(project.root)
+            prints = self._fingerprints(project)
+            registry = self.server.registry
+            fresh: list[ServedApi] = []
+            for api in project.apis:
+                group = registry.groups.get(api.name)
+                old = group.versions.get(api.version) if group else None
+                if (
+                    old is not None
+                    and not force
+                    and self.fingerprints.get(api_key(api)) == (prints[api_key(api)])
+                ):
+                    old.revision = digest  # same config and files: keep its replicas
+                    continue
+                served = self._served(api, project, digest, env)
+                fresh.append(served)
+            self._log(rollout, f"rolling out revision {short_revision(digest)}")
+            results = await asyncio.gather(
+                *(s.start(self._replicas_for(s)) for s in fresh), return_exceptions=True
+            )
+            failed = [
+                (s, r if isinstance(r, BaseException) else s.error)
+                for s, r in zip(fresh, results, strict=True)
+                if isinstance(r, BaseException) or s.state != "ready"
+            ]
+            if failed:
+                served, reason = failed[0]
+                message = (
+                    f"API '{served.name}' of revision {short_revision(digest)} failed to load: "
+                )
+                message += str(reason or "no replica became ready")
+                await asyncio.gather(*(s.stop(1) for s in fresh), return_exceptions=True)
+                rollout.status, rollout.error, rollout.finished = "error", message, time.time()
+                await asyncio.to_thread(
+                    self.store.set_revision_status, deployment, digest, "error", message
+                )
+                self._record_error(served.name, message)
+                self._log(rollout, message + "; the previous revision keeps serving")
+                return
+            old_ones = []
+            for served in fresh:
+                old = registry.swap(served)
+                self.owner[served.name] = deployment
+                self.fingerprints[api_key(served.api)] = prints[api_key(served.api)]
+                self.server.start_autoscaler(served)
+                if old is not None:
+                    self.server.stop_autoscaler(old)
+                    old_ones.append(old)
+            # APIs the new revision no longer declares leave with it.
+            declared = {api_key(a) for a in project.apis}
+            for name, owner in list(self.owner.items()):
+                if owner != deployment or name not in registry.groups:
+                    continue
+                for version in list(registry.groups[name].versions):
+                    if (name, version) not in declared:
+                        old_ones.append(registry.remove(name, version))
+                        self.server.stop_autoscaler(old_ones[-1])
+                if name not in registry.groups:
+                    self.owner.pop(name, None)
+            await asyncio.to_thread(self._mark_live, deployment, digest)
+            rollout.status, rollout.finished = "live", time.time()
+            self._log(rollout, f"revision {short_revision(digest)} is live")
+        await asyncio.gather(*(old.stop(DRAIN_GRACE_S) for old in old_ones), return_exceptions=True)
+
+    def _replicas_for(self, served: ServedApi) -> int:
+        """Start a new revision with as many replicas as the old one runs (at least one)."""
+        group = self.server.registry.groups.get(served.name)
+        old = group.versions.get(served.version) if group else None
+        compute = served.api.compute
+        wanted = compute.init_replicas or compute.min_replicas or 1
+        if old is not None:
+            wanted = max(wanted, len(old.ready_slots()))
+        return max(1, min(wanted, served.max_replicas))
+
+    def _mark_live(self, deployment: str, digest: str) -> None:
+        self.store.set_revision_status(deployment, digest, "live")
+        self.store.set_current_revision(deployment, digest)
+
+    # ---- restore ------------------------------------------------------------------
+    async def restore(self) -> list[tuple[ServedApi, int]]:
+        """Register every deployment's current revision (after a start or a crash).
+
+        Returns each API with the replica count to start it at (the autoscaler's
+        last decision; 0 for an API that was scaled to zero); the server starts them.
+        """
+        restored: list[tuple[ServedApi, int]] = []
+        for dep in await asyncio.to_thread(self.store.list_deployments):
+            if not dep.current_revision:
+                continue
+            revision = await asyncio.to_thread(
+                self.store.get_revision, dep.name, dep.current_revision
+            )
+            folder = Path(revision.artifact_path) if revision else None
+            if folder is None or not folder.is_dir():
+                self._record_error(dep.name, f"revision {dep.current_revision} is missing")
+                continue
+            project = await asyncio.to_thread(self._load, folder)
+            records = await asyncio.to_thread(self.store.list_apis, dep.name)
+            requested = {(r.name, r.version or None): r.requested_replicas for r in records}
+            env = read_dotenv(folder)
+            prints = self._fingerprints(project)
+            for api in project.apis:
+                if (api.name, api.version) not in requested:
+                    continue  # deleted with `kiln delete`
+                if api.name in self.server.registry.groups and self.owner.get(api.name) != dep.name:
+                    self._record_error(
+                        api.name,
+                        f"deployment '{dep.name}' was not restored: API '{api.name}' is "
+                        f"already served from the folder `kiln serve` started with",
+                    )
+                    continue
+                served = self._served(api, project, dep.current_revision, env)
+                count = min(requested[(api.name, api.version)], served.max_replicas)
+                self.server.registry.add(served)
+                self.owner[api.name] = dep.name
+                self.fingerprints[api_key(api)] = prints[api_key(api)]
+                restored.append((served, count))
+        return restored
+
+    # ---- lifecycle operations -----------------------------------------------------
+    def deployment_of(self, api: str) -> str:
+        owner = self.owner.get(api)
+        if owner is None:
+            if api in self.server.registry.groups:
+                raise Conflict(
+                    f"API '{api}' was started by `kiln serve` from its folder, not deployed; "
+                    f"stop that server to remove it"
+                )
+            raise NotFound(f"no API named '{api}'; `kiln get` lists the deployed APIs")
+        return owner
+
+    async def delete_api(self, name: str) -> dict[str, Any]:
+        deployment = self.deployment_of(name)
+        async with self._lock:
+            group = self.server.registry.groups.get(name)
+            removed = []
+            if group is not None:
+                for version in list(group.versions):
+                    served = self.server.registry.remove(name, version)
+                    self.server.stop_autoscaler(served)
+                    removed.append(served)
+                    self.fingerprints.pop((name, version), None)
+            self.owner.pop(name, None)
+            remaining = [a for a, d in self.owner.items() if d == deployment]
+            if remaining:
+                await asyncio.to_thread(self.store.delete_api, deployment, name)
+            else:
+                await asyncio.to_thread(self.store.delete_deployment, deployment)
+                self.rollouts.pop(deployment, None)
+            self.server.log.write(name, {"event": "deploy", "message": f"API '{name}' deleted"})
+        await asyncio.gather(*(s.stop(DRAIN_GRACE_S) for s in removed), return_exceptions=True)
+        return {"deleted": name, "deployment": deployment, "deployment_deleted": not remaining}
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        """Restart an API's replicas without downtime: a rollout of the same revision."""
+        deployment = self.deployment_of(name)
+        served = self.server.registry.by_name(name).default
+        revision = await asyncio.to_thread(self.store.get_revision, deployment, served.revision)
+        if revision is None:
+            raise NotFound(f"API '{name}' has no recorded revision to refresh")
+        project = await asyncio.to_thread(self._load, Path(revision.artifact_path))
+        project.apis = [a for a in project.apis if a.name == name]
+        rollout = Rollout(deployment, revision.content_hash, apis=[name])
+        self.rollouts[deployment] = rollout
+        self._spawn(self._roll_out(rollout, project, force=True))
+        return rollout.to_json()
+
+    async def rollback(self, name: str, revision: str | None) -> dict[str, Any]:
+        """Roll the API's deployment back to `revision` (default: the one before the current)."""
+        deployment = self.deployment_of(name)
+        revisions = await asyncio.to_thread(self.store.list_revisions, deployment)
+        current = (await asyncio.to_thread(self.store.get_deployment, deployment)).current_revision
+        if revision is None:
+            older = [r for r in revisions if r.content_hash != current and r.status == "live"]
+            if not older:
+                raise NotFound(
+                    f"deployment '{deployment}' has no earlier live revision to roll back to; "
+                    f"`kiln get {name}` lists its revisions"
+                )
+            target = older[0]
+        else:
+            matches = [r for r in revisions if r.content_hash.startswith(revision)]
+            if len(matches) != 1:
+                known = ", ".join(short_revision(r.content_hash) for r in revisions)
+                raise NotFound(
+                    f"deployment '{deployment}' has no revision '{revision}' (revisions: {known})"
+                )
+            target = matches[0]
+        if target.content_hash == current:
+            raise Conflict(f"revision {short_revision(current)} is already the current one")
+        project = await asyncio.to_thread(self._load, Path(target.artifact_path))
+        rollout = Rollout(
+            deployment, target.content_hash, apis=sorted({a.name for a in project.apis})
+        )
+        self.rollouts[deployment] = rollout
+        await asyncio.to_thread(
+            self.store.set_revision_status, deployment, target.content_hash, "updating"
+        )
+        self._spawn(self._roll_out(rollout, project))
+        return rollout.to_json()
+
+    def persist_scale(self, served: ServedApi, to_replicas: int, reason: str) -> None:
+        """Record the autoscaler's decision so a restart comes back at the same size."""
+        deployment = self.owner.get(served.name)
+        if deployment is None:
+            return
+        try:
+            self.store.scale_api(
+                deployment, served.name, to_replicas, reason=reason, version=served.version or ""
+            )
+        except NotFoundError:
+            pass
+
+    # ---- reporting ----------------------------------------------------------------
+    def status_of(self, deployment: str) -> dict[str, Any]:
+        dep = self.store.get_deployment(deployment)
+        if dep is None:
+            raise NotFound(f"no deployment named '{deployment}'")
+        revisions = self.store.list_revisions(deployment)
+        rollout = self.rollouts.get(deployment)
+        return {
+            "name": deployment,
+            "current_revision": short_revision(dep.current_revision or ""),
+            "updated_at": dep.updated_at,
+            "rollout": rollout.to_json() if rollout else None,
+            "apis": sorted(a for a, d in self.owner.items() if d == deployment),
+            "revisions": [
+                {
+                    "revision": short_revision(r.content_hash),
+                    "created_at": r.created_at,
+                    "status": r.status,
+                    "error": r.error,
+                    "current": r.content_hash == dep.current_revision,
+                }
+                for r in revisions
+            ],
+        }
+
+    def _record_error(self, api: str, message: str) -> None:
+        self.errors.setdefault(api, deque(maxlen=10)).append(
+            {"time": time.time(), "error": message}
+        )
+
+    def _log(self, rollout: Rollout, message: str) -> None:
+        log.info("%s: %s", rollout.deployment, message)
+        for api in rollout.apis:
+            self.server.log.write(api, {"event": "deploy", "message": message})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_report_crash)
+
+
+def _report_crash(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a rollout failed unexpectedly", exc_info=task.exception())

@@ -1,0 +1,228 @@
+"""The control plane's REST API on the management port: what the CLI talks to.
+
+| route | what |
+| --- | --- |
+| `GET /server` | version, mode, uptime, URLs of the three ports |
+| `POST /deployments?name=` | upload a project (gzip'd tar from `kiln deploy`), roll it out |
+| `GET /deployments`, `GET /deployments/{name}` | deployments, their revisions and rollout |
+| `DELETE /deployments/{name}` | delete every API of a deployment |
+| `GET /apis`, `GET /apis/{name}?window=1h` | APIs with status, replicas, traffic; one in detail |
+| `DELETE /apis/{name}` | stop serving the API and forget it |
+| `POST /apis/{name}/refresh` | restart its replicas without downtime |
+| `POST /apis/{name}/rollback?revision=` | roll its deployment back |
+| `GET /apis/{name}/logs?follow=&tail=` | its merged replica logs, JSON lines |
+| `GET /docs`, `GET /openapi.json` | the management port's OpenAPI document |
+
+The handlers are thin: the work is in `deployments.py` (lifecycle) and
+`status.py` (what `kiln get` shows). Errors use the management port's
+TorchServe shape `{"code", "type", "message"}`, plus `issues` for a config that
+was rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kiln.control.deployments import ConfigRejected
+from kiln.errors import InvalidInput, NotFound, UnsupportedMediaType
+
+MAX_UPLOAD = 1 << 30
+TAG = "Kiln control plane"
+
+# (method, path, summary, query parameters): the routes and their OpenAPI entries.
+CONTROL_ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("get", "/server", "The server: version, mode, uptime and the URLs of its ports", ()),
+    ("post", "/deployments", "Deploy a project (body: gzip'd tar from kiln deploy)", ("name",)),
+    ("get", "/deployments", "List deployments", ()),
+    ("get", "/deployments/{name}", "A deployment: revisions and its latest rollout", ()),
+    ("delete", "/deployments/{name}", "Delete a deployment and all its APIs", ()),
+    ("get", "/apis", "Every API with status, replicas and traffic", ()),
+    ("get", "/apis/{name}", "One API in detail: tracker, errors, scaling events", ("window",)),
+    ("delete", "/apis/{name}", "Stop serving an API and forget it", ()),
+    ("post", "/apis/{name}/refresh", "Restart an API's replicas without downtime", ()),
+    ("post", "/apis/{name}/rollback", "Roll an API's deployment back", ("revision",)),
+    ("get", "/apis/{name}/logs", "The API's logs as JSON lines", ("follow", "tail")),
+    ("get", "/docs", "This API, as a web page", ()),
+    ("get", "/openapi.json", "This API, as an OpenAPI document", ()),
+)
+
+
+def control_routes(server: Any) -> list[Route]:
+    """The control-plane routes for `server` (an InferenceServer with deployments)."""
+    api = ControlApi(server)
+    handlers = {
+        ("get", "/server"): api.server_info,
+        ("post", "/deployments"): api.deploy,
+        ("get", "/deployments"): api.list_deployments,
+        ("get", "/deployments/{name}"): api.get_deployment,
+        ("delete", "/deployments/{name}"): api.delete_deployment,
+        ("get", "/apis"): api.list_apis,
+        ("get", "/apis/{name}"): api.get_api,
+        ("delete", "/apis/{name}"): api.delete_api,
+        ("post", "/apis/{name}/refresh"): api.refresh,
+        ("post", "/apis/{name}/rollback"): api.rollback,
+        ("get", "/apis/{name}/logs"): api.logs,
+        ("get", "/docs"): api.docs,
+        ("get", "/openapi.json"): api.openapi,
+    }
+    return [
+        Route(path, handlers[(method, path)], methods=[method.upper()])
+        for method, path, _, _ in CONTROL_ROUTES
+    ]
+
+
+class ControlApi:
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    @property
+    def manager(self) -> Any:
+        return self.server.deployments
+
+    async def server_info(self, request: Request) -> Response:
+        from kiln.control.status import server_info
+
+        return JSONResponse(server_info(self.server))
+
+    async def deploy(self, request: Request) -> Response:
+        kind = request.headers.get("content-type", "").split(";")[0].strip()
+        if kind not in ("application/gzip", "application/x-gzip", "application/octet-stream"):
+            raise UnsupportedMediaType(
+                f"a deploy is a gzip'd tar of the project (Content-Type: application/gzip), "
+                f"not {kind or 'no content type'}; `kiln deploy` packs and sends it for you"
+            )
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_UPLOAD:
+            raise InvalidInput(f"the upload is larger than {MAX_UPLOAD >> 20} MiB")
+        body = await request.body()
+        if not body:
+            raise InvalidInput("the deploy request has no body; send the packed project")
+        try:
+            result = await self.manager.deploy(body, request.query_params.get("name") or None)
+        except ConfigRejected as exc:
+            return JSONResponse(
+                {"code": 400, "type": exc.type, "message": exc.message, "issues": exc.issues},
+                status_code=400,
+            )
+        status = 200 if result["status"] == "unchanged" else 202
+        return JSONResponse(result, status_code=status)
+
+    async def list_deployments(self, request: Request) -> Response:
+        deployments = await asyncio.to_thread(self.manager.store.list_deployments)
+        out = [await asyncio.to_thread(self.manager.status_of, d.name) for d in deployments]
+        return JSONResponse({"deployments": out})
+
+    async def get_deployment(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        return JSONResponse(await asyncio.to_thread(self.manager.status_of, name))
+
+    async def delete_deployment(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        apis = [a for a, d in self.manager.owner.items() if d == name]
+        if not apis:
+            if await asyncio.to_thread(self.manager.store.get_deployment, name) is None:
+                raise NotFound(f"no deployment named '{name}'")
+            await asyncio.to_thread(self.manager.store.delete_deployment, name)
+        for api in apis:
+            await self.manager.delete_api(api)
+        return JSONResponse({"deleted": name, "apis": apis})
+
+    async def list_apis(self, request: Request) -> Response:
+        from kiln.control.status import list_apis
+
+        return JSONResponse({"apis": await asyncio.to_thread(list_apis, self.server)})
+
+    async def get_api(self, request: Request) -> Response:
+        from kiln.config.quantities import parse_duration
+        from kiln.control.status import api_detail
+
+        try:
+            window = parse_duration(request.query_params.get("window", "1h"))
+        except ValueError as exc:
+            raise InvalidInput(f"window: {exc}; use e.g. window=15m or window=1h") from None
+        name = request.path_params["name"]
+        return JSONResponse(await asyncio.to_thread(api_detail, self.server, name, window))
+
+    async def delete_api(self, request: Request) -> Response:
+        return JSONResponse(await self.manager.delete_api(request.path_params["name"]))
+
+    async def refresh(self, request: Request) -> Response:
+        return JSONResponse(await self.manager.refresh(request.path_params["name"]), 202)
+
+    async def rollback(self, request: Request) -> Response:
+        revision = request.query_params.get("revision") or None
+        result = await self.manager.rollback(request.path_params["name"], revision)
+        return JSONResponse(result, 202)
+
+    async def logs(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in self.server.registry.groups and name not in self.manager.owner:
+            path = self.server.log.path_for(name)
+            if not path.exists():
+                raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
+        follow = request.query_params.get("follow", "false").lower() in ("1", "true", "yes")
+        try:
+            tail = int(request.query_params.get("tail", "200"))
+        except ValueError:
+            raise InvalidInput("tail must be a whole number of lines, e.g. tail=100") from None
+        return StreamingResponse(
+            _log_lines(self.server, name, tail, follow, request),
+            media_type="application/x-ndjson",
+        )
+
+    async def docs(self, request: Request) -> Response:
+        from kiln.protocols.openapi_docs import render_docs
+
+        return HTMLResponse(render_docs(self._document(request)))
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._document(request))
+
+    def _document(self, request: Request) -> dict[str, Any]:
+        from kiln.protocols.management_doc import management_document
+
+        document = management_document(extra=CONTROL_ROUTES, extra_tag=TAG)
+        document["servers"] = [{"url": str(request.base_url).rstrip("/")}]
+        return document
+
+
+async def _log_lines(
+    server: Any, api: str, tail: int, follow: bool, request: Request
+) -> AsyncIterator[bytes]:
+    """The last `tail` lines of the API's log, then (with follow) new lines as they land."""
+    path = server.log.path_for(api)
+    server.log.flush()
+    position = 0
+    if path.exists():
+        data = await asyncio.to_thread(path.read_bytes)
+        lines = data.splitlines(keepends=True)
+        for line in lines[-tail:] if tail > 0 else []:
+            yield line
+        position = len(data)
+    while follow:
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.25)
+        server.log.flush()
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            continue
+        if size < position:  # rotated or truncated
+            position = 0
+        if size > position:
+            with path.open("rb") as f:
+                f.seek(position)
+                chunk = f.read(size - position)
+            cut = chunk.rfind(b"\n") + 1
+            if cut:
+                yield chunk[:cut]
+                position += cut
+        else:
+            yield b""  # lets the server notice a client that went away

@@ -1,0 +1,158 @@
+"""What `kiln get` shows: each API's status, replicas, traffic and latency, and one in detail.
+
+Statuses follow Cortex's words, which its users already read: `live`,
+`updating`, `error`, `error (out of memory)`, `compute unavailable`, plus
+`scaled to zero`. Request counts come from the durable usage counters (so they
+survive restarts); latency percentiles from the Prometheus histogram the
+metrics port exposes, so `kiln get` and a dashboard agree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from kiln.control.packaging import short_revision
+from kiln.errors import NotFound
+
+OOM_MARK = "compute.mem"
+
+
+def server_info(server: Any) -> dict[str, Any]:
+    import kiln
+
+    running = server.running
+    return {
+        "version": kiln.__version__,
+        "mode": server.options.mode,
+        "pid": os.getpid(),
+        "started": server.started,
+        "uptime_s": round(time.time() - server.started, 1),
+        "home": str(server.options.home),
+        "url": running.url if running else None,
+        "management_url": running.management_url if running else None,
+        "metrics_url": running.metrics_url if running else None,
+        "apis": len(server.registry.all()),
+        "deployments": len({d for d in server.deployments.owner.values()}),
+    }
+
+
+def api_status(server: Any, served: Any) -> str:
+    manager = server.deployments
+    unavailable = getattr(served, "compute_unavailable", None)
+    if unavailable:
+        return "compute unavailable"
+    deployment = manager.owner.get(served.name)
+    rollout = manager.rollouts.get(deployment) if deployment else None
+    if rollout is not None and rollout.status == "updating" and served.name in rollout.apis:
+        return "updating"
+    state = served.state
+    if state == "ready":
+        return "live"
+    if state == "scaled to zero":
+        return "scaled to zero"
+    if state == "loading":
+        return "updating"
+    if state in ("failed", "restarting"):
+        errors = [slot.error or "" for slot in served.slots]
+        if any(OOM_MARK in e for e in errors) or any(s.oom_kills for s in served.slots):
+            return "error (out of memory)"
+        return "error" if state == "failed" or served.restarts else "updating"
+    return state
+
+
+def _entry(server: Any, served: Any, latency: dict[str, Any]) -> dict[str, Any]:
+    manager = server.deployments
+    running = server.running
+    base = running.url if running else ""
+    low, high = served.replica_bounds
+    compute = served.api.compute
+    lat = latency.get(served.name, {})
+    entry: dict[str, Any] = {
+        "name": served.name,
+        "version": served.version,
+        "deployment": manager.owner.get(served.name),
+        "revision": short_revision(served.revision) if served.revision else None,
+        "status": api_status(server, served),
+        "replicas": {
+            "ready": len(served.ready_slots()),
+            "requested": len(served.slots),
+            "min": low,
+            "max": high,
+            "configured_max": compute.max_replicas,
+            "restarts": served.restarts,
+        },
+        "requests": {"2xx": 0, "4xx": 0, "5xx": 0},
+        "latency_ms": {
+            q: (None if v is None else (v * 1000 if v != float("inf") else "slower"))
+            for q, v in (("p50", lat.get("p50")), ("p99", lat.get("p99")))
+        },
+        "last_update": _last_update(manager, served),
+        "url": f"{base}{served.api.endpoint}",
+        "endpoint": served.api.endpoint,
+        "runtime": served.api.runtime,
+    }
+    if high < compute.max_replicas:
+        entry["replicas"]["capped"] = (
+            f"max_replicas {compute.max_replicas} capped at {high}: the replicas' CPU and "
+            f"memory requests must fit this machine"
+        )
+    if server.counters is not None:
+        entry["requests"].update(server.counters.usage_totals(served.name))
+    error = served.error or getattr(served, "compute_unavailable", None)
+    if error:
+        entry["error"] = error
+    return entry
+
+
+def _last_update(manager: Any, served: Any) -> float | None:
+    deployment = manager.owner.get(served.name)
+    rollout = manager.rollouts.get(deployment) if deployment else None
+    if rollout is not None:
+        return rollout.finished or rollout.started
+    if deployment:
+        dep = manager.store.get_deployment(deployment)
+        return dep.updated_at if dep else None
+    return None
+
+
+def list_apis(server: Any) -> list[dict[str, Any]]:
+    latency = server.metrics.latency_percentiles()
+    return [_entry(server, served, latency) for served in server.registry.all()]
+
+
+def api_detail(server: Any, name: str, window_s: float) -> dict[str, Any]:
+    """One API: its list entry per version, plus tracker, errors, events and a curl line."""
+    group = server.registry.groups.get(name)
+    manager = server.deployments
+    if group is None:
+        raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
+    latency = server.metrics.latency_percentiles()
+    versions = [_entry(server, served, latency) for served in group.versions.values()]
+    default = group.default
+    detail: dict[str, Any] = {**_entry(server, default, latency), "versions": versions}
+    if default.api.tracker is not None and server.counters is not None:
+        detail["tracker"] = server.counters.summary(name, default.version or "", window_s)
+    errors = list(manager.errors.get(name, ()))
+    for served in group.versions.values():
+        for slot in served.slots:
+            if slot.error:
+                errors.append({"time": None, "error": f"replica {slot.index}: {slot.error}"})
+    detail["recent_errors"] = errors[-10:]
+    events = [dict(e) for e in default.scaling_events]
+    if not events and manager.owner.get(name):
+        stored = manager.store.scaling_events(name, limit=20)
+        events = [
+            {"time": e.at, "from": e.from_replicas, "to": e.to_replicas, "reason": e.reason}
+            for e in reversed(stored)
+        ]
+    detail["scaling_events"] = events
+    sample = "@sample.json"
+    detail["curl"] = (
+        f"curl -X POST '{detail['url']}?debug=true' -H 'Content-Type: application/json' -d {sample}"
+    )
+    deployment = manager.owner.get(name)
+    if deployment:
+        detail["revisions"] = manager.status_of(deployment)["revisions"]
+    return detail
