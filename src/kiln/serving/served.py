@@ -18,12 +18,13 @@ from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable
 from kiln.serving.batcher import Pending, RequestQueue
-from kiln.serving.placement import cores_for, machine_replica_cap, worker_env, worker_spec_for
+from kiln.serving.placement import worker_spec_for
+from kiln.serving.replica_pool import ReplicaPool
 from kiln.serving.supervisor import ReplicaSlot
-from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
+from kiln.serving.types import InferenceRequest, InferenceResponse
 
 
-class ServedApi:
+class ServedApi(ReplicaPool):
     """An API version: the unit that is loaded, scaled, queued and routed to."""
 
     def __init__(
@@ -42,6 +43,7 @@ class ServedApi:
         # Set when a rolling update replaced this one: requests that found it just before
         # the swap are handed to the new version instead of failing.
         self.successor: ServedApi | None = None
+        self.compute_unavailable: str | None = None  # why no replica could be placed (GPUs)
         self.name: str = api.name
         self.version: str | None = api.version
         self.worker_spec = worker_spec_for(api)
@@ -69,68 +71,6 @@ class ServedApi:
         self.scaling_events: deque[dict[str, Any]] = deque(maxlen=20)
 
     # ----- lifecycle ---------------------------------------------------------------
-    def _env(self) -> dict[str, str]:
-        return {**worker_env(self.worker_spec), **self.extra_env}
-
-    def _new_slot(self, index: int) -> ReplicaSlot:
-        spec = WorkerSpec.from_wire(self.worker_spec.to_wire())
-        spec.cpus = cores_for(self.api.compute.cpu or 1) if self.api.compute.cpu else None
-        return ReplicaSlot(
-            index,
-            spec,
-            cwd=self._cwd,
-            env=self._env(),
-            startup_timeout=self.api.serving.startup_timeout_s,
-            mem_limit=self.api.compute.mem,
-            log_line=self._replica_log(index),
-            on_change=self._on_slot_change,
-        )
-
-    def _replica_log(self, index: int) -> Any:
-        """Log lines of one replica, tagged `<revision>-<index>` so merged logs tell them apart."""
-        replica = f"{(self.revision or 'dev')[:7]}-{index}"
-        return lambda line: self._log_line(line, replica=replica)
-
-    async def start(self, replicas: int | None = None) -> None:
-        """Start `init_replicas` (or `replicas`) workers; wait until each is ready or failed."""
-        if replicas is None:
-            replicas = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
-        count = replicas if self.api.compute.min_replicas == 0 else max(1, replicas)
-        self.scaled_to_zero = count == 0
-        self.slots = [self._new_slot(i) for i in range(count)]
-        self._dispatcher = asyncio.create_task(self._dispatch_loop())
-        await asyncio.gather(*(slot.start() for slot in self.slots))
-
-    async def scale(self, replicas: int) -> None:
-        """Grow or shrink to `replicas` workers (management API, autoscaler).
-
-        Zero is allowed only with `min_replicas: 0`: the API then holds the next
-        request while a worker starts (a cold start) instead of refusing it.
-        """
-        floor = 0 if (self.api.compute.min_replicas == 0) else 1
-        replicas = max(floor, replicas)
-        self.scaled_to_zero = replicas == 0
-        if replicas > len(self.slots):
-            new = [self._new_slot(i) for i in range(len(self.slots), replicas)]
-            self.slots.extend(new)
-            await asyncio.gather(*(slot.start() for slot in new))
-        else:
-            extra, self.slots = self.slots[replicas:], self.slots[:replicas]
-            await asyncio.gather(*(slot.stop(30) for slot in extra))
-        self._on_slot_change()
-
-    @property
-    def max_replicas(self) -> int:
-        """`compute.max_replicas`, capped by the machine (see `machine_replica_cap`)."""
-        return machine_replica_cap(self.api.compute)
-
-    @property
-    def replica_bounds(self) -> tuple[int, int]:
-        """(min, max) replicas the autoscaler keeps within: kiln.yaml's, or the management API's."""
-        if self.bounds_override is not None:
-            return self.bounds_override
-        return self.api.compute.min_replicas, self.max_replicas
-
     def set_batching(self, max_batch_size: int, max_batch_delay_ms: float) -> None:
         """Change dynamic batching at run time (TorchServe's batch_size / max_batch_delay)."""
         self.max_batch_size = max(1, int(max_batch_size))
@@ -143,39 +83,6 @@ class ServedApi:
         running = sum(s.replica.in_flight for s in self.slots if s.replica is not None)
         return len(self.queue) + running
 
-    async def cold_start(self) -> None:
-        """Bring a scaled-to-zero API back for a waiting request, within cold_start_timeout."""
-        if self._cold_start is None or self._cold_start.done():
-            self._log_line("cold start: a request arrived while scaled to zero")
-            self._cold_start = asyncio.create_task(self.scale(1))
-        timeout = self.api.autoscaling.cold_start_timeout
-        try:
-            await asyncio.wait_for(asyncio.shield(self._cold_start), timeout)
-        except TimeoutError:
-            raise Unavailable(
-                f"API '{self.name}' is starting from zero replicas and was not ready within "
-                f"{timeout:g}s (autoscaling.cold_start_timeout); retry shortly",
-                retry_after=max(1, int(timeout)),
-            ) from None
-
-    async def unload(self, grace: float = 30.0) -> None:
-        """Stop the workers but keep the API known (V2 repository `unload`): requests get 503."""
-        self.unloaded = True
-        slots, self.slots = self.slots, []
-        self.queue.fail_all(Unavailable(f"API '{self.name}' is unloaded", retry_after=5))
-        await asyncio.gather(*(slot.stop(grace) for slot in slots), return_exceptions=True)
-        self._on_slot_change()
-
-    async def load(self) -> None:
-        """Start the workers again after `unload` (V2 repository `load`)."""
-        if self.slots and not self.unloaded:
-            return
-        self.unloaded = False
-        count = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
-        self.slots = [self._new_slot(i) for i in range(count)]
-        await asyncio.gather(*(slot.start() for slot in self.slots))
-        self._on_slot_change()
-
     async def stop(self, grace: float) -> None:
         self._stopping = True
         deadline = time.monotonic() + grace
@@ -184,65 +91,7 @@ class ServedApi:
         self.queue.fail_all(Unavailable(f"API '{self.name}' is shutting down", retry_after=5))
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-        await asyncio.gather(*(slot.stop(grace) for slot in self.slots), return_exceptions=True)
-
-    def _on_slot_change(self) -> None:
-        self._changed.set()
-        self._capacity.set()
-        if self.state == "failed" and len(self.queue):
-            self.queue.fail_all(
-                Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
-            )
-        live = len(self.ready_slots())
-        minimum = max(1, self.api.compute.min_replicas or 1)
-        if live >= minimum:
-            self._below_min_since = None
-        elif self._below_min_since is None:
-            self._below_min_since = time.monotonic()
-
-    # ----- state -------------------------------------------------------------------
-    def ready_slots(self) -> list[ReplicaSlot]:
-        return [slot for slot in self.slots if slot.ready]
-
-    @property
-    def state(self) -> str:
-        if self._stopping:
-            return "stopped"
-        if self.unloaded:
-            return "unloaded"
-        if self.scaled_to_zero and not self.slots:
-            return "scaled to zero"
-        if any(slot.ready for slot in self.slots):
-            return "ready"
-        states = {slot.state for slot in self.slots}
-        if states and states <= {"failed"}:
-            return "failed"
-        if "restarting" in states or self.restarts:
-            return "restarting"
-        return "loading"
-
-    @property
-    def error(self) -> str | None:
-        errors = [slot.error for slot in self.slots if slot.error and not slot.ready]
-        return errors[0] if errors else None
-
-    @property
-    def restarts(self) -> int:
-        return sum(slot.restarts for slot in self.slots)
-
-    @property
-    def signature(self) -> dict[str, Any]:
-        for slot in self.slots:
-            if slot.replica is not None:
-                return slot.replica.signature
-        return {}
-
-    def healthy(self) -> bool:
-        """False once the API has had fewer live replicas than its minimum for too long."""
-        if self.state == "failed":
-            return False
-        since = self._below_min_since
-        return since is None or time.monotonic() - since <= self.api.serving.max_retry_timeout_s
+        await self._stop_slots(self.slots, grace)
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for a ready replica (the first GET loads the model); 503 if it cannot load."""
@@ -253,6 +102,11 @@ class ServedApi:
         while self.state != "ready":
             if self.state == "failed":
                 raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+            if self.state == "compute unavailable":
+                raise Unavailable(
+                    f"API '{self.name}': compute unavailable ({self.compute_unavailable})",
+                    retry_after=30,
+                )
             if self.state in ("unloaded", "stopped"):
                 raise Unavailable(f"API '{self.name}' is {self.state}", retry_after=5)
             remaining = deadline - time.monotonic()
@@ -282,6 +136,12 @@ class ServedApi:
             deadline = time.monotonic() + serving.response_timeout_s
         if state == "failed":
             raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+        if state == "compute unavailable":
+            raise Unavailable(
+                f"API '{self.name}' has no replica: compute unavailable "
+                f"({self.compute_unavailable})",
+                retry_after=30,
+            )
         if state == "unloaded":
             raise Unavailable(f"API '{self.name}' is unloaded; load it first", retry_after=5)
         if state == "loading":

@@ -1,0 +1,224 @@
+"""The replicas of one API version: placing, starting, scaling, stopping and their state.
+
+`ServedApi` (served.py) owns the queue and the dispatcher; this mixin owns the
+pool of `ReplicaSlot`s behind them. The seam is the slot list: the dispatcher
+only reads `ready_slots()` and `state`, the pool never touches a request.
+
+The mixin reads and sets attributes that `ServedApi.__init__` creates: `api`,
+`name`, `revision`, `worker_spec`, `extra_env`, `slots`, `queue`,
+`compute_unavailable`, `scaled_to_zero`, `unloaded`, `_stopping`, `_cwd`,
+`_log_line`, `_changed`, `_capacity`, `_cold_start`, `_dispatcher`,
+`_below_min_since`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from kiln.errors import Unavailable
+from kiln.serving.gpus import allocator as gpu_allocator
+from kiln.serving.placement import cores_for, machine_replica_cap, worker_env
+from kiln.serving.supervisor import ReplicaSlot
+from kiln.serving.types import WorkerSpec
+
+
+class ReplicaPool:
+    """Lifecycle and state of an API version's replicas (mixed into ServedApi)."""
+
+    api: Any
+    slots: list[ReplicaSlot]
+
+    def _env(self) -> dict[str, str]:
+        return {**worker_env(self.worker_spec), **self.extra_env}
+
+    def _new_slots(self, first: int, count: int) -> list[ReplicaSlot]:
+        """Up to `count` new slots; fewer when the GPUs they need are not there.
+
+        Sets `compute_unavailable` (Cortex's status) when not one more could be placed.
+        """
+        slots: list[ReplicaSlot] = []
+        for index in range(first, first + count):
+            slot = self._new_slot(index)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
+    def _new_slot(self, index: int) -> ReplicaSlot | None:
+        spec = WorkerSpec.from_wire(self.worker_spec.to_wire())
+        spec.cpus = cores_for(self.api.compute.cpu or 1) if self.api.compute.cpu else None
+        env = self._env()
+        devices: list[str] = []
+        if self.api.compute.gpu:
+            taken = gpu_allocator().acquire(self.api.compute.gpu)
+            if taken is None:
+                self.compute_unavailable = gpu_allocator().shortage(self.api.compute.gpu)
+                self._log_line(f"compute unavailable: {self.compute_unavailable}")
+                return None
+            devices = taken
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        self.compute_unavailable = None
+        slot = ReplicaSlot(
+            index,
+            spec,
+            cwd=self._cwd,
+            env=env,
+            startup_timeout=self.api.serving.startup_timeout_s,
+            mem_limit=self.api.compute.mem,
+            log_line=self._replica_log(index),
+            on_change=self._on_slot_change,
+        )
+        slot.gpus = devices  # type: ignore[attr-defined]
+        return slot
+
+    async def _stop_slots(self, slots: list[ReplicaSlot], grace: float) -> None:
+        """Stop slots and give their GPUs back."""
+        await asyncio.gather(*(slot.stop(grace) for slot in slots), return_exceptions=True)
+        for slot in slots:
+            gpus = getattr(slot, "gpus", None)
+            if gpus:
+                gpu_allocator().release(gpus)
+                slot.gpus = []  # type: ignore[attr-defined]
+
+    def _replica_log(self, index: int) -> Any:
+        """Log lines of one replica, tagged `<revision>-<index>` so merged logs tell them apart."""
+        replica = f"{(self.revision or 'dev')[:7]}-{index}"
+        return lambda line: self._log_line(line, replica=replica)
+
+    async def start(self, replicas: int | None = None) -> None:
+        """Start `init_replicas` (or `replicas`) workers; wait until each is ready or failed."""
+        if replicas is None:
+            replicas = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+        count = replicas if self.api.compute.min_replicas == 0 else max(1, replicas)
+        self.scaled_to_zero = count == 0
+        self.slots = self._new_slots(0, count)
+        self._dispatcher = asyncio.create_task(self._dispatch_loop())
+        await asyncio.gather(*(slot.start() for slot in self.slots))
+
+    async def scale(self, replicas: int) -> None:
+        """Grow or shrink to `replicas` workers (management API, autoscaler).
+
+        Zero is allowed only with `min_replicas: 0`: the API then holds the next
+        request while a worker starts (a cold start) instead of refusing it.
+        """
+        floor = 0 if (self.api.compute.min_replicas == 0) else 1
+        replicas = max(floor, replicas)
+        self.scaled_to_zero = replicas == 0
+        if replicas > len(self.slots):
+            new = self._new_slots(len(self.slots), replicas - len(self.slots))
+            self.slots.extend(new)
+            await asyncio.gather(*(slot.start() for slot in new))
+        else:
+            extra, self.slots = self.slots[replicas:], self.slots[:replicas]
+            await self._stop_slots(extra, 30)
+        self._on_slot_change()
+
+    @property
+    def max_replicas(self) -> int:
+        """`compute.max_replicas`, capped by the machine (`machine_replica_cap`) and its GPUs."""
+        cap = machine_replica_cap(self.api.compute)
+        if self.api.compute.gpu:
+            cap = min(cap, max(1, len(gpu_allocator().devices) // self.api.compute.gpu))
+        return cap
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas the autoscaler keeps within: kiln.yaml's, or the management API's."""
+        if self.bounds_override is not None:
+            return self.bounds_override
+        return self.api.compute.min_replicas, self.max_replicas
+
+    async def cold_start(self) -> None:
+        """Bring a scaled-to-zero API back for a waiting request, within cold_start_timeout."""
+        if self._cold_start is None or self._cold_start.done():
+            self._log_line("cold start: a request arrived while scaled to zero")
+            self._cold_start = asyncio.create_task(self.scale(1))
+        timeout = self.api.autoscaling.cold_start_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(self._cold_start), timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"API '{self.name}' is starting from zero replicas and was not ready within "
+                f"{timeout:g}s (autoscaling.cold_start_timeout); retry shortly",
+                retry_after=max(1, int(timeout)),
+            ) from None
+
+    async def unload(self, grace: float = 30.0) -> None:
+        """Stop the workers but keep the API known (V2 repository `unload`): requests get 503."""
+        self.unloaded = True
+        slots, self.slots = self.slots, []
+        self.queue.fail_all(Unavailable(f"API '{self.name}' is unloaded", retry_after=5))
+        await self._stop_slots(slots, grace)
+        self._on_slot_change()
+
+    async def load(self) -> None:
+        """Start the workers again after `unload` (V2 repository `load`)."""
+        if self.slots and not self.unloaded:
+            return
+        self.unloaded = False
+        count = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+        self.slots = self._new_slots(0, count)
+        await asyncio.gather(*(slot.start() for slot in self.slots))
+        self._on_slot_change()
+
+    def _on_slot_change(self) -> None:
+        self._changed.set()
+        self._capacity.set()
+        if self.state == "failed" and len(self.queue):
+            self.queue.fail_all(
+                Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
+            )
+        live = len(self.ready_slots())
+        minimum = max(1, self.api.compute.min_replicas or 1)
+        if live >= minimum:
+            self._below_min_since = None
+        elif self._below_min_since is None:
+            self._below_min_since = time.monotonic()
+
+    # ----- state -------------------------------------------------------------------
+    def ready_slots(self) -> list[ReplicaSlot]:
+        return [slot for slot in self.slots if slot.ready]
+
+    @property
+    def state(self) -> str:
+        if self._stopping:
+            return "stopped"
+        if self.unloaded:
+            return "unloaded"
+        if self.compute_unavailable and not self.slots:
+            return "compute unavailable"
+        if self.scaled_to_zero and not self.slots:
+            return "scaled to zero"
+        if any(slot.ready for slot in self.slots):
+            return "ready"
+        states = {slot.state for slot in self.slots}
+        if states and states <= {"failed"}:
+            return "failed"
+        if "restarting" in states or self.restarts:
+            return "restarting"
+        return "loading"
+
+    @property
+    def error(self) -> str | None:
+        errors = [slot.error for slot in self.slots if slot.error and not slot.ready]
+        return errors[0] if errors else None
+
+    @property
+    def restarts(self) -> int:
+        return sum(slot.restarts for slot in self.slots)
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        for slot in self.slots:
+            if slot.replica is not None:
+                return slot.replica.signature
+        return {}
+
+    def healthy(self) -> bool:
+        """False once the API has had fewer live replicas than its minimum for too long."""
+        if self.state == "failed":
+            return False
+        since = self._below_min_since
+        return since is None or time.monotonic() - since <= self.api.serving.max_retry_timeout_s
