@@ -26,7 +26,7 @@ def imports_of(folder: Path) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("room", ["serving", "runtimes", "handlers", "config"])
+@pytest.mark.parametrize("room", ["serving", "runtimes", "handlers", "config", "storage"])
 def test_inner_rooms_know_nothing_about_http(room: str) -> None:
     for file, names in imports_of(SRC / room).items():
         bad = {n for n in names if n.split(".")[0] in ("starlette", "uvicorn", "fastapi")}

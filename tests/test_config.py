@@ -750,17 +750,30 @@ def test_check_files_false_skips_existence(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["s3://bucket/m.onnx", "gs://b/m.onnx", "http://h/m.onnx", "https://h/m.onnx"]
+    "url",
+    ["s3://bucket/m.onnx", "gs://bkt/m.onnx", "http://h/m.onnx", "https://h/m.onnx", "hf://o/r@v1"],
 )
-def test_remote_model_rejected(tmp_path: Path, url: str) -> None:
+def test_remote_model_accepted_as_written(tmp_path: Path, url: str) -> None:
+    write(tmp_path, f"- kind: api\n  name: a\n  onnx:\n    model: {url}\n")
+    api = load_project(tmp_path, check_files=False).apis[0]
+    assert api.model_path == url  # fetched by the worker, through the model cache
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://h/m.onnx", "uses the scheme 'ftp://', which Kiln cannot fetch"),
+        ("s3://AKIA:secret@bucket/m.onnx", "has credentials written into it"),
+        ("s3://bucket", "names a whole bucket"),
+    ],
+)
+def test_bad_remote_model_rejected(tmp_path: Path, url: str, message: str) -> None:
     text = errors_of(
         tmp_path, f"- kind: api\n  name: a\n  onnx:\n    model: {url}\n", check_files=False
     )
-    assert (
-        "kiln.yaml:4: api 'a' field onnx.model: remote model storage is not supported "
-        f"yet ('{url}')" in text
-    )
-    assert "Fix: download the model and point `model` at the local file" in text
+    assert "kiln.yaml:4: api 'a' field onnx.model: the model path" in text
+    assert message in text
+    assert "secret" not in text
 
 
 def test_paths_resolve_relative_to_config_folder(tmp_path: Path) -> None:

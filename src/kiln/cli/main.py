@@ -269,11 +269,13 @@ def rollback(
     _cli(lambda: run_rollback(api, revision, env, not no_wait))
 
 
+from kiln.cli.cache_cmd import cache_app  # noqa: E402 - sub-commands register after the app
 from kiln.cli.env_cmd import env_app  # noqa: E402
 from kiln.cli.server_cmd import server_app  # noqa: E402
 
 app.add_typer(server_app, name="server")
 app.add_typer(env_app, name="env")
+app.add_typer(cache_app, name="cache")
 
 
 def main() -> None:

@@ -9,12 +9,15 @@ are handed to a ``report`` callback so the loader can attach lines to them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from kiln.config.schema import ApiSpec, BatchApiSpec, parse_handler_ref
+from kiln.storage.errors import ModelUriError
+from kiln.storage.uri import is_remote, parse_uri
 
 Report = Callable[[int, str, str, str], None]
 """report(resource index, dotted field, message, fix)."""
@@ -22,6 +25,13 @@ Report = Callable[[int, str, str, str], None]
 Entry = tuple[int, ApiSpec | BatchApiSpec]
 
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_CLIENTS = {
+    "s3": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "http": ("aiohttp", "http"),
+    "https": ("aiohttp", "http"),
+    "hf": ("huggingface_hub", "hf"),
+}
 
 
 def _absolute(root: Path, value: str) -> str:
@@ -37,6 +47,8 @@ class _PathChecker:
 
     def path(self, field: str, value: str, *, kind: str) -> str | None:
         """Resolve one path; kind is 'model' (file or dir), 'file' or 'dir'."""
+        if kind == "model" and is_remote(value):
+            return self.remote_model(field, value)
         if _REMOTE.match(value) and not value.startswith("file://"):
             fix = (
                 "download the model and point `model` at the local file"
@@ -60,6 +72,27 @@ class _PathChecker:
                     f"the config file ({self.root})",
                 )
         return resolved
+
+    def remote_model(self, field: str, value: str) -> str | None:
+        """A model URI is checked for form (and credentials written into it), not fetched:
+        the worker downloads it at start. With check_files, its store's client must be
+        installed, so a missing extra fails before anything listens."""
+        try:
+            uri = parse_uri(value)
+        except ModelUriError as exc:
+            self.report(self.index, field, exc.problem, exc.fix)
+            return None
+        if self.check_files and uri.scheme in _CLIENTS:
+            module, extra = _CLIENTS[uri.scheme]
+            if importlib.util.find_spec(module) is None:
+                self.report(
+                    self.index,
+                    field,
+                    f"{uri.scheme}:// model paths need the '{module}' package, "
+                    f"which is not installed",
+                    f"pip install 'kiln-serve[{extra}]'",
+                )
+        return value
 
     def handler(self, field: str, value: str) -> str:
         file, _module, obj = parse_handler_ref(value)

@@ -20,21 +20,17 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import posixpath
 import re
 import shutil
-import stat
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from kiln.config import CONFIG_NAMES
 from kiln.errors import InvalidInput, NotFound
+from kiln.storage.archives import check_links, unpack_tar, unpack_zip
+from kiln.storage.errors import UnsafeArchive
 
-MAX_UNPACKED_BYTES = 16 * 2**30  # refuse archives that would unpack past this (zip bombs)
-MAX_MEMBERS = 100_000
 _ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 _METADATA_HOSTS = {"metadata", "metadata.google.internal", "instance-data"}
@@ -44,7 +40,7 @@ _REMOTE = (
 )
 
 
-class UnsafeModelSource(InvalidInput):
+class UnsafeModelSource(UnsafeArchive):
     """The registration URL or archive would reach outside the model store."""
 
 
@@ -159,118 +155,9 @@ def _has_config(folder: Path) -> bool:
     return any((folder / name).is_file() for name in CONFIG_NAMES)
 
 
-def check_links(root: Path, allowed: Path, where: str) -> None:
-    """Refuse a tree holding a symlink that resolves outside `allowed`."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for entry in (*dirnames, *filenames):
-            full = os.path.join(dirpath, entry)
-            if os.path.islink(full) and not Path(os.path.realpath(full)).is_relative_to(allowed):
-                rel = os.path.relpath(full, root)
-                raise UnsafeModelSource(
-                    f"'{rel}' is a symlink that leads out of {where}; replace it with the file"
-                )
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def safe_member(name: str) -> PurePosixPath:
-    """An archive member's relative path; UnsafeModelSource for absolute names and `..`."""
-    if "\x00" in name or "\\" in name:
-        raise UnsafeModelSource(f"archive member '{name}' has characters not allowed in a path")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise UnsafeModelSource(f"archive member '{name}' has an absolute path; refusing it")
-    path = PurePosixPath(name)
-    if ".." in path.parts:
-        raise UnsafeModelSource(
-            f"archive member '{name}' climbs out of the archive with '..' (zip-slip); refusing it"
-        )
-    return path
-
-
-def unpack_zip(archive: Path, dest: Path) -> None:
-    try:
-        zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile:
-        raise InvalidInput(f"'{archive.name}' is not a valid zip archive") from None
-    with zf:
-        members = zf.infolist()
-        if len(members) > MAX_MEMBERS:
-            raise UnsafeModelSource(f"'{archive.name}' has over {MAX_MEMBERS} members")
-        total = 0
-        for info in members:
-            rel = safe_member(info.filename)
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise UnsafeModelSource(
-                    f"archive member '{info.filename}' is a symlink; archives may hold only "
-                    "files and folders"
-                )
-            total += info.file_size
-            if total > MAX_UNPACKED_BYTES:
-                raise UnsafeModelSource(f"'{archive.name}' unpacks to more than the size limit")
-            if not rel.parts:
-                continue
-            target = dest.joinpath(*rel.parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as out:
-                _copy_capped(src, out, info.file_size, info.filename)
-
-
-def _copy_capped(src: object, out: object, declared: int, name: str) -> None:
-    written = 0
-    while True:
-        block = src.read(1 << 20)  # type: ignore[attr-defined]
-        if not block:
-            return
-        written += len(block)
-        if written > declared:
-            raise UnsafeModelSource(f"archive member '{name}' is larger than it declares")
-        out.write(block)  # type: ignore[attr-defined]
-
-
-def unpack_tar(archive: Path, dest: Path) -> None:
-    try:
-        tf = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError):
-        raise InvalidInput(f"'{archive.name}' is not a valid tar archive") from None
-    with tf:
-        members = tf.getmembers()
-        if len(members) > MAX_MEMBERS:
-            raise UnsafeModelSource(f"'{archive.name}' has over {MAX_MEMBERS} members")
-        total = 0
-        for member in members:
-            rel = safe_member(member.name)
-            kinds = (member.isfile(), member.isdir(), member.issym(), member.islnk())
-            if member.isdev() or not any(kinds):
-                raise UnsafeModelSource(
-                    f"archive member '{member.name}' is a device or special file; refusing it"
-                )
-            if member.issym():
-                target = posixpath.normpath(posixpath.join(str(rel.parent), member.linkname))
-                if member.linkname.startswith("/") or target == ".." or target.startswith("../"):
-                    raise UnsafeModelSource(
-                        f"archive member '{member.name}' links to '{member.linkname}', "
-                        "outside the archive; refusing it"
-                    )
-            if member.islnk():
-                safe_member(member.linkname)
-            total += max(0, member.size)
-            if total > MAX_UNPACKED_BYTES:
-                raise UnsafeModelSource(f"'{archive.name}' unpacks to more than the size limit")
-        try:
-            if hasattr(tarfile, "data_filter"):
-                tf.extractall(dest, filter="data")  # the stdlib's own checks, a second line
-            else:  # pragma: no cover - Python < 3.11.4
-                tf.extractall(dest)  # noqa: S202 - every member was checked above
-        except tarfile.TarError as exc:
-            raise UnsafeModelSource(
-                f"'{archive.name}' cannot be unpacked safely ({type(exc).__name__})"
-            ) from None

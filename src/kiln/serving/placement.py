@@ -12,6 +12,8 @@ import os
 from typing import Any
 
 from kiln.serving.types import WorkerSpec
+from kiln.storage.cache import cache_dir
+from kiln.storage.uri import is_remote
 
 
 def worker_spec_for(api: Any) -> WorkerSpec:
@@ -33,6 +35,7 @@ def worker_spec_for(api: Any) -> WorkerSpec:
         metadata=dict(api.metadata or {}),
         python_path=api.python_path,
         threads=max(1, math.ceil(api.compute.cpu or 1)),
+        gpu=api.compute.gpu,
         max_batch_size=api.batching.max_batch_size if api.batching else 1,
         tracker_key=api.tracker.key if api.tracker else None,
         tracker_type=api.tracker.model_type if api.tracker else None,
@@ -66,11 +69,16 @@ def worker_env(spec: WorkerSpec) -> dict[str, str]:
     """The worker's environment: PYTHONPATH, MODEL_DIR (before user code imports), threads."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (spec.python_path, env.get("PYTHONPATH")) if p)
-    if spec.model_path:
+    if spec.model_path and not is_remote(spec.model_path):  # remote: the worker sets it
         path = spec.model_path
         env["MODEL_DIR"] = path if os.path.isdir(path) else os.path.dirname(path)
+    env["KILN_CACHE_DIR"] = str(cache_dir())  # every replica and API shares one model cache
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(spec.threads)
+    if spec.gpu == 0 and spec.runtime in ("tensorflow", "torch"):
+        # A replica that asked for no GPU must not take one: TensorFlow would reserve all
+        # of its memory, and probing CUDA on a machine without it only fills the log.
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
     env["KILN_API"] = spec.api
     env["PYTHONUNBUFFERED"] = "1"
     return env

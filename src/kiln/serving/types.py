@@ -94,6 +94,7 @@ class WorkerSpec:
     python_path: str | None = None
     threads: int = 1
     cpus: list[int] | None = None  # CPU affinity of this replica
+    gpu: int = 0  # compute.gpu: runtimes that can use a GPU pick CUDA when > 0
     max_batch_size: int = 1
     response_envelope: str = "none"
     tracker_key: str | None = None

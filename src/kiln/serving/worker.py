@@ -10,6 +10,7 @@ or the parent-death signal on Linux), so no worker outlives its server.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import signal
@@ -207,6 +208,20 @@ class Worker:
                 close()
 
 
+def _local_model(spec: WorkerSpec) -> WorkerSpec:
+    """The spec with `model_path` made local: a remote model is fetched through the cache here,
+    inside the replica's startup_timeout, so a failed download is this API's load error."""
+    if not spec.model_path:
+        return spec
+    from kiln.storage import materialize
+
+    local = str(materialize(spec.model_path))
+    if local == spec.model_path:
+        return spec
+    os.environ["MODEL_DIR"] = local if os.path.isdir(local) else os.path.dirname(local)
+    return dataclasses.replace(spec, model_path=local)
+
+
 def serve(channel: BlockingChannel) -> int:
     first = channel.recv()
     if first is None or first[0].get("op") != "init":
@@ -221,6 +236,7 @@ def serve(channel: BlockingChannel) -> int:
         sys.path.insert(0, spec.python_path)
     started = time.monotonic()
     try:
+        spec = _local_model(spec)
         pipeline = build_pipeline(spec)
         signature = pipeline.signature()
         dumps(signature)

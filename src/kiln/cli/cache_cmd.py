@@ -1,0 +1,124 @@
+"""`kiln cache ls` and `kiln cache prune`: the local model cache, seen and trimmed.
+
+Pruning never asks: everything in the cache can be downloaded again, and an
+entry a running API uses is never removed (it is listed as kept instead).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kiln.cli.common import console, fail
+
+cache_app = typer.Typer(
+    name="cache",
+    help="The local model cache (downloads from s3://, gs://, http(s)://, unpacked archives).",
+    no_args_is_help=True,
+)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _ago(when: float) -> str:
+    seconds = max(0.0, time.time() - when)
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@cache_app.command("ls")
+def ls(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List cached models: path they came from, size, last use, local folder."""
+    from kiln.storage import Cache
+
+    cache = Cache()
+    entries = cache.list()
+    if as_json:
+        import orjson
+
+        rows = [
+            {
+                "uri": e.uri,
+                "size": e.size,
+                "last_used": e.last_used,
+                "path": str(e.path),
+                "in_use": e.in_use,
+            }
+            for e in reversed(entries)
+        ]
+        typer.echo(orjson.dumps(rows).decode())
+        return
+    if not entries:
+        console.print(f"The model cache is empty ({cache.root}).")
+        return
+    table = Table(title=f"Model cache: {cache.root}", title_justify="left")
+    for column in ("URI", "SIZE", "LAST USED", "PATH"):
+        table.add_column(
+            column,
+            justify="right" if column == "SIZE" else "left",
+            overflow="fold",
+            no_wrap=column in ("SIZE", "LAST USED"),
+        )
+    for e in reversed(entries):
+        used = _ago(e.last_used) + (" (in use)" if e.in_use else "")
+        table.add_row(escape(e.uri), _size(e.size), used, escape(str(e.path)))
+    console.print(table)
+    total = sum(e.size for e in entries)
+    console.print(f"{len(entries)} model(s), {_size(total)} of {_size(cache.max_bytes)} allowed")
+
+
+@cache_app.command("prune")
+def prune(
+    everything: Annotated[
+        bool, typer.Option("--all", help="Remove every entry not in use.")
+    ] = False,
+    older_than: Annotated[
+        str | None, typer.Option(help="Remove entries unused for this long, e.g. 7d, 12h.")
+    ] = None,
+    max_size: Annotated[
+        str | None, typer.Option(help="Remove least recently used entries down to e.g. 5GB.")
+    ] = None,
+) -> None:
+    """Remove cached models (least recently used first); models in use are kept."""
+    from kiln.config.errors import FieldProblem
+    from kiln.config.quantities import parse_bytes
+    from kiln.storage import Cache
+
+    if not (everything or older_than or max_size):
+        fail("say what to remove: --all, --older-than 7d, or --max-size 5GB", 2)
+    try:
+        age = _days(older_than) if older_than else None
+        limit = parse_bytes(max_size.strip().removesuffix("B"), what="cache") if max_size else None
+    except FieldProblem as exc:
+        fail(f"{exc}", 2)
+    removed, busy = Cache().evict(limit, older_than=age, everything=everything)
+    for e in removed:
+        console.print(f"removed {escape(e.uri)} ({_size(e.size)})", highlight=False)
+    for e in busy:
+        console.print(f"kept {escape(e.uri)}: in use by a running API", highlight=False)
+    freed = sum(e.size for e in removed)
+    console.print(f"{len(removed)} model(s) removed, {_size(freed)} freed")
+
+
+def _days(text: str) -> float:
+    """Durations as parse_duration reads them, plus days (`7d`), which cache ages need."""
+    from kiln.config.quantities import parse_duration
+
+    text = text.strip()
+    if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * 86400
+    return parse_duration(text)
