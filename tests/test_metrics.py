@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 from support import KilnServer, build_linear_onnx, write
 
@@ -41,9 +42,21 @@ def test_counts_histograms_and_torchserve_names_match_the_requests_sent(tmp_path
         assert all(r.status_code == 200 for r in good) and all(r.status_code == 400 for r in bad)
 
         samples = scrape(server)
-        ok = value(samples, "kiln_requests_total", api="lin", protocol="native", status_class="2xx")
+        ok = value(
+            samples,
+            "kiln_requests_total",
+            api="lin",
+            version="",
+            protocol="native",
+            status_class="2xx",
+        )
         client_errors = value(
-            samples, "kiln_requests_total", api="lin", protocol="native", status_class="4xx"
+            samples,
+            "kiln_requests_total",
+            api="lin",
+            version="",
+            protocol="native",
+            status_class="4xx",
         )
         assert (ok, client_errors) == (40, 3)
         assert value(samples, "kiln_request_latency_seconds_count", api="lin") == 43
@@ -66,3 +79,26 @@ def test_counts_histograms_and_torchserve_names_match_the_requests_sent(tmp_path
         assert httpx.get(server.metrics_url.replace("/metrics", "/nope")).status_code == 404
     finally:
         server.stop()
+
+
+def test_the_grafana_dashboard_uses_only_metrics_kiln_exports() -> None:
+    import re
+
+    from kiln.control.metrics import Metrics
+    from kiln.serving.router import Registry
+
+    dashboard = orjson.loads(
+        (Path(__file__).parent.parent / "docs/grafana-dashboard.json").read_bytes()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {
+        re.sub(r"_(bucket|sum|count|total)$", "", m)
+        for e in exprs
+        for m in re.findall(r"\b(?:kiln|ts)_\w+", e)
+    }
+    exported = {
+        line.split()[2]
+        for line in Metrics(Registry()).render().decode().splitlines()
+        if line.startswith("# HELP")
+    }
+    assert used and used <= {re.sub(r"_total$", "", name) for name in exported}, used - exported

@@ -146,3 +146,25 @@ def test_set_default_to_an_unknown_version_is_404(server: KilnServer) -> None:
     missing = mgmt.put("/models/nothing/1/set-default")
     assert missing.status_code == 404
     assert "nothing" in missing.json()["message"]
+
+
+def test_request_counters_carry_the_version_that_answered(server: KilnServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[tuple[str, str], float]:
+        text = httpx.get(server.metrics_url, timeout=10).text
+        out: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "kiln_requests_total" and s.labels["api"] == "pinned":
+                    key = (s.labels["version"], s.labels["status_class"])
+                    out[key] = out.get(key, 0) + s.value
+        return out
+
+    before = counts()
+    for _ in range(3):
+        version_of(server.client.post("/pinned", params={"version": "2"}, json={}))
+    version_of(server.client.post("/predictions/pinned/1", json={}))
+    after = counts()
+    assert after.get(("2", "2xx"), 0) - before.get(("2", "2xx"), 0) == 3
+    assert after.get(("1", "2xx"), 0) - before.get(("1", "2xx"), 0) == 1

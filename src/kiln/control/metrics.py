@@ -83,7 +83,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "kiln_requests", "Requests answered", ["api", "protocol", "status_class"], registry=r
+            "kiln_requests",
+            "Requests answered",
+            ["api", "version", "protocol", "status_class"],
+            registry=r,
         )
         self.latency = Histogram(
             "kiln_request_latency_seconds",
@@ -150,15 +153,17 @@ class Metrics:
         self.usage: Any = None  # DurableCounters, when the server has a state store
         r.register(_LiveState(apis))
         # `labels()` validates and locks on every call; the hot path looks children up once.
-        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
-    def request(self, api: str, protocol: str, status: int, seconds: float) -> None:
-        key = (api, protocol, status)
+    def request(
+        self, api: str, protocol: str, status: int, seconds: float, version: str = ""
+    ) -> None:
+        key = (api, version, protocol, status)
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(api, protocol, f"{status // 100}xx"),
+                self.requests.labels(api, version, protocol, f"{status // 100}xx"),
                 self.latency.labels(api),
             )
             self._request_children[key] = children

@@ -18,6 +18,7 @@ from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
 from kiln.serving.router import Registry
+from kiln.serving.served import SERVED_VERSION
 
 Handler = Callable[[Request, Send], Awaitable[int]]
 _SYSTEM = "kiln"
@@ -106,7 +107,9 @@ class InferenceApp:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
         if self.metrics is not None and api_name != _SYSTEM:
-            self.metrics.request(api_name, protocol, status, time.perf_counter() - started)
+            self.metrics.request(
+                api_name, protocol, status, time.perf_counter() - started, SERVED_VERSION.get()
+            )
         if api_name != _SYSTEM or status >= 400:
             self.log.write(
                 api_name,

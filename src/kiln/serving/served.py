@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable
@@ -22,6 +23,10 @@ from kiln.serving.placement import worker_spec_for
 from kiln.serving.replica_pool import ReplicaPool
 from kiln.serving.supervisor import ReplicaSlot
 from kiln.serving.types import InferenceRequest, InferenceResponse
+
+# Which version answered the request in this task: the HTTP layer reads it back after the
+# handler returns, to count requests per version without every protocol passing it along.
+SERVED_VERSION: ContextVar[str] = ContextVar("kiln_served_version", default="")
 
 
 class ServedApi(ReplicaPool):
@@ -125,6 +130,7 @@ class ServedApi(ReplicaPool):
         """Queue one request and wait for its answer, within its deadline (queue time included)."""
         if self._stopping and self.successor is not None:
             return await self.successor.predict(request)
+        SERVED_VERSION.set(self.version or "")
         serving = self.api.serving
         arrived = time.monotonic()
         deadline = request.deadline or arrived + serving.response_timeout_s
@@ -199,6 +205,7 @@ class ServedApi(ReplicaPool):
         """One explanation: the handler's explain(), or the built-in explainer for tensors."""
         if self._stopping and self.successor is not None:
             return await self.successor.explain(request)
+        SERVED_VERSION.set(self.version or "")
         replica = await self._replica_for_direct_call(request)
         timeout = self.api.serving.response_timeout_s
         outcome = (await replica.submit_batch([request], timeout, op="explain"))[0]
