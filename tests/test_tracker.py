@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
-from support import KilnServer, write
+from support import KilnServer, build_two_input_onnx, write
 
 from kiln.control.store.histogram import RELATIVE_ERROR
 
@@ -89,3 +91,36 @@ def test_monitoring_errors_say_what_to_do(server: KilnServer) -> None:
     assert server.client.get("/apis/nope/monitoring").status_code == 404
     bad = server.client.get("/apis/clf/monitoring?window=soon")
     assert bad.status_code == 400 and "window" in bad.json()["error"]["message"]
+
+
+def test_the_wrong_type_warning_is_flagged_in_kiln_get(server: KilnServer) -> None:
+    server.client.post("/clf", json="weird")
+    server.api_log(
+        "clf", until=lambda rs: any("tracker warning" in r.get("message", "") for r in rs)
+    )
+    detail = httpx.get(f"{server.management_url}/apis/clf").json()
+    assert "classification tracking needs string or integer classes" in detail["tracker"]["warning"]
+
+
+def test_a_tracker_that_cannot_count_a_multi_output_model_is_refused_at_load(
+    tmp_path: Path, serve_project
+) -> None:
+    build_two_input_onnx(tmp_path / "m.onnx")
+    write(
+        tmp_path / "kiln.yaml",
+        "- kind: api\n  name: nokey\n  onnx: {model: m.onnx}\n"
+        "  tracker: {model_type: regression}\n"
+        "- kind: api\n  name: badkey\n  onnx: {model: m.onnx}\n"
+        "  tracker: {model_type: regression, key: total}\n"
+        "- kind: api\n  name: good\n  onnx: {model: m.onnx}\n"
+        "  tracker: {model_type: regression, key: sum}\n",
+    )
+    server = serve_project(tmp_path)
+    nokey = server.client.post("/nokey", json={"a": [1, 2, 3], "b": [1, 1, 1], "idx": [1, 2]})
+    assert nokey.status_code == 503
+    message = nokey.json()["error"]["message"]
+    assert "add `key: <output name>`" in message and "'sum', 'doubled'" in message
+    badkey = server.client.post("/badkey", json={"a": [1, 2, 3], "b": [1, 1, 1], "idx": [1, 2]})
+    assert "tracker.key 'total' is not an output" in badkey.json()["error"]["message"]
+    good = server.client.post("/good", json={"a": [1, 2, 3], "b": [1, 1, 1], "idx": [1, 2]})
+    assert good.status_code == 200 and good.json()["sum"] == [2, 3, 4]

@@ -117,6 +117,8 @@ def _details(detail: dict) -> list[Any]:
     tracker = detail.get("tracker")
     if tracker:
         out.append(f"\ntracker (last {tracker['window_s'] / 60:g} min, {tracker['model_type']}):")
+        if tracker.get("warning"):
+            out.append(f"  [yellow]{escape(tracker['warning'])}[/]")
         if tracker.get("model_type") == "classification":
             rows = Table(show_edge=False, header_style="bold")
             rows.add_column("CLASS")

@@ -134,6 +134,8 @@ def api_detail(server: Any, name: str, window_s: float) -> dict[str, Any]:
     detail: dict[str, Any] = {**_entry(server, default, latency), "versions": versions}
     if default.api.tracker is not None and server.counters is not None:
         detail["tracker"] = server.counters.summary(name, default.version or "", window_s)
+        if default.tracker_warning:
+            detail["tracker"]["warning"] = default.tracker_warning
     errors = list(manager.errors.get(name, ()))
     for served in group.versions.values():
         for slot in served.slots:

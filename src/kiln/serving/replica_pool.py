@@ -29,6 +29,7 @@ class ReplicaPool:
 
     api: Any
     slots: list[ReplicaSlot]
+    tracker_warning: str | None = None
 
     def _env(self) -> dict[str, str]:
         return {**worker_env(self.worker_spec), **self.extra_env}
@@ -85,7 +86,13 @@ class ReplicaPool:
     def _replica_log(self, index: int) -> Any:
         """Log lines of one replica, tagged `<revision>-<index>` so merged logs tell them apart."""
         replica = f"{(self.revision or 'dev')[:7]}-{index}"
-        return lambda line: self._log_line(line, replica=replica)
+
+        def log(line: str) -> None:
+            if line.startswith("tracker warning"):
+                self.tracker_warning = line  # shown by `kiln get API`
+            self._log_line(line, replica=replica)
+
+        return log
 
     async def start(self, replicas: int | None = None) -> None:
         """Start `init_replicas` (or `replicas`) workers; wait until each is ready or failed."""

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import InvalidInput
+
 _warned: set[str] = set()
 
 
@@ -72,3 +74,29 @@ def tracked_values(
         _warn_once(api, "regression tracking needs numbers")
         return None
     return [float(v) for v in good]
+
+
+def check_tracker_at_load(spec: Any, pipeline: Any, signature: dict[str, Any]) -> None:
+    """Refuse, when the worker loads, a tracker that can be seen to have nothing to count.
+
+    Knowable only for a tensor model whose answer is its raw outputs (no
+    post_inference): several outputs and no `key`, or a `key` naming no output.
+    Anything else (handlers, post_inference) is checked per answer, with a warning.
+    """
+    if not getattr(spec, "tracker_type", None):
+        return
+    hooks = getattr(pipeline, "hooks", None)
+    if hooks is None or hooks.post is not None:
+        return
+    names = [out["name"] for out in signature.get("outputs", [])]
+    listed = ", ".join(f"'{n}'" for n in names)
+    if spec.tracker_key is None and len(names) > 1:
+        raise InvalidInput(
+            f"tracker: the model answers with {len(names)} outputs ({listed}), so the tracker "
+            f"needs to know which to count; add `key: <output name>` to the tracker block"
+        )
+    if spec.tracker_key is not None and names and spec.tracker_key not in names:
+        raise InvalidInput(
+            f"tracker.key '{spec.tracker_key}' is not an output of the model (outputs: "
+            f"{listed}); set key to one of them, or add a post_inference that returns it"
+        )

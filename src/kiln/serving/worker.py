@@ -27,7 +27,7 @@ from kiln.handlers.pipeline import Pipeline, build_pipeline
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
 from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
-from kiln.serving.tracking import tracked_values
+from kiln.serving.tracking import check_tracker_at_load, tracked_values
 from kiln.serving.types import WorkerSpec
 from kiln.serving.wire import split_items
 
@@ -240,6 +240,7 @@ def serve(channel: BlockingChannel) -> int:
         pipeline = build_pipeline(spec)
         signature = pipeline.signature()
         dumps(signature)
+        check_tracker_at_load(spec, pipeline, signature)
     except BaseException as exc:  # noqa: BLE001 - loading user code may raise anything
         if isinstance(exc, KilnError):
             message = exc.message
