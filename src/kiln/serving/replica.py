@@ -108,6 +108,7 @@ class Replica:
         self.signature = header.get("signature") or {}
         self.can_explain = bool(header.get("explain"))
         self._tasks.append(asyncio.create_task(self._read_replies(reader)))
+        self._log_line(f"worker {self.pid} ready: model loaded in load_s={header.get('load_s')} s")
 
     async def _pump_output(self) -> None:
         assert self._process is not None and self._process.stdout is not None
