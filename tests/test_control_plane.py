@@ -281,3 +281,29 @@ def test_one_server_per_home_and_stop_when_not_running(daemon: Daemon) -> None:
     daemon.stop()
     status = daemon.kiln("server", "status")
     assert status.returncode == 1 and "kiln server start" in status.stdout
+
+
+def test_an_api_scaled_to_zero_stays_at_zero_across_a_restart(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = project(
+        tmp_path / "shop",
+        "v1",
+        "  compute: {min_replicas: 0, max_replicas: 2}\n"
+        "  autoscaling: {idle_timeout: 1s, downscale_stabilization_period: 0s}\n",
+    )
+    deploy(daemon, folder)
+    assert httpx.post(f"{daemon.url}/shop/echo", json=1).status_code == 200
+    daemon.wait_until(
+        lambda: daemon.apis()["echo"]["status"] == "scaled to zero", 60, "scale to zero"
+    )
+    assert daemon.worker_pids() == []
+    detail = orjson.loads(daemon.kiln("get", "echo", "-o", "json").stdout)
+    assert any(e["to"] == 0 for e in detail["scaling_events"])
+    daemon.stop()
+    daemon.start()
+    assert daemon.apis()["echo"]["status"] == "scaled to zero"
+    assert daemon.worker_pids() == []
+    cold = httpx.post(f"{daemon.url}/shop/echo", json="wake", timeout=60)
+    assert cold.status_code == 200 and cold.json()["echo"] == "wake"
+    assert len(daemon.worker_pids()) == 1
