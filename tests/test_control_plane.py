@@ -262,6 +262,9 @@ def test_environments_choose_the_server(daemon: Daemon, tmp_path: Path) -> None:
     assert "staging" in listed.stdout and daemon.management_url in listed.stdout
     via_env = daemon.kiln("get", "--env", "staging", "-o", "json")
     assert orjson.loads(via_env.stdout)["apis"][0]["name"] == "echo"
+    assert daemon.kiln("env", "default", "staging").returncode == 0
+    predicted = daemon.kiln("predict", "echo", '"hi"')
+    assert predicted.returncode == 0 and orjson.loads(predicted.stdout)["echo"] == "hi"
     daemon.kiln("env", "add", "nowhere", "http://127.0.0.1:9")
     assert daemon.kiln("env", "default", "nowhere").returncode == 0
     unreachable = daemon.kiln("get")

@@ -160,11 +160,14 @@ def predict(
     ] = None,
     debug: Annotated[bool, typer.Option(help="Log the request's four debug stages.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 120.0,
+    env: Annotated[
+        str | None, typer.Option("--env", "-e", help="Which server (see `kiln env list`).")
+    ] = None,
 ) -> None:
     """Send one request to an API and print the answer (or the error)."""
     from kiln.cli.predict_cmd import run_predict
 
-    raise typer.Exit(run_predict(target, payload, file, url, api_version, debug, timeout))
+    raise typer.Exit(run_predict(target, payload, file, url, api_version, debug, timeout, env))
 
 
 EnvOption = Annotated[

@@ -12,10 +12,27 @@ from rich.markup import escape
 from kiln.cli.common import console, err_console, find_server_url
 
 
-def _resolve_url(target: str, server: str | None, version: str | None) -> str:
+def _server_for(env: str | None) -> str | None:
+    """The inference URL of `env` (or of the default environment, when it is not local)."""
+    import os
+
+    from kiln.cli.client import LOCAL, CliError, Management, load_envs, resolve
+
+    chosen = env or os.environ.get("KILN_ENV") or load_envs()["default"]
+    if chosen == LOCAL:
+        return find_server_url()
+    try:
+        return Management(resolve(chosen)).inference_url()
+    except CliError as exc:
+        raise LookupError(str(exc)) from None
+
+
+def _resolve_url(
+    target: str, server: str | None, version: str | None, env: str | None = None
+) -> str:
     if target.startswith(("http://", "https://")):
         return target
-    base = (server or find_server_url() or "").rstrip("/")
+    base = (server or _server_for(env) or "").rstrip("/")
     if not base:
         raise LookupError(
             "no running Kiln server found: start one with `kiln serve`, or pass --url "
@@ -64,9 +81,10 @@ def run_predict(
     version: str | None,
     debug: bool,
     timeout: float,
+    env: str | None = None,
 ) -> int:
     try:
-        url = _resolve_url(target, server, version)
+        url = _resolve_url(target, server, version, env)
         body = _body(payload, file)
     except (LookupError, ValueError) as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
