@@ -45,3 +45,14 @@ def test_tensorflow_without_the_extra_says_how_to_install_it(tmp_path: Path, ser
     response = server.client.post("/tf", json=[1])
     assert response.status_code == 503
     assert "pip install 'kiln-serve[tensorflow]'" in response.json()["error"]["message"]
+
+
+def test_a_missing_framework_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs everywhere (CI installs every extra, so the served variant above is skipped there)."""
+    import kiln.runtimes as registry
+    from kiln.serving.types import WorkerSpec
+
+    entry = ("kiln.runtimes.torch", "TorchRuntime", "torch", "kiln_no_such_framework")
+    monkeypatch.setitem(registry._REGISTRY, "torch", entry)
+    with pytest.raises(registry.MissingFramework, match=r"pip install 'kiln-serve\[torch\]'"):
+        registry.load_runtime(WorkerSpec(api="net", version=None, runtime="torch"))

@@ -143,9 +143,16 @@ class TensorflowBlock(_Block):
 
 
 class TorchBlock(_Block, _HandlerRef):
+    """TorchScript, torch.export (.pt2), or an eager module named by ``handler``.
+
+    ``trusted`` allows full-pickle checkpoints, which run code when loaded;
+    ``signature`` describes the inputs of formats that do not record them.
+    """
+
     model: str
     handler: str | None = None
     trusted: bool = False
+    signature: dict[str, Any] | None = None
 
     @field_validator("handler")
     @classmethod
@@ -155,10 +162,35 @@ class TorchBlock(_Block, _HandlerRef):
         return v
 
 
+SKLEARN_METHODS: tuple[str, ...] = (
+    "predict",
+    "predict_proba",
+    "predict_log_proba",
+    "decision_function",
+    "transform",
+    "score_samples",
+)
+
+
 class SklearnBlock(_Block):
+    """A skops file (safe), or a joblib/pickle file when ``trusted``; ``method`` is what to call.
+
+    ``method`` is limited to inference methods so a config can never call ``fit``.
+    """
+
     model: str
     method: str = "predict"
     trusted: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _inference_method(cls, v: str) -> str:
+        if v not in SKLEARN_METHODS:
+            raise FieldProblem(
+                f"sklearn method {v!r} is not an inference method",
+                f"use one of: {', '.join(SKLEARN_METHODS)}",
+            )
+        return v
 
 
 class PythonBlock(_Block, _HandlerRef):

@@ -91,7 +91,7 @@ class TensorPipeline(Pipeline):
                 outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
             return dict(zip(names, outputs, strict=False))
         if self.hooks.post is not None:
-            result = self.hooks.post(outputs)
+            result = self.hooks.post(self.runtime.handler_prediction(outputs))
             if stages is not None:
                 stages.append(("after post_inference", result))
             return result
@@ -259,13 +259,9 @@ class PythonPipeline(Pipeline):
 
 
 def build_pipeline(spec: WorkerSpec) -> Pipeline:
+    """Tensor runtimes (onnx, tensorflow, torch, sklearn) share one pipeline; python has its own."""
     if spec.runtime in TENSOR_RUNTIMES:
         return TensorPipeline(spec)
     if spec.runtime == "python":
         return PythonPipeline(spec)
-    from kiln.runtimes import MissingFramework
-
-    raise MissingFramework(
-        f"API '{spec.api}' uses the {spec.runtime} runtime, which this version of Kiln "
-        f"does not serve yet; use a python: handler that loads the model instead"
-    )
+    raise InferenceError(f"API '{spec.api}' names an unknown runtime '{spec.runtime}'")

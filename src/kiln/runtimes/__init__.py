@@ -8,6 +8,7 @@ or torch, and a missing framework is a clear "install kiln-serve[extra]".
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 from kiln.errors import KilnError
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, tuple[str, str, str, str]] = {
     "onnx": ("kiln.runtimes.onnx", "OnnxRuntime", "onnx", "onnxruntime"),
     "tensorflow": ("kiln.runtimes.tensorflow", "TensorflowRuntime", "tensorflow", "tensorflow"),
+    "torch": ("kiln.runtimes.torch", "TorchRuntime", "torch", "torch"),
+    "sklearn": ("kiln.runtimes.sklearn", "SklearnRuntime", "sklearn", "sklearn"),
 }
 
 TENSOR_RUNTIMES = frozenset(_REGISTRY)
@@ -33,14 +36,22 @@ class MissingFramework(KilnError):
 
 
 def load_runtime(spec: WorkerSpec) -> TensorRuntime:
-    """Load the model of `spec` with the runtime its config names."""
+    """Load the model of `spec` with the runtime its config names.
+
+    The runtime module imports its framework itself (so it can set the
+    framework's environment first); an ImportError on the way in becomes an
+    install hint naming the extra.
+    """
     module_name, class_name, extra, framework = _REGISTRY[spec.runtime]
     try:
-        importlib.import_module(framework)
+        if importlib.util.find_spec(framework) is None:
+            raise ImportError(f"No module named '{framework}'")
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise MissingFramework(
             f"API '{spec.api}' uses the {spec.runtime} runtime, but {framework} is not "
-            f"installed ({exc}). Install it with: pip install 'kiln-serve[{extra}]'"
+            f"installed or cannot be imported ({exc}). Install it with: "
+            f"pip install 'kiln-serve[{extra}]'"
         ) from None
-    runtime_cls = getattr(importlib.import_module(module_name), class_name)
+    runtime_cls = getattr(module, class_name)
     return runtime_cls(spec)

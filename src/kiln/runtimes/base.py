@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import InvalidInput
+from kiln.errors import InvalidInput, KilnError
 
 # numpy dtype -> Open Inference Protocol datatype name
 _V2_NAMES = {
@@ -159,6 +159,20 @@ def _fit_rank(spec: TensorSpec, array: np.ndarray) -> tuple[np.ndarray, bool]:
     return array, added
 
 
+class InvalidSignature(KilnError):
+    """A signature written in kiln.yaml or on a handler class cannot be read."""
+
+    status = 500
+    type = "InvalidSignature"
+
+
+class ModelLoadError(KilnError):
+    """The model file cannot be loaded: missing, of an unknown format, or refused as unsafe."""
+
+    status = 503
+    type = "ModelLoadError"
+
+
 class TensorRuntime:
     """Base of tensor runtimes: a loaded model with a signature and a `run`."""
 
@@ -168,5 +182,52 @@ class TensorRuntime:
         """What seed-era request handlers receive as `signature`."""
         return self.signature.inputs
 
+    def handler_prediction(self, outputs: list[Any]) -> Any:
+        """What `post_inference` receives: the outputs in signature order (ONNX's list)."""
+        return outputs
+
     def run(self, tensors: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
+
+
+_FROM_V2 = {name: dtype for dtype, name in _V2_NAMES.items()}
+
+
+def declared_signature(declared: Any, where: str) -> TensorSignature:
+    """A signature written in kiln.yaml or on a handler class, in V2 metadata form.
+
+    Formats that do not record their inputs (TorchScript, eager torch modules)
+    take the user's word for them: `{"inputs": [{"name", "datatype", "shape"}],
+    "outputs": [...]}`, with -1 for a dimension of any size. `where` names the
+    place it was written, for the error message.
+    """
+    if not isinstance(declared, dict) or not isinstance(declared.get("inputs"), list):
+        raise InvalidSignature(
+            f"{where} must be a mapping with an 'inputs' list (and optionally 'outputs'), "
+            f'e.g. {{"inputs": [{{"name": "x", "datatype": "FP32", "shape": [-1, 4]}}]}}'
+        )
+    return TensorSignature(
+        [_declared_spec(item, f"{where}.inputs[{i}]") for i, item in enumerate(declared["inputs"])],
+        [
+            _declared_spec(item, f"{where}.outputs[{i}]")
+            for i, item in enumerate(declared.get("outputs") or [])
+        ],
+    )
+
+
+def _declared_spec(item: Any, where: str) -> TensorSpec:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidSignature(f"{where} must be a mapping with a 'name'")
+    datatype = str(item.get("datatype", "FP32")).upper()
+    if datatype not in _FROM_V2:
+        raise InvalidSignature(
+            f"{where}: unknown datatype {item.get('datatype')!r}; use one of "
+            f"{', '.join(sorted(_FROM_V2))}"
+        )
+    shape = item.get("shape")
+    if shape is not None and (
+        not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape)
+    ):
+        raise InvalidSignature(f"{where}: shape must be a list of whole numbers, -1 for any size")
+    dims = None if shape is None else tuple(None if d == -1 else d for d in shape)
+    return TensorSpec(item["name"], _FROM_V2[datatype], dims)
