@@ -36,12 +36,49 @@ class Daemon:
             input=input,
         )
 
-    def start(self) -> subprocess.CompletedProcess[str]:
+    def kiln_env(
+        self, env: dict[str, str], *args: str, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        """The CLI with another environment (e.g. KILN_API_KEY of a user)."""
+        return subprocess.run(
+            [*KILN, *args],
+            cwd=self.home.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *extra: str) -> subprocess.CompletedProcess[str]:
         done = self.kiln(
-            "server", "start", "--port", "0", "--management-port", "0", "--metrics-port", "0"
+            "server",
+            "start",
+            "--port",
+            "0",
+            "--management-port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         return done
+
+    @property
+    def admin_key(self) -> str:
+        return (self.home / "admin.key").read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that carry the admin key (API keys are on by default)."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+    @property
+    def http(self) -> httpx.Client:
+        """An HTTP client that sends the admin key."""
+        if getattr(self, "_http", None) is None:
+            self._http = httpx.Client(headers=self.auth, timeout=60)
+        return self._http
 
     @property
     def info(self) -> dict[str, Any]:
@@ -83,6 +120,9 @@ class Daemon:
         except (OSError, ValueError):
             return
         self.kiln("server", "stop", timeout=90)
+        if getattr(self, "_http", None) is not None:
+            self._http.close()
+            self._http = None
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

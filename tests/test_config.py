@@ -438,17 +438,24 @@ def test_batch_api_parses(tmp_path: Path) -> None:
     assert batch.config == {"bucket": "local"} and project.batch_api("scorer") is batch
 
 
-def test_batch_api_must_be_python(tmp_path: Path) -> None:
-    text = errors_of(
+def test_batch_api_runs_a_runtime_block_or_one_predictor(tmp_path: Path) -> None:
+    # Issue 7: a Cortex onnx predictor (or an onnx block) serves batch jobs through the model.
+    write(
         tmp_path,
         "- kind: BatchAPI\n  name: b\n  predictor:\n    type: onnx\n    path: p.py\n    "
-        "model: m.onnx\n",
+        "model: m.onnx\n  jobs: {visibility_timeout: 2s, max_batch_bytes: 1Mi}\n",
+    )
+    (batch,) = load_project(tmp_path, check_files=False).batch_apis
+    assert batch.runtime == "onnx" and batch.predictor is None
+    assert batch.onnx is not None and batch.onnx.model == str(tmp_path / "m.onnx")
+    assert batch.jobs.visibility_timeout == 2.0 and batch.jobs.max_batch_bytes == 1 << 20
+    text = errors_of(
+        tmp_path,
+        "- kind: BatchAPI\n  name: b\n  predictor: {type: python, path: p.py}\n"
+        "  onnx: {model: m.onnx}\n",
         check_files=False,
     )
-    assert (
-        "kiln.yaml:4: BatchAPI 'b' field predictor.type: a BatchAPI predictor must be of "
-        "type python" in text
-    )
+    assert "more than one predictor or runtime block" in text
 
 
 # ---------------------------------------------------------------- endpoints, versions

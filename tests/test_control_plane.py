@@ -74,7 +74,7 @@ def test_deploy_get_predict_logs_delete_as_a_new_user(daemon: Daemon, tmp_path: 
     predicted = daemon.kiln("predict", "echo", '{"a": 1}')
     assert predicted.returncode == 0, predicted.stderr
     assert orjson.loads(predicted.stdout)["version"] == "v1"
-    httpx.post(f"{daemon.url}/shop/echo", content=b"{broken")
+    daemon.http.post(f"{daemon.url}/shop/echo", content=b"{broken")
 
     echo = daemon.apis()["echo"]
     assert echo["status"] == "live" and echo["deployment"] == "shop"
@@ -96,7 +96,7 @@ def test_deploy_get_predict_logs_delete_as_a_new_user(daemon: Daemon, tmp_path: 
     assert refused.returncode == 1 and "Nothing deleted" in refused.stdout
     deleted = daemon.kiln("delete", "echo", "-f")
     assert deleted.returncode == 0, deleted.stderr
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).status_code == 404
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).status_code == 404
     missing = daemon.kiln("get", "echo")
     assert missing.returncode == 2 and "no API named 'echo'" in missing.stderr
 
@@ -107,7 +107,7 @@ def test_sigkill_and_restart_brings_back_apis_counters_and_tracker(
     folder = project(tmp_path / "shop", "v1", "  compute: {min_replicas: 1, max_replicas: 3}\n")
     deploy(daemon, folder)
     for i in range(5):
-        assert httpx.post(f"{daemon.url}/shop/echo", json=i).status_code == 200
+        assert daemon.http.post(f"{daemon.url}/shop/echo", json=i).status_code == 200
     before = daemon.apis()["echo"]
     assert before["requests"]["2xx"] == 5
     pid = daemon.info["pid"]
@@ -123,8 +123,8 @@ def test_sigkill_and_restart_brings_back_apis_counters_and_tracker(
     after = daemon.apis()["echo"]
     assert after["status"] == "live" and after["revision"] == before["revision"]
     assert after["requests"]["2xx"] == 5
-    assert httpx.post(f"{daemon.url}/shop/echo", json="again").json()["version"] == "v1"
-    monitoring = httpx.get(f"{daemon.management_url}/apis/echo").json()["tracker"]
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json="again").json()["version"] == "v1"
+    monitoring = daemon.http.get(f"{daemon.management_url}/apis/echo").json()["tracker"]
     assert monitoring["classes"] == {"v1": 6}
 
 
@@ -137,7 +137,7 @@ def test_redeploy_under_traffic_fails_no_request(daemon: Daemon, tmp_path: Path)
     stop = threading.Event()
 
     def traffic() -> None:
-        with httpx.Client(timeout=30) as client:
+        with httpx.Client(timeout=30, headers=daemon.auth) as client:
             while not stop.is_set():
                 response = client.post(url, json=1)
                 if response.status_code != 200:
@@ -160,7 +160,7 @@ def test_redeploy_under_traffic_fails_no_request(daemon: Daemon, tmp_path: Path)
             thread.join(30)
     assert failures == []
     assert seen["v1"] > 0 and seen["v2"] > 0
-    assert httpx.post(url, json=1).json()["version"] == "v2"
+    assert daemon.http.post(url, json=1).json()["version"] == "v2"
 
 
 def test_a_broken_revision_leaves_the_old_one_serving(daemon: Daemon, tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_a_broken_revision_leaves_the_old_one_serving(daemon: Daemon, tmp_path: 
     done = daemon.kiln("deploy", str(folder))
     assert done.returncode == 1
     assert "cannot load its model" in done.stderr and "keeps serving" in done.stderr
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
     detail = orjson.loads(daemon.kiln("get", "echo", "-o", "json").stdout)
     assert detail["revision"] == good and detail["status"] == "live"
     assert any("cannot load its model" in e["error"] for e in detail["recent_errors"])
@@ -183,10 +183,10 @@ def test_rollback_and_refresh(daemon: Daemon, tmp_path: Path) -> None:
     first = daemon.apis()["echo"]["revision"]
     project(folder, "v2")
     deploy(daemon, folder)
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v2"
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v2"
     rolled = daemon.kiln("rollback", "echo")
     assert rolled.returncode == 0, rolled.stderr
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
     assert daemon.apis()["echo"]["revision"] == first
     unknown = daemon.kiln("rollback", "echo", "ffffffff")
     assert unknown.returncode == 2 and "no revision 'ffffffff'" in unknown.stderr
@@ -200,7 +200,7 @@ def test_rollback_and_refresh(daemon: Daemon, tmp_path: Path) -> None:
         "new workers",
     )
     assert not before & after, "refresh must replace every replica"
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
 
 
 def test_kilnignore_dotenv_and_config_errors(daemon: Daemon, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_kilnignore_dotenv_and_config_errors(daemon: Daemon, tmp_path: Path) -> 
     write(folder / "weights.bin", "x")
     write(folder / ".env", "SECRET=from-dotenv\n")
     deploy(daemon, folder)
-    answer = httpx.post(f"{daemon.url}/shop/echo", json=1).json()
+    answer = daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()
     assert answer["secret"] == "from-dotenv"
     revision = daemon.apis()["echo"]["revision"]
     artifacts = list((daemon.home / "artifacts" / "shop").glob(f"{revision}*"))
@@ -231,32 +231,32 @@ def test_api_names_belong_to_one_deployment(daemon: Daemon, tmp_path: Path) -> N
     write(other / "kiln.yaml", CONFIG.replace("name: shop", "name: other"))
     done = daemon.kiln("deploy", str(other))
     assert done.returncode == 1 and "already belongs to 'shop'" in done.stderr
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
 
 
 def test_management_rest_refuses_bad_uploads_and_documents_itself(daemon: Daemon) -> None:
     base = daemon.management_url
-    wrong_type = httpx.post(f"{base}/deployments", json={"a": 1})
+    wrong_type = daemon.http.post(f"{base}/deployments", json={"a": 1})
     assert wrong_type.status_code == 415 and "gzip" in wrong_type.json()["message"]
-    garbage = httpx.post(
+    garbage = daemon.http.post(
         f"{base}/deployments", content=b"not a tar", headers={"Content-Type": "application/gzip"}
     )
     assert garbage.status_code == 400 and "not a valid deploy archive" in garbage.json()["message"]
-    assert httpx.get(f"{base}/deployments/nope").status_code == 404
-    assert httpx.delete(f"{base}/apis/nope").json()["code"] == 404
+    assert daemon.http.get(f"{base}/deployments/nope").status_code == 404
+    assert daemon.http.delete(f"{base}/apis/nope").json()["code"] == 404
 
     from openapi_spec_validator import validate
 
-    document = httpx.get(f"{base}/openapi.json").json()
+    document = daemon.http.get(f"{base}/openapi.json").json()
     validate(document)
     assert "/deployments" in document["paths"] and "/models" in document["paths"]
-    page = httpx.get(f"{base}/docs")
+    page = daemon.http.get(f"{base}/docs")
     assert page.status_code == 200 and "/apis/{name}/rollback" in page.text
 
 
 def test_environments_choose_the_server(daemon: Daemon, tmp_path: Path) -> None:
     deploy(daemon, project(tmp_path / "shop", "v1"))
-    added = daemon.kiln("env", "add", "staging", daemon.management_url)
+    added = daemon.kiln("env", "add", "staging", daemon.management_url, "--key", daemon.admin_key)
     assert added.returncode == 0, added.stderr
     listed = daemon.kiln("env", "list")
     assert "staging" in listed.stdout and daemon.management_url in listed.stdout
@@ -296,7 +296,7 @@ def test_an_api_scaled_to_zero_stays_at_zero_across_a_restart(
         "  autoscaling: {idle_timeout: 1s, downscale_stabilization_period: 0s}\n",
     )
     deploy(daemon, folder)
-    assert httpx.post(f"{daemon.url}/shop/echo", json=1).status_code == 200
+    assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).status_code == 200
     daemon.wait_until(
         lambda: daemon.apis()["echo"]["status"] == "scaled to zero", 60, "scale to zero"
     )
@@ -307,6 +307,6 @@ def test_an_api_scaled_to_zero_stays_at_zero_across_a_restart(
     daemon.start()
     assert daemon.apis()["echo"]["status"] == "scaled to zero"
     assert daemon.worker_pids() == []
-    cold = httpx.post(f"{daemon.url}/shop/echo", json="wake", timeout=60)
+    cold = daemon.http.post(f"{daemon.url}/shop/echo", json="wake", timeout=60)
     assert cold.status_code == 200 and cold.json()["echo"] == "wake"
     assert len(daemon.worker_pids()) == 1

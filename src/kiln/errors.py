@@ -87,6 +87,12 @@ class TooManyRequests(KilnError):
     status = 429
     type = "TooManyRequests"
 
+    def __init__(
+        self, message: str = "", *, status: int | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
 
 class InferenceError(KilnError):
     """The model or the user's handler failed while answering."""

@@ -49,7 +49,9 @@ def save_envs(data: dict[str, Any]) -> None:
     path = _env_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold API keys
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
     tmp.replace(path)
 
 
@@ -57,6 +59,18 @@ def save_envs(data: dict[str, Any]) -> None:
 class Target:
     env: str
     management_url: str
+    key: str | None = None  # the API key sent with every call (manage scope)
+
+
+def _local_key(info: dict[str, Any] | None) -> str | None:
+    """The local server's admin key, when this user can read it (file mode 0600)."""
+    path = (info or {}).get("admin_key_file")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def resolve(env: str | None = None) -> Target:
@@ -65,7 +79,9 @@ def resolve(env: str | None = None) -> Target:
     name = env or os.environ.get("KILN_ENV") or data["default"]
     if name == LOCAL:
         if os.environ.get("KILN_MANAGEMENT_URL"):
-            return Target(LOCAL, os.environ["KILN_MANAGEMENT_URL"].rstrip("/"))
+            return Target(
+                LOCAL, os.environ["KILN_MANAGEMENT_URL"].rstrip("/"), os.environ.get("KILN_API_KEY")
+            )
         info = find_server_info()
         if info is None:
             raise CliError(
@@ -77,7 +93,8 @@ def resolve(env: str | None = None) -> Target:
         url = info.get("management_url")
         if not url:
             raise CliError("the local server runs without a management port; restart it with one")
-        return Target(LOCAL, str(url).rstrip("/"))
+        key = os.environ.get("KILN_API_KEY") or _local_key(info)
+        return Target(LOCAL, str(url).rstrip("/"), key)
     entry = data["environments"].get(name)
     if entry is None:
         known = ", ".join([LOCAL, *sorted(data["environments"])])
@@ -86,7 +103,9 @@ def resolve(env: str | None = None) -> Target:
             f"`kiln env add {name} URL`",
             2,
         )
-    return Target(name, str(entry["url"]).rstrip("/"))
+    return Target(
+        name, str(entry["url"]).rstrip("/"), os.environ.get("KILN_API_KEY") or entry.get("key")
+    )
 
 
 class Management:
@@ -94,7 +113,8 @@ class Management:
 
     def __init__(self, target: Target, timeout: float = 30.0) -> None:
         self.target = target
-        self.http = httpx.Client(base_url=target.management_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {target.key}"} if target.key else {}
+        self.http = httpx.Client(base_url=target.management_url, timeout=timeout, headers=headers)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -21,6 +21,10 @@ env_app = typer.Typer(
 def add(
     name: Annotated[str, typer.Argument(help="A short name, e.g. staging.")],
     url: Annotated[str, typer.Argument(help="The server's management URL, e.g. http://host:8081")],
+    key: Annotated[
+        str | None,
+        typer.Option(help="An API key with the manage scope (kept in environments.json, 0600)."),
+    ] = None,
 ) -> None:
     """Add (or update) an environment."""
     if name == LOCAL:
@@ -28,7 +32,7 @@ def add(
     if not url.startswith(("http://", "https://")):
         fail(f"the URL must start with http:// or https://, not {url!r}", 2)
     data = load_envs()
-    data["environments"][name] = {"url": url.rstrip("/")}
+    data["environments"][name] = {"url": url.rstrip("/"), **({"key": key} if key else {})}
     save_envs(data)
     console.print(
         f"Environment '{escape(name)}' -> {escape(url)}. Use it with --env {escape(name)}, or "

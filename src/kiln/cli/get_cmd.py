@@ -149,11 +149,14 @@ def _details(detail: dict) -> list[Any]:
     return out
 
 
-def run_logs(api: str, env: str | None, follow: bool, tail: int) -> int:
+def run_logs(
+    api: str, env: str | None, follow: bool, tail: int, job_id: str | None = None
+) -> int:
     client = Management(resolve(env))
     params = {"follow": "true" if follow else "false", "tail": str(tail)}
+    path = f"/apis/{api}/jobs/{job_id}/logs" if job_id else f"/apis/{api}/logs"
     try:
-        with client.stream(f"/apis/{api}/logs", params) as response:
+        with client.stream(path, params) as response:
             if response.status_code >= 400:
                 response.read()
                 from kiln.cli.client import CliError, _message
@@ -174,6 +177,8 @@ def _log_line(line: str) -> str:
         return line.rstrip()
     stamp = time.strftime("%H:%M:%S", time.localtime(record.get("ts", 0)))
     replica = f"[{record['replica']}] " if record.get("replica") else ""
+    if record.get("worker") is not None:  # a batch job's log: which worker said it
+        replica = f"[worker {record['worker']}] "
     if record.get("event") == "request":
         return (
             f"{stamp} {record.get('method')} {record.get('path')} {record.get('status')} "

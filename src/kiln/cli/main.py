@@ -110,7 +110,10 @@ def serve(
     home: Annotated[
         Path | None, typer.Option(help="State folder (logs, server.json); default: temporary.")
     ] = None,
-    auth: Annotated[bool, typer.Option(help="Require API keys (not available yet).")] = False,
+    auth: Annotated[
+        bool,
+        typer.Option(help="Require API keys (the admin key is written to <home>/admin.key)."),
+    ] = False,
     allow_unauthenticated: Annotated[
         bool,
         typer.Option(
@@ -121,16 +124,9 @@ def serve(
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
-
-    if auth:
-        fail(
-            "--auth needs API keys, which this version of Kiln does not have yet; serve on "
-            "127.0.0.1, or pass --allow-unauthenticated behind your own gateway",
-            2,
-        )
     from kiln.control.server import is_loopback
 
-    if not is_loopback(host) and not allow_unauthenticated:
+    if not is_loopback(host) and not allow_unauthenticated and not auth:
         fail(
             f"refusing to serve on {host} without authentication: anyone who can reach this "
             f"machine could call your models. Use --host 127.0.0.1, or pass "
@@ -140,7 +136,15 @@ def serve(
     project = _load(project_dir, file)
     raise typer.Exit(
         run_serve(
-            project, host, port, home, management_port, enable_model_api, metrics_port, model_store
+            project,
+            host,
+            port,
+            home,
+            management_port,
+            enable_model_api,
+            metrics_port,
+            model_store,
+            auth,
         )
     )
 
@@ -221,16 +225,19 @@ def get(
 @app.command()
 def logs(
     api: Annotated[str, typer.Argument(help="The API whose log to show.")],
+    job_id: Annotated[
+        str | None, typer.Argument(help="A batch job: show its log (enqueuing, workers).")
+    ] = None,
     env: EnvOption = None,
     follow: Annotated[
         bool, typer.Option("-f", "--follow", help="Keep printing new lines.")
     ] = False,
     tail: Annotated[int, typer.Option(help="How many past lines to show first.")] = 200,
 ) -> None:
-    """Print an API's log (requests, worker output by replica, scaling), merged."""
+    """Print an API's log (requests, worker output by replica, scaling), or a batch job's."""
     from kiln.cli.get_cmd import run_logs
 
-    _cli(lambda: run_logs(api, env, follow, tail))
+    _cli(lambda: run_logs(api, env, follow, tail, job_id))
 
 
 @app.command()
@@ -272,13 +279,20 @@ def rollback(
     _cli(lambda: run_rollback(api, revision, env, not no_wait))
 
 
+from kiln.cli.accounts_cmd import keys_app, usage, users_app  # noqa: E402
 from kiln.cli.cache_cmd import cache_app  # noqa: E402 - sub-commands register after the app
 from kiln.cli.env_cmd import env_app  # noqa: E402
 from kiln.cli.server_cmd import server_app  # noqa: E402
 
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
+app.command("usage")(usage)
 app.add_typer(server_app, name="server")
 app.add_typer(env_app, name="env")
 app.add_typer(cache_app, name="cache")
+from kiln.cli.jobs_cmd import jobs_app  # noqa: E402
+
+app.add_typer(jobs_app, name="jobs")
 
 
 def main() -> None:

@@ -27,8 +27,26 @@ def _server_for(env: str | None) -> str | None:
         raise LookupError(str(exc)) from None
 
 
+def _key_for(env: str | None) -> str | None:
+    """The API key to send: KILN_API_KEY, else the environment's (the local admin key)."""
+    import os
+
+    from kiln.cli.client import CliError, resolve
+
+    if os.environ.get("KILN_API_KEY"):
+        return os.environ["KILN_API_KEY"]
+    try:
+        return resolve(env).key
+    except CliError:
+        return None
+
+
 def _resolve_url(
-    target: str, server: str | None, version: str | None, env: str | None = None
+    target: str,
+    server: str | None,
+    version: str | None,
+    env: str | None = None,
+    auth: dict[str, str] | None = None,
 ) -> str:
     if target.startswith(("http://", "https://")):
         return target
@@ -39,7 +57,7 @@ def _resolve_url(
             "http://HOST:PORT, or give the API's full URL"
         )
     try:
-        listing = httpx.get(f"{base}/apis", timeout=10).json()
+        listing = httpx.get(f"{base}/apis", timeout=10, headers=auth).json()
     except (httpx.HTTPError, ValueError) as exc:
         raise LookupError(f"cannot reach the Kiln server at {base} ({exc})") from None
     for api in listing.get("apis", []):
@@ -83,8 +101,10 @@ def run_predict(
     timeout: float,
     env: str | None = None,
 ) -> int:
+    key = _key_for(env)
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        url = _resolve_url(target, server, version, env)
+        url = _resolve_url(target, server, version, env, auth)
         body = _body(payload, file)
     except (LookupError, ValueError) as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
@@ -95,7 +115,7 @@ def run_predict(
     if version:
         params["version"] = version
     content_type = "application/json" if file is None or file.suffix == ".json" else None
-    headers = {"Content-Type": content_type} if content_type else {}
+    headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
     try:
         response = httpx.post(url, content=body, params=params, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:

@@ -33,6 +33,7 @@ def run_serve(
     enable_model_api: bool = False,
     metrics_port: int | None = 8082,
     model_store: Path | None = None,
+    auth: bool = False,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
     temporary = home is None
@@ -47,6 +48,7 @@ def run_serve(
         enable_model_api=enable_model_api,
         home=state_home,
         pointer_files=pointers,
+        auth=auth,
     )
     server = InferenceServer(project, options)
 
@@ -66,6 +68,14 @@ def run_serve(
             highlight=False,
             soft_wrap=True,
         )
+        if server.admin_key_file is not None:
+            console.print(
+                f"API keys are on: every route but /ping, /healthz and /v2/health needs one. "
+                f"The admin key is in {escape(str(server.admin_key_file))}; the kiln CLI on "
+                f"this machine uses it (kiln keys create makes more).",
+                highlight=False,
+                soft_wrap=True,
+            )
         first = next((s for s in running.apis if s.state == "ready"), None)
         if first is not None:
             console.print(

@@ -132,7 +132,8 @@ def start(home: Path, args: list[str]) -> int:
 
 def _answers(info: dict[str, Any]) -> bool:
     try:
-        return httpx.get(f"{info['management_url']}/server", timeout=2).status_code == 200
+        response = httpx.get(f"{info['management_url']}/server", timeout=2)
+        return response.status_code in (200, 401)  # 401: up, with API keys on
     except (httpx.HTTPError, KeyError, TypeError):
         return False
 
@@ -144,7 +145,13 @@ def _print_started(info: dict[str, Any], log_path: Path) -> None:
         f"  management  {info['management_url']}   (the CLI talks here; API docs at /docs)\n"
         f"  metrics     {info['metrics_url']}\n"
         f"  log         {log_path}\n"
-        f"Next: kiln deploy DIR",
+        + (
+            f"  API keys    on; the admin key is in {info['admin_key_file']} (the kiln CLI on "
+            f"this machine uses it)\n"
+            if info.get("auth")
+            else "  API keys    off (--no-auth)\n"
+        )
+        + "Next: kiln deploy DIR",
         highlight=False,
     )
 
@@ -190,8 +197,12 @@ def status(home: Path, output: str) -> int:
                 highlight=False,
             )
         return 1
+    from kiln.cli.client import _local_key
+
+    key = _local_key(info)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        detail = httpx.get(f"{info['management_url']}/server", timeout=5).json()
+        detail = httpx.get(f"{info['management_url']}/server", timeout=5, headers=headers).json()
     except (httpx.HTTPError, ValueError):
         detail = {}
     merged = {"running": True, **info, **detail}
@@ -238,14 +249,16 @@ MgmtOption = Annotated[int, typer.Option(help="Management port; 0 picks a free o
 MetricsOption = Annotated[int, typer.Option(help="Metrics port; 0 picks a free one.")]
 
 
-def _options(home: Path, host: str, port: int, management_port: int, metrics_port: int) -> Any:
+def _options(
+    home: Path, host: str, port: int, management_port: int, metrics_port: int, auth: bool
+) -> Any:
     from kiln.control.server import ServerOptions, is_loopback
 
-    if not is_loopback(host):
+    if not is_loopback(host) and not auth:
         err_console.print(
-            f"[bold red]Error:[/] refusing to listen on {escape(host)}: API keys (issue: "
-            f"accounts) are not available yet, so anyone who can reach this machine could "
-            f"deploy and call models. Use 127.0.0.1 behind your own gateway.",
+            f"[bold red]Error:[/] refusing to listen on {escape(host)} with --no-auth: anyone "
+            f"who can reach this machine could deploy and call models. Keep API keys on, or "
+            f"listen on 127.0.0.1 behind your own gateway.",
             highlight=False,
         )
         raise typer.Exit(2)
@@ -257,7 +270,18 @@ def _options(home: Path, host: str, port: int, management_port: int, metrics_por
         home=home,
         mode="server",
         quiet_logs=True,
+        auth=auth,
     )
+
+
+AuthOption = Annotated[
+    bool,
+    typer.Option(
+        "--auth/--no-auth",
+        help="Require API keys on every route but health (default: on). The admin key is "
+        "written to <home>/admin.key (mode 0600) at the first start.",
+    ),
+]
 
 
 @server_app.command("run")
@@ -267,10 +291,12 @@ def run_cmd(
     port: PortOption = 8080,
     management_port: MgmtOption = 8081,
     metrics_port: MetricsOption = 8082,
+    auth: AuthOption = True,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
-    raise typer.Exit(run_foreground(_options(state, host, port, management_port, metrics_port)))
+    options = _options(state, host, port, management_port, metrics_port, auth)
+    raise typer.Exit(run_foreground(options))
 
 
 @server_app.command("start")
@@ -280,13 +306,14 @@ def start_cmd(
     port: PortOption = 8080,
     management_port: MgmtOption = 8081,
     metrics_port: MetricsOption = 8082,
+    auth: AuthOption = True,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)
-    _options(state, host, port, management_port, metrics_port)  # refuse bad options early
+    _options(state, host, port, management_port, metrics_port, auth)  # refuse bad options early
     args = [
         "--host", host, "--port", str(port), "--management-port", str(management_port),
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", str(metrics_port), "--auth" if auth else "--no-auth",
     ]  # fmt: skip
     raise typer.Exit(start(state, args))
 

@@ -110,7 +110,7 @@ def resolve_paths(
     """Make every path of ``spec`` absolute and, if asked, check that it exists."""
     pc = _PathChecker(index, root, check_files, report)
     spec.python_path = pc.path("python_path", spec.python_path or ".", kind="dir") or str(root)
-    if isinstance(spec, BatchApiSpec):
+    if isinstance(spec, BatchApiSpec) and spec.predictor is not None:
         pr = spec.predictor
         pr.path = pc.path("predictor.path", pr.path, kind="file") or pr.path
         if pr.model:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from kiln.config.batch import JobsBlock
 from kiln.config.blocks import (
     _VERSION,
     RESERVED_NAMES,
@@ -235,22 +236,70 @@ class ApiSpec(_Resource):
 
 
 class BatchApiSpec(_Resource):
-    """A Cortex-style batch API (``kind: BatchAPI``); parsed and validated only."""
+    """A Cortex-style batch API (``kind: BatchAPI``), served by :mod:`kiln.batch`.
+
+    Either ``predictor: {type: python, path}`` naming a ``PythonPredictor`` class
+    (Cortex's contract), or one runtime block (onnx, tensorflow, torch, sklearn,
+    python; a Cortex ``predictor`` of type onnx/tensorflow converts to one): then each
+    batch runs through the model and its handlers, and results go to the job's output.
+    """
 
     kind: Literal["BatchAPI"] = "BatchAPI"
-    predictor: PredictorBlock
+    predictor: PredictorBlock | None = None
+    onnx: OnnxBlock | None = None
+    tensorflow: TensorflowBlock | None = None
+    torch: TorchBlock | None = None
+    sklearn: SklearnBlock | None = None
+    python: PythonBlock | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    jobs: JobsBlock = Field(default_factory=JobsBlock)
+
+    _more_blocks = field_validator("metadata", "jobs", mode="before")(
+        lambda v: _empty_to_dict(v)
+    )
 
     @model_validator(mode="after")
-    def _python_only(self) -> BatchApiSpec:
+    def _one_runner(self) -> BatchApiSpec:
         self._take_networking()
-        if self.predictor.type != "python":
+        given = [r for r in RUNTIMES if getattr(self, r) is not None]
+        if self.predictor is not None:
+            given.append("predictor")
+        if not given:
             raise FieldProblem(
-                f"a BatchAPI predictor must be of type python, got {self.predictor.type!r}",
-                "use predictor: {type: python, path: predictor.py} with a PythonPredictor class",
-                field="predictor.type",
+                "no predictor: the BatchAPI does not say how to run a batch",
+                "add predictor: {type: python, path: predictor.py} with a PythonPredictor "
+                "class, or a runtime block such as onnx: {model: model.onnx}",
             )
-        self.config = {**self.predictor.config, **self.config}
-        if self.predictor.python_path is not None and self.python_path is None:
-            self.python_path = self.predictor.python_path
-            self._aliases["python_path"] = "predictor.python_path"
+        if len(given) > 1:
+            raise FieldProblem(
+                f"more than one predictor or runtime block ({', '.join(given)})",
+                f"keep exactly one of {', '.join(given)}",
+                field=given[1],
+            )
+        p = self.predictor
+        if p is not None:
+            self.config = {**p.config, **self.config}
+            if p.python_path is not None and self.python_path is None:
+                self.python_path = p.python_path
+                self._aliases["python_path"] = "predictor.python_path"
+            if p.type == "onnx":
+                self.onnx = OnnxBlock(model=p.model or "", request_handler=p.path)
+                self.predictor = None
+            elif p.type == "tensorflow":
+                self.tensorflow = TensorflowBlock(
+                    model=p.model or "", request_handler=p.path, signature_key=p.signature_key
+                )
+                self.predictor = None
         return self
+
+    @property
+    def runtime(self) -> str:
+        """"predictor" for a PythonPredictor class, else the runtime serving the model."""
+        if self.predictor is not None:
+            return "predictor"
+        return next(name for name in RUNTIMES if getattr(self, name) is not None)
+
+    @property
+    def runtime_block(self) -> Any:
+        """The runtime block (None for a PythonPredictor)."""
+        return None if self.predictor is not None else getattr(self, self.runtime)

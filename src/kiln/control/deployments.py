@@ -35,7 +35,7 @@ from kiln.control.packaging import read_dotenv, short_revision, unpack_project
 from kiln.control.rollout import DRAIN_GRACE_S, Rollout, RolloutMixin, api_key
 from kiln.control.store import ApiSpec as StoredApi
 from kiln.control.store import NotFoundError, Store
-from kiln.errors import Conflict, InvalidInput, NotFound
+from kiln.errors import Conflict, Forbidden, InvalidInput, NotFound
 from kiln.serving.router import ServedApi
 
 log = logging.getLogger("kiln.deployments")
@@ -70,14 +70,30 @@ class DeploymentManager(RolloutMixin):
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- loading a revision -------------------------------------------------------
-    def _load(self, folder: Path) -> Any:
+    def _load(self, folder: Path, deployment: str | None = None) -> Any:
+        """The project in `folder`; a user's deployment (`<user>.<name>`) gets their namespace.
+
+        A user's API `sentiment` is `<user>.sentiment` inside the server (the model name
+        on protocol routes) and is served at `/<user>/sentiment`, as in seed 003.
+        """
         env = {**os.environ, **read_dotenv(folder)}
         try:
-            return load_project(folder, env=env)
+            project = load_project(folder, env=env)
         except ConfigError as exc:
             raise ConfigRejected(exc) from None
+        user = user_of(deployment)
+        if user is not None:
+            project.apis = [
+                api.model_copy(
+                    update={"name": f"{user}.{api.name}", "endpoint": f"/{user}/{api.name}"}
+                )
+                for api in project.apis
+            ]
+        return project
 
-    async def deploy(self, archive: bytes, name: str | None = None) -> dict[str, Any]:
+    async def deploy(
+        self, archive: bytes, name: str | None = None, principal: Any = None
+    ) -> dict[str, Any]:
         """Accept an uploaded project; returns at once with the rollout started (or a no-op)."""
         staging = self.artifacts / ".incoming" / f"{os.getpid()}-{time.monotonic_ns()}"
         staging.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +113,10 @@ class DeploymentManager(RolloutMixin):
                 raise InvalidInput(
                     "the project declares no realtime API; add a `- kind: api` entry to kiln.yaml"
                 )
-            self._check_owners(deployment, project)
+            if principal is not None and not principal.is_admin:
+                deployment = f"{principal.user}.{deployment}"
+            else:
+                self._check_user_paths(project)
             final = self.artifacts / deployment / digest
             if final.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -108,7 +127,10 @@ class DeploymentManager(RolloutMixin):
             shutil.rmtree(staging, ignore_errors=True)
         async with self._lock:
             current = await asyncio.to_thread(self.store.get_deployment, deployment)
-            project = await asyncio.to_thread(self._load, final)
+            project = await asyncio.to_thread(self._load, final, deployment)
+            self._check_owners(deployment, project)
+            if principal is not None and not principal.is_admin:
+                self._check_plan(principal.user, project)
             unchanged = (
                 current is not None
                 and current.current_revision == digest
@@ -153,6 +175,35 @@ class DeploymentManager(RolloutMixin):
             self.store.ensure_revision_apis(deployment, digest, specs)
             self.store.set_revision_status(deployment, digest, "updating")
 
+    def _check_plan(self, user: str, project: Any) -> None:
+        """A user's plan bounds how many APIs they may have (seed 003: 5 on `free`)."""
+        quotas = self.server.quotas
+        if quotas is None:
+            return
+        plan = quotas.plan_of(user)
+        if plan.apis is None:
+            return
+        mine = {name for name, owner in self.owner.items() if user_of(owner) == user}
+        wanted = mine | {api.name for api in project.apis}
+        if len(wanted) > plan.apis:
+            raise Forbidden(
+                f"the '{plan.name}' plan allows {plan.apis} APIs and this deploy would make "
+                f"{len(wanted)}; delete one (kiln delete API) or move to a bigger plan"
+            )
+
+    def _check_user_paths(self, project: Any) -> None:
+        """The admin's endpoints must not take a path that belongs to a user (/<user>/...)."""
+        accounts = self.server.accounts
+        if accounts is None:
+            return
+        for api in project.apis:
+            first = api.endpoint.strip("/").split("/")[0]
+            if first in accounts.users:
+                raise Conflict(
+                    f"API '{api.name}' would be served at {api.endpoint}, under the paths of "
+                    f"user '{first}'; choose another endpoint or deployment name"
+                )
+
     def _check_owners(self, deployment: str, project: Any) -> None:
         for api in project.apis:
             owner = self.owner.get(api.name)
@@ -196,7 +247,7 @@ class DeploymentManager(RolloutMixin):
             if folder is None or not folder.is_dir():
                 self._record_error(dep.name, f"revision {dep.current_revision} is missing")
                 continue
-            project = await asyncio.to_thread(self._load, folder)
+            project = await asyncio.to_thread(self._load, folder, dep.name)
             records = await asyncio.to_thread(self.store.list_apis, dep.name)
             requested = {(r.name, r.version or None): r.requested_replicas for r in records}
             env = read_dotenv(folder)
@@ -260,7 +311,7 @@ class DeploymentManager(RolloutMixin):
         revision = await asyncio.to_thread(self.store.get_revision, deployment, served.revision)
         if revision is None:
             raise NotFound(f"API '{name}' has no recorded revision to refresh")
-        project = await asyncio.to_thread(self._load, Path(revision.artifact_path))
+        project = await asyncio.to_thread(self._load, Path(revision.artifact_path), deployment)
         project.apis = [a for a in project.apis if a.name == name]
         rollout = Rollout(deployment, revision.content_hash, apis=[name])
         self.rollouts[deployment] = rollout
@@ -290,7 +341,7 @@ class DeploymentManager(RolloutMixin):
             target = matches[0]
         if target.content_hash == current:
             raise Conflict(f"revision {short_revision(current)} is already the current one")
-        project = await asyncio.to_thread(self._load, Path(target.artifact_path))
+        project = await asyncio.to_thread(self._load, Path(target.artifact_path), deployment)
         rollout = Rollout(
             deployment, target.content_hash, apis=sorted({a.name for a in project.apis})
         )
@@ -353,3 +404,10 @@ class DeploymentManager(RolloutMixin):
 def _report_crash(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a rollout failed unexpectedly", exc_info=task.exception())
+
+
+def user_of(deployment: str | None) -> str | None:
+    """The user a deployment belongs to (`alice.shop` -> alice); None for the admin's."""
+    if deployment and "." in deployment:
+        return deployment.split(".", 1)[0]
+    return None

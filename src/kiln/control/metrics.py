@@ -76,6 +76,23 @@ class _LiveState(Collector):
         yield from (in_flight, queue, replicas, restarts, oom)
 
 
+class _KeyUsage(Collector):
+    """Calls per API key (by key id, never the key), read from the quota gate when scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily(
+            "kiln_key_requests",
+            "Metered calls per API key id and status class (since the server started)",
+            labels=["key_id", "user", "status_class"],
+        )
+        for (key_id, user, status_class), count in list((self.metrics.key_totals or {}).items()):
+            family.add_metric([key_id, user, status_class], count)
+        yield family
+
+
 class Metrics:
     """Kiln's metrics registry; one per server."""
 
@@ -152,6 +169,8 @@ class Metrics:
         self.monitor: Any = PredictionMonitor()
         self.usage: Any = None  # DurableCounters, when the server has a state store
         r.register(_LiveState(apis))
+        self.key_totals: Any = None  # QuotaGate.key_totals, with API keys on
+        r.register(_KeyUsage(self))
         # `labels()` validates and locks on every call; the hot path looks children up once.
         self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, ...]] = {}

@@ -12,6 +12,7 @@
 | `POST /apis/{name}/rollback?revision=` | roll its deployment back |
 | `GET /apis/{name}/logs?follow=&tail=` | its merged replica logs, JSON lines |
 | `GET /docs`, `GET /openapi.json` | the management port's OpenAPI document |
+| `/apis/{name}/jobs...` | batch jobs: submit, list, status, stop, failed, logs (jobs_rest.py) |
 
 The handlers are thin: the work is in `deployments.py` (lifecycle) and
 `status.py` (what `kiln get` shows). Errors use the management port's
@@ -71,10 +72,14 @@ def control_routes(server: Any) -> list[Route]:
         ("get", "/docs"): api.docs,
         ("get", "/openapi.json"): api.openapi,
     }
-    return [
+    from kiln.control.accounts_rest import account_routes
+    from kiln.control.jobs_rest import job_routes
+
+    routes = [
         Route(path, handlers[(method, path)], methods=[method.upper()])
         for method, path, _, _ in CONTROL_ROUTES
     ]
+    return routes + account_routes(server) + job_routes(server)
 
 
 class ControlApi:
@@ -104,7 +109,9 @@ class ControlApi:
         if not body:
             raise InvalidInput("the deploy request has no body; send the packed project")
         try:
-            result = await self.manager.deploy(body, request.query_params.get("name") or None)
+            result = await self.manager.deploy(
+                body, request.query_params.get("name") or None, principal_of(request)
+            )
         except ConfigRejected as exc:
             return JSONResponse(
                 {"code": 400, "type": exc.type, "message": exc.message, "issues": exc.issues},
@@ -115,15 +122,20 @@ class ControlApi:
 
     async def list_deployments(self, request: Request) -> Response:
         deployments = await asyncio.to_thread(self.manager.store.list_deployments)
-        out = [await asyncio.to_thread(self.manager.status_of, d.name) for d in deployments]
+        principal = principal_of(request)
+        out = [
+            await asyncio.to_thread(self.manager.status_of, d.name)
+            for d in deployments
+            if principal is None or principal.owns(d.name)
+        ]
         return JSONResponse({"deployments": out})
 
     async def get_deployment(self, request: Request) -> Response:
-        name = request.path_params["name"]
+        name = deployment_name(request)
         return JSONResponse(await asyncio.to_thread(self.manager.status_of, name))
 
     async def delete_deployment(self, request: Request) -> Response:
-        name = request.path_params["name"]
+        name = deployment_name(request)
         apis = [a for a, d in self.manager.owner.items() if d == name]
         if not apis:
             if await asyncio.to_thread(self.manager.store.get_deployment, name) is None:
@@ -146,23 +158,23 @@ class ControlApi:
             window = parse_duration(request.query_params.get("window", "1h"))
         except ValueError as exc:
             raise InvalidInput(f"window: {exc}; use e.g. window=15m or window=1h") from None
-        name = request.path_params["name"]
+        name = api_name(request)
         return JSONResponse(await asyncio.to_thread(api_detail, self.server, name, window))
 
     async def delete_api(self, request: Request) -> Response:
-        return JSONResponse(await self.manager.delete_api(request.path_params["name"]))
+        return JSONResponse(await self.manager.delete_api(api_name(request)))
 
     async def refresh(self, request: Request) -> Response:
-        return JSONResponse(await self.manager.refresh(request.path_params["name"]), 202)
+        return JSONResponse(await self.manager.refresh(api_name(request)), 202)
 
     async def rollback(self, request: Request) -> Response:
         revision = request.query_params.get("revision") or None
-        result = await self.manager.rollback(request.path_params["name"], revision)
+        result = await self.manager.rollback(api_name(request), revision)
         return JSONResponse(result, 202)
 
     async def logs(self, request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in self.server.registry.groups and name not in self.manager.owner:
+        name = api_name(request)
+        if name not in self.server.registry.groups:
             path = self.server.log.path_for(name)
             if not path.exists():
                 raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
@@ -185,11 +197,46 @@ class ControlApi:
         return JSONResponse(self._document(request))
 
     def _document(self, request: Request) -> dict[str, Any]:
+        from kiln.control.accounts_rest import ACCOUNT_ROUTES
+        from kiln.control.jobs_rest import JOB_ROUTES
         from kiln.protocols.management_doc import management_document
 
-        document = management_document(extra=CONTROL_ROUTES, extra_tag=TAG)
+        document = management_document(
+            extra=CONTROL_ROUTES + ACCOUNT_ROUTES + JOB_ROUTES, extra_tag=TAG
+        )
         document["servers"] = [{"url": str(request.base_url).rstrip("/")}]
         return document
+
+
+def principal_of(request: Request) -> Any:
+    """The caller (with API keys on), else None: auth off means the local developer."""
+    return request.scope.get("state", {}).get("principal")
+
+
+def api_name(request: Request) -> str:
+    """The server's name for the API in the path: a user may leave out their namespace.
+
+    An API the caller may not see answers like one that does not exist.
+    """
+    name = request.path_params["name"]
+    principal = principal_of(request)
+    if principal is None:
+        return name
+    if not principal.is_admin and not name.startswith(f"{principal.user}."):
+        name = f"{principal.user}.{name}"
+    if not principal.sees(name):
+        raise NotFound(f"no API named '{request.path_params['name']}'; `kiln get` lists the APIs")
+    return name
+
+
+def deployment_name(request: Request) -> str:
+    name = request.path_params["name"]
+    principal = principal_of(request)
+    if principal is None or principal.is_admin:
+        return name
+    if not name.startswith(f"{principal.user}."):
+        name = f"{principal.user}.{name}"
+    return name
 
 
 async def _log_lines(

@@ -83,6 +83,7 @@ class ServerOptions:
     pointer_files: list[Path] = field(default_factory=list)  # extra copies of server.json
     quiet_logs: bool = False
     mode: str = "serve"  # "serve": `kiln serve DIR`; "server": the durable `kiln server run`
+    auth: bool = False  # API keys on every route but health (on by default for `kiln server`)
 
 
 @dataclass
@@ -116,7 +117,11 @@ class InferenceServer:
         self.running: RunningServer | None = None
         self.store: Any = None
         self.deployments: Any = None
+        self.jobs: Any = None  # kiln.batch.manager.JobManager: Batch APIs and their jobs
         self.counters: Any = None
+        self.accounts: Any = None  # Accounts, with auth on
+        self.quotas: Any = None  # QuotaGate, with auth on
+        self.admin_key_file: Path | None = None
         self._lock_file: Any = None
         self._server: _Uvicorn | None = None
         self._management: _Uvicorn | None = None
@@ -142,9 +147,37 @@ class InferenceServer:
         except Exception as exc:  # noqa: BLE001 - say what and where
             raise ServerError(f"cannot open the state store at {url}: {exc}") from None
         self.counters = DurableCounters(self.store)
+        if self.options.auth:
+            self._open_accounts(home)
         self.metrics.monitor = self.counters
         self.metrics.usage = self.counters
         self.deployments = DeploymentManager(self, self.store, home)
+        self._open_jobs(home)
+
+    def _open_jobs(self, home: Path) -> None:
+        """Batch APIs (issue 7): the served project's, with their unfinished jobs resumed."""
+        from kiln.batch.manager import JobManager
+
+        self.jobs = JobManager(self.store, home / "logs", api_log=self.log)
+        if self.project is not None:
+            for batch_api in self.project.batch_apis:
+                self.jobs.register(batch_api, self.project.root)
+
+    def _open_accounts(self, home: Path) -> None:
+        """Users, keys and quotas; on first start, the admin and its key (file mode 0600)."""
+        from kiln.control.accounts import Accounts
+        from kiln.control.quotas import QuotaGate, load_plans
+
+        self.accounts = Accounts(self.store)
+        self.quotas = QuotaGate(self.store, self.accounts, load_plans(home))
+        key_file = home / "admin.key"
+        new_key = self.accounts.ensure_admin()
+        if new_key is not None:
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_key + "\n")
+        self.admin_key_file = key_file
+        self.metrics.key_totals = self.quotas.key_totals
 
     def served_api(self, api: Any, root: Path) -> ServedApi:
         """A ServedApi wired to this server's logs and metrics (also used by registration)."""
@@ -202,6 +235,7 @@ class InferenceServer:
             raise
         flusher = asyncio.create_task(self._flush_logs())
         counters_task = asyncio.create_task(self.counters.run())
+        quota_task = asyncio.create_task(self.quotas.run()) if self.quotas else None
         try:
             starts = []
             if self.project is not None:
@@ -242,7 +276,9 @@ class InferenceServer:
             if on_ready:
                 on_ready(running)
             config = uvicorn.Config(
-                InferenceApp(self.registry, self.log, metrics=self.metrics),
+                InferenceApp(
+                    self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
+                ),
                 http=os.environ.get("KILN_HTTP", "httptools"),
                 lifespan="off",
                 log_level="warning",
@@ -257,11 +293,16 @@ class InferenceServer:
                 from kiln.control.rest import control_routes
                 from kiln.protocols.management import build_management_app
 
+                management_app: Any = build_management_app(
+                    self.registry, self.log, self, extra_routes=control_routes(self)
+                )
+                if self.quotas is not None:
+                    from kiln.protocols.auth import ManagementGate
+
+                    management_app = ManagementGate(management_app, self.quotas)
                 self._management = _Uvicorn(
                     uvicorn.Config(
-                        build_management_app(
-                            self.registry, self.log, self, extra_routes=control_routes(self)
-                        ),
+                        management_app,
                         http="httptools",
                         lifespan="off",
                         log_level="warning",
@@ -289,12 +330,18 @@ class InferenceServer:
         finally:
             flusher.cancel()
             counters_task.cancel()
+            if quota_task is not None:
+                quota_task.cancel()
             for task in self._autoscalers.values():
                 task.cancel()
             await asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
             )
             await asyncio.to_thread(self.counters.flush)
+            if self.quotas is not None:
+                await asyncio.to_thread(self.quotas.flush)
+            if self.jobs is not None:
+                await self.jobs.close()
             self.store.close()
             sock.close()
             for extra in (management_sock, metrics_sock):
@@ -346,6 +393,8 @@ class InferenceServer:
             "project": str(self.project.root) if self.project is not None else None,
             "home": str(self.options.home),
             "mode": self.options.mode,
+            "auth": self.options.auth,
+            "admin_key_file": str(self.admin_key_file) if self.admin_key_file else None,
             "version": _kiln_version(),
             "started": time.time(),
         }

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
+from kiln.protocols.auth import METERED_METHODS, OPEN_PATHS, authenticate, rate_headers
 from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
@@ -34,7 +35,7 @@ class Adapter(Protocol):
         """The error body in this protocol's shape."""
 
 
-def default_adapters(registry: Registry, log: Any) -> list[Adapter]:
+def default_adapters(registry: Registry, log: Any, jobs: Any = None) -> list[Adapter]:
     from kiln.protocols.kserve_v1 import KServeV1
     from kiln.protocols.openapi import OpenApiRoutes
     from kiln.protocols.torchserve import TorchServeInference
@@ -42,13 +43,18 @@ def default_adapters(registry: Registry, log: Any) -> list[Adapter]:
 
     # Native first: it is an exact dictionary lookup, and config validation keeps API
     # endpoints off the protocol prefixes, so no other adapter can claim its paths.
-    return [
+    adapters: list[Adapter] = [
         NativeApi(registry, log),
         TorchServeInference(registry, log),
         KServeV1(registry, log),
         OpenInferenceV2(registry, log),
         OpenApiRoutes(registry, log),
     ]
+    if jobs is not None:  # Batch APIs (kiln.batch.manager.JobManager): right after native
+        from kiln.protocols.batch import BatchRoutes
+
+        adapters.insert(1, BatchRoutes(jobs))
+    return adapters
 
 
 class InferenceApp:
@@ -60,11 +66,17 @@ class InferenceApp:
         log: Any,
         adapters: list[Adapter] | None = None,
         metrics: Any = None,
+        auth: Any = None,
+        jobs: Any = None,
     ) -> None:
         self.registry = registry
         self.log = log
         self.metrics = metrics
-        self.adapters = adapters if adapters is not None else default_adapters(registry, log)
+        # API keys (control/accounts.py + quotas.py), or None: auth off (`kiln serve`).
+        self.auth = auth
+        self.adapters = (
+            adapters if adapters is not None else default_adapters(registry, log, jobs)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -79,22 +91,33 @@ class InferenceApp:
         renderer: Callable[[KilnError, str], dict[str, Any]] = native_error
         protocol = "native"
         started_response = _ResponseTracker(send)
+        principal = None
         try:
-            for adapter in self.adapters:
-                routed = adapter.route(request)
-                if routed is not None:
-                    handler, api_name = routed
-                    renderer = adapter.render_error
-                    protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
-                    status = await handler(request, started_response)
-                    break
+            routed, adapter = self._route(request)
+            if routed is not None:
+                renderer = adapter.render_error
+                protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
+                api_name = routed[1]
+            if self.auth is not None and request.path not in OPEN_PATHS:
+                principal = authenticate(self.auth, request, "invoke")
+                if api_name != _SYSTEM and not principal.sees(api_name):
+                    # Not theirs: route again with their view, so the protocol answers
+                    # exactly as it does for an API that does not exist.
+                    routed, adapter = self._route(request)
+                    api_name = routed[1] if routed is not None else _SYSTEM
+                if api_name != _SYSTEM and request.method in METERED_METHODS:
+                    started_response.extra = rate_headers(self.auth.admit(principal))
+                else:
+                    principal = None  # authenticated, but not a metered call
+            if routed is not None:
+                status = await routed[0](request, started_response)
             else:
                 status = await self._system_route(request, started_response)
         except KilnError as err:
             status = err.status
             if not started_response.started:
                 await send_json(
-                    send,
+                    started_response,
                     status,
                     renderer(err, request.request_id),
                     request.request_id,
@@ -106,6 +129,8 @@ class InferenceApp:
             if not started_response.started:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
+        if principal is not None:
+            self.auth.record(principal, api_name, SERVED_VERSION.get(), status)
         if self.metrics is not None and api_name != _SYSTEM:
             self.metrics.request(
                 api_name, protocol, status, time.perf_counter() - started, SERVED_VERSION.get()
@@ -122,6 +147,13 @@ class InferenceApp:
                     "request_id": request.request_id,
                 },
             )
+
+    def _route(self, request: Request) -> tuple[tuple[Handler, str] | None, Any]:
+        for adapter in self.adapters:
+            routed = adapter.route(request)
+            if routed is not None:
+                return routed, adapter
+        return None, None
 
     async def _system_route(self, request: Request, send: Send) -> int:
         path = request.path.rstrip("/") or "/"
@@ -163,15 +195,18 @@ class InferenceApp:
 class _ResponseTracker:
     """Wraps `send` to know whether a response has started (then errors cannot be sent)."""
 
-    __slots__ = ("_send", "started")
+    __slots__ = ("_send", "started", "extra")
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.started = False
+        self.extra: list[tuple[bytes, bytes]] | None = None  # e.g. X-RateLimit-* headers
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            if self.extra:
+                message = {**message, "headers": [*message.get("headers", ()), *self.extra]}
         await self._send(message)
 
 

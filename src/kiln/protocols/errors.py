@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.errors import KilnError, MethodNotAllowed, Unavailable
+from kiln.errors import KilnError, MethodNotAllowed, Unauthorized
 
 
 def error_headers(err: KilnError) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    if isinstance(err, Unavailable) and err.retry_after is not None:
-        headers["Retry-After"] = str(err.retry_after)
+    headers: dict[str, str] = dict(getattr(err, "headers", None) or {})
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if isinstance(err, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="kiln"'
     allow = getattr(err, "allow", None)
     if isinstance(err, MethodNotAllowed) and allow:
         headers["Allow"] = ", ".join(allow)

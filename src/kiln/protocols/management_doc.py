@@ -10,6 +10,7 @@ document-building: no handlers, no registry, no Starlette.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 # (method, path, summary, query parameters): the app's routes and the document come from it.
@@ -63,8 +64,7 @@ def management_document(
     for (method, path, summary, query), tag in tagged:
         params = [
             {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-            for n in ("model", "version", "name")
-            if "{" + n + "}" in path
+            for n in re.findall(r"\{(\w+)\}", path)
         ]
         params += [
             {"name": n, "in": "query", "required": n == "url", "schema": {"type": "string"}}

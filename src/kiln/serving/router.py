@@ -7,7 +7,8 @@ the default version (the one marked `default: true`, else the highest).
 from __future__ import annotations
 
 import re
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 from kiln.errors import NotFound
 from kiln.serving.served import ServedApi
@@ -22,6 +23,18 @@ def _version_key(version: str | None) -> tuple[Any, ...]:
 
 
 _UNSET: Any = object()
+
+
+class Caller(Protocol):
+    """Who is asking (an authenticated API key): which APIs it may see."""
+
+    sees_all: bool
+    scope_key: Any  # equal for callers that see the same APIs (the view cache key)
+
+    def sees(self, name: str) -> bool: ...
+
+
+CALLER: ContextVar[Caller | None] = ContextVar("kiln_caller", default=None)
 
 
 class ApiGroup:
@@ -77,18 +90,44 @@ class ApiGroup:
 
 
 class Registry:
-    """The APIs this server answers for."""
+    """The APIs this server answers for, as the current caller may see them.
+
+    With API keys on, the HTTP layer sets `CALLER` for each request to a
+    principal whose `sees(name)` says which APIs it may see: another user's API,
+    or one the key is not scoped to, is then absent from every lookup and
+    listing, so every protocol answers for it exactly as for an API that does
+    not exist. Without a caller (auth off, health routes, the server's own
+    tasks) everything is visible. Views are cached per principal scope and
+    dropped whenever the registry changes.
+    """
 
     def __init__(self) -> None:
-        self.groups: dict[str, ApiGroup] = {}
+        self._groups: dict[str, ApiGroup] = {}
         self._by_endpoint: dict[str, ApiGroup] = {}
+        self._views: dict[Any, dict[str, ApiGroup]] = {}
+
+    @property
+    def groups(self) -> dict[str, ApiGroup]:
+        """Name -> versions, filtered to what the current caller may see (read-only use)."""
+        caller = CALLER.get()
+        if caller is None or caller.sees_all:
+            return self._groups
+        view = self._views.get(caller.scope_key)
+        if view is None:
+            view = {n: g for n, g in self._groups.items() if caller.sees(n)}
+            self._views[caller.scope_key] = view
+        return view
+
+    def _changed(self) -> None:
+        self._views.clear()
 
     def add(self, served: ServedApi) -> None:
-        group = self.groups.get(served.name)
+        group = self._groups.get(served.name)
         if group is None:
-            group = self.groups[served.name] = ApiGroup(served.name, served.api.endpoint)
+            group = self._groups[served.name] = ApiGroup(served.name, served.api.endpoint)
             self._by_endpoint[served.api.endpoint.rstrip("/") or "/"] = group
         group.versions[served.version] = served
+        self._changed()
 
     def swap(self, new: ServedApi) -> ServedApi | None:
         """Put `new` in place of the entry with its name and version, in one step.
@@ -96,7 +135,7 @@ class Registry:
         Used by rolling updates: there is no moment at which the API is missing.
         Returns the entry it replaced (the caller drains and stops it), if any.
         """
-        group = self.groups.get(new.name)
+        group = self._groups.get(new.name)
         old = group.versions.get(new.version) if group is not None else None
         if group is not None and group.endpoint != new.api.endpoint:
             if len(group.versions) == 1 and old is not None:
@@ -110,6 +149,7 @@ class Registry:
             group.versions[new.version] = new
         if old is not None:
             old.successor = new
+        self._changed()
         return old
 
     def remove(self, name: str, version: str | None) -> ServedApi:
@@ -122,12 +162,19 @@ class Registry:
         if group._chosen is not _UNSET and group._chosen == served.version:
             group._chosen = _UNSET
         if not group.versions:
-            del self.groups[name]
+            del self._groups[name]
             self._by_endpoint.pop(group.endpoint.rstrip("/") or "/", None)
+        self._changed()
         return served
 
     def by_endpoint(self, path: str) -> ApiGroup | None:
-        return self._by_endpoint.get(path.rstrip("/") or "/")
+        group = self._by_endpoint.get(path.rstrip("/") or "/")
+        if group is None:
+            return None
+        caller = CALLER.get()
+        if caller is not None and not caller.sees_all and not caller.sees(group.name):
+            return None
+        return group
 
     def by_name(self, name: str) -> ApiGroup:
         group = self.groups.get(name)
@@ -137,3 +184,7 @@ class Registry:
 
     def all(self) -> list[ServedApi]:
         return [served for group in self.groups.values() for served in group.versions.values()]
+
+    def all_unfiltered(self) -> list[ServedApi]:
+        """Every API whoever asks (the server's own bookkeeping: shutdown, metrics)."""
+        return [served for group in self._groups.values() for served in group.versions.values()]

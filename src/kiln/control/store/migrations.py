@@ -156,8 +156,125 @@ def _v1(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _accounts(conn: Connection) -> None:
+    """Issue 6's accounts: users, API keys (hashes only) and metered usage per key."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "users",
+        md,
+        C("name", sa.String(63), primary_key=True),
+        C("plan", sa.String(63), nullable=False),
+        C("is_admin", sa.Boolean, nullable=False),
+        C("created_at", sa.Double, nullable=False),
+    )
+    sa.Table(
+        "api_keys",
+        md,
+        C("id", sa.String(32), primary_key=True),
+        C(
+            "user_name",
+            sa.String(63),
+            sa.ForeignKey("users.name", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        C("name", sa.String(200), nullable=False),
+        C("hash", sa.String(64), nullable=False),
+        C("scopes", sa.String(100), nullable=False),
+        C("apis", sa.Text, nullable=True),
+        C("status", sa.String(16), nullable=False),
+        C("created_at", sa.Double, nullable=False),
+        C("expires_at", sa.Double, nullable=True),
+        C("last_used_at", sa.Double, nullable=True),
+        C("quota", sa.BigInteger, nullable=True),
+        C("rate", sa.Double, nullable=True),
+        C("burst", sa.Integer, nullable=True),
+    )
+    sa.Table(
+        "key_usage",
+        md,
+        C("user_name", sa.String(63), primary_key=True),
+        C("key_id", sa.String(32), primary_key=True),
+        C("api", sa.String(128), primary_key=True),
+        C("version", sa.String(63), primary_key=True),
+        C("period_start", sa.BigInteger, primary_key=True, autoincrement=False),
+        C("status_class", sa.String(3), primary_key=True),
+        C("count", sa.BigInteger, nullable=False),
+    )
+    md.create_all(conn)
+
+
+def _v2(conn: Connection) -> None:
+    """Issue 7's Batch API: jobs, their queued batches and the dead-letter set."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "batch_jobs",
+        md,
+        C("id", sa.String(64), primary_key=True),
+        C("api", sa.String(63), nullable=False),
+        C("status", sa.String(40), nullable=False),
+        C("spec", sa.Text, nullable=False),
+        C("plan", sa.Text, nullable=False),
+        C("workers", sa.Integer, nullable=False),
+        C("max_receive_count", sa.Integer, nullable=False),
+        C("visibility_timeout", sa.Double, nullable=False),
+        C("timeout", sa.Double, nullable=True),
+        C("created_at", sa.Double, nullable=False),
+        C("started_at", sa.Double, nullable=True),
+        C("ended_at", sa.Double, nullable=True),
+        C("enqueued_batches", sa.BigInteger, nullable=False),
+        C("enqueued_items", sa.BigInteger, nullable=False),
+        C("enqueue_done", sa.Boolean, nullable=False),
+        C("succeeded", sa.BigInteger, nullable=False),
+        C("failed", sa.BigInteger, nullable=False),
+        C("succeeded_items", sa.BigInteger, nullable=False),
+        C("failed_items", sa.BigInteger, nullable=False),
+        C("batch_seconds", sa.Double, nullable=False),
+        C("completion", sa.String(16), nullable=False),
+        C("completion_lease", sa.Double, nullable=True),
+        C("error", sa.Text, nullable=True),
+        sa.Index("ix_batch_jobs_api_created", "api", "created_at"),
+    )
+
+    def batch_key() -> list[sa.Column]:
+        return [
+            C(
+                "job_id",
+                sa.String(64),
+                sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"),
+                primary_key=True,
+            ),
+            C("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+            C("item_start", sa.BigInteger, nullable=False),
+            C("item_count", sa.Integer, nullable=False),
+            C("payload", sa.LargeBinary, nullable=False),
+        ]
+
+    sa.Table(
+        "batch_batches",
+        md,
+        *batch_key(),
+        C("visible_at", sa.Double, nullable=False),
+        C("receive_count", sa.Integer, nullable=False),
+        C("lease", sa.String(32), nullable=True),
+        C("last_error", sa.Text, nullable=True),
+    )
+    sa.Table(
+        "batch_dead_letters",
+        md,
+        *batch_key(),
+        C("receive_count", sa.Integer, nullable=False),
+        C("error", sa.Text, nullable=False),
+        C("at", sa.Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "control plane: deployments, revisions, APIs, tracker, usage, scaling", _v1),
+    Migration(2, "batch jobs: jobs, batches, dead letters", _v2),
+    Migration(3, "accounts: users, API keys, metered usage per key", _accounts),
 )
 
 

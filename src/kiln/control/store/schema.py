@@ -124,3 +124,114 @@ scaling_events = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Index("ix_scaling_events_api_at", "api", "at"),
 )
+
+# ---- accounts (migration "accounts") ---------------------------------------------------
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("plan", sa.String(63), nullable=False),
+    sa.Column("is_admin", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column(
+        "user_name", sa.String(63), sa.ForeignKey("users.name", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("scopes", sa.String(100), nullable=False),
+    sa.Column("apis", sa.Text, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=True),
+    sa.Column("last_used_at", sa.Double, nullable=True),
+    sa.Column("quota", sa.BigInteger, nullable=True),
+    sa.Column("rate", sa.Double, nullable=True),
+    sa.Column("burst", sa.Integer, nullable=True),
+)
+
+key_usage = sa.Table(
+    "key_usage",
+    metadata,
+    sa.Column("user_name", sa.String(63), primary_key=True),
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("version", sa.String(63), primary_key=True),
+    sa.Column("period_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("status_class", sa.String(3), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+# ---- issue 7: batch jobs and their durable queue (migration 2) ------------------------
+
+batch_jobs = sa.Table(
+    "batch_jobs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("api", sa.String(63), nullable=False),
+    sa.Column("status", sa.String(40), nullable=False),
+    sa.Column("spec", sa.Text, nullable=False),  # the submitted job, as JSON
+    sa.Column("plan", sa.Text, nullable=False),  # how workers run it (API snapshot), JSON
+    sa.Column("workers", sa.Integer, nullable=False),
+    sa.Column("max_receive_count", sa.Integer, nullable=False),
+    sa.Column("visibility_timeout", sa.Double, nullable=False),
+    sa.Column("timeout", sa.Double, nullable=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("started_at", sa.Double, nullable=True),
+    sa.Column("ended_at", sa.Double, nullable=True),
+    sa.Column("enqueued_batches", sa.BigInteger, nullable=False),
+    sa.Column("enqueued_items", sa.BigInteger, nullable=False),
+    sa.Column("enqueue_done", sa.Boolean, nullable=False),
+    sa.Column("succeeded", sa.BigInteger, nullable=False),
+    sa.Column("failed", sa.BigInteger, nullable=False),
+    sa.Column("succeeded_items", sa.BigInteger, nullable=False),
+    sa.Column("failed_items", sa.BigInteger, nullable=False),
+    sa.Column("batch_seconds", sa.Double, nullable=False),
+    sa.Column("completion", sa.String(16), nullable=False),  # pending | claimed | done
+    sa.Column("completion_lease", sa.Double, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Index("ix_batch_jobs_api_created", "api", "created_at"),
+)
+
+batch_batches = sa.Table(
+    "batch_batches",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.String(64),
+        sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("item_start", sa.BigInteger, nullable=False),
+    sa.Column("item_count", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("visible_at", sa.Double, nullable=False),
+    sa.Column("receive_count", sa.Integer, nullable=False),
+    sa.Column("lease", sa.String(32), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+)
+
+batch_dead_letters = sa.Table(
+    "batch_dead_letters",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.String(64),
+        sa.ForeignKey("batch_jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("item_start", sa.BigInteger, nullable=False),
+    sa.Column("item_count", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("receive_count", sa.Integer, nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("at", sa.Double, nullable=False),
+)

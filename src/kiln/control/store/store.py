@@ -16,7 +16,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import schema as t
+from .accounts import AccountsMixin
 from .counters import CountersMixin
+from .jobs import JobsMixin
 from .models import (
     ApiRecord,
     ApiSpec,
@@ -73,7 +75,7 @@ _APIS = sa.select(t.apis, _R.content_hash, _D.name.label("deployment")).select_f
 )
 
 
-class Store(CountersMixin):
+class Store(CountersMixin, JobsMixin, AccountsMixin):
     """Kiln's state store. Open one per process: `Store()` or `Store("postgresql+psycopg://...")`.
 
     Methods are synchronous, thread-safe and each one transaction; see `base.py` for

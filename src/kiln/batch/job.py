@@ -1,0 +1,344 @@
+"""One running job, in the server: its enqueuer, its worker processes and its watchdog.
+
+- The enqueuer (a thread) streams the source into the queue a few hundred batches
+  per transaction, advancing the job's cursor with them, and logs its progress.
+  On success the job becomes ``running``; on a source error it ends
+  ``failed while enqueuing`` with the reason.
+- Then ``workers`` worker processes start (``python -m kiln.batch.worker``), each
+  in a slot that restarts it with backoff when it crashes (its batch is
+  redelivered after the visibility timeout), up to ``jobs.max_worker_restarts``.
+  A predictor that cannot load ends the job in ``worker error``; a worker over
+  ``compute.mem`` (or raising MemoryError) in ``out of memory``.
+- The watchdog polls the job's row: ``timeout`` ends it ``timed out``; any final
+  status (set by a worker, a stop or the watchdog) stops the workers that remain.
+
+Workers die with the server (parent-death signal). A server that stops leaves its
+jobs active in the store, and the next server resumes them (`JobManager.register`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from kiln.batch import statuses as st
+from kiln.batch.joblog import JobLog
+from kiln.batch.sources import iter_batches
+from kiln.batch.spec import JobSpec, Limits
+from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
+from kiln.control.store import Store
+from kiln.control.store.jobs import JobRow, QueuedBatch
+from kiln.errors import KilnError
+
+ENQUEUE_CHUNK = 512  # batches per transaction
+ENQUEUE_CHUNK_BYTES = 4 << 20
+PROGRESS_EVERY_S = 1.0
+WATCH_S = 0.25
+STOP_GRACE_S = 3.0
+
+
+class JobRun:
+    """Drives one job from enqueuing to its final status."""
+
+    def __init__(
+        self,
+        store: Store,
+        job: JobRow,
+        root: Path,
+        limits: Limits,
+        log: JobLog,
+        *,
+        max_restarts: int = 5,
+        mem_limit: int | None = None,
+        on_end: Callable[[JobRow | None], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.job = job
+        self.root = root
+        self.limits = limits
+        self.log = log
+        self.max_restarts = max_restarts
+        self.mem_limit = mem_limit
+        self.on_end = on_end
+        self.states: dict[int, str] = {}
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.failures = 0
+        self.ending = False
+        self._wake = asyncio.Event()
+        self._slots: list[asyncio.Task[None]] = []
+
+    # ---- what the status document reads -------------------------------------------
+
+    def worker_counts(self) -> dict[str, int]:
+        counts = {k: 0 for k in ("pending", "initializing", "running", "succeeded", "stalled")}
+        for state in self.states.values():
+            if state in counts:
+                counts[state] += 1
+        counts["failed"] = self.failures
+        return counts
+
+    def wake(self) -> None:
+        """Look at the job now (after a stop), rather than at the next poll."""
+        self._wake.set()
+
+    # ---- the job's life -----------------------------------------------------------
+
+    async def run(self) -> None:
+        watcher = asyncio.create_task(self._watch())
+        try:
+            if not self.job.enqueue_done:
+                await asyncio.to_thread(self._enqueue)
+            job = await asyncio.to_thread(self.store.get_job, self.job.id)
+            if job is not None and job.status == st.RUNNING:
+                self.job = job
+                self.log.write(f"starting {job.workers} worker(s)", event="workers")
+                self._slots = [asyncio.create_task(self._slot(n)) for n in range(job.workers)]
+            await watcher
+        finally:
+            watcher.cancel()
+            await self._stop_workers()
+            final = await asyncio.to_thread(self.store.get_job, self.job.id)
+            if final is not None and not final.active:
+                self.log.write(
+                    f"job {st.display(final.status)}" + (f": {final.error}" if final.error else ""),
+                    event="status",
+                    status=final.status,
+                )
+            self.log.close()
+            if self.on_end is not None:
+                self.on_end(final)
+
+    def _enqueue(self) -> None:
+        """Stream the source into the queue (runs in a thread)."""
+        job = self.job
+        spec = JobSpec.from_json(orjson.loads(job.spec))
+        start = job.enqueued_batches
+        verb = "resuming enqueuing at batch" if start else "enqueuing"
+        self.log.write(f"{verb} {start or ''}".strip() + f" ({spec.source})", event="enqueue")
+        chunk: list[QueuedBatch] = []
+        size = 0
+        batches, items = start, job.enqueued_items
+        last = time.monotonic()
+        try:
+            for batch in iter_batches(spec, self.root, self.limits, start):
+                chunk.append(batch)
+                size += len(batch.payload)
+                if len(chunk) >= ENQUEUE_CHUNK or size >= ENQUEUE_CHUNK_BYTES:
+                    if not self.store.enqueue(job.id, chunk):
+                        return  # stopped or timed out meanwhile
+                    batches, items = batch.idx + 1, batch.item_start + batch.item_count
+                    chunk, size = [], 0
+                    if time.monotonic() - last >= PROGRESS_EVERY_S:
+                        last = time.monotonic()
+                        self.log.write(
+                            f"enqueued {batches} batches ({items} items)", event="enqueue"
+                        )
+            if chunk:
+                if not self.store.enqueue(job.id, chunk):
+                    return
+                batches = chunk[-1].idx + 1
+                items = chunk[-1].item_start + chunk[-1].item_count
+        except KilnError as exc:
+            self.store.end_job(job.id, st.ENQUEUE_FAILED, error=exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a source may fail in many ways
+            self.store.end_job(job.id, st.ENQUEUE_FAILED, error=f"{type(exc).__name__}: {exc}")
+            return
+        if self.store.finish_enqueue(job.id):
+            self.log.write(f"enqueuing complete: {batches} batches, {items} items", event="enqueue")
+
+    async def _watch(self) -> None:
+        while True:
+            job = await asyncio.to_thread(self.store.get_job, self.job.id)
+            if job is None or not job.active:
+                return
+            if job.timeout is not None and time.time() > job.created_at + job.timeout:
+                await asyncio.to_thread(
+                    self.store.end_job,
+                    job.id,
+                    st.TIMED_OUT,
+                    error=f"the job ran longer than its timeout of {job.timeout:g}s",
+                )
+                return
+            if self.mem_limit:
+                await self._check_memory(job)
+            if self._slots and all(t.done() for t in self._slots):
+                await asyncio.to_thread(
+                    self.store.end_job,
+                    job.id,
+                    st.WORKER_ERROR,
+                    error="every worker exited but the job had not finished",
+                )
+                return
+            self.log.flush()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), WATCH_S)
+
+    async def _check_memory(self, job: JobRow) -> None:
+        for n, proc in list(self.procs.items()):
+            rss = _rss(proc.pid)
+            if rss is not None and self.mem_limit and rss > self.mem_limit:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await asyncio.to_thread(
+                    self.store.end_job,
+                    job.id,
+                    st.WORKER_OOM,
+                    error=f"worker {n} used {rss >> 20} MiB, over compute.mem "
+                    f"({self.mem_limit >> 20} MiB)",
+                )
+                return
+
+    async def _slot(self, n: int) -> None:
+        """Keep worker `n` running until it finishes, or give up on the job."""
+        backoff = 0.2
+        while not self.ending:
+            self.states[n] = "pending"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "kiln.batch.worker",
+                self.store.url,
+                self.job.id,
+                cwd=str(self.root),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "KILN_BATCH_WORKER": str(n)},
+                limit=1 << 20,
+            )
+            self.procs[n] = proc
+            error = await self._pump(n, proc)
+            code = await proc.wait()
+            self.procs.pop(n, None)
+            if self.ending:
+                return
+            if code == 0:
+                self.states[n] = "succeeded"
+                return
+            self.states[n] = "failed"
+            if code in (EXIT_LOAD_FAILED, EXIT_OOM):
+                status = st.WORKER_OOM if code == EXIT_OOM else st.WORKER_ERROR
+                await asyncio.to_thread(
+                    self.store.end_job, self.job.id, status, error=error or f"exit code {code}"
+                )
+                self.wake()
+                return
+            self.failures += 1
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            if self.failures > self.max_restarts:
+                await asyncio.to_thread(
+                    self.store.end_job,
+                    self.job.id,
+                    st.WORKER_ERROR,
+                    error=f"workers crashed {self.failures} times (last: worker {n}, {how}); "
+                    f"jobs.max_worker_restarts is {self.max_restarts}",
+                )
+                self.wake()
+                return
+            self.log.write(
+                f"worker {n} stopped ({how}); restarting it in {backoff:.1f}s, its batch will "
+                f"be redelivered",
+                event="worker",
+                worker=n,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _pump(self, n: int, proc: asyncio.subprocess.Process) -> str | None:
+        """Copy the worker's output into the job log; follow its state markers."""
+        error = None
+        assert proc.stdout is not None
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue  # a line over 1 MiB: skip it, keep reading
+            if not raw:
+                return error
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith(MARK):
+                state, _, detail = line[len(MARK) :].partition(" ")
+                if state == "error":
+                    error = detail
+                    self.log.write(detail, event="worker", worker=n)
+                elif state in ("initializing", "running"):
+                    self.states[n] = state
+                continue
+            self.log.write(line, event="worker", worker=n)
+
+    async def _stop_workers(self) -> None:
+        self.ending = True
+        live = [p for p in self.procs.values() if p.returncode is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        if live:
+            _, pending = await asyncio.wait(
+                [asyncio.create_task(p.wait()) for p in live], timeout=STOP_GRACE_S
+            )
+            for proc in live:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for task in pending:
+                with contextlib.suppress(Exception):
+                    await task
+        for task in self._slots:
+            task.cancel()
+        await asyncio.gather(*self._slots, return_exceptions=True)
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:
+    """How workers run this BatchAPI, frozen into the job (so a resumed job runs the same)."""
+    plan: dict[str, Any] = {
+        "root": str(root),
+        "python_path": api.python_path or str(root),
+        "revision": revision,
+        "mem": api.compute.mem,
+    }
+    if api.runtime == "predictor":
+        plan.update(kind="predictor", predictor_path=api.predictor.path)
+        return plan
+    from kiln.serving.types import WorkerSpec
+
+    block = api.runtime_block
+    spec = WorkerSpec(
+        api=api.name,
+        version=None,
+        runtime=api.runtime,
+        model_path=getattr(block, "model", None),
+        request_handler=getattr(block, "request_handler", None),
+        handler=getattr(block, "handler", None) if api.runtime in ("python", "torch") else None,
+        signature_key=getattr(block, "signature_key", None),
+        method=getattr(block, "method", "predict"),
+        trusted=bool(getattr(block, "trusted", False)),
+        signature=getattr(block, "signature", None),
+        config=dict(api.config or {}),
+        metadata=dict(api.metadata or {}),
+        python_path=api.python_path,
+        threads=max(1, int(api.compute.cpu or 1)),
+        gpu=api.compute.gpu,
+    )
+    plan.update(kind="pipeline", worker_spec=spec.to_wire())
+    return plan

@@ -1,0 +1,213 @@
+"""Plans, quotas, rate limits and metering: who may make one more call, and what it cost.
+
+What counts as a call: a request that passed authentication, reached an API the
+key may use, and was admitted by the quota and the rate limit, whatever status
+the API then answered (the Hub counts invocations). A request refused by auth,
+by a missing or hidden API, or by the quota or rate limit itself never counts.
+The rule is the same on every protocol because it is applied in one place, the
+HTTP gate in front of every adapter.
+
+Counting is exact under concurrency: admission checks and increments the
+counters in one synchronous step on the event loop (no await in between), so N
+clients racing for the last call of a quota Q get exactly Q admissions. The
+counters start from the store's usage records at server start and the metered
+rows are flushed every second (`flush`), so a crash loses at most a second of
+records and a restart never counts a call twice.
+
+Periods are calendar months in UTC. `X-RateLimit-Reset` is the number of
+seconds until the period (or, for a rate limit, the next token) resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.control.accounts import Principal
+from kiln.errors import TooManyRequests
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    apis: int | None  # APIs a user may have; None: no bound
+    calls_per_month: int | None
+
+
+DEFAULT_PLANS = {
+    "free": Plan("free", 5, 1000),  # seed 003's free tier
+    "pro": Plan("pro", 50, 1_000_000),
+    "unlimited": Plan("unlimited", None, None),
+}
+
+
+def load_plans(home: Path) -> dict[str, Plan]:
+    """The default plans, overridden or extended by `<KILN_HOME>/plans.yaml`.
+
+    plans.yaml: `{name: {apis: 5, calls_per_month: 1000}}` (null for no bound).
+    """
+    plans = dict(DEFAULT_PLANS)
+    path = home / "plans.yaml"
+    if path.is_file():
+        data = yaml.safe_load(path.read_text()) or {}
+        for name, spec in data.items():
+            plans[str(name)] = Plan(
+                str(name), (spec or {}).get("apis"), (spec or {}).get("calls_per_month")
+            )
+    return plans
+
+
+def month_bounds(now: float) -> tuple[float, float]:
+    """(start, end) of the UTC calendar month holding `now`."""
+    day = dt.datetime.fromtimestamp(now, dt.UTC)
+    start = dt.datetime(day.year, day.month, 1, tzinfo=dt.UTC)
+    end = dt.datetime(day.year + (day.month == 12), day.month % 12 + 1, 1, tzinfo=dt.UTC)
+    return start.timestamp(), end.timestamp()
+
+
+class _Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, float(burst), now
+
+    def take(self, now: float) -> float:
+        """0 when a token was taken; else seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class QuotaGate:
+    """Admission (quota and rate limit) and the metering of admitted calls."""
+
+    def __init__(self, store: Any, accounts: Any, plans: dict[str, Plan], clock: Any = time.time):
+        self.store = store
+        self.accounts = accounts
+        self.plans = plans
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str, str, str, str], int] = defaultdict(int)
+        self._buckets: dict[str, _Bucket] = {}
+        self._period = (0.0, 0.0)
+        self.by_user: dict[str, int] = {}
+        self.by_key: dict[str, int] = {}
+        self.key_totals: dict[tuple[str, str, str], int] = defaultdict(int)  # Prometheus
+        self._roll(self._clock())
+
+    def _roll(self, now: float) -> None:
+        """Start counting a new month (at start, and when a month ends)."""
+        self._period = month_bounds(now)
+        by_user, by_key = self.store.calls_since(self._period[0])
+        self.by_user, self.by_key = defaultdict(int, by_user), defaultdict(int, by_key)
+
+    def plan_of(self, user: str) -> Plan:
+        record = self.accounts.users.get(user)
+        return self.plans.get(record.plan if record else "free", DEFAULT_PLANS["free"])
+
+    def admit(self, principal: Principal) -> dict[str, str]:
+        """Count one call for the principal, or raise 429; returns the X-RateLimit headers."""
+        now = self._clock()
+        if now >= self._period[1]:
+            self._roll(now)
+        key = self.accounts.keys.get(principal.key_id)
+        limits: list[tuple[int, int, str]] = []  # (limit, used, what)
+        plan = None if principal.is_admin else self.plan_of(principal.user)
+        if plan is not None and plan.calls_per_month is not None:
+            limits.append(
+                (
+                    plan.calls_per_month,
+                    self.by_user[principal.user],
+                    f"the '{plan.name}' plan's {plan.calls_per_month} calls a month",
+                )
+            )
+        if key is not None and key.quota is not None:
+            limits.append(
+                (
+                    key.quota,
+                    self.by_key[key.id],
+                    f"key {key.id}'s quota of {key.quota} calls a month",
+                )
+            )
+        reset = max(1, math.ceil(self._period[1] - now))
+        headers: dict[str, str] = {}
+        if limits:
+            limit, used, what = min(limits, key=lambda item: item[0] - item[1])
+            remaining = limit - used
+            headers = {
+                "X-RateLimit-Limit": str(limit),
+                "X-RateLimit-Remaining": str(max(0, remaining - 1)),
+                "X-RateLimit-Reset": str(reset),
+            }
+            if remaining <= 0:
+                err = TooManyRequests(
+                    f"quota exceeded: {what} are used up; it resets at the start of next month "
+                    f"(UTC), in {reset} s",
+                    retry_after=reset,
+                )
+                err.headers = {**headers, "X-RateLimit-Remaining": "0"}  # type: ignore[attr-defined]
+                raise err
+        if key is not None and key.rate:
+            bucket = self._buckets.get(key.id)
+            if bucket is None or bucket.rate != key.rate:
+                bucket = self._buckets[key.id] = _Bucket(key.rate, key.burst or 1, now)
+            wait = bucket.take(now)
+            if wait:
+                retry = max(1, math.ceil(wait))
+                err = TooManyRequests(
+                    f"rate limit exceeded: key {key.id} allows {key.rate:g} requests a second "
+                    f"(bursts of {key.burst}); retry in {retry} s",
+                    retry_after=retry,
+                )
+                err.headers = {  # type: ignore[attr-defined]
+                    "X-RateLimit-Limit": f"{key.rate:g}",
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset": str(retry),
+                }
+                raise err
+        self.by_user[principal.user] += 1
+        self.by_key[principal.key_id] += 1
+        return headers
+
+    def record(self, principal: Principal, api: str, version: str, status: int) -> None:
+        """Meter an admitted call once its status is known (flushed to the store each second)."""
+        status_class = f"{status // 100}xx"
+        with self._lock:
+            self._pending[(principal.user, principal.key_id, api, version, status_class)] += 1
+        self.key_totals[(principal.key_id, principal.user, status_class)] += 1
+
+    def flush(self) -> None:
+        from kiln.control.store.accounts import KeyUsageIncrement
+
+        with self._lock:
+            pending, self._pending = self._pending, defaultdict(int)
+        if not pending:
+            return
+        try:
+            self.store.add_key_usage_many(
+                KeyUsageIncrement(user, key, api, status, n, version)
+                for (user, key, api, version, status), n in pending.items()
+            )
+        except Exception:  # noqa: BLE001 - keep the counts for the next flush
+            with self._lock:
+                for k, n in pending.items():
+                    self._pending[k] += n
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(self.flush)
+            await asyncio.to_thread(self.accounts.flush_last_used)
+            await asyncio.to_thread(self.accounts.reload)
