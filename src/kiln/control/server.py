@@ -12,55 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import ipaddress
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import uvicorn
 
+from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports them from here
+    ServerError,
+    bind_socket,
+    is_loopback,
+    kiln_version,
+    lock_home,
+    remove_server_json,
+    write_server_json,
+)
 from kiln.control.logs import LogSink
 from kiln.protocols.app import InferenceApp
 from kiln.serving.router import Registry, ServedApi
 
 SHUTDOWN_GRACE_S = 30.0
 LOG_FLUSH_S = 0.2
-
-
-class ServerError(Exception):
-    """The server cannot start; the message says why and what to do."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ServerError(
-            f"cannot listen on {host}:{port} ({exc.strerror}); choose another port with "
-            f"--port, or --port 0 for a free one"
-        ) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 class _Uvicorn(uvicorn.Server):
@@ -140,7 +116,7 @@ class InferenceServer:
 
         home = self.options.home
         home.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_home(home)
+        self._lock_file = lock_home(home)
         url = os.environ.get("KILN_STATE_URL") or default_url(home)
         try:
             self.store = Store(url)
@@ -395,47 +371,10 @@ class InferenceServer:
             "mode": self.options.mode,
             "auth": self.options.auth,
             "admin_key_file": str(self.admin_key_file) if self.admin_key_file else None,
-            "version": _kiln_version(),
+            "version": kiln_version(),
             "started": time.time(),
         }
-        for path in self._server_files():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
-            tmp.replace(path)
+        write_server_json(self._server_files(), info)
 
     def _remove_server_json(self) -> None:
-        for path in self._server_files():
-            with contextlib.suppress(FileNotFoundError):
-                if orjson.loads(path.read_bytes()).get("pid") == os.getpid():
-                    path.unlink()
-
-
-def _kiln_version() -> str:
-    import kiln
-
-    return kiln.__version__
-
-
-def _lock_home(home: Path) -> Any:
-    """Hold `<home>/server.lock` for the server's life: one server per KILN_HOME.
-
-    A lock, not a pid file: the kernel drops it when the process dies, SIGKILL
-    included, so a crashed server never blocks the next start.
-    """
-    import fcntl
-
-    handle = (home / "server.lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ServerError(
-            f"another Kiln server is already running with its state in {home}; stop it "
-            f"(kiln server stop), or give this one its own folder with --home or KILN_HOME"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+        remove_server_json(self._server_files())

@@ -89,6 +89,14 @@ class ManagementGate:
             extra = error_headers(exc)
             await _send_json(send, status, body, extra)
             return
+        if scope["path"].startswith("/models") and scope["method"] in ("POST", "DELETE"):
+            if not principal.is_admin:
+                # TorchServe's register/unregister act on the server's model store: admin only.
+                from kiln.protocols.errors import torchserve_error
+
+                err = Forbidden("registering and unregistering models is for the admin")
+                await _send_json(send, 403, torchserve_error(err, ""), {})
+                return
         scope = {
             **scope,
             "headers": [
