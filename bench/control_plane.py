@@ -54,6 +54,9 @@ class Daemon:
         self.kiln("server", "start", "--port", "0", "--management-port", "0", "--metrics-port", "0")
         info = orjson.loads((self.home / "server.json").read_bytes())
         self.url, self.management = info["url"], info["management_url"]
+        # API keys are on, as for any user of `kiln server`: send the admin key.
+        key = (self.home / "admin.key").read_text().strip()
+        self.headers = {"Authorization": f"Bearer {key}"}
 
     def stop(self) -> None:
         subprocess.run([*KILN, "server", "stop"], env=self.env, capture_output=True, timeout=120)
@@ -109,7 +112,7 @@ def cold_start_rows(d: Daemon, work: Path, repeat: int) -> list[tuple[str, list[
     d.kiln("deploy", str(project), "--name", "cold")
     url = f"{d.url}/iris"
     colds, warms = [], []
-    with httpx.Client(timeout=120) as client:
+    with httpx.Client(timeout=120, headers=d.headers) as client:
         for _ in range(repeat):
             wait_for(lambda: api(d, "iris")["status"] == "scaled to zero", 60)
             colds.append(timed(lambda: ok(client.post(url, json=SAMPLE))))
@@ -141,7 +144,7 @@ def autoscaler_rows(d: Daemon, work: Path, repeat: int) -> list[tuple[str, list[
         stop = threading.Event()
 
         def client(stop: threading.Event = stop) -> None:
-            with httpx.Client(timeout=60) as c:
+            with httpx.Client(timeout=60, headers=d.headers) as c:
                 while not stop.is_set():
                     c.post(f"{d.url}/slow", json=1)
 
@@ -166,7 +169,7 @@ def autoscaler_rows(d: Daemon, work: Path, repeat: int) -> list[tuple[str, list[
 
 
 def api(d: Daemon, name: str) -> dict:
-    return httpx.get(f"{d.management}/apis/{name}", timeout=10).json()
+    return httpx.get(f"{d.management}/apis/{name}", timeout=10, headers=d.headers).json()
 
 
 def ok(response: httpx.Response) -> None:
