@@ -56,3 +56,23 @@ def test_nothing_is_unpickled() -> None:
     for file in SRC.rglob("*.py"):
         text = file.read_text()
         assert "import pickle" not in text and "pickle.loads" not in text, file
+
+
+def test_batch_room_reaches_only_the_store_of_the_control_plane() -> None:
+    # Batch workers and the job manager use the state store, never HTTP, protocols or the CLI.
+    for file, names in imports_of(SRC / "batch").items():
+        bad = {n for n in names if n.split(".")[0] in ("starlette", "uvicorn", "fastapi")}
+        bad |= {n for n in names if n.startswith(("kiln.protocols", "kiln.cli"))}
+        bad |= {
+            n
+            for n in names
+            if n.startswith("kiln.control") and not n.startswith("kiln.control.store")
+        }
+        assert not bad, f"batch/{file} imports {bad}"
+
+
+def test_protocols_never_import_the_control_plane_or_batch() -> None:
+    # The job manager (like the registry) is handed to the adapters, never imported.
+    for file, names in imports_of(SRC / "protocols").items():
+        bad = {n for n in names if n.startswith(("kiln.control", "kiln.batch"))}
+        assert not bad, f"protocols/{file} imports {bad}"

@@ -36,6 +36,34 @@ from .base import StoreBase
 _J, _B, _X = t.batch_jobs.c, t.batch_batches.c, t.batch_dead_letters.c
 ACTIVE = ("enqueuing", "running")
 
+# The hot path (claim, acknowledge) as statements built once: building a Core statement
+# per call costs more than SQLite's commit does.
+_P = sa.bindparam
+_NEXT = (
+    sa.select(_B.idx, _B.item_start, _B.item_count, _B.payload, _B.receive_count, _B.lease)
+    .where(_B.job_id == _P("j"), _B.visible_at <= _P("now"))
+    .order_by(_B.idx)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    t.batch_batches.update()
+    .where(_B.job_id == _P("j"), _B.idx == _P("i"), _B.visible_at <= _P("now"))
+    .values(visible_at=_P("until"), receive_count=_B.receive_count + 1, lease=_P("lease"))
+)
+_ACK_DELETE = t.batch_batches.delete().where(
+    _B.job_id == _P("j"), _B.idx == _P("i"), _B.lease == _P("l")
+)
+_ACK_COUNT = (
+    t.batch_jobs.update()
+    .where(_J.id == _P("j"))
+    .values(
+        succeeded=_J.succeeded + 1,
+        succeeded_items=_J.succeeded_items + _P("n", type_=sa.BigInteger),
+        batch_seconds=_J.batch_seconds + _P("s", type_=sa.Double),
+    )
+)
+
 
 @dataclass(frozen=True)
 class JobRow:
@@ -309,20 +337,10 @@ class JobsMixin(StoreBase):
         now = self._now(at)
         with self._write() as conn:
             gone = conn.execute(
-                t.batch_batches.delete().where(
-                    _B.job_id == job_id, _B.idx == batch.idx, _B.lease == batch.lease
-                )
+                _ACK_DELETE, {"j": job_id, "i": batch.idx, "l": batch.lease}
             ).rowcount
             if gone:
-                conn.execute(
-                    t.batch_jobs.update()
-                    .where(_J.id == job_id)
-                    .values(
-                        succeeded=_J.succeeded + 1,
-                        succeeded_items=_J.succeeded_items + batch.item_count,
-                        batch_seconds=_J.batch_seconds + seconds,
-                    )
-                )
+                conn.execute(_ACK_COUNT, {"j": job_id, "n": batch.item_count, "s": seconds})
             return self._claim(conn, job_id, now) if claim_next else None
 
     def fail_batch(
@@ -447,45 +465,44 @@ class JobsMixin(StoreBase):
     # ---- internals ----------------------------------------------------------------
 
     def _claim(self, conn: Connection, job_id: str, now: float) -> Claim:
-        job = conn.execute(
-            sa.select(
-                _J.status, _J.enqueue_done, _J.max_receive_count, _J.visibility_timeout
-            ).where(_J.id == job_id)
-        ).first()
-        if job is None or job.status not in ACTIVE:
-            return Claim("stop")
-        while True:
+        # A job's receive limit and timeout never change: read them once per process. Its
+        # status is read only when no batch is visible: ending a job deletes its batches
+        # in the same transaction, so a stopped job is never handed a batch.
+        cache: dict[str, tuple[int, float]] = self.__dict__.setdefault("_job_consts", {})
+        consts = cache.get(job_id)
+        if consts is None:
             row = conn.execute(
-                sa.select(
-                    _B.idx, _B.item_start, _B.item_count, _B.payload, _B.receive_count, _B.lease
-                )
-                .where(_B.job_id == job_id, _B.visible_at <= now)
-                .order_by(_B.idx)
-                .limit(1)
-                .with_for_update(skip_locked=True)
+                sa.select(_J.max_receive_count, _J.visibility_timeout).where(_J.id == job_id)
             ).first()
             if row is None:
+                return Claim("stop")
+            consts = cache[job_id] = (int(row.max_receive_count), float(row.visibility_timeout))
+        max_receive_count, visibility_timeout = consts
+        while True:
+            row = conn.execute(_NEXT, {"j": job_id, "now": now}).first()
+            if row is None:
                 break
-            if row.receive_count >= job.max_receive_count:
+            if row.receive_count >= max_receive_count:
                 held = "" if row.lease is None else " (its worker stopped while running it)"
                 self._dead_letter(
                     conn,
                     job_id,
                     row.idx,
                     f"delivered {row.receive_count} times without finishing{held}; "
-                    f"max_receive_count is {job.max_receive_count}",
+                    f"max_receive_count is {max_receive_count}",
                     now,
                 )
                 continue
             lease = _token()
             took = conn.execute(
-                t.batch_batches.update()
-                .where(_B.job_id == job_id, _B.idx == row.idx, _B.visible_at <= now)
-                .values(
-                    visible_at=now + job.visibility_timeout,
-                    receive_count=_B.receive_count + 1,
-                    lease=lease,
-                )
+                _TAKE,
+                {
+                    "j": job_id,
+                    "i": row.idx,
+                    "now": now,
+                    "until": now + visibility_timeout,
+                    "lease": lease,
+                },
             ).rowcount
             if took:
                 return Claim(
@@ -499,6 +516,9 @@ class JobsMixin(StoreBase):
                         lease,
                     ),
                 )
+        job = conn.execute(sa.select(_J.status, _J.enqueue_done).where(_J.id == job_id)).first()
+        if job is None or job.status not in ACTIVE:
+            return Claim("stop")
         if not job.enqueue_done:
             return Claim("wait")
         left = conn.execute(
