@@ -339,3 +339,36 @@ def test_kiln_serve_is_open_by_default_and_locked_with_auth(tmp_path: Path, serv
     assert oct((locked.state / "admin.key").stat().st_mode & 0o777) == "0o600"
     answer = locked.client.post("/app/sentiment", json=1, headers=hdr(key))
     assert answer.status_code == 200 and answer.json()["owner"] == "dev"
+
+
+def test_users_batch_jobs_cannot_read_or_write_local_paths(
+    platform: Daemon, tmp_path: Path
+) -> None:
+    made = orjson.loads(platform.kiln("users", "create", "dave", "-o", "json").stdout)
+    env = {**platform.env, "KILN_API_KEY": made["key"]}
+    folder = tmp_path / "jobs"
+    write(
+        folder / "predictor.py",
+        "class PythonPredictor:\n    def __init__(self, config, job_spec):\n        pass\n"
+        "    def predict(self, payload, batch_id):\n        return payload\n",
+    )
+    write(
+        folder / "kiln.yaml",
+        "- kind: deployment\n  name: jobs\n"
+        "- kind: BatchAPI\n  name: copy\n  predictor: {type: python, path: predictor.py}\n",
+    )
+    assert platform.kiln_env(env, "deploy", str(folder)).returncode == 0
+    url = platform.url + "/dave/copy"
+    local = {"workers": 1, "file_path_lister": {"paths": ["/etc"], "batch_size": 1}}
+    refused = httpx.post(url, json=local, headers=hdr(made["key"]))
+    assert refused.status_code == 403 and "local paths" in refused.json()["error"]["message"]
+    items = {
+        "workers": 1,
+        "item_list": {"items": [1], "batch_size": 1},
+        "output": {"path": "/tmp/x"},
+    }
+    assert httpx.post(url, json=items, headers=hdr(made["key"])).status_code == 403
+    fine = httpx.post(url, json={**items, "output": None}, headers=hdr(made["key"]))
+    assert fine.status_code == 200, fine.text
+    hidden = httpx.post(url, json=items, headers=hdr(platform.keys["alice"]))
+    assert hidden.status_code == 404

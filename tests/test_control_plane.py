@@ -310,3 +310,56 @@ def test_an_api_scaled_to_zero_stays_at_zero_across_a_restart(
     cold = daemon.http.post(f"{daemon.url}/shop/echo", json="wake", timeout=60)
     assert cold.status_code == 200 and cold.json()["echo"] == "wake"
     assert len(daemon.worker_pids()) == 1
+
+
+BATCH_PREDICTOR = """
+import time
+
+
+class PythonPredictor:
+    def __init__(self, config, job_spec):
+        self.sleep = config.get("sleep", 0)
+
+    def predict(self, payload, batch_id):
+        time.sleep(self.sleep)
+        return [x * 2 for x in payload]
+"""
+
+
+def test_deploy_a_batch_api_run_a_job_and_delete_it(daemon: Daemon, tmp_path: Path) -> None:
+    folder = tmp_path / "jobs"
+    write(folder / "predictor.py", BATCH_PREDICTOR)
+    write(
+        folder / "kiln.yaml",
+        "- kind: BatchAPI\n  name: doubler\n  predictor: {type: python, path: predictor.py}\n",
+    )
+    deploy(daemon, folder)
+    listed = daemon.apis()["doubler"]
+    assert listed["kind"] == "BatchAPI" and listed["status"] == "live"
+    out = tmp_path / "out"
+    spec = {"workers": 1, "item_list": {"items": [1, 2, 3], "batch_size": 2}}
+    job = daemon.http.post(f"{daemon.url}/doubler", json={**spec, "output": {"path": str(out)}})
+    assert job.status_code == 200, job.text
+    job_id = job.json()["job_id"]
+    done = daemon.wait_until(
+        lambda: (
+            (s := daemon.http.get(f"{daemon.url}/doubler/{job_id}").json())["job_status"]["status"]
+            == "status_succeeded"
+            and s
+        ),
+        60,
+        "the job",
+    )
+    assert done["metrics"]["succeeded"] == 2
+    # A slow job is stopped when its API is deleted.
+    slow = daemon.http.post(f"{daemon.url}/doubler", json={**spec, "config": {"sleep": 30}}).json()[
+        "job_id"
+    ]
+    assert daemon.kiln("delete", "doubler", "-f").returncode == 0
+    assert daemon.http.post(f"{daemon.url}/doubler", json=spec).status_code == 404
+    final = daemon.http.get(f"{daemon.management_url}/apis")
+    assert "doubler" not in {a["name"] for a in final.json()["apis"]}
+    from kiln.control.store import Store
+
+    with Store(f"sqlite:///{daemon.home / 'state.db'}") as store:
+        assert store.get_job(slow).status == "stopped"

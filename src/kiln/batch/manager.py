@@ -26,7 +26,7 @@ from kiln.batch.sources import SourceError, check_paths, dry_run
 from kiln.batch.spec import Limits, parse_body, resolve_local, validate
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow
-from kiln.errors import InvalidInput, NotFound
+from kiln.errors import Forbidden, InvalidInput, NotFound
 
 
 @dataclass
@@ -109,10 +109,25 @@ class JobManager:
 
     # ---- jobs ---------------------------------------------------------------------
 
-    async def submit(self, name: str, body: bytes, *, dry: bool = False) -> dict[str, Any]:
-        """Validate and record a job, start enqueuing it in the background; the job spec."""
+    async def submit(
+        self, name: str, body: bytes, *, dry: bool = False, allow_local: bool = True
+    ) -> dict[str, Any]:
+        """Validate and record a job, start enqueuing it in the background; the job spec.
+
+        `allow_local` is False for a caller who is not the server's admin (API keys on):
+        local paths would let them read, list or write any file the server can.
+        """
         entry = self._entry(name)
         spec = validate(parse_body(body, entry.limits), entry.limits, dict(entry.spec.config))
+        if not allow_local:
+            local = [
+                p for p in [*spec.paths, (spec.output or {}).get("path")] if p and "://" not in p
+            ]
+            if local:
+                raise Forbidden(
+                    f"local paths ({local[0]!r}) are for the server's admin; read and write "
+                    f"your data through s3:// or gs:// instead"
+                )
         if entry.spec.runtime != "predictor" and spec.output is None and not dry:
             raise InvalidInput(
                 f"batch API '{name}' runs its {entry.spec.runtime} model without a predictor, "

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import ConfigError, load_project
+from kiln.control.ownership import OwnershipMixin, _in_namespace, user_of
 from kiln.control.packaging import read_dotenv, short_revision, unpack_project
 from kiln.control.rollout import DRAIN_GRACE_S, Rollout, RolloutMixin, api_key
 from kiln.control.store import ApiSpec as StoredApi
 from kiln.control.store import NotFoundError, Store
-from kiln.errors import Conflict, Forbidden, InvalidInput, NotFound
+from kiln.errors import Conflict, InvalidInput, NotFound
 from kiln.serving.router import ServedApi
 
 log = logging.getLogger("kiln.deployments")
@@ -55,7 +56,7 @@ class ConfigRejected(InvalidInput):
         self.issues = [str(issue) for issue in error.issues]
 
 
-class DeploymentManager(RolloutMixin):
+class DeploymentManager(RolloutMixin, OwnershipMixin):
     """Owns deploy, rollout, rollback, refresh, delete and restore for one server."""
 
     def __init__(self, server: Any, store: Store, home: Path) -> None:
@@ -83,12 +84,8 @@ class DeploymentManager(RolloutMixin):
             raise ConfigRejected(exc) from None
         user = user_of(deployment)
         if user is not None:
-            project.apis = [
-                api.model_copy(
-                    update={"name": f"{user}.{api.name}", "endpoint": f"/{user}/{api.name}"}
-                )
-                for api in project.apis
-            ]
+            project.apis = [_in_namespace(api, user) for api in project.apis]
+            project.batch_apis = [_in_namespace(api, user) for api in project.batch_apis]
         return project
 
     async def deploy(
@@ -109,9 +106,10 @@ class DeploymentManager(RolloutMixin):
                 check_name(deployment, "deployment")
             except ValueError as exc:
                 raise InvalidInput(f"deployment name {deployment!r}: {exc}") from None
-            if not project.apis:
+            if not project.apis and not project.batch_apis:
                 raise InvalidInput(
-                    "the project declares no realtime API; add a `- kind: api` entry to kiln.yaml"
+                    "the project declares no API; add a `- kind: api` (or `- kind: BatchAPI`) "
+                    "entry to kiln.yaml"
                 )
             if principal is not None and not principal.is_admin:
                 deployment = f"{principal.user}.{deployment}"
@@ -135,6 +133,7 @@ class DeploymentManager(RolloutMixin):
                 current is not None
                 and current.current_revision == digest
                 and all(self._is_served(deployment, api, digest) for api in project.apis)
+                and all(self.owner.get(b.name) == deployment for b in project.batch_apis)
                 and not self._rolling(deployment)
             )
             if unchanged:
@@ -146,7 +145,8 @@ class DeploymentManager(RolloutMixin):
                     "apis": self._api_urls(project),
                 }
             await asyncio.to_thread(self._record_revision, deployment, digest, final, project)
-            rollout = Rollout(deployment, digest, apis=sorted({a.name for a in project.apis}))
+            names = {a.name for a in project.apis} | {b.name for b in project.batch_apis}
+            rollout = Rollout(deployment, digest, apis=sorted(names))
             self.rollouts[deployment] = rollout
         self._spawn(self._roll_out(rollout, project))
         return {**rollout.to_json(), "apis": self._api_urls(project)}
@@ -161,6 +161,9 @@ class DeploymentManager(RolloutMixin):
                 init_replicas=a.compute.init_replicas or a.compute.min_replicas or 1,
             )
             for a in project.apis
+        ] + [
+            StoredApi(name=b.name, min_replicas=0, max_replicas=0, init_replicas=0)
+            for b in project.batch_apis
         ]
         config_text = project.config_file.read_text(encoding="utf-8")
         revision, created = self.store.add_revision(
@@ -175,37 +178,8 @@ class DeploymentManager(RolloutMixin):
             self.store.ensure_revision_apis(deployment, digest, specs)
             self.store.set_revision_status(deployment, digest, "updating")
 
-    def _check_plan(self, user: str, project: Any) -> None:
-        """A user's plan bounds how many APIs they may have (seed 003: 5 on `free`)."""
-        quotas = self.server.quotas
-        if quotas is None:
-            return
-        plan = quotas.plan_of(user)
-        if plan.apis is None:
-            return
-        mine = {name for name, owner in self.owner.items() if user_of(owner) == user}
-        wanted = mine | {api.name for api in project.apis}
-        if len(wanted) > plan.apis:
-            raise Forbidden(
-                f"the '{plan.name}' plan allows {plan.apis} APIs and this deploy would make "
-                f"{len(wanted)}; delete one (kiln delete API) or move to a bigger plan"
-            )
-
-    def _check_user_paths(self, project: Any) -> None:
-        """The admin's endpoints must not take a path that belongs to a user (/<user>/...)."""
-        accounts = self.server.accounts
-        if accounts is None:
-            return
-        for api in project.apis:
-            first = api.endpoint.strip("/").split("/")[0]
-            if first in accounts.users:
-                raise Conflict(
-                    f"API '{api.name}' would be served at {api.endpoint}, under the paths of "
-                    f"user '{first}'; choose another endpoint or deployment name"
-                )
-
     def _check_owners(self, deployment: str, project: Any) -> None:
-        for api in project.apis:
+        for api in [*project.apis, *project.batch_apis]:
             owner = self.owner.get(api.name)
             if owner is None and api.name in self.server.registry.groups:
                 owner = "the project `kiln serve` started with"
@@ -268,6 +242,11 @@ class DeploymentManager(RolloutMixin):
                 self.owner[api.name] = dep.name
                 self.fingerprints[api_key(api)] = prints[api_key(api)]
                 restored.append((served, count))
+            jobs = self.server.jobs
+            for batch in project.batch_apis if jobs is not None else []:
+                if (batch.name, None) in requested and batch.name not in jobs.apis:
+                    jobs.register(batch, project.root, dep.current_revision)
+                    self.owner[batch.name] = dep.name
         return restored
 
     # ---- lifecycle operations -----------------------------------------------------
@@ -285,6 +264,9 @@ class DeploymentManager(RolloutMixin):
     async def delete_api(self, name: str) -> dict[str, Any]:
         deployment = self.deployment_of(name)
         async with self._lock:
+            jobs = self.server.jobs
+            if jobs is not None and name in jobs.apis:
+                await jobs.unregister(name)  # its running jobs end `stopped`
             group = self.server.registry.groups.get(name)
             removed = []
             if group is not None:
@@ -313,6 +295,7 @@ class DeploymentManager(RolloutMixin):
             raise NotFound(f"API '{name}' has no recorded revision to refresh")
         project = await asyncio.to_thread(self._load, Path(revision.artifact_path), deployment)
         project.apis = [a for a in project.apis if a.name == name]
+        project.batch_apis = []  # a refresh restarts realtime replicas; jobs keep running
         rollout = Rollout(deployment, revision.content_hash, apis=[name])
         self.rollouts[deployment] = rollout
         self._spawn(self._roll_out(rollout, project, force=True))
@@ -343,7 +326,9 @@ class DeploymentManager(RolloutMixin):
             raise Conflict(f"revision {short_revision(current)} is already the current one")
         project = await asyncio.to_thread(self._load, Path(target.artifact_path), deployment)
         rollout = Rollout(
-            deployment, target.content_hash, apis=sorted({a.name for a in project.apis})
+            deployment,
+            target.content_hash,
+            apis=sorted({a.name for a in project.apis} | {b.name for b in project.batch_apis}),
         )
         self.rollouts[deployment] = rollout
         await asyncio.to_thread(
@@ -404,10 +389,3 @@ class DeploymentManager(RolloutMixin):
 def _report_crash(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a rollout failed unexpectedly", exc_info=task.exception())
-
-
-def user_of(deployment: str | None) -> str | None:
-    """The user a deployment belongs to (`alice.shop` -> alice); None for the admin's."""
-    if deployment and "." in deployment:
-        return deployment.split(".", 1)[0]
-    return None

@@ -149,10 +149,26 @@ class RolloutMixin:
                         self.server.stop_autoscaler(old_ones[-1])
                 if name not in registry.groups:
                     self.owner.pop(name, None)
+            await self._roll_batch_apis(deployment, project, digest)
             await asyncio.to_thread(self._mark_live, deployment, digest)
             rollout.status, rollout.finished = "live", time.time()
             self._log(rollout, f"revision {short_revision(digest)} is live")
         await asyncio.gather(*(old.stop(DRAIN_GRACE_S) for old in old_ones), return_exceptions=True)
+
+    async def _roll_batch_apis(self, deployment: str, project: Any, digest: str) -> None:
+        """Batch APIs switch at once: running jobs keep the revision they started with."""
+        jobs = self.server.jobs
+        if jobs is None:
+            return
+        declared = {b.name for b in project.batch_apis}
+        for batch in project.batch_apis:
+            jobs.register(batch, project.root, digest)
+            self.owner[batch.name] = deployment
+        for name, owner in list(self.owner.items()):
+            if owner == deployment and name in jobs.apis and name not in declared:
+                if name not in self.server.registry.groups:
+                    await jobs.unregister(name)
+                    self.owner.pop(name, None)
 
     def _acceptable(self, served: ServedApi) -> bool:
         """Ready; or a new API waiting for GPUs (Cortex accepts it as `compute unavailable`)."""

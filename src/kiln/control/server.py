@@ -37,6 +37,7 @@ from kiln.serving.router import Registry, ServedApi
 
 SHUTDOWN_GRACE_S = 30.0
 LOG_FLUSH_S = 0.2
+DEFAULT_HTTP = "httptools"  # the inference port's HTTP layer unless KILN_HTTP says otherwise
 
 
 class _Uvicorn(uvicorn.Server):
@@ -45,6 +46,31 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+def _inference_server(app: InferenceApp) -> Any:
+    """The inference port's HTTP server: Kiln's own (`KILN_HTTP=kiln`) or uvicorn's.
+
+    Kiln's writes each answer in one system call and skips uvicorn's generic
+    per-request work (docs/performance.md); `KILN_HTTP=httptools` (or `h11`)
+    keeps uvicorn for comparison. Both expose `serve(sockets=...)` and `should_exit`.
+    """
+    http = os.environ.get("KILN_HTTP", DEFAULT_HTTP)
+    if http == "kiln":
+        from kiln.protocols.fast_http_server import FastHttpServer
+
+        return FastHttpServer(app, grace_s=SHUTDOWN_GRACE_S)
+    config = uvicorn.Config(
+        app,
+        http=http,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
+        server_header=False,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    return _Uvicorn(config)
 
 
 @dataclass
@@ -99,7 +125,7 @@ class InferenceServer:
         self.quotas: Any = None  # QuotaGate, with auth on
         self.admin_key_file: Path | None = None
         self._lock_file: Any = None
-        self._server: _Uvicorn | None = None
+        self._server: Any = None  # _Uvicorn or FastHttpServer (KILN_HTTP)
         self._management: _Uvicorn | None = None
         self._metrics_server: _Uvicorn | None = None
         from kiln.control.metrics import Metrics
@@ -251,19 +277,11 @@ class InferenceServer:
             self._write_server_json(running)
             if on_ready:
                 on_ready(running)
-            config = uvicorn.Config(
+            self._server = _inference_server(
                 InferenceApp(
                     self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
-                ),
-                http=os.environ.get("KILN_HTTP", "httptools"),
-                lifespan="off",
-                log_level="warning",
-                access_log=False,
-                proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
-                server_header=False,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                )
             )
-            self._server = _Uvicorn(config)
             servers = [self._server.serve(sockets=[sock])]
             if management_sock is not None:
                 from kiln.control.rest import control_routes

@@ -119,13 +119,55 @@ def _last_update(manager: Any, served: Any) -> float | None:
 
 def list_apis(server: Any) -> list[dict[str, Any]]:
     latency = server.metrics.latency_percentiles()
-    return [_entry(server, served, latency) for served in server.registry.all()]
+    realtime = [_entry(server, served, latency) for served in server.registry.all()]
+    return realtime + [_batch_entry(server, name) for name in _visible_batch_apis(server)]
+
+
+def _visible_batch_apis(server: Any) -> list[str]:
+    from kiln.serving.router import CALLER
+
+    jobs = server.jobs
+    if jobs is None:
+        return []
+    caller = CALLER.get()
+    return [n for n in sorted(jobs.apis) if caller is None or caller.sees(n)]
+
+
+def _batch_entry(server: Any, name: str) -> dict[str, Any]:
+    """A Batch API in `kiln get`: it has no replicas of its own (workers run per job)."""
+    entry = server.jobs.apis[name]
+    running = [r for r in server.jobs.runs.values() if r.job.api == name]
+    base = server.running.url if server.running else ""
+    return {
+        "name": name,
+        "version": None,
+        "kind": "BatchAPI",
+        "deployment": server.deployments.owner.get(name),
+        "revision": short_revision(entry.revision) if entry.revision else None,
+        "status": "live",
+        "replicas": {"ready": 0, "requested": 0, "min": 0, "max": 0, "restarts": 0},
+        "jobs_running": len(running),
+        "requests": server.counters.usage_totals(name) if server.counters else {},
+        "latency_ms": {"p50": None, "p99": None},
+        "last_update": _last_update(server.deployments, entry.spec),
+        "url": f"{base}{entry.spec.endpoint}",
+        "endpoint": entry.spec.endpoint,
+        "runtime": entry.spec.runtime,
+    }
 
 
 def api_detail(server: Any, name: str, window_s: float) -> dict[str, Any]:
     """One API: its list entry per version, plus tracker, errors, events and a curl line."""
     group = server.registry.groups.get(name)
     manager = server.deployments
+    if group is None and name in _visible_batch_apis(server):
+        detail = {**_batch_entry(server, name), "versions": []}
+        detail["recent_errors"] = list(manager.errors.get(name, ()))
+        detail["scaling_events"] = []
+        detail["curl"] = (
+            f"curl -X POST '{detail['url']}' -H 'Content-Type: application/json' -d @job.json"
+        )
+        return detail
     if group is None:
         raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
     latency = server.metrics.latency_percentiles()

@@ -105,6 +105,8 @@ class InferenceApp:
                     # exactly as it does for an API that does not exist.
                     routed, adapter = self._route(request)
                     api_name = routed[1] if routed is not None else _SYSTEM
+                    if api_name != _SYSTEM and not principal.sees(api_name):
+                        raise unknown_path(request.path)  # an adapter that does not filter
                 if api_name != _SYSTEM and request.method in METERED_METHODS:
                     started_response.extra = rate_headers(self.auth.admit(principal))
                 else:

@@ -19,6 +19,7 @@ from typing import Any
 from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, PayloadTooLarge
 from kiln.protocols.errors import native_error
 from kiln.protocols.http import Request, Send, send_json
+from kiln.serving.router import CALLER
 
 
 def _not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> MethodNotAllowed:
@@ -64,7 +65,13 @@ class BatchRoutes:
                     f"(jobs.max_request_bytes); put the items in files and submit "
                     f"delimited_files or file_path_lister instead of item_list"
                 ) from None
-            result = await self.jobs.submit(name, body, dry=request.flag("dryRun"))
+            caller = CALLER.get()
+            result = await self.jobs.submit(
+                name,
+                body,
+                dry=request.flag("dryRun"),
+                allow_local=caller is None or caller.sees_all,
+            )
         elif method == "GET":
             if job_id is None:
                 result = await self.jobs.list(name)
