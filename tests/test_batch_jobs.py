@@ -221,9 +221,9 @@ def test_file_path_lister_includes_excludes_and_dry_run(server: KilnServer, mark
             {
                 "workers": 1,
                 "item_list": {"items": [1], "batch_size": 1},
-                "output": {"path": "out", "format": "parquet"},
+                "output": {"path": "out", "format": "csv"},
             },
-            "pip install pyarrow",
+            "output.format must be jsonl or parquet",
         ),
     ],
 )
