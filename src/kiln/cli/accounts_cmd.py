@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli.client import CliError, Management, resolve
-from kiln.cli.common import console, err_console
+from kiln.cli.client import Management, resolve
+from kiln.cli.common import console, err_console, run_cli
 
 EnvOption = Annotated[
     str | None, typer.Option("--env", "-e", help="Which server (default: local).")
@@ -23,12 +23,7 @@ keys_app = typer.Typer(help="API keys: create, list, disable, enable, rotate, de
 
 
 def _run(action: Any) -> None:
-    try:
-        code = action()
-    except CliError as exc:
-        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(exc.code) from None
-    raise typer.Exit(code or 0)
+    run_cli(action)
 
 
 def _when(stamp: float | None) -> str:

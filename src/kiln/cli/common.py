@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -46,6 +47,7 @@ def find_server_url() -> str | None:
 
 
 def _alive(pid: object) -> bool:
+    """Whether `pid` is a running process (a zombie, exited but not reaped, counts as gone)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -54,7 +56,26 @@ def _alive(pid: object) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def run_cli(action: Callable[[], int | None]) -> None:
+    """Run a command body: a CliError becomes one clear message and its exit code."""
+    import typer
+    from rich.markup import escape
+
+    from kiln.cli.client import CliError
+
+    try:
+        code = action()
+    except CliError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(exc.code) from None
+    raise typer.Exit(code or 0)
 
 
 def fail(message: str, code: int = 1) -> None:

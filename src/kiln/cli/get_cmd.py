@@ -149,9 +149,7 @@ def _details(detail: dict) -> list[Any]:
     return out
 
 
-def run_logs(
-    api: str, env: str | None, follow: bool, tail: int, job_id: str | None = None
-) -> int:
+def run_logs(api: str, env: str | None, follow: bool, tail: int, job_id: str | None = None) -> int:
     client = Management(resolve(env))
     params = {"follow": "true" if follow else "false", "tail": str(tail)}
     path = f"/apis/{api}/jobs/{job_id}/logs" if job_id else f"/apis/{api}/logs"

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from kiln.cli.client import CliError, Management, resolve
-from kiln.cli.common import console, err_console
+from kiln.cli.common import console, err_console, run_cli
 
 jobs_app = typer.Typer(
     help="Batch API jobs: submit, get (-w to watch), list, stop, failed.",
@@ -40,13 +40,7 @@ FINAL = (
 
 
 def _run(action: Any) -> None:
-    try:
-        code = action()
-    except CliError as exc:
-        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(exc.code) from None
-    if code:
-        raise typer.Exit(code)
+    run_cli(action)
 
 
 def _client(env: str | None) -> Management:

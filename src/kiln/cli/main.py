@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from kiln import __version__
 from kiln.cli.common import console, err_console, fail
@@ -181,15 +180,9 @@ EnvOption = Annotated[
 
 
 def _cli(action: Any) -> None:
-    """Run a command body; a CliError is printed as one clear message and an exit code."""
-    from kiln.cli.client import CliError
+    from kiln.cli.common import run_cli
 
-    try:
-        code = action()
-    except CliError as exc:
-        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(exc.code) from None
-    raise typer.Exit(code or 0)
+    run_cli(action)
 
 
 @app.command()

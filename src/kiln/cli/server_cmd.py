@@ -23,7 +23,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.cli.common import console, err_console, kiln_home
+from kiln.cli.common import _alive, console, err_console, kiln_home
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 45.0
@@ -34,23 +34,6 @@ def _server_json(home: Path) -> dict[str, Any] | None:
         return orjson.loads((home / "server.json").read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) counts as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def running_info(home: Path) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from typing import Any
 from kiln.control.store import Store, UsageIncrement
 
 FLUSH_S = 1.0
+_CLASSES = {n: f"{n}xx" for n in range(10)}
 log = logging.getLogger("kiln.durable")
 
 
@@ -38,7 +39,10 @@ class DurableCounters:
 
     # ---- hot path -----------------------------------------------------------------
     def count_request(self, api: str, status: int) -> None:
-        self._usage[(api, f"{status // 100}xx")] += 1
+        # The lock, because `flush` swaps the dict from a worker thread: without it an
+        # increment landing between its read and the swap would be lost.
+        with self._lock:
+            self._usage[(api, _CLASSES[status // 100])] += 1
 
     def record(self, api: str, version: str, model_type: str, values: list[Any]) -> None:
         """The tracker's values for one batch (same signature as PredictionMonitor.record)."""

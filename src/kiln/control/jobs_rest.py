@@ -14,14 +14,13 @@ The work is in `kiln.batch.manager.JobManager` (the server's `jobs`).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kiln.control.log_tail import tail_lines
 from kiln.errors import InvalidInput, NotFound, Unavailable
 
 JOB_ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -101,40 +100,15 @@ class JobRoutes:
             raise InvalidInput("tail must be a whole number of lines, e.g. tail=100") from None
         path = self.jobs.log_path(name, job_id)
         return StreamingResponse(
-            _follow(path, tail, _flag(request, "follow"), request, self.jobs, job_id),
+            tail_lines(
+                path,
+                tail,
+                _flag(request, "follow"),
+                request,
+                ended=lambda: job_id not in self.jobs.runs,
+            ),
             media_type="application/x-ndjson",
         )
-
-
-async def _follow(
-    path: Path, tail: int, follow: bool, request: Request, jobs: Any, job_id: str
-) -> AsyncIterator[bytes]:
-    """The last `tail` lines, then (with follow) new ones until the job ends."""
-    position = 0
-    if path.exists():
-        data = await asyncio.to_thread(path.read_bytes)
-        lines = data.splitlines(keepends=True)
-        for line in lines[-tail:] if tail > 0 else []:
-            yield line
-        position = len(data)
-    while follow:
-        if await request.is_disconnected():
-            return
-        ended = job_id not in jobs.runs
-        await asyncio.sleep(0.25)
-        size = path.stat().st_size if path.exists() else 0
-        if size > position:
-            with path.open("rb") as f:
-                f.seek(position)
-                chunk = f.read(size - position)
-            cut = chunk.rfind(b"\n") + 1
-            if cut:
-                yield chunk[:cut]
-                position += cut
-        elif ended:
-            return
-        else:
-            yield b""
 
 
 def job_routes(server: Any) -> list[Any]:

@@ -23,7 +23,6 @@ was rejected.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from kiln.control.deployments import ConfigRejected
+from kiln.control.log_tail import tail_lines
 from kiln.errors import InvalidInput, NotFound, UnsupportedMediaType
 
 MAX_UPLOAD = 1 << 30
@@ -184,7 +184,9 @@ class ControlApi:
         except ValueError:
             raise InvalidInput("tail must be a whole number of lines, e.g. tail=100") from None
         return StreamingResponse(
-            _log_lines(self.server, name, tail, follow, request),
+            tail_lines(
+                self.server.log.path_for(name), tail, follow, request, flush=self.server.log.flush
+            ),
             media_type="application/x-ndjson",
         )
 
@@ -237,39 +239,3 @@ def deployment_name(request: Request) -> str:
     if not name.startswith(f"{principal.user}."):
         name = f"{principal.user}.{name}"
     return name
-
-
-async def _log_lines(
-    server: Any, api: str, tail: int, follow: bool, request: Request
-) -> AsyncIterator[bytes]:
-    """The last `tail` lines of the API's log, then (with follow) new lines as they land."""
-    path = server.log.path_for(api)
-    server.log.flush()
-    position = 0
-    if path.exists():
-        data = await asyncio.to_thread(path.read_bytes)
-        lines = data.splitlines(keepends=True)
-        for line in lines[-tail:] if tail > 0 else []:
-            yield line
-        position = len(data)
-    while follow:
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.25)
-        server.log.flush()
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            continue
-        if size < position:  # rotated or truncated
-            position = 0
-        if size > position:
-            with path.open("rb") as f:
-                f.seek(position)
-                chunk = f.read(size - position)
-            cut = chunk.rfind(b"\n") + 1
-            if cut:
-                yield chunk[:cut]
-                position += cut
-        else:
-            yield b""  # lets the server notice a client that went away
