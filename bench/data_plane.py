@@ -298,6 +298,8 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
             (project / "kiln.yaml").write_text(kiln_yaml(name, batching, replicas))
             port = free_port()
             env = {**os.environ, "KILN_HOME": str(project / "home")}
+            if args.http:  # the inference port's HTTP layer (kiln or uvicorn's httptools)
+                env["KILN_HTTP"] = args.http
             server = Server(
                 [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
                 + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
@@ -449,7 +451,7 @@ def print_report(result: dict) -> None:
     a = result["args"]
     print(
         f"load: closed loop, {a['duration']:g}s measured after {a['warmup']:g}s warmup per row; "
-        f"client and servers share the machine's cores"
+        f"client and servers share the machine's cores; Kiln's HTTP layer: {a.get('http')}"
     )
 
     print("\n(a) in-process onnxruntime session.run, 1 thread")
@@ -503,6 +505,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,64", help="comma-separated connections")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2s rows, 0.5s warmup")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument(
+        "--http",
+        default=os.environ.get("KILN_HTTP", ""),
+        help="Kiln's inference HTTP layer: kiln or httptools (default: KILN_HTTP or the server's)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup = 2.0, 0.5
@@ -549,6 +556,7 @@ def main() -> None:
             "warmup": args.warmup,
             "concurrency": args.concurrency,
             "quick": args.quick,
+            "http": args.http or "default",
         },
         "batching": BATCHING,
         "in_process": in_proc,

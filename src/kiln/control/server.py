@@ -37,7 +37,7 @@ from kiln.serving.router import Registry, ServedApi
 
 SHUTDOWN_GRACE_S = 30.0
 LOG_FLUSH_S = 0.2
-DEFAULT_HTTP = "httptools"  # the inference port's HTTP layer unless KILN_HTTP says otherwise
+DEFAULT_HTTP = "kiln"  # the inference port's HTTP layer unless KILN_HTTP says otherwise
 
 
 class _Uvicorn(uvicorn.Server):
