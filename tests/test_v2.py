@@ -716,3 +716,89 @@ def test_repository_index_lists_every_version(server: KilnServer) -> None:
 def test_repository_load_of_unknown_model_is_404(server: KilnServer) -> None:
     response = server.client.post("/v2/repository/models/nope/load", json={})
     assert response.status_code == 404 and "nope" in response.json()["error"]
+
+
+# ---- every runtime through the same V2 routes (issue 8: rows, not a parallel suite) ----------
+
+
+def _runtime_rows(root: Path) -> dict[str, tuple[str, Any]]:
+    """Per runtime: (kiln.yaml entry, in-process function x -> expected y) for what is installed."""
+    import importlib.util
+
+    weights = np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 0.0]], dtype=np.float32)
+    rows: dict[str, tuple[str, Any]] = {}
+    build_linear_onnx(root / "lin.onnx", weights)
+    rows["onnx"] = ("onnx: {model: lin.onnx}", lambda x: x @ weights)
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        layer = torch.nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(weights.T))
+        torch.jit.script(layer.eval()).save(str(root / "lin.ts"))
+        rows["torch"] = ("torch: {model: lin.ts}", lambda x: x @ weights)
+    if importlib.util.find_spec("sklearn") and importlib.util.find_spec("skops"):
+        import skops.io as sio
+        from sklearn.linear_model import LinearRegression
+
+        data = np.random.default_rng(1).normal(size=(20, 3))
+        reg = LinearRegression().fit(data, data @ weights[:, 0])
+        sio.dump(reg, root / "lin.skops")
+        rows["sklearn"] = ("sklearn: {model: lin.skops}", lambda x: reg.predict(x))
+    if importlib.util.find_spec("tensorflow"):
+        import tensorflow as tf
+
+        class Lin(tf.Module):
+            @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+            def serve(self, x):
+                return {"y": tf.matmul(x, tf.constant(weights))}
+
+        module = Lin()
+        tf.saved_model.save(
+            module, str(root / "lin-tf"), signatures={"serving_default": module.serve}
+        )
+        rows["tensorflow"] = ("tensorflow: {model: lin-tf}", lambda x: x @ weights)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def runtimes(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("runtimes")
+    rows = _runtime_rows(root)
+    config = "".join(
+        f"- kind: api\n  name: rt-{name}\n  {block}\n" for name, (block, _) in rows.items()
+    )
+    write(root / "kiln.yaml", config)
+    srv = KilnServer(root, tmp_path_factory.mktemp("home"))
+    yield srv, {name: fn for name, (_, fn) in rows.items()}
+    srv.stop()
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "torch", "sklearn", "tensorflow"])
+def test_v2_metadata_and_infer_for_every_runtime(runtimes, runtime: str) -> None:
+    server, expected = runtimes
+    if runtime not in expected:
+        pytest.skip(f"{runtime} is not installed here")
+    name = f"rt-{runtime}"
+    meta = server.client.get(f"/v2/models/{name}").json()
+    assert meta["name"] == name and len(meta["inputs"]) == 1 and meta["outputs"]
+    tensor = meta["inputs"][0]
+    x = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]], dtype=np.float32)
+    datatype = tensor["datatype"]
+    body = {
+        "inputs": [
+            {
+                "name": tensor["name"],
+                "shape": list(x.shape),
+                "datatype": datatype,
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    response = server.client.post(f"/v2/models/{name}/infer", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    got = np.array(out["data"], dtype=np.float64).reshape(out["shape"])
+    want = np.asarray(expected[runtime](x.astype(np.float64 if datatype == "FP64" else np.float32)))
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+    assert server.client.get(f"/v2/models/{name}/ready").status_code == 200
