@@ -31,13 +31,17 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
 }
 NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+# Keyed by the dtype's string ("<f4"): hashing and comparing np.dtype objects costs
+# microseconds per lookup, and this runs for every output tensor of every answer.
+_V2_BY_STR = {dtype.str: name for name, dtype in V2_TO_NUMPY.items()}
 
 
 def v2_name(dtype: np.dtype) -> str:
-    dtype = np.dtype(dtype)
+    if not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
     if dtype.kind in "OUS":
         return "BYTES"
-    return NUMPY_TO_V2.get(dtype, str(dtype))
+    return _V2_BY_STR.get(dtype.str) or NUMPY_TO_V2.get(dtype, str(dtype))
 
 
 def _raw(array: np.ndarray) -> memoryview:
@@ -189,7 +193,7 @@ def to_output_tensors(result: Any, names: list[str] | None = None) -> list[Tenso
             data = [v if isinstance(v, bytes) else v.encode() for v in flat]
             tensors.append(Tensor(str(name), "BYTES", list(array.shape), data))
         else:
-            if array.dtype not in NUMPY_TO_V2:
+            if array.dtype.str not in _V2_BY_STR:
                 array = array.astype(np.float64)
             tensors.append(Tensor(str(name), v2_name(array.dtype), list(array.shape), array))
     return tensors
