@@ -21,6 +21,7 @@ import joblib
 import numpy as np
 import sklearn  # noqa: F401 - the registry checks this import; estimators need it loaded
 
+from kiln.config.blocks import SKLEARN_METHODS
 from kiln.errors import InferenceError, InvalidInput
 from kiln.runtimes.base import ModelLoadError, TensorRuntime, TensorSignature, TensorSpec
 from kiln.serving.types import WorkerSpec
@@ -91,16 +92,6 @@ def _load_pickle(path: Path, spec: WorkerSpec) -> Any:
         ) from None
 
 
-_METHODS = (
-    "predict",
-    "predict_proba",
-    "predict_log_proba",
-    "decision_function",
-    "transform",
-    "score_samples",
-)
-
-
 def _output_spec(estimator: Any, method: str) -> TensorSpec:
     """Class labels keep the classes' dtype (strings become BYTES); scores are float64."""
     classes = getattr(estimator, "classes_", None)
@@ -125,7 +116,7 @@ class SklearnRuntime(TensorRuntime):
         self.method = spec.method or "predict"
         self._call = getattr(self.estimator, self.method, None)
         if not callable(self._call):
-            offered = [m for m in _METHODS if callable(getattr(self.estimator, m, None))]
+            offered = [m for m in SKLEARN_METHODS if callable(getattr(self.estimator, m, None))]
             raise ModelLoadError(
                 f"{type(self.estimator).__name__} has no {self.method}() (sklearn.method); "
                 f"it offers: {', '.join(offered) or 'none of the inference methods'}"
