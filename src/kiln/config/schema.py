@@ -155,9 +155,7 @@ class ApiSpec(_Resource):
     @model_validator(mode="after")
     def _one_runtime(self) -> ApiSpec:
         self._take_networking()
-        given = [r for r in RUNTIMES if getattr(self, r) is not None]
-        if self.predictor is not None:
-            given.append("predictor")
+        given = _runtime_blocks(self)
         if not given:
             raise FieldProblem(
                 "no runtime block: the API does not say how to run its model",
@@ -261,9 +259,7 @@ class BatchApiSpec(_Resource):
     @model_validator(mode="after")
     def _one_runner(self) -> BatchApiSpec:
         self._take_networking()
-        given = [r for r in RUNTIMES if getattr(self, r) is not None]
-        if self.predictor is not None:
-            given.append("predictor")
+        given = _runtime_blocks(self)
         if not given:
             raise FieldProblem(
                 "no predictor: the BatchAPI does not say how to run a batch",
@@ -303,3 +299,11 @@ class BatchApiSpec(_Resource):
     def runtime_block(self) -> Any:
         """The runtime block (None for a PythonPredictor)."""
         return None if self.predictor is not None else getattr(self, self.runtime)
+
+
+def _runtime_blocks(spec: Any) -> list[str]:
+    """The runtime blocks (and a Cortex `predictor`) a resource sets, in schema order."""
+    given = [r for r in RUNTIMES if getattr(spec, r, None) is not None]
+    if getattr(spec, "predictor", None) is not None:
+        given.append("predictor")
+    return given
