@@ -252,9 +252,7 @@ class BatchApiSpec(_Resource):
     metadata: dict[str, Any] = Field(default_factory=dict)
     jobs: JobsBlock = Field(default_factory=JobsBlock)
 
-    _more_blocks = field_validator("metadata", "jobs", mode="before")(
-        lambda v: _empty_to_dict(v)
-    )
+    _more_blocks = field_validator("metadata", "jobs", mode="before")(lambda v: _empty_to_dict(v))
 
     @model_validator(mode="after")
     def _one_runner(self) -> BatchApiSpec:
@@ -290,7 +288,7 @@ class BatchApiSpec(_Resource):
 
     @property
     def runtime(self) -> str:
-        """"predictor" for a PythonPredictor class, else the runtime serving the model."""
+        """ "predictor" for a PythonPredictor class, else the runtime serving the model."""
         if self.predictor is not None:
             return "predictor"
         return next(name for name in RUNTIMES if getattr(self, name) is not None)

@@ -32,6 +32,7 @@ class DurableCounters:
         self.store = store
         self._clock = clock
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._usage: dict[tuple[str, str], int] = defaultdict(int)
         self._classes: dict[tuple[str, str], dict[str, int]] = {}
         self._values: dict[tuple[str, str], list[float]] = {}
@@ -60,7 +61,15 @@ class DurableCounters:
 
     # ---- flushing -------------------------------------------------------------------
     def flush(self) -> None:
-        """Write pending deltas to the store (one transaction per kind). Thread-safe."""
+        """Write pending deltas to the store (one transaction per kind). Thread-safe.
+
+        Flushes are serialised so that a read which flushes first never runs while
+        another thread holds deltas it has taken but not yet written.
+        """
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             usage, self._usage = self._usage, defaultdict(int)
             classes, self._classes = self._classes, {}

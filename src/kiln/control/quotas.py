@@ -99,6 +99,9 @@ class QuotaGate:
         self.plans = plans
         self._clock = clock
         self._lock = threading.Lock()
+        # One flush at a time: a reader's flush must not return while another thread's
+        # flush still holds rows it took from `_pending` but has not yet written.
+        self._flush_lock = threading.Lock()
         self._pending: dict[tuple[str, str, str, str, str], int] = defaultdict(int)
         self._buckets: dict[str, _Bucket] = {}
         self._period = (0.0, 0.0)
@@ -189,6 +192,10 @@ class QuotaGate:
         self.key_totals[(principal.key_id, principal.user, status_class)] += 1
 
     def flush(self) -> None:
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         from kiln.control.store.accounts import KeyUsageIncrement
 
         with self._lock:

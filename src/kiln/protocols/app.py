@@ -74,9 +74,7 @@ class InferenceApp:
         self.metrics = metrics
         # API keys (control/accounts.py + quotas.py), or None: auth off (`kiln serve`).
         self.auth = auth
-        self.adapters = (
-            adapters if adapters is not None else default_adapters(registry, log, jobs)
-        )
+        self.adapters = adapters if adapters is not None else default_adapters(registry, log, jobs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
