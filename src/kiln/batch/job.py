@@ -320,25 +320,8 @@ def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:
     if api.runtime == "predictor":
         plan.update(kind="predictor", predictor_path=api.predictor.path)
         return plan
-    from kiln.serving.types import WorkerSpec
+    from kiln.serving.placement import worker_spec_for
 
-    block = api.runtime_block
-    spec = WorkerSpec(
-        api=api.name,
-        version=None,
-        runtime=api.runtime,
-        model_path=getattr(block, "model", None),
-        request_handler=getattr(block, "request_handler", None),
-        handler=getattr(block, "handler", None) if api.runtime in ("python", "torch") else None,
-        signature_key=getattr(block, "signature_key", None),
-        method=getattr(block, "method", "predict"),
-        trusted=bool(getattr(block, "trusted", False)),
-        signature=getattr(block, "signature", None),
-        config=dict(api.config or {}),
-        metadata=dict(api.metadata or {}),
-        python_path=api.python_path,
-        threads=max(1, int(api.compute.cpu or 1)),
-        gpu=api.compute.gpu,
-    )
+    spec = worker_spec_for(api)
     plan.update(kind="pipeline", worker_spec=spec.to_wire())
     return plan

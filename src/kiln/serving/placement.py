@@ -17,15 +17,22 @@ from kiln.storage.uri import is_remote
 
 
 def worker_spec_for(api: Any) -> WorkerSpec:
-    """The plain data a worker needs, from a validated `kiln.config.ApiSpec`."""
+    """The plain data a worker needs, from a validated `ApiSpec` or a runtime `BatchApiSpec`.
+
+    One builder for both, so a model served by a realtime API and the same model in a
+    batch job load with the same runtime options; batch APIs have no version,
+    batching, tracker or envelope, so those keep their defaults.
+    """
     block = api.runtime_block
     handler = getattr(block, "handler", None) if api.runtime in ("python", "torch") else None
+    batching = getattr(api, "batching", None)
+    tracker = getattr(api, "tracker", None)
     return WorkerSpec(
         api=api.name,
-        version=api.version,
+        version=getattr(api, "version", None),
         runtime=api.runtime,
-        model_path=api.model_path,
-        request_handler=api.request_handler_path,
+        model_path=getattr(block, "model", None),
+        request_handler=getattr(block, "request_handler", None),
         handler=handler,
         signature_key=getattr(block, "signature_key", None),
         method=getattr(block, "method", "predict"),
@@ -36,10 +43,10 @@ def worker_spec_for(api: Any) -> WorkerSpec:
         python_path=api.python_path,
         threads=max(1, math.ceil(api.compute.cpu or 1)),
         gpu=api.compute.gpu,
-        max_batch_size=api.batching.max_batch_size if api.batching else 1,
-        tracker_key=api.tracker.key if api.tracker else None,
-        tracker_type=api.tracker.model_type if api.tracker else None,
-        response_envelope=api.response_envelope,
+        max_batch_size=batching.max_batch_size if batching else 1,
+        tracker_key=tracker.key if tracker else None,
+        tracker_type=tracker.model_type if tracker else None,
+        response_envelope=getattr(api, "response_envelope", "none"),
     )
 
 
