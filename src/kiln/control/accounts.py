@@ -131,6 +131,9 @@ class Accounts:
         self.store = store
         self._clock = clock
         self._lock = threading.Lock()
+        # Reads of the store and the swap happen as one step, so the 1 s background
+        # reload can never put back a view older than a change's own reload.
+        self._reload_lock = threading.Lock()
         self.keys: dict[str, KeyRecord] = {}
         self.users: dict[str, User] = {}
         self._last_used: dict[str, float] = {}
@@ -139,10 +142,11 @@ class Accounts:
     # ---- cache ----------------------------------------------------------------------
     def reload(self) -> None:
         """Re-read users and keys from the store (every second, and after each change)."""
-        keys = {k.id: k for k in self.store.list_keys()}
-        users = {u.name: u for u in self.store.list_users()}
-        with self._lock:
-            self.keys, self.users = keys, users
+        with self._reload_lock:
+            keys = {k.id: k for k in self.store.list_keys()}
+            users = {u.name: u for u in self.store.list_users()}
+            with self._lock:
+                self.keys, self.users = keys, users
 
     def flush_last_used(self) -> None:
         with self._lock:
