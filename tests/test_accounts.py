@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -309,6 +310,15 @@ def test_free_plan_limits_apis_and_calls(platform: Daemon, tmp_path: Path) -> No
     assert int(over.headers["X-RateLimit-Reset"]) > 0
 
 
+def stored_calls(home: Path, key_id: str) -> int:
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        query = "SELECT SUM(count) FROM key_usage WHERE key_id = ?"
+        return int(db.execute(query, (key_id,)).fetchone()[0] or 0)
+    finally:
+        db.close()
+
+
 def test_counters_survive_a_sigkill(platform: Daemon) -> None:
     env = {**platform.env, "KILN_API_KEY": platform.keys["bob"]}
     key = orjson.loads(
@@ -319,7 +329,9 @@ def test_counters_survive_a_sigkill(platform: Daemon) -> None:
             httpx.post(platform.url + "/bob/sentiment", json=1, headers=hdr(key["key"])).status_code
             == 200
         )
-    time.sleep(1.5)  # one flush interval
+    # The server writes usage every second by itself; wait (reading the database, not the
+    # API, whose read would flush) until those 4 calls are on disk, then kill it.
+    platform.wait_until(lambda: stored_calls(platform.home, key["id"]) == 4, 15, "the 1 s flush")
     os.kill(platform.info["pid"], signal.SIGKILL)
     time.sleep(0.5)
     platform.start()

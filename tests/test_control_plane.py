@@ -194,12 +194,13 @@ def test_rollback_and_refresh(daemon: Daemon, tmp_path: Path) -> None:
     before = set(daemon.worker_pids())
     refreshed = daemon.kiln("refresh", "echo")
     assert refreshed.returncode == 0, refreshed.stderr
+    # `refresh` returns once the new replicas serve; the old ones drain and exit after.
     after = daemon.wait_until(
-        lambda: set(daemon.worker_pids()) if set(daemon.worker_pids()) - before else None,
+        lambda: (now := set(daemon.worker_pids())) and not now & before and now,
         30,
-        "new workers",
+        "every old worker replaced by a new one",
     )
-    assert not before & after, "refresh must replace every replica"
+    assert after and not before & after, "refresh must replace every replica"
     assert daemon.http.post(f"{daemon.url}/shop/echo", json=1).json()["version"] == "v1"
 
 
@@ -300,7 +301,7 @@ def test_an_api_scaled_to_zero_stays_at_zero_across_a_restart(
     daemon.wait_until(
         lambda: daemon.apis()["echo"]["status"] == "scaled to zero", 60, "scale to zero"
     )
-    assert daemon.worker_pids() == []
+    daemon.wait_until(lambda: daemon.worker_pids() == [], 10, "the last worker to exit")
     detail = orjson.loads(daemon.kiln("get", "echo", "-o", "json").stdout)
     assert any(e["to"] == 0 for e in detail["scaling_events"])
     daemon.stop()

@@ -70,12 +70,51 @@ def test_scales_up_under_load_then_to_zero_and_cold_starts(tmp_path: Path) -> No
         )
         assert describe(server)["replicas"]["requested"] == 0
         assert "idle_timeout" in describe(server)["scaling_events"][-1]["reason"]
-        assert not server.worker_pids(), "no worker process runs at zero"
+        # The status flips when the replicas leave the pool; their processes exit just after.
+        assert wait_for(lambda: not server.worker_pids(), 10), "no worker process runs at zero"
 
         started = time.monotonic()
         cold = server.client.post("/elastic", json=0)
         assert cold.status_code == 200 and isinstance(cold.json(), int)
         assert time.monotonic() - started < 30
         assert describe(server)["replicas"]["ready"] == 1
+    finally:
+        server.stop()
+
+
+SLOW_LOAD = """
+import time
+
+time.sleep(2.5)  # a model that loads for longer than the API's idle_timeout
+
+
+def predict(payload, context):
+    return payload
+"""
+
+
+def test_a_load_longer_than_idle_timeout_is_not_counted_as_idle(tmp_path: Path) -> None:
+    write(tmp_path / "slow.py", SLOW_LOAD)
+    write(
+        tmp_path / "kiln.yaml",
+        """
+- kind: api
+  name: sleepy
+  python: {handler: slow.py}
+  compute: {min_replicas: 0, init_replicas: 0, max_replicas: 1}
+  autoscaling: {idle_timeout: 1s, downscale_stabilization_period: 0s, cold_start_timeout: 60s}
+""",
+    )
+    server = KilnServer(tmp_path, tmp_path / "home")
+    try:
+        assert describe(server)["status"] == "scaled to zero"
+        cold = server.client.post("/sleepy", json="wake", timeout=60)
+        answered_at = time.time()
+        assert cold.status_code == 200 and cold.json() == "wake"
+        assert wait_for(lambda: describe(server)["status"] == "scaled to zero", 30)
+        to_zero = [e for e in describe(server)["scaling_events"] if e["to"] == 0]
+        # Idle time counts from the answer, not from the request's arrival before the load:
+        # otherwise the first autoscaler tick after the answer would scale straight to zero.
+        assert to_zero and to_zero[-1]["time"] - answered_at >= 0.9, (to_zero, answered_at)
     finally:
         server.stop()

@@ -160,6 +160,7 @@ class JobRun:
         while True:
             job = await asyncio.to_thread(self.store.get_job, self.job.id)
             if job is None or not job.active:
+                self.log.flush()  # the job's last lines are readable as soon as it ends
                 return
             if job.timeout is not None and time.time() > job.created_at + job.timeout:
                 await asyncio.to_thread(

@@ -62,6 +62,7 @@ class JobManager:
         self.apis: dict[str, BatchApiEntry] = {}
         self.endpoints: dict[str, str] = {}
         self.runs: dict[str, JobRun] = {}
+        self._resuming: set[str] = set()  # jobs a `_resume` is between its check and start
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- batch APIs ---------------------------------------------------------------
@@ -241,18 +242,28 @@ class JobManager:
         if entry is None:
             return
         for job in await asyncio.to_thread(self.store.active_jobs, name):
-            if job.id in self.runs:
+            # Two redeploys, or a submit whose row is committed but not yet started, may
+            # race here: a job is claimed before the await and started at most once.
+            if job.id in self.runs or job.id in self._resuming:
                 continue
-            released = await asyncio.to_thread(self.store.release_leases, job.id)
-            self._event(
-                name,
-                job.id,
-                f"resuming job {job.id} ({st.display(job.status)}; "
-                f"{released} batch(es) in flight redelivered)",
-            )
-            self._start(entry, job)
+            self._resuming.add(job.id)
+            try:
+                released = await asyncio.to_thread(self.store.release_leases, job.id)
+                if job.id in self.runs:
+                    continue
+                self._event(
+                    name,
+                    job.id,
+                    f"resuming job {job.id} ({st.display(job.status)}; "
+                    f"{released} batch(es) in flight redelivered)",
+                )
+                self._start(entry, job)
+            finally:
+                self._resuming.discard(job.id)
 
     def _start(self, entry: BatchApiEntry, job: JobRow) -> None:
+        if job.id in self.runs:  # already running: a job has one run at a time
+            return
         log = JobLog(self.log_folder, job.api, job.id)
         run = JobRun(
             self.store,

@@ -274,7 +274,9 @@ class Compute(_Block):
     @model_validator(mode="after")
     def _replica_order(self) -> Compute:
         if self.init_replicas is None:
-            self.init_replicas = self.min_replicas
+            # An API that may scale to zero still starts warm unless told otherwise
+            # (`init_replicas: 0`), like Knative's initial scale of 1.
+            self.init_replicas = max(self.min_replicas, 1)
         if self.min_replicas > self.max_replicas:
             raise FieldProblem(
                 f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})",

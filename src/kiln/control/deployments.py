@@ -361,7 +361,7 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
             "current_revision": short_revision(dep.current_revision or ""),
             "updated_at": dep.updated_at,
             "rollout": rollout.to_json() if rollout else None,
-            "apis": sorted(a for a, d in self.owner.items() if d == deployment),
+            "apis": sorted(a for a, d in list(self.owner.items()) if d == deployment),
             "revisions": [
                 {
                     "revision": short_revision(r.content_hash),

@@ -90,6 +90,12 @@ class JobRoutes:
         p = request.path_params
         return JSONResponse(await self.jobs.failed(p["name"], p["job_id"]))
 
+    def _flush_job_log(self, job_id: str) -> None:
+        # A running job buffers its log (flushed each watch tick): read what it has so far.
+        run = self.jobs.runs.get(job_id)
+        if run is not None:
+            run.log.flush()
+
     async def logs(self, request: Request) -> Response:
         name, job_id = request.path_params["name"], request.path_params["job_id"]
         if not await self.jobs.job_exists(name, job_id):
@@ -105,6 +111,7 @@ class JobRoutes:
                 tail,
                 _flag(request, "follow"),
                 request,
+                flush=lambda: self._flush_job_log(job_id),
                 ended=lambda: job_id not in self.jobs.runs,
             ),
             media_type="application/x-ndjson",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import math
 import threading
 import time
@@ -34,6 +35,8 @@ import yaml
 
 from kiln.control.accounts import Principal
 from kiln.errors import TooManyRequests
+
+log = logging.getLogger("kiln.quotas")
 
 
 @dataclass(frozen=True)
@@ -213,8 +216,15 @@ class QuotaGate:
                     self._pending[k] += n
 
     async def run(self) -> None:
+        """Every second: write usage and last-used times, and pick up key changes.
+
+        A store error (a locked SQLite, a PostgreSQL restart) skips one tick; it must
+        not end the loop, or keys disabled later would keep working.
+        """
         while True:
             await asyncio.sleep(1.0)
-            await asyncio.to_thread(self.flush)
-            await asyncio.to_thread(self.accounts.flush_last_used)
-            await asyncio.to_thread(self.accounts.reload)
+            for step in (self.flush, self.accounts.flush_last_used, self.accounts.reload):
+                try:
+                    await asyncio.to_thread(step)
+                except Exception as exc:  # noqa: BLE001 - retried next tick
+                    log.warning("accounts: %s failed, retrying in 1 s: %s", step.__name__, exc)

@@ -136,7 +136,7 @@ def _visible_batch_apis(server: Any) -> list[str]:
 def _batch_entry(server: Any, name: str) -> dict[str, Any]:
     """A Batch API in `kiln get`: it has no replicas of its own (workers run per job)."""
     entry = server.jobs.apis[name]
-    running = [r for r in server.jobs.runs.values() if r.job.api == name]
+    running = [r for r in list(server.jobs.runs.values()) if r.job.api == name]
     base = server.running.url if server.running else ""
     return {
         "name": name,
@@ -184,7 +184,7 @@ def api_detail(server: Any, name: str, window_s: float) -> dict[str, Any]:
             if slot.error:
                 errors.append({"time": None, "error": f"replica {slot.index}: {slot.error}"})
     detail["recent_errors"] = errors[-10:]
-    events = [dict(e) for e in default.scaling_events]
+    events = [dict(e) for e in list(default.scaling_events)]
     if not events and manager.owner.get(name):
         stored = manager.store.scaling_events(name, limit=20)
         events = [

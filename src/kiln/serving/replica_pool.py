@@ -97,7 +97,8 @@ class ReplicaPool:
     async def start(self, replicas: int | None = None) -> None:
         """Start `init_replicas` (or `replicas`) workers; wait until each is ready or failed."""
         if replicas is None:
-            replicas = max(1, self.api.compute.init_replicas or self.api.compute.min_replicas or 1)
+            compute = self.api.compute
+            replicas = compute.init_replicas if compute.init_replicas is not None else 1
         count = replicas if self.api.compute.min_replicas == 0 else max(1, replicas)
         self.scaled_to_zero = count == 0
         self.slots = self._new_slots(0, count)

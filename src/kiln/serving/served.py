@@ -139,7 +139,10 @@ class ServedApi(ReplicaPool):
         if state == "scaled to zero":
             await self.cold_start()
             state = self.state
-            deadline = time.monotonic() + serving.response_timeout_s
+            # Idle time starts after the load: a load longer than idle_timeout must not
+            # send the API straight back to zero before this request is even queued.
+            self.last_request_at = now = time.monotonic()
+            deadline = now + serving.response_timeout_s
         if state == "failed":
             raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
         if state == "compute unavailable":
@@ -165,7 +168,8 @@ class ServedApi(ReplicaPool):
                 await self.wait_ready(serving.startup_timeout_s)
             finally:
                 self._waiting_for_load -= 1
-            deadline = time.monotonic() + serving.response_timeout_s
+            self.last_request_at = now = time.monotonic()
+            deadline = now + serving.response_timeout_s
         # While a worker restarts, requests wait in the bounded queue like any other.
         pending = Pending(request, deadline)
         try:
@@ -183,6 +187,7 @@ class ServedApi(ReplicaPool):
             return await pending.future
         finally:
             timer.cancel()
+            self.last_request_at = time.monotonic()  # idle counts from the last answer
 
     def _expire(self, pending: Pending) -> None:
         if not pending.future.done():
