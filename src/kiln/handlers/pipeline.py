@@ -115,8 +115,9 @@ class TensorPipeline(Pipeline):
             key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in tensors.items())
             groups.setdefault(key, []).append((index, tensors, unbatched))
         for members in groups.values():
+            unbatched_of = {m[0]: m[2] for m in members}
             for index, outputs in self._run_group(members):
-                _, _, unbatched = next(m for m in members if m[0] == index)
+                unbatched = unbatched_of[index]
                 if isinstance(outputs, BaseException):
                     results[index] = outputs
                     continue
