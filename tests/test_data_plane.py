@@ -56,6 +56,16 @@ class WrongLength:
         return payload
 
 
+class Ahead:
+    def predict_batch(self, payloads, contexts):
+        if "slow" in payloads:
+            time.sleep(1.5)
+        return [{"echo": p, "batch": len(payloads)} for p in payloads]
+
+    def predict(self, payload, context):
+        return self.predict_batch([payload], [context])[0]
+
+
 class Slow:
     def predict(self, payload, context):
         if isinstance(payload, dict) and "alloc_mb" in payload:
@@ -92,6 +102,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
   name: wrong-length
   python: {handler: h.py:WrongLength}
   batching: {max_batch_size: 8, max_batch_delay_ms: 200}
+- kind: api
+  name: ahead
+  python: {handler: h.py:Ahead}
+  batching: {max_batch_size: 2, max_batch_delay_ms: 50}
 - kind: api
   name: tensors
   onnx: {model: lin.onnx}
@@ -193,6 +207,28 @@ def test_predict_batch_wrong_length_or_raising_fails_that_batch_only(server: Kil
     assert raised.status_code == 500 and "the whole batch failed" in raised.text
     assert partner.status_code == 500
     assert server.client.post("/wrong-length", json="after").json() == "after"
+
+
+def test_a_full_batch_goes_ahead_to_a_busy_replica_a_partial_one_waits(
+    server: KilnServer,
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        with ThreadPoolExecutor(4) as pool:
+            slow = pool.submit(client.post, "/ahead", json="slow")
+            time.sleep(0.3)  # the only replica is busy with "slow" for 1.5 s
+            full = [pool.submit(client.post, "/ahead", json=f"full-{i}") for i in range(2)]
+            time.sleep(0.3)
+            partial = pool.submit(client.post, "/ahead", json="partial")
+            time.sleep(0.3)
+            # The two that make a full batch were sent to the worker already (they queue
+            # there, behind "slow"); the lone third one waits here, where it can still grow.
+            queued = describe(server, "ahead")["queue"]["length"]
+            answers = [f.result().json() for f in (slow, *full, partial)]
+    assert queued == 1
+    assert answers[0] == {"echo": "slow", "batch": 1}
+    assert sorted(a["echo"] for a in answers[1:3]) == ["full-0", "full-1"]
+    assert [a["batch"] for a in answers[1:3]] == [2, 2]
+    assert answers[3] == {"echo": "partial", "batch": 1}
 
 
 def test_two_replicas_share_load_and_a_killed_one_fails_only_what_it_held(

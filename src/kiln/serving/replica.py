@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -58,6 +59,7 @@ class Replica:
         self.exit_reason: str | None = None
         self.doomed = False  # killed on purpose; no new work goes here
         self.in_flight = 0  # requests sent and not answered yet
+        self.batch_sent_at = 0.0  # when the oldest batch in flight was sent
 
     @property
     def batches_in_flight(self) -> int:
@@ -128,6 +130,8 @@ class Replica:
                     stream.put_nowait((header, bytes(buffers[0]) if buffers else b""))
                     continue
                 future = self._pending.pop(header["id"], None)
+                if self._pending:  # the worker starts on the next batch now
+                    self.batch_sent_at = time.monotonic()
                 if future is not None and not future.done():
                     future.set_result(decode_outcomes(header, buffers))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -177,6 +181,8 @@ class Replica:
             raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
         batch_id = next(self._ids)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            self.batch_sent_at = time.monotonic()
         self._pending[batch_id] = future
         items, buffers = self._encode(requests)
         self.in_flight += len(requests)
@@ -242,9 +248,25 @@ class Replica:
                 self._writer.writelines(encode_frame({"op": "cancel", "id": stream_id}))
 
     def _overrun(self, batch_id: int, size: int) -> None:
-        """A batch outlived every deadline in it: answer 504 and replace the wedged worker."""
-        future = self._pending.pop(batch_id, None)
-        if future is None or future.done():
+        """A batch outlived every deadline in it: answer 504 and replace the wedged worker.
+
+        A batch that was sent ahead and still waits behind an earlier one has not
+        started: it gets its 504, but the worker, busy within its deadlines, is kept
+        (its late answer to this batch is dropped).
+        """
+        if batch_id not in self._pending:
+            return
+        waiting = batch_id != min(self._pending)
+        future = self._pending.pop(batch_id)
+        if future.done():
+            return
+        if waiting:
+            future.set_exception(
+                Timeout(
+                    f"API '{self.spec.api}' did not answer within its deadline "
+                    f"(response_timeout_s); the request waited behind an earlier batch"
+                )
+            )
             return
         self.exit_reason = "overran its response timeout"
         self._log_line(
