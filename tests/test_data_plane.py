@@ -59,7 +59,7 @@ class WrongLength:
 class Ahead:
     def predict_batch(self, payloads, contexts):
         if "slow" in payloads:
-            time.sleep(1.5)
+            time.sleep(3)
         return [{"echo": p, "batch": len(payloads)} for p in payloads]
 
     def predict(self, payload, context):
@@ -212,14 +212,21 @@ def test_predict_batch_wrong_length_or_raising_fails_that_batch_only(server: Kil
 def test_a_full_batch_goes_ahead_to_a_busy_replica_a_partial_one_waits(
     server: KilnServer,
 ) -> None:
+    def admitted(n: int) -> None:  # wait until the server has taken n requests in all
+        deadline = time.monotonic() + 10
+        while describe(server, "ahead")["stats"]["requests"] < n:
+            assert time.monotonic() < deadline, "the server did not take the request"
+            time.sleep(0.02)
+
+    start = describe(server, "ahead")["stats"]["requests"]
     with httpx.Client(base_url=server.url, timeout=30) as client:
         with ThreadPoolExecutor(4) as pool:
-            slow = pool.submit(client.post, "/ahead", json="slow")
-            time.sleep(0.3)  # the only replica is busy with "slow" for 1.5 s
+            slow = pool.submit(client.post, "/ahead", json="slow")  # busy for 3 s
+            admitted(start + 1)
             full = [pool.submit(client.post, "/ahead", json=f"full-{i}") for i in range(2)]
-            time.sleep(0.3)
+            admitted(start + 3)
             partial = pool.submit(client.post, "/ahead", json="partial")
-            time.sleep(0.3)
+            admitted(start + 4)
             # The two that make a full batch were sent to the worker already (they queue
             # there, behind "slow"); the lone third one waits here, where it can still grow.
             queued = describe(server, "ahead")["queue"]["length"]
