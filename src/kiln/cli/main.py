@@ -120,6 +120,14 @@ def serve(
             help="Serve on a non-loopback --host without API keys (e.g. inside a container).",
         ),
     ] = False,
+    sandbox: Annotated[
+        bool,
+        typer.Option(
+            "--sandbox",
+            help="Run workers in the sandbox `kiln server` uses (own filesystem view, no "
+            "network, a clean environment, kernel limits).",
+        ),
+    ] = False,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
@@ -144,6 +152,7 @@ def serve(
             metrics_port,
             model_store,
             auth,
+            sandbox,
         )
     )
 

@@ -34,6 +34,7 @@ def run_serve(
     metrics_port: int | None = 8082,
     model_store: Path | None = None,
     auth: bool = False,
+    sandbox: bool = False,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
     temporary = home is None
@@ -49,6 +50,7 @@ def run_serve(
         home=state_home,
         pointer_files=pointers,
         auth=auth,
+        sandbox=sandbox,
     )
     server = InferenceServer(project, options)
 

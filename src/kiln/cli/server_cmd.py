@@ -233,7 +233,14 @@ MetricsOption = Annotated[int, typer.Option(help="Metrics port; 0 picks a free o
 
 
 def _options(
-    home: Path, host: str, port: int, management_port: int, metrics_port: int, auth: bool
+    home: Path,
+    host: str,
+    port: int,
+    management_port: int,
+    metrics_port: int,
+    auth: bool,
+    unsafe_no_sandbox: bool = False,
+    pass_env: list[str] | None = None,
 ) -> Any:
     from kiln.control.server import ServerOptions, is_loopback
 
@@ -254,6 +261,8 @@ def _options(
         mode="server",
         quiet_logs=True,
         auth=auth,
+        sandbox=not unsafe_no_sandbox,
+        pass_env=list(pass_env or []),
     )
 
 
@@ -267,6 +276,24 @@ AuthOption = Annotated[
 ]
 
 
+UnsafeOption = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-no-sandbox",
+        help="Run users' code without the sandbox (only when every user is trusted: their "
+        "handlers could then read the admin key, the state database and other users' files).",
+    ),
+]
+PassEnvOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--pass-env",
+        help="Server environment variables the admin's kiln.yaml may read as ${VAR}, as a "
+        "glob (repeatable): --pass-env 'AWS_*'. Users' deployments never see them.",
+    ),
+]
+
+
 @server_app.command("run")
 def run_cmd(
     home: HomeOption = None,
@@ -275,10 +302,14 @@ def run_cmd(
     management_port: MgmtOption = 8081,
     metrics_port: MetricsOption = 8082,
     auth: AuthOption = True,
+    unsafe_no_sandbox: UnsafeOption = False,
+    pass_env: PassEnvOption = None,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
-    options = _options(state, host, port, management_port, metrics_port, auth)
+    options = _options(
+        state, host, port, management_port, metrics_port, auth, unsafe_no_sandbox, pass_env
+    )
     raise typer.Exit(run_foreground(options))
 
 
@@ -290,14 +321,21 @@ def start_cmd(
     management_port: MgmtOption = 8081,
     metrics_port: MetricsOption = 8082,
     auth: AuthOption = True,
+    unsafe_no_sandbox: UnsafeOption = False,
+    pass_env: PassEnvOption = None,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)
-    _options(state, host, port, management_port, metrics_port, auth)  # refuse bad options early
+    # Refuse bad options early, before the background process starts.
+    _options(state, host, port, management_port, metrics_port, auth, unsafe_no_sandbox, pass_env)
     args = [
         "--host", host, "--port", str(port), "--management-port", str(management_port),
         "--metrics-port", str(metrics_port), "--auth" if auth else "--no-auth",
     ]  # fmt: skip
+    if unsafe_no_sandbox:
+        args.append("--unsafe-no-sandbox")
+    for pattern in pass_env or []:
+        args += ["--pass-env", pattern]
     raise typer.Exit(start(state, args))
 
 

@@ -43,7 +43,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
             f"--port, or --port 0 for a free one"
         ) from None
     sock.listen(2048)
-    sock.set_inheritable(True)
+    sock.set_inheritable(False)  # workers get their IPC socket and nothing else
     return sock
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from kiln.control.ownership import user_of
 from kiln.control.packaging import content_hash, project_files, read_dotenv, short_revision
 from kiln.serving.router import ServedApi
 
@@ -79,7 +80,8 @@ class RolloutMixin:
         return out
 
     def _served(self, api: Any, project: Any, revision: str | None, env: dict[str, str]) -> Any:
-        served = self.server.served_api(api, project.root)
+        # A user's API is `<user>.<name>` (ownership.py): its workers run as that tenant.
+        served = self.server.served_api(api, project.root, tenant=user_of(api.name) or "")
         served.revision = revision
         served.extra_env = env
         return served

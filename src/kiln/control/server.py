@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports the
 )
 from kiln.control.logs import LogSink
 from kiln.protocols.app import InferenceApp
+from kiln.sandbox import SandboxUnavailable
+from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving.router import Registry, ServedApi
 
 SHUTDOWN_GRACE_S = 30.0
@@ -86,6 +89,11 @@ class ServerOptions:
     quiet_logs: bool = False
     mode: str = "serve"  # "serve": `kiln serve DIR`; "server": the durable `kiln server run`
     auth: bool = False  # API keys on every route but health (on by default for `kiln server`)
+    # Workers in the sandbox (docs/architecture.md, "Where user code runs"): None means the
+    # mode's default, on for `kiln server` and off for `kiln serve`.
+    sandbox: bool | None = None
+    # Server variables the admin's ${VAR} may read (glob patterns, --pass-env).
+    pass_env: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +141,45 @@ class InferenceServer:
         self.metrics = Metrics(self.registry)
         self._autoscalers: dict[int, asyncio.Task[None]] = {}
         self._stop_requested = asyncio.Event()
+        self.pass_env = list(options.pass_env)
+        self.sandbox_message = "off"
+        self.sandbox = SandboxPolicy(enabled=False, inherit_env=options.mode == "serve")
+
+    def _announce_sandbox(self) -> None:
+        if self.sandbox.enabled:
+            message = self.sandbox.caps.describe()
+        elif self.options.mode == "server":
+            message = (
+                "sandbox: OFF (--unsafe-no-sandbox). Users' handlers run as this server's "
+                "user with its files in reach: any user can read the admin key and the state "
+                "database. Use it only when every user is trusted."
+            )
+        else:
+            message = "sandbox: off (kiln serve runs your own code; --sandbox turns it on)"
+        self.sandbox_message = message
+        if self.sandbox.enabled or self.options.mode == "server":
+            print(message, file=sys.stderr, flush=True)
+
+    def _sandbox_policy(self) -> SandboxPolicy:
+        """On for `kiln server` unless --unsafe-no-sandbox; off for `kiln serve` unless --sandbox.
+
+        Asked for and unavailable, the server does not start: a multi-user server
+        whose users' code can read its keys must be an explicit choice.
+        """
+        options = self.options
+        enabled = options.sandbox if options.sandbox is not None else options.mode == "server"
+        try:
+            return SandboxPolicy(
+                enabled=enabled,
+                home=options.home,
+                inherit_env=options.mode == "serve" and not enabled,
+            )
+        except SandboxUnavailable as exc:
+            flag = "--unsafe-no-sandbox" if options.mode == "server" else "no --sandbox"
+            raise ServerError(
+                f"{exc}. Install it, or start with {flag} to run users' code unsandboxed "
+                f"(any user's handler can then read this server's keys and files)"
+            ) from None
 
     def _open_state(self) -> None:
         """Take the home's lock, open the state store and the deployment manager."""
@@ -181,10 +228,15 @@ class InferenceServer:
         self.admin_key_file = key_file
         self.metrics.key_totals = self.quotas.key_totals
 
-    def served_api(self, api: Any, root: Path) -> ServedApi:
+    def served_api(self, api: Any, root: Path, tenant: str = "") -> ServedApi:
         """A ServedApi wired to this server's logs and metrics (also used by registration)."""
         return ServedApi(
-            api, cwd=str(root), log_line=self._log_line(api.name), observer=self.metrics
+            api,
+            cwd=str(root),
+            log_line=self._log_line(api.name),
+            observer=self.metrics,
+            sandbox=self.sandbox,
+            tenant=tenant,
         )
 
     def _log_line(self, api: str) -> Callable[[str], None]:
@@ -210,6 +262,8 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
+        self.sandbox = await asyncio.to_thread(self._sandbox_policy)
+        self._announce_sandbox()
         sock = bind_socket(self.options.host, self.options.port)
         host, port = sock.getsockname()[:2]
         management_sock = None
@@ -388,6 +442,7 @@ class InferenceServer:
             "home": str(self.options.home),
             "mode": self.options.mode,
             "auth": self.options.auth,
+            "sandbox": self.sandbox_message,
             "admin_key_file": str(self.admin_key_file) if self.admin_key_file else None,
             "version": kiln_version(),
             "started": time.time(),

@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+from kiln.sandbox.policy import base_env
 from kiln.serving.types import WorkerSpec
 from kiln.storage.cache import cache_dir
 from kiln.storage.uri import is_remote
@@ -72,9 +73,15 @@ def cores_for(cpu: float) -> list[int] | None:
     return [workers[(start + i) % len(workers)] for i in range(want)]
 
 
-def worker_env(spec: WorkerSpec) -> dict[str, str]:
-    """The worker's environment: PYTHONPATH, MODEL_DIR (before user code imports), threads."""
-    env = dict(os.environ)
+def worker_env(spec: WorkerSpec, inherit: bool = False) -> dict[str, str]:
+    """The worker's environment: PYTHONPATH, MODEL_DIR (before user code imports), threads.
+
+    It starts from a minimal base (`sandbox.policy.base_env`), never the server's
+    own environment, which holds its secrets; only `kiln serve` without
+    --sandbox (`inherit`) passes the developer's shell environment on. The
+    deployment's own variables (`.env`, `env:`) are added by the caller.
+    """
+    env = dict(os.environ) if inherit else base_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (spec.python_path, env.get("PYTHONPATH")) if p)
     if spec.model_path and not is_remote(spec.model_path):  # remote: the worker sets it
         path = spec.model_path

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import signal
 import socket
 import sys
 import time
@@ -19,9 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
+from kiln.sandbox.spec import LaunchSpec
 from kiln.serving.ipc import encode_frame, read_frame
+from kiln.serving.process import WorkerProcess, describe_exit
 from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
 from kiln.serving.wire import decode_outcomes, encode_request
+
+LaunchFactory = Callable[[list[str], tuple[int, ...]], LaunchSpec]
+"""(argv, descriptors to pass) -> how to start the worker (sandbox, env, limits)."""
 
 
 class LoadFailed(Exception):
@@ -35,20 +38,18 @@ class Replica:
         self,
         spec: WorkerSpec,
         *,
-        cwd: str,
-        env: dict[str, str],
+        launch: LaunchFactory,
         log_line: Callable[[str], None],
         on_exit: Callable[[Replica], Awaitable[None]] | None = None,
     ) -> None:
         self.spec = spec
-        self._cwd = cwd
-        self._env = env
+        self._launch = launch
         self._log_line = log_line
         self._on_exit = on_exit
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[list[Any]]] = {}
         self._streams: dict[int, asyncio.Queue[tuple[dict[str, Any], bytes]]] = {}
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: WorkerProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.signature: dict[str, Any] = {}
@@ -57,6 +58,7 @@ class Replica:
         self.stopping = False
         self.exited = asyncio.Event()
         self.exit_reason: str | None = None
+        self.oom = False  # the kernel killed it at its memory limit
         self.doomed = False  # killed on purpose; no new work goes here
         self.in_flight = 0  # requests sent and not answered yet
         self.batch_sent_at = 0.0  # when the oldest batch in flight was sent
@@ -69,22 +71,15 @@ class Replica:
         """Spawn the worker and wait until it has loaded the model (or failed to)."""
         parent, child = socket.socketpair()
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kiln.serving.worker",
-                str(child.fileno()),
-                pass_fds=(child.fileno(),),
-                cwd=self._cwd,
-                env=self._env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+            argv = [sys.executable, "-m", "kiln.serving.worker", str(child.fileno())]
+            self._process = WorkerProcess(self._launch(argv, (child.fileno(),)), self._log_line)
+            await self._process.spawn()
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         self.pid = self._process.pid
-        self._tasks.append(asyncio.create_task(self._pump_output()))
         reader, self._writer = await asyncio.open_connection(sock=parent)
         self._writer.writelines(encode_frame({"op": "init", "spec": self.spec.to_wire()}))
         try:
@@ -112,14 +107,9 @@ class Replica:
         self._tasks.append(asyncio.create_task(self._read_replies(reader)))
         self._log_line(f"worker {self.pid} ready: model loaded in load_s={header.get('load_s')} s")
 
-    async def _pump_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        while line := await self._process.stdout.readline():
-            self._log_line(line.decode("utf-8", "replace").rstrip("\n"))
-
     async def _drain_output(self) -> None:
-        if self._tasks:
-            await asyncio.wait(self._tasks[:1], timeout=1)
+        if self._process is not None:
+            await self._process.drain_output()
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -152,7 +142,11 @@ class Replica:
     async def _handle_exit(self) -> None:
         self._close_channel()
         code = await self._process.wait() if self._process else None
-        self.exit_reason = self.exit_reason or _describe_exit(code)
+        if self._process is not None and self._process.oom_killed():
+            self.exit_reason = self.exit_reason or "ran out of memory (compute.mem)"
+            self.oom = True
+        sandboxed = self._process is not None and self._process.spec.sandboxed
+        self.exit_reason = self.exit_reason or describe_exit(code, sandboxed)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(
@@ -275,11 +269,8 @@ class Replica:
         )
         # Kill now, before the 504 is delivered, so no new request is routed to this worker.
         self.doomed = True
-        if self._process is not None and self._process.returncode is None:
-            try:
-                os.kill(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self._process is not None:
+            self._process.kill()
         future.set_exception(
             Timeout(
                 f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
@@ -305,32 +296,14 @@ class Replica:
                 task.cancel()
 
     def rss_bytes(self) -> int | None:
-        """Resident memory of the worker (Linux), for the `compute.mem` watchdog."""
-        if self.pid is None:
-            return None
-        try:
-            with open(f"/proc/{self.pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
+        """Memory of the worker (its cgroup's charge, else its process tree's RSS).
+
+        For the `compute.mem` watchdog, a second line behind the kernel's limit."""
+        return self._process.memory_bytes() if self._process else None
 
     async def kill(self, reason: str | None = None) -> None:
         if reason:
             self.exit_reason = reason
         if self._process is not None and self._process.returncode is None:
-            try:
-                os.kill(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._process.kill()
             await self._process.wait()
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"

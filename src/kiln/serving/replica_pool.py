@@ -14,14 +14,18 @@ The mixin reads and sets attributes that `ServedApi.__init__` creates: `api`,
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 from kiln.errors import Unavailable
+from kiln.sandbox import LaunchSpec, Limits
+from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving.gpus import allocator as gpu_allocator
 from kiln.serving.placement import cores_for, machine_replica_cap, worker_env
 from kiln.serving.supervisor import ReplicaSlot
 from kiln.serving.types import WorkerSpec
+from kiln.storage.uri import is_remote
 
 
 class ReplicaPool:
@@ -31,8 +35,43 @@ class ReplicaPool:
     slots: list[ReplicaSlot]
     tracker_warning: str | None = None
 
+    sandbox: SandboxPolicy
+    tenant: str = ""  # the user whose deployment this is ("" for the admin and `kiln serve`)
+    network: str = "none"
+
     def _env(self) -> dict[str, str]:
-        return {**worker_env(self.worker_spec), **self.extra_env}
+        return {**worker_env(self.worker_spec, self.sandbox.inherit_env), **self.extra_env}
+
+    def _readable(self) -> list[str]:
+        """What a sandboxed worker may read besides Python and its revision folder."""
+        spec = self.worker_spec
+        paths = list(getattr(spec, "site_dirs", None) or [])
+        for path in (spec.model_path, spec.python_path):
+            if path and not is_remote(path):
+                full = os.path.join(self._cwd, path)
+                paths.append(full if os.path.isdir(full) else os.path.dirname(full))
+        return paths
+
+    def _launch_factory(self, index: int, env: dict[str, str], devices: list[str]) -> Any:
+        compute = self.api.compute
+        limits = Limits(mem_bytes=compute.mem, cpu=compute.cpu)
+        name = f"{self.name}-{index}".replace("/", "_")
+
+        def launch(argv: list[str], pass_fds: tuple[int, ...]) -> LaunchSpec:
+            return self.sandbox.launch(
+                argv,
+                env,
+                cwd=self._cwd,
+                pass_fds=pass_fds,
+                tenant=self.tenant,
+                read_only=self._readable(),
+                devices=[f"/dev/nvidia{d}" for d in devices if d.isdigit()],
+                network=self.network,
+                limits=limits,
+                name=name,
+            )
+
+        return launch
 
     def _new_slots(self, first: int, count: int) -> list[ReplicaSlot]:
         """Up to `count` new slots; fewer when the GPUs they need are not there.
@@ -64,8 +103,7 @@ class ReplicaPool:
         slot = ReplicaSlot(
             index,
             spec,
-            cwd=self._cwd,
-            env=env,
+            launch=self._launch_factory(index, env, devices),
             startup_timeout=self.api.serving.startup_timeout_s,
             mem_limit=self.api.compute.mem,
             log_line=self._replica_log(index),

@@ -18,6 +18,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from kiln.errors import KilnError, Timeout, Unavailable
+from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving.batcher import Pending, RequestQueue
 from kiln.serving.placement import worker_spec_for
 from kiln.serving.replica_pool import ReplicaPool
@@ -41,8 +42,14 @@ class ServedApi(ReplicaPool):
         observer: Any = None,
         extra_env: dict[str, str] | None = None,
         revision: str | None = None,
+        sandbox: SandboxPolicy | None = None,
+        tenant: str = "",
     ) -> None:
         self.api = api
+        # Without a server's policy (tests, embedding): today's unsandboxed workers.
+        self.sandbox = sandbox or SandboxPolicy(enabled=False, inherit_env=True)
+        self.tenant = tenant
+        self.network = getattr(api, "network", None) or "none"
         self.revision = revision  # the deploy revision this came from (None: `kiln serve DIR`)
         self.extra_env = dict(extra_env or {})
         # Set when a rolling update replaced this one: requests that found it just before

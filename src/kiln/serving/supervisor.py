@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kiln.serving.replica import LoadFailed, Replica
+from kiln.serving.replica import LaunchFactory, LoadFailed, Replica
 from kiln.serving.types import WorkerSpec
 
 MAX_BACKOFF_S = 30.0
@@ -29,8 +29,7 @@ class ReplicaSlot:
         index: int,
         spec: WorkerSpec,
         *,
-        cwd: str,
-        env: dict[str, str],
+        launch: LaunchFactory,
         startup_timeout: float,
         mem_limit: int | None,
         log_line: Callable[[str], None],
@@ -38,8 +37,7 @@ class ReplicaSlot:
     ) -> None:
         self.index = index
         self.spec = spec
-        self._cwd = cwd
-        self._env = env
+        self._launch = launch
         self._startup_timeout = startup_timeout
         self._mem_limit = mem_limit
         self._log_line = log_line
@@ -67,8 +65,7 @@ class ReplicaSlot:
         self.state = "loading" if self.restarts == 0 else "restarting"
         replica = Replica(
             self.spec,
-            cwd=self._cwd,
-            env=self._env,
+            launch=self._launch,
             log_line=self._log_line,
             on_exit=self._on_worker_exit,
         )
@@ -98,6 +95,8 @@ class ReplicaSlot:
         if self._stopping or replica is not self.replica:
             return
         self.replica = None
+        if replica.oom:
+            self.oom_kills += 1
         self.state = "restarting"
         self.error = f"worker {replica.exit_reason}"
         self._log_line(f"replica {self.index}: worker {replica.exit_reason}; restarting it")

@@ -1,0 +1,47 @@
+"""The launch spec: everything about how a worker process starts, as plain data.
+
+One spec for realtime and batch workers (and, later, a Ray replica's Kiln
+worker), so the boundary between the platform and user code is decided in one
+place and applied in one place (`serving/process.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MAX_PIDS = 256  # tasks (processes and threads) per worker: stops a fork bomb
+DEFAULT_TMP_BYTES = 1 << 30  # the worker's /tmp (scratch, HOME) when sandboxed
+
+
+@dataclass
+class Limits:
+    """Kernel-enforced bounds for one worker (None: no bound)."""
+
+    mem_bytes: int | None = None  # compute.mem
+    max_pids: int | None = DEFAULT_MAX_PIDS
+    cpu: float | None = None  # compute.cpu -> CPU weight
+    tmp_bytes: int = DEFAULT_TMP_BYTES
+
+
+@dataclass
+class LaunchSpec:
+    """How to start one worker.
+
+    `argv` runs inside the sandbox at the same paths as outside: every bound
+    folder keeps its path, so specs and messages need no translation.
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    pass_fds: tuple[int, ...] = ()
+    sandboxed: bool = False
+    tenant: str = ""  # "" for the admin's deployments and `kiln serve`
+    uid: int | None = None  # run as this uid (the server must be root)
+    gid: int | None = None
+    read_only: list[str] = field(default_factory=list)  # files and folders visible, read-only
+    writable: list[str] = field(default_factory=list)  # e.g. a batch job's output folder
+    devices: list[str] = field(default_factory=list)  # /dev/nvidia0 ...
+    network: str = "none"  # "none": loopback only; "egress": the host's network
+    limits: Limits = field(default_factory=Limits)
+    name: str = "worker"  # for the cgroup and messages: <api>-<replica>

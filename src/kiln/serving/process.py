@@ -1,0 +1,149 @@
+"""One worker process, started from a LaunchSpec: spawn, output, memory, exit.
+
+Shared by realtime replicas (replica.py) and batch workers (batch/job.py), so
+both close every descriptor but their channel, both run in the sandbox the
+spec asks for, and both read worker output the same way: in chunks, with
+lines capped, so a handler printing a 300 KB line cannot stop the log or wedge
+the worker (asyncio's readline gives up past 64 KiB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+
+from kiln.sandbox.launch import Prepared, prepare
+from kiln.sandbox.spec import LaunchSpec
+
+MAX_LINE_BYTES = 16 * 1024  # longer lines are cut, with a note of how much
+READ_CHUNK = 64 * 1024
+
+
+class WorkerProcess:
+    def __init__(self, spec: LaunchSpec, log_line: Callable[[str], None]) -> None:
+        self.spec = spec
+        self._log_line = log_line
+        self._process: asyncio.subprocess.Process | None = None
+        self._prepared: Prepared | None = None
+        self.pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process else None
+
+    async def spawn(self) -> None:
+        self._prepared = await asyncio.to_thread(prepare, self.spec)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self._prepared.argv,
+                pass_fds=self.spec.pass_fds,
+                close_fds=True,
+                cwd=self.spec.cwd,
+                env=self.spec.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except BaseException:
+            self._remove_group()
+            raise
+        self.pump = asyncio.create_task(self._pump_output())
+
+    async def _pump_output(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        stream = self._process.stdout
+        pending = bytearray()
+        cut = 0
+        while chunk := await stream.read(READ_CHUNK):
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                self._emit(pending, chunk[start:end], cut)
+                pending, cut, start = bytearray(), 0, end + 1
+            rest = chunk[start:]
+            room = MAX_LINE_BYTES - len(pending)
+            pending += rest[:room]
+            cut += max(0, len(rest) - room)
+        if pending or cut:
+            self._emit(pending, b"", cut)
+
+    def _emit(self, pending: bytearray, tail: bytes, cut: int) -> None:
+        room = MAX_LINE_BYTES - len(pending)
+        line = bytes(pending) + tail[: max(0, room)]
+        cut += max(0, len(tail) - max(0, room))
+        text = line.decode("utf-8", "replace")
+        if cut:
+            text += f" ... [{cut} more bytes of this line not logged]"
+        self._log_line(text)
+
+    async def wait(self) -> int:
+        assert self._process is not None
+        code = await self._process.wait()
+        self._remove_group()
+        return code
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, signal.SIGKILL)
+
+    async def drain_output(self, timeout: float = 1.0) -> None:
+        if self.pump is not None:
+            await asyncio.wait([self.pump], timeout=timeout)
+
+    def memory_bytes(self) -> int | None:
+        """The worker's memory: its cgroup's charge, else the RSS of its process tree."""
+        group = self._prepared.group if self._prepared else None
+        if group is not None:
+            return group.memory_bytes()
+        return _tree_rss(self.pid) if self.pid else None
+
+    def oom_killed(self) -> bool:
+        group = self._prepared.group if self._prepared else None
+        return group is not None and group.oom_kills() > 0
+
+    def _remove_group(self) -> None:
+        group = self._prepared.group if self._prepared else None
+        if group is not None:
+            group.remove()
+
+
+def _tree_rss(pid: int) -> int | None:
+    """RSS of a process and its descendants (bubblewrap puts the worker two levels down)."""
+    total, todo, seen = 0, [pid], set()
+    page = os.sysconf("SC_PAGE_SIZE")
+    found = False
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/statm") as f:
+                total += int(f.read().split()[1]) * page
+            found = True
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
+def describe_exit(code: int | None, sandboxed: bool) -> str:
+    """'was killed by SIGKILL', 'exited with code 3'... bubblewrap reports a signal as 128+n."""
+    if code is None:
+        return "stopped"
+    if sandboxed and code > 128:
+        code = -(code - 128)
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
