@@ -29,6 +29,7 @@ class WorkerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._prepared: Prepared | None = None
         self.pump: asyncio.Task[None] | None = None
+        self._oom = False
 
     @property
     def pid(self) -> int | None:
@@ -85,6 +86,9 @@ class WorkerProcess:
     async def wait(self) -> int:
         assert self._process is not None
         code = await self._process.wait()
+        group = self._prepared.group if self._prepared else None
+        if group is not None and not self._oom:
+            self._oom = group.oom_kills() > 0  # read before the group is removed
         self._remove_group()
         return code
 
@@ -105,8 +109,11 @@ class WorkerProcess:
         return _tree_rss(self.pid) if self.pid else None
 
     def oom_killed(self) -> bool:
+        """Whether the kernel killed a process of this worker at its memory limit."""
         group = self._prepared.group if self._prepared else None
-        return group is not None and group.oom_kills() > 0
+        if group is not None and not self._oom and self.returncode is None:
+            self._oom = group.oom_kills() > 0
+        return self._oom
 
     def _remove_group(self) -> None:
         group = self._prepared.group if self._prepared else None

@@ -1,0 +1,284 @@
+"""The worker boundary, attacked: a hostile user's handler on a real `kiln server`.
+
+Mallory deploys code that tries, from inside her worker, everything the
+sandbox issue saw work: read the admin key, the state database, another user's
+revision and the server's environment; accept() on inherited descriptors;
+connect to the server's ports and PostgreSQL; fork a thousand processes;
+allocate past compute.mem. Each attempt must fail, and a secret planted in the
+server's environment must be absent from every answer.
+
+Where this machine lacks the mechanism, the tests skip with the reason; with
+CI=true they fail instead, so CI can never pass without the sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import orjson
+import pytest
+from daemon import Daemon
+from support import write
+
+from kiln.sandbox import probe
+
+PLANTED = "planted-secret-5a1f0c9e"
+
+ATTACKS = r"""
+import errno, os, socket, time
+
+def _try(fn):
+    try:
+        return "OK:" + str(fn())[:200]
+    except BaseException as exc:  # noqa: BLE001
+        return "FAILED:" + type(exc).__name__
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read(64)
+
+
+def _listdir(path):
+    return os.listdir(path)
+
+
+def _descriptors():
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            listening = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            found.append({"fd": fd, "family": int(s.family), "listening": bool(listening)})
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return found
+
+
+def _accept_all():
+    accepted = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            s.setblocking(False)  # shared with the original descriptor: restored below
+            s.accept()
+            accepted += 1
+        except OSError:
+            pass
+        finally:
+            s.setblocking(True)
+            s.close()
+    return accepted
+
+
+def _connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        return "connected"
+
+
+def _fork_many(n):
+    pids, error = [], None
+    for _ in range(n):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            error = errno.errorcode.get(exc.errno, str(exc.errno))
+            break
+        if pid == 0:
+            time.sleep(1.5)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return {"forked": len(pids), "error": error}
+
+
+class Mallory:
+    def predict(self, payload, context):
+        home = payload["home"]
+        out = {
+            "admin_key": _try(lambda: _read(os.path.join(home, "admin.key"))),
+            "state_db": _try(lambda: _read(os.path.join(home, "state.db"))),
+            "artifacts": _try(lambda: _listdir(os.path.join(home, "artifacts"))),
+            "other_user": _try(lambda: _read(payload["other_file"])),
+            "home_listing": _try(lambda: _listdir(home)),
+            "etc_shadow": _try(lambda: _read("/etc/shadow")),
+            "environ": dict(os.environ),
+            "descriptors": _descriptors(),
+            "accepted": _accept_all(),
+            "connect": {str(p): _try(lambda p=p: _connect(p)) for p in payload["ports"]},
+            "uid": os.getuid(),
+        }
+        if payload.get("fork"):
+            out["fork"] = _fork_many(1000)
+        return out
+
+
+class Hog:
+    def predict(self, payload, context):
+        hoard = bytearray(payload["mib"] * 2**20)
+        for i in range(0, len(hoard), 4096):
+            hoard[i] = 1
+        return len(hoard)
+"""
+
+
+def need_sandbox() -> None:
+    caps = probe()
+    if caps.available:
+        return
+    reason = "; ".join(caps.problems)
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the sandbox tests, but: {reason}")
+    pytest.skip(f"the sandbox is not available here: {reason}")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory):
+    need_sandbox()
+    root = tmp_path_factory.mktemp("sandbox")
+    d = Daemon(root / "home")
+    d.env["KILN_PLANTED"] = PLANTED  # the server's environment holds a secret
+    d.start()
+    keys = {}
+    for user in ("alice", "mallory"):
+        made = d.kiln("users", "create", user, "-o", "json")
+        assert made.returncode == 0, made.stderr
+        keys[user] = orjson.loads(made.stdout)["key"]
+    write(root / "alice" / "secret_handler.py", f"SECRET = 'alice-{PLANTED}'\n")
+    write(
+        root / "alice" / "kiln.yaml",
+        "- kind: deployment\n  name: shop\n"
+        "- kind: api\n  name: private\n  python: {handler: secret_handler.py:Model}\n",
+    )
+    with open(root / "alice" / "secret_handler.py", "a") as f:
+        f.write("class Model:\n    def predict(self, payload, context):\n        return 1\n")
+    mallory = root / "mallory"
+    write(mallory / "attack.py", ATTACKS)
+    write(
+        mallory / "kiln.yaml",
+        "- kind: deployment\n  name: tools\n"
+        "- kind: api\n  name: probe\n  python: {handler: attack.py:Mallory}\n"
+        "  serving: {response_timeout_s: 60}\n"
+        "- kind: api\n  name: hog\n  python: {handler: attack.py:Hog}\n"
+        "  compute: {mem: 200Mi}\n",
+    )
+    for user, folder in (("alice", root / "alice"), ("mallory", mallory)):
+        env = {**d.env, "KILN_API_KEY": keys[user]}
+        done = d.kiln_env(env, "deploy", str(folder))
+        assert done.returncode == 0, done.stdout + done.stderr
+    d.keys = keys
+    yield d
+    d.stop()
+
+
+def _ports(d: Daemon) -> list[int]:
+    info = d.info
+    ports = [info["ports"][k] for k in ("inference", "management", "metrics")]
+    postgres = os.environ.get("KILN_TEST_POSTGRES_URL")
+    if postgres:
+        ports.append(urlparse(postgres.replace("+psycopg", "")).port or 5432)
+    return ports
+
+
+def _call(d: Daemon, api: str, payload: dict) -> dict:
+    response = d.http.post(
+        f"{d.url}/mallory/{api}",
+        headers={"Authorization": f"Bearer {d.keys['mallory']}"},
+        json=payload,
+        timeout=90,
+    )
+    assert response.status_code == 200, response.text
+    assert PLANTED not in response.text, "the server's secret reached a user's answer"
+    assert d.admin_key not in response.text
+    return response.json()
+
+
+def test_a_users_handler_reaches_nothing_of_the_server(platform: Daemon) -> None:
+    d = platform
+    other = next((d.home / "artifacts").glob("alice.shop/*/secret_handler.py"))
+    out = _call(d, "probe", {"home": str(d.home), "other_file": str(other), "ports": _ports(d)})
+    for attempt in ("admin_key", "state_db", "other_user"):
+        assert out[attempt].startswith("FAILED:"), (attempt, out[attempt])
+    # KILN_HOME exists inside only as the path down to her own revision.
+    assert out["home_listing"] == "OK:['artifacts']", out["home_listing"]
+    assert out["artifacts"] == "OK:['mallory.tools']", out["artifacts"]
+    assert out["etc_shadow"].startswith("FAILED:")
+    # The environment is the minimal base plus the deployment's own: no server variable.
+    assert "KILN_PLANTED" not in out["environ"]
+    assert "KILN_HOME" not in out["environ"]
+    assert out["environ"]["HOME"] == "/tmp"
+    # Descriptors: only AF_UNIX pairs (its output and IPC channel); no TCP socket of the
+    # server, nothing listening (test_worker_process.py counts the descriptors exactly).
+    sockets = out["descriptors"]
+    assert {s["family"] for s in sockets} == {1}, sockets
+    assert not any(s["listening"] for s in sockets)
+    assert out["accepted"] == 0
+    # Network: loopback of its own; the server's ports and PostgreSQL are unreachable.
+    for port, result in out["connect"].items():
+        assert result.startswith("FAILED:"), (port, result)
+    if probe().per_tenant_uids:
+        assert out["uid"] >= 200000 and out["uid"] != os.getuid()
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(platform: Daemon) -> None:
+    d = platform
+    out = _call(d, "probe", {"home": str(d.home), "other_file": "/x", "ports": [], "fork": True})
+    assert out["fork"]["forked"] < 1000
+    assert out["fork"]["error"] == "EAGAIN", out["fork"]
+    # The worker survives and answers again.
+    again = _call(d, "probe", {"home": "/", "other_file": "/x", "ports": []})
+    assert again["admin_key"].startswith("FAILED:")
+
+
+def test_allocating_past_compute_mem_is_stopped_by_the_kernel(platform: Daemon) -> None:
+    d = platform
+    headers = {"Authorization": f"Bearer {d.keys['mallory']}"}
+    small = d.http.post(f"{d.url}/mallory/hog", headers=headers, json={"mib": 20}, timeout=60)
+    assert small.status_code == 200 and small.json() == 20 * 2**20
+    big = d.http.post(f"{d.url}/mallory/hog", headers=headers, json={"mib": 1024}, timeout=60)
+    assert big.status_code == 503, big.text
+    assert "memory" in big.text
+    status = d.wait_until(
+        lambda: d.apis()["mallory.hog"]["status"] == "live" and d.apis()["mallory.hog"],
+        what="the hog API to come back",
+    )
+    assert status["replicas"]["ready"] >= 1
+    again = d.http.post(f"{d.url}/mallory/hog", headers=headers, json={"mib": 20}, timeout=60)
+    assert again.status_code == 200
+
+
+def test_server_refuses_to_start_without_the_sandbox_unless_told(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "home")
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    d.env["PATH"] = str(empty)  # no bwrap, no setpriv: the sandbox cannot be built
+    done = d.kiln("server", "run", "--port", "0", "--management-port", "0", "--metrics-port", "0")
+    assert done.returncode != 0
+    text = done.stdout + done.stderr
+    assert "bubblewrap" in text and "--unsafe-no-sandbox" in text
+    assert "Traceback" not in text
+    started = d.kiln(
+        "server", "start", "--port", "0", "--management-port", "0", "--metrics-port", "0",
+        "--unsafe-no-sandbox",
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = subprocess.run(
+            ["cat", str(d.home / "server.json")], capture_output=True, text=True
+        ).stdout
+        assert "OFF" in orjson.loads(status)["sandbox"]
+    finally:
+        d.stop()

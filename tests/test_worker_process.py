@@ -1,0 +1,76 @@
+"""The one worker-process class: only its channel passes, and any line length is logged.
+
+Unit level: WorkerProcess runs a tiny Python program, no server, no HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+
+import pytest
+
+from kiln.sandbox import LaunchSpec, probe
+from kiln.sandbox.policy import SandboxPolicy, base_env
+from kiln.serving.process import MAX_LINE_BYTES, WorkerProcess
+
+LIST_FDS = (
+    "import os\n"
+    "fds = sorted(int(n) for n in os.listdir('/proc/self/fd'))\n"
+    "print(' '.join(str(fd) for fd in fds if os.path.exists(f'/proc/self/fd/{fd}')))\n"
+)
+
+
+def run(spec: LaunchSpec) -> tuple[int, list[str]]:
+    lines: list[str] = []
+
+    async def go() -> int:
+        process = WorkerProcess(spec, lines.append)
+        await process.spawn()
+        code = await process.wait()
+        await process.drain_output()
+        return code
+
+    return asyncio.run(go()), lines
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandboxed"])
+def test_a_worker_gets_its_channel_and_nothing_else(sandboxed: bool, tmp_path) -> None:
+    if sandboxed and not probe().available:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the sandbox: " + "; ".join(probe().problems))
+        pytest.skip("the sandbox is not available here: " + "; ".join(probe().problems))
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.set_inheritable(True)  # even an inheritable socket must not reach the worker
+    parent, child = socket.socketpair()
+    channel = child.fileno()
+    try:
+        policy = SandboxPolicy(enabled=sandboxed, home=tmp_path)
+        spec = policy.launch(
+            [sys.executable, "-c", LIST_FDS],
+            base_env(),
+            cwd=str(tmp_path),
+            pass_fds=(child.fileno(),),
+        )
+        code, lines = run(spec)
+    finally:
+        for s in (listening, parent, child):
+            s.close()
+    assert code == 0, lines
+    fds = {int(fd) for fd in lines[-1].split()}
+    # stdin, stdout, stderr, the channel; listdir's own descriptor is gone when checked.
+    assert fds == {0, 1, 2, channel}, lines
+
+
+def test_a_300_kb_line_is_cut_and_later_lines_still_arrive(tmp_path) -> None:
+    program = "print('x' * 300_000); print('after'); print('y' * 70_000, end='')"
+    spec = LaunchSpec(argv=[sys.executable, "-c", program], env=base_env(), cwd=str(tmp_path))
+    code, lines = run(spec)
+    assert code == 0
+    assert len(lines) == 3, [line[:40] for line in lines]
+    assert lines[0].startswith("x" * MAX_LINE_BYTES)
+    assert lines[0].endswith(f"[{300_000 - MAX_LINE_BYTES} more bytes of this line not logged]")
+    assert lines[1] == "after"
+    assert lines[2].endswith(f"[{70_000 - MAX_LINE_BYTES} more bytes of this line not logged]")
