@@ -42,8 +42,42 @@ def _absolute(root: Path, value: str) -> str:
 
 
 class _PathChecker:
-    def __init__(self, index: int, root: Path, check_files: bool, report: Report) -> None:
+    def __init__(
+        self, index: int, root: Path, check_files: bool, report: Report, confine: bool = False
+    ) -> None:
         self.index, self.root, self.check_files, self.report = index, root, check_files, report
+        self.confine = confine
+
+    def escapes(self, field: str, value: str) -> bool:
+        """Under a user's policy: report a local path that is absolute or resolves (after
+        following links) outside the project folder."""
+        raw = value.removeprefix("file://")
+        if field.endswith("python_path"):
+            fix = "name a folder inside the project, relative to the folder holding kiln.yaml "
+            fix += "(python_path: . is that folder), and deploy its files with the project"
+        else:
+            fix = "name a file inside the project, relative to the folder holding kiln.yaml "
+            fix += f"(e.g. {field.rsplit('.', 1)[-1]}: {Path(raw).name or 'model.onnx'}), "
+            fix += "and deploy the file with the project"
+        if raw.startswith("~") or os.path.isabs(raw):
+            self.report(
+                self.index,
+                field,
+                f"absolute path {value!r}: a user's deployment may only use files inside "
+                f"the deployed project",
+                fix,
+            )
+            return True
+        base = os.path.realpath(self.root)
+        lexical = os.path.normpath(os.path.join(base, raw))
+        real = os.path.realpath(lexical)
+        for candidate, how in ((lexical, "leads"), (real, "is a link that leads")):
+            if candidate != base and not candidate.startswith(base + os.sep):
+                self.report(
+                    self.index, field, f"path {value!r} {how} outside the deployed project", fix
+                )
+                return True
+        return False
 
     def path(self, field: str, value: str, *, kind: str) -> str | None:
         """Resolve one path; kind is 'model' (file or dir), 'file' or 'dir'."""
@@ -57,6 +91,8 @@ class _PathChecker:
             )
             what = "model storage" if kind == "model" else "files"
             self.report(self.index, field, f"remote {what} is not supported yet ({value!r})", fix)
+            return None
+        if self.confine and self.escapes(field, value):
             return None
         resolved = _absolute(self.root, value)
         if self.check_files:
@@ -105,10 +141,17 @@ class _PathChecker:
 
 
 def resolve_paths(
-    index: int, spec: ApiSpec | BatchApiSpec, root: Path, check_files: bool, report: Report
+    index: int,
+    spec: ApiSpec | BatchApiSpec,
+    root: Path,
+    check_files: bool,
+    report: Report,
+    *,
+    confine: bool = False,
 ) -> None:
-    """Make every path of ``spec`` absolute and, if asked, check that it exists."""
-    pc = _PathChecker(index, root, check_files, report)
+    """Make every path of ``spec`` absolute and, if asked, check that it exists;
+    with ``confine`` (a user's deployment) a local path must stay inside ``root``."""
+    pc = _PathChecker(index, root, check_files, report, confine)
     spec.python_path = pc.path("python_path", spec.python_path or ".", kind="dir") or str(root)
     if isinstance(spec, BatchApiSpec) and spec.predictor is not None:
         pr = spec.predictor

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiln.config.checks import Entry, cross_check, resolve_endpoints, resolve_paths
 from kiln.config.errors import ConfigError, ConfigIssue, FieldProblem
+from kiln.config.policy import LOCAL, ConfigPolicy, env_name_problem
 from kiln.config.project import Project
 from kiln.config.quantities import type_name
 from kiln.config.schema import ApiSpec, BatchApiSpec, Deployment
@@ -175,6 +176,7 @@ class _Collector:
         self.display, self.doc = display, doc
         self.subjects: dict[int, str] = {}
         self.found: list[tuple[tuple[Any, ...], ConfigIssue]] = []
+        self.variables: set[int] = set()  # ids of unset-${VAR} issues
 
     def line(self, path: tuple[Any, ...]) -> int | None:
         for n in range(len(path), 0, -1):
@@ -182,12 +184,23 @@ class _Collector:
                 return self.doc.lines[path[:n]]
         return None
 
-    def add(self, path: tuple[Any, ...], message: str, fix: str, line: int | None = None) -> None:
+    def add(
+        self,
+        path: tuple[Any, ...],
+        message: str,
+        fix: str,
+        line: int | None = None,
+        *,
+        variable: bool = False,
+    ) -> None:
         subject = self.subjects.get(path[0], f"resource #{path[0] + 1}") if path else ""
         field = _dotted(path[1:])
         if line is None:
             line = self.line(path)
-        self.found.append((path, ConfigIssue(self.display, line, field, message, fix, subject)))
+        issue = ConfigIssue(self.display, line, field, message, fix, subject)
+        if variable:
+            self.variables.add(id(issue))
+        self.found.append((path, issue))
 
     def issues(self) -> list[ConfigIssue]:
         """Every issue, minus the ones caused by an unset variable already reported."""
@@ -195,7 +208,7 @@ class _Collector:
         out = []
         for path, issue in self.found:
             caused = any(path[: len(e)] == e for e in env)
-            if caused and "environment variable" not in issue.message:
+            if caused and id(issue) not in self.variables:
                 continue
             out.append(issue)
         return sorted(out, key=lambda i: (i.line is None, i.line or 0))
@@ -216,10 +229,21 @@ def load_project(
     *,
     check_files: bool = True,
     env: Mapping[str, str] | None = None,
+    policy: ConfigPolicy | None = None,
+    dotenv: Mapping[str, str] | None = None,
 ) -> Project:
     """Load, validate and resolve a project's config; raise one ConfigError listing
-    every problem. ``env`` (default os.environ) feeds ``${VAR}`` substitution;
-    ``check_files=False`` skips existence checks (for scaffolds and tests)."""
+    every problem. ``check_files=False`` skips existence checks (for scaffolds and tests).
+
+    ``policy`` (default ``LOCAL``) says what the file may reach (see
+    :mod:`kiln.config.policy`); ``env`` feeds ``${VAR}`` substitution (default: the
+    process environment and ``dotenv`` under ``LOCAL``, else ``dotenv`` alone), with
+    each resource's ``env:`` layered over it. ``dotenv`` is the project's ``.env`` as
+    its workers get it (``api.worker_env``); under ``USER`` its names are checked too.
+    """
+    policy = policy or LOCAL
+    if env is None:
+        env = {**os.environ, **(dotenv or {})} if policy is LOCAL else dict(dotenv or {})
     path = find_config_file(project_dir, config_file)
     base = Path(project_dir).absolute()
     rel = os.path.relpath(path, base)
@@ -234,11 +258,11 @@ def load_project(
                 )
             ]
         ) from None
-    doc = read_yaml(text, os.environ if env is None else env)
+    doc = read_yaml(text, env, policy.unset)
     col = _Collector(display, doc)
     if doc.data is None:
         for raw in doc.issues:
-            col.add(raw.path, raw.message, raw.fix, raw.line)
+            col.add(raw.path, raw.message, raw.fix, raw.line, variable=raw.variable)
         raise ConfigError(col.issues())
     items = doc.data
     if not isinstance(items, list):
@@ -253,7 +277,7 @@ def load_project(
         if isinstance(item, dict):
             col.subjects[i] = _subject(str(item.get("kind")), item, i)
     for raw in doc.issues:
-        col.add(raw.path, raw.message, raw.fix, raw.line)
+        col.add(raw.path, raw.message, raw.fix, raw.line, variable=raw.variable)
 
     deployments: list[tuple[int, Deployment]] = []
     entries: list[Entry] = []
@@ -299,6 +323,15 @@ def load_project(
             "keep a single deployment resource (it names the whole project)",
         )
     deployment_name = deployments[0][1].name if deployments else None
+    defaults = deployments[0][1].env if deployments else {}
+    for _, spec in entries:
+        spec.env = {**defaults, **spec.env}  # the deployment's env: are defaults
+        spec._dotenv = dict(dotenv or {})
+    if policy.check_dotenv_names:
+        for name in dotenv or {}:
+            problem = env_name_problem(name)
+            if problem is not None:
+                col.found.append(((), ConfigIssue(".env", None, "", *problem)))
 
     def report(index: int, field: str, message: str, fix: str) -> None:
         spec = dict(entries)[index]
@@ -307,7 +340,7 @@ def load_project(
 
     root = path.parent
     for i, spec in entries:
-        resolve_paths(i, spec, root, check_files, report)
+        resolve_paths(i, spec, root, check_files, report, confine=policy.confine_paths)
     resolve_endpoints(entries, deployment_name)
     cross_check(entries, report, lambda i: doc.lines.get((i,)))
     issues = col.issues()
@@ -319,4 +352,5 @@ def load_project(
         deployment_name=deployment_name,
         apis=[s for _, s in entries if isinstance(s, ApiSpec)],
         batch_apis=[s for _, s in entries if isinstance(s, BatchApiSpec)],
+        dotenv=dict(dotenv or {}),
     )

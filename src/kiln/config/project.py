@@ -26,6 +26,13 @@ class Project:
     deployment_name: str | None = None
     apis: list[ApiSpec] = field(default_factory=list)
     batch_apis: list[BatchApiSpec] = field(default_factory=list)
+    dotenv: dict[str, str] = field(default_factory=dict)
+    """The project's ``.env`` as its workers get it (empty under ``kiln serve``)."""
+
+    def worker_env(self, api: ApiSpec | BatchApiSpec) -> dict[str, str]:
+        """What an API's workers get from their deployment: the API's ``env:`` over the
+        deployment's ``env:`` (merged into ``api.env`` at load) over the ``.env``."""
+        return api.worker_env
 
     def versions(self, name: str) -> list[ApiSpec]:
         """All entries of API ``name``, lowest version first."""

@@ -39,6 +39,7 @@ from kiln.config.blocks import (
     parse_handler_ref,
 )
 from kiln.config.errors import FieldProblem
+from kiln.config.policy import check_env
 
 __all__ = [
     "RESERVED_NAMES",
@@ -69,8 +70,11 @@ __all__ = [
 class Deployment(_Block):
     kind: Literal["deployment"]
     name: str
+    env: dict[str, str] = Field(default_factory=dict)
+    """Variables every API of the deployment's workers get (an API's own ``env:`` wins)."""
 
     _name = field_validator("name")(lambda v: check_name(v, "deployment"))
+    _env = field_validator("env", mode="before")(lambda v: check_env(v))
 
 
 class _Resource(_Block):
@@ -82,9 +86,14 @@ class _Resource(_Block):
     config: dict[str, Any] = Field(default_factory=dict)
     compute: Compute = Field(default_factory=Compute)
     networking: Networking | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    """Variables the API's workers get; after loading, the deployment's ``env:`` is merged
+    under them (the project's ``.env`` is not: see ``Project.worker_env``)."""
     _aliases: dict[str, str] = PrivateAttr(default_factory=dict)
+    _dotenv: dict[str, str] = PrivateAttr(default_factory=dict)  # the project's .env, at load
 
     _name = field_validator("name")(lambda v: check_name(v))
+    _env = field_validator("env", mode="before")(lambda v: check_env(v))
     _endpoint = field_validator("endpoint")(lambda v: None if v is None else check_endpoint(v))
     _blocks = field_validator("config", "compute", mode="before")(lambda v: _empty_to_dict(v))
 
@@ -106,6 +115,14 @@ class _Resource(_Block):
     def aliases(self) -> dict[str, str]:
         """Fields filled from a Cortex alias, mapped to where the user wrote them."""
         return self._aliases
+
+    @property
+    def worker_env(self) -> dict[str, str]:
+        """What this API's workers get from their deployment (``ServedApi.extra_env``): its
+        ``env:`` over the deployment's ``env:`` over the project's ``.env``. Never the
+        server's environment; not part of ``model_dump`` (``.env`` values stay out of
+        reports)."""
+        return {**self._dotenv, **self.env}
 
 
 class ApiSpec(_Resource):

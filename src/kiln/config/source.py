@@ -12,7 +12,7 @@ spots duplicate keys, which PyYAML would otherwise silently overwrite.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ Path_ = tuple[Any, ...]
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RawIssue:
     line: int | None
     message: str
     fix: str
+    variable: bool = False
+    """An unset ``${VAR}`` (kept even where it caused other problems)."""
 
 
 @dataclass
@@ -45,11 +48,14 @@ class Document:
     env_paths: set[Path_] = field(default_factory=set)
 
 
-def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
+def substitute_env(
+    text: str, env: Mapping[str, str], unset: str | None = None
+) -> tuple[str, list[str]]:
     """Expand ``${VAR}`` and ``${VAR:-default}``; ``$${`` is a literal ``${``.
 
     Returns the new text and the names of variables that are unset and have no
     default, so the caller can report them all instead of stopping at the first.
+    With ``unset`` given, such a reference is replaced by it instead of kept.
     """
     missing: list[str] = []
 
@@ -62,16 +68,78 @@ def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
         if default is not None:
             return default
         missing.append(name)
-        return m.group(0)
+        return m.group(0) if unset is None else unset
 
     return _ENV_REF.sub(repl, text), missing
 
 
+Unset = Callable[[str], tuple[str, str]]
+"""unset(name) -> (message, fix) for a ``${name}`` that nothing sets."""
+
+
+def _unset_local(name: str) -> tuple[str, str]:
+    return (
+        f"environment variable {name} is not set (used as ${{{name}}})",
+        f"export {name}=... before running kiln, or give a default: ${{{name}:-value}}",
+    )
+
+
+def _is_env_value(path: Path_) -> bool:
+    """A value inside a resource's ``env:`` mapping (``(0, "env", "NAME")``)."""
+    return len(path) == 3 and isinstance(path[0], int) and path[1] == "env"
+
+
+def _env_text(node: yaml.Node) -> str | None:
+    """An ``env:`` value as written: text, never a YAML number or bool (``007`` stays)."""
+    if not isinstance(node, yaml.ScalarNode):
+        return None
+    return "" if node.tag == _NULL_TAG else str(node.value)
+
+
 class _Builder:
-    def __init__(self, loader: yaml.SafeLoader, env: Mapping[str, str]) -> None:
+    def __init__(self, loader: yaml.SafeLoader, env: Mapping[str, str], unset: Unset) -> None:
         self.loader = loader
         self.env = env
+        self.unset = unset
+        self.layers: dict[int, Mapping[str, str]] = {}
         self.doc = Document()
+
+    def declare_env(self, root: yaml.Node) -> None:
+        """``${VAR}`` in a resource also reads the ``env:`` mappings that reach its workers:
+        its own over the deployment's, over the base variables. The ``env:`` values
+        themselves read only the base variables."""
+        if not isinstance(root, yaml.SequenceNode):
+            return
+        declared: dict[int, dict[str, str]] = {}
+        deployment: dict[str, str] | None = None
+        for i, item in enumerate(root.value):
+            if not isinstance(item, yaml.MappingNode):
+                continue
+            kind, mapping = None, None
+            for key_node, value_node in item.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                if key_node.value == "kind" and isinstance(value_node, yaml.ScalarNode):
+                    kind = value_node.value
+                elif key_node.value == "env" and isinstance(value_node, yaml.MappingNode):
+                    mapping = value_node
+            values: dict[str, str] = {}
+            for key_node, value_node in mapping.value if mapping is not None else []:
+                text = _env_text(value_node)
+                if isinstance(key_node, yaml.ScalarNode) and text is not None:
+                    new, missing = substitute_env(text, self.env)
+                    if not missing:
+                        values[str(key_node.value)] = new
+            declared[i] = values
+            if kind == "deployment" and deployment is None:
+                deployment = values
+        for i, values in declared.items():
+            self.layers[i] = {**self.env, **(deployment or {}), **values}
+
+    def variables(self, path: Path_) -> Mapping[str, str]:
+        if not path or _is_env_value(path) or not isinstance(path[0], int):
+            return self.env
+        return self.layers.get(path[0], self.env)
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
         if isinstance(node, yaml.MappingNode):
@@ -111,19 +179,21 @@ class _Builder:
 
     def _scalar(self, node: yaml.Node, path: Path_) -> Any:
         value = self.loader.construct_object(node, deep=True)
-        if node.tag != _STR_TAG or not isinstance(value, str) or "${" not in value:
+        if _is_env_value(path):
+            value = _env_text(node)
+        elif node.tag != _STR_TAG:
             return value
-        new, missing = substitute_env(value, self.env)
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        new, missing = substitute_env(value, self.variables(path))
         for name in missing:
             self.doc.env_paths.add(path)
+            message, fix = self.unset(name)
             self.doc.issues.append(
-                RawIssue(
-                    path,
-                    node.start_mark.line + 1,
-                    f"environment variable {name} is not set (used as ${{{name}}})",
-                    f"export {name}=... before running kiln, or give a default: ${{{name}:-value}}",
-                )
+                RawIssue(path, node.start_mark.line + 1, message, fix, variable=True)
             )
+        if _is_env_value(path):
+            return new
         if node.style is None and new != value:
             # An unquoted `${N}` should read like the literal would: `2` is an int.
             try:
@@ -135,8 +205,11 @@ class _Builder:
         return new
 
 
-def read_yaml(text: str, env: Mapping[str, str]) -> Document:
-    """Parse ``text`` into a :class:`Document`; syntax errors become issues."""
+def read_yaml(text: str, env: Mapping[str, str], unset: Unset | None = None) -> Document:
+    """Parse ``text`` into a :class:`Document`; syntax errors become issues.
+
+    ``env`` feeds ``${VAR}`` (with each resource's ``env:`` layered over it);
+    ``unset(name)`` words the problem for a variable that nothing sets."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -172,7 +245,8 @@ def read_yaml(text: str, env: Mapping[str, str]) -> Document:
             )
         )
         return doc
-    builder = _Builder(yaml.SafeLoader(""), env)
+    builder = _Builder(yaml.SafeLoader(""), env, unset or _unset_local)
+    builder.declare_env(node)
     builder.doc.data = builder.build(node, ())
     return builder.doc
 

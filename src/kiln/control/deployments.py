@@ -36,6 +36,7 @@ from kiln.control.packaging import read_dotenv, short_revision, unpack_project
 from kiln.control.rollout import DRAIN_GRACE_S, Rollout, RolloutMixin, api_key
 from kiln.control.store import ApiSpec as StoredApi
 from kiln.control.store import NotFoundError, Store
+from kiln.control.tenancy import config_scope
 from kiln.errors import Conflict, InvalidInput, NotFound
 from kiln.serving.router import ServedApi
 
@@ -71,18 +72,20 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- loading a revision -------------------------------------------------------
-    def _load(self, folder: Path, deployment: str | None = None) -> Any:
+    def _load(self, folder: Path, deployment: str | None = None, tenant: str | None = None) -> Any:
         """The project in `folder`; a user's deployment (`<user>.<name>`) gets their namespace.
 
         A user's API `sentiment` is `<user>.sentiment` inside the server (the model name
-        on protocol routes) and is served at `/<user>/sentiment`, as in seed 003.
+        on protocol routes) and is served at `/<user>/sentiment`, as in seed 003. What its
+        kiln.yaml may reach (`${VAR}`, paths) depends on whose it is (tenancy.py); `tenant`
+        names the user before the deployment has its final name.
         """
-        env = {**os.environ, **read_dotenv(folder)}
+        user = user_of(deployment)
+        scope = config_scope(folder, user if deployment else tenant, self.server)
         try:
-            project = load_project(folder, env=env)
+            project = load_project(folder, **scope.kwargs())
         except ConfigError as exc:
             raise ConfigRejected(exc) from None
-        user = user_of(deployment)
         if user is not None:
             project.apis = [_in_namespace(api, user) for api in project.apis]
             project.batch_apis = [_in_namespace(api, user) for api in project.batch_apis]
@@ -96,7 +99,8 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         staging.parent.mkdir(parents=True, exist_ok=True)
         digest = await asyncio.to_thread(unpack_project, archive, staging)
         try:
-            project = await asyncio.to_thread(self._load, staging)
+            tenant = None if principal is None or principal.is_admin else principal.user
+            project = await asyncio.to_thread(self._load, staging, None, tenant)
             deployment = name or project.deployment_name
             if not deployment:
                 raise InvalidInput(f"the deployment has no name; {DEPLOYMENT_NAME_HELP}")
@@ -221,7 +225,11 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
             if folder is None or not folder.is_dir():
                 self._record_error(dep.name, f"revision {dep.current_revision} is missing")
                 continue
-            project = await asyncio.to_thread(self._load, folder, dep.name)
+            try:
+                project = await asyncio.to_thread(self._load, folder, dep.name)
+            except ConfigRejected as exc:  # e.g. a `${VAR}` the server no longer passes
+                self._record_error(dep.name, f"deployment '{dep.name}' was not restored: {exc}")
+                continue
             records = await asyncio.to_thread(self.store.list_apis, dep.name)
             requested = {(r.name, r.version or None): r.requested_replicas for r in records}
             env = read_dotenv(folder)

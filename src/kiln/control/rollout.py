@@ -83,7 +83,9 @@ class RolloutMixin:
         # A user's API is `<user>.<name>` (ownership.py): its workers run as that tenant.
         served = self.server.served_api(api, project.root, tenant=user_of(api.name) or "")
         served.revision = revision
-        served.extra_env = env
+        # What the deployment declares (env: over .env, tenancy.py), never `env`: that is
+        # the .env read with python-dotenv's interpolation of the server's environment.
+        served.extra_env = api.worker_env
         return served
 
     # ---- deploy -------------------------------------------------------------------

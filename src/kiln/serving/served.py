@@ -51,7 +51,9 @@ class ServedApi(ReplicaPool):
         self.tenant = tenant
         self.network = getattr(api, "network", None) or "none"
         self.revision = revision  # the deploy revision this came from (None: `kiln serve DIR`)
-        self.extra_env = dict(extra_env or {})
+        # What the API's deployment declares (its env: mappings; for deployments also .env).
+        declared = getattr(api, "worker_env", {}) if extra_env is None else extra_env
+        self.extra_env = dict(declared)
         # Set when a rolling update replaced this one: requests that found it just before
         # the swap are handed to the new version instead of failing.
         self.successor: ServedApi | None = None
