@@ -151,6 +151,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("sandbox")
     d = Daemon(root / "home")
     d.env["KILN_PLANTED"] = PLANTED  # the server's environment holds a secret
+    for name in [n for n in d.env if n.startswith("AWS_")]:
+        del d.env[name]  # cloud credentials come from each deployment's .env only
     d.start()
     keys = {}
     for user in ("alice", "mallory"):
@@ -282,3 +284,41 @@ def test_server_refuses_to_start_without_the_sandbox_unless_told(tmp_path: Path)
         assert "OFF" in orjson.loads(status)["sandbox"]
     finally:
         d.stop()
+
+
+def test_a_remote_model_is_fetched_by_the_server_with_the_deployments_credentials(
+    platform: Daemon, tmp_path: Path
+) -> None:
+    """The worker has no network: the server fetches its s3:// model, using the
+    credentials in the deployment's .env (the server's environment has none)."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    import numpy as np
+    from storage_servers import BUCKET, S3Server
+    from support import build_linear_onnx
+
+    s3 = S3Server(tmp_path / "requests.log")
+    try:
+        weights = np.array([[1, 2], [3, 4]], dtype=np.float32)
+        model = build_linear_onnx(tmp_path / "m.onnx", weights)
+        s3.put("sandboxed/m.onnx", model.read_bytes())
+        project = tmp_path / "remote"
+        write(
+            project / "kiln.yaml",
+            f"- kind: api\n  name: remote\n  onnx: {{model: 's3://{BUCKET}/sandboxed/m.onnx'}}\n",
+        )
+        dotenv = "".join(f"{k}={v}\n" for k, v in s3.env().items())
+        write(project / ".env", dotenv)
+        assert not any(k.startswith("AWS_") for k in platform.env)
+        done = platform.kiln("deploy", str(project))
+        assert done.returncode == 0, done.stdout + done.stderr
+        answer = platform.http.post(
+            f"{platform.url}/v2/models/remote/infer",
+            json={"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 1]}]},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["data"] == [4.0, 6.0]
+        assert s3.gets("sandboxed/m.onnx") == 1
+    finally:
+        platform.kiln("delete", "remote", "-f")
+        s3.stop()

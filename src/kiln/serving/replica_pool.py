@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Any
 
+import orjson
+
 from kiln.errors import Unavailable
 from kiln.sandbox import LaunchSpec, Limits
-from kiln.sandbox.policy import SandboxPolicy
+from kiln.sandbox.policy import SandboxPolicy, base_env
 from kiln.serving.gpus import allocator as gpu_allocator
 from kiln.serving.placement import cores_for, machine_replica_cap, worker_env
+from kiln.serving.replica import LoadFailed
 from kiln.serving.supervisor import ReplicaSlot
 from kiln.serving.types import WorkerSpec
+from kiln.storage.cache import cache_dir
 from kiln.storage.uri import is_remote
 
 
@@ -46,11 +51,46 @@ class ReplicaPool:
         """What a sandboxed worker may read besides Python and its revision folder."""
         spec = self.worker_spec
         paths = list(getattr(spec, "site_dirs", None) or [])
-        for path in (spec.model_path, spec.python_path):
+        for path in (getattr(self, "_fetched", None), spec.model_path, spec.python_path):
             if path and not is_remote(path):
                 full = os.path.join(self._cwd, path)
                 paths.append(full if os.path.isdir(full) else os.path.dirname(full))
         return paths
+
+    async def _fetch_model(self, slot_spec: WorkerSpec, slot_env: dict[str, str]) -> None:
+        """Make a remote model local before a sandboxed worker starts (it has no network).
+
+        The server fetches it into the shared cache in a process of its own that
+        carries the deployment's environment (its credentials), never the
+        server's; the worker then reads the cached copy read-only.
+        """
+        spec = self.worker_spec
+        if not is_remote(slot_spec.model_path):
+            return
+        env = {**base_env(), "KILN_CACHE_DIR": str(cache_dir()), **self.extra_env}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kiln.storage.fetch",
+            str(spec.model_path),
+            env=env,
+            cwd=self._cwd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        lines = out.decode(errors="replace").strip().splitlines()
+        try:
+            answer = orjson.loads(lines[-1])
+        except (IndexError, orjson.JSONDecodeError):
+            answer = {"error": err.decode(errors="replace").strip()[-500:] or "no answer"}
+        if "path" not in answer:
+            raise LoadFailed(f"cannot fetch the model {spec.model_path}: {answer['error']}")
+        local = answer["path"]
+        slot_spec.model_path = local  # this replica's spec and environment
+        slot_env["MODEL_DIR"] = local if os.path.isdir(local) else os.path.dirname(local)
+        self._fetched = local  # what _readable() binds read-only
 
     def _launch_factory(self, index: int, env: dict[str, str], devices: list[str]) -> Any:
         compute = self.api.compute
@@ -104,6 +144,7 @@ class ReplicaPool:
             index,
             spec,
             launch=self._launch_factory(index, env, devices),
+            prepare=(lambda: self._fetch_model(spec, env)) if self.sandbox.enabled else None,
             startup_timeout=self.api.serving.startup_timeout_s,
             mem_limit=self.api.compute.mem,
             log_line=self._replica_log(index),

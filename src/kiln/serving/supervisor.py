@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kiln.serving.replica import LaunchFactory, LoadFailed, Replica
@@ -30,6 +30,7 @@ class ReplicaSlot:
         spec: WorkerSpec,
         *,
         launch: LaunchFactory,
+        prepare: Callable[[], Awaitable[None]] | None = None,
         startup_timeout: float,
         mem_limit: int | None,
         log_line: Callable[[str], None],
@@ -38,6 +39,7 @@ class ReplicaSlot:
         self.index = index
         self.spec = spec
         self._launch = launch
+        self._prepare = prepare
         self._startup_timeout = startup_timeout
         self._mem_limit = mem_limit
         self._log_line = log_line
@@ -70,6 +72,8 @@ class ReplicaSlot:
             on_exit=self._on_worker_exit,
         )
         try:
+            if self._prepare is not None:
+                await self._prepare()  # e.g. the server fetches a sandboxed worker's model
             await replica.start(self._startup_timeout)
         except LoadFailed as exc:
             self.state, self.error = "failed", str(exc)
