@@ -7,6 +7,10 @@ and list item by its path (``(0, "onnx", "model") -> 7``). The same walk
 substitutes ``${VAR}`` / ``${VAR:-default}`` in string values (never in keys,
 and after parsing, so a variable's value cannot inject YAML structure) and
 spots duplicate keys, which PyYAML would otherwise silently overwrite.
+
+Which variables a file may read is the caller's choice (``kiln.config.policy``);
+on top of them, a resource's strings also read its own ``env:`` mapping and the
+deployment's (``_Builder.declare_env``), whose values read only the caller's.
 """
 
 from __future__ import annotations
