@@ -204,6 +204,7 @@ def status(home: Path, output: str) -> int:
         ("metrics", str(info.get("metrics_url"))),
         ("APIs", str(detail.get("apis", "?"))),
         ("state", str(home)),
+        ("workers", escape(str(info.get("sandbox", "?")))),
     ]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
