@@ -322,3 +322,39 @@ def test_a_remote_model_is_fetched_by_the_server_with_the_deployments_credential
     finally:
         platform.kiln("delete", "remote", "-f")
         s3.stop()
+
+
+def test_kiln_serve_runs_workers_as_before_unless_asked_to_sandbox(tmp_path: Path) -> None:
+    need_sandbox()
+    from support import KilnServer
+
+    project = tmp_path / "dev"
+    write(
+        project / "h.py",
+        "import os\n"
+        "class Model:\n"
+        "    def predict(self, payload, context):\n"
+        "        try:\n"
+        "            open(payload['path']).read(1)\n"
+        "            seen = True\n"
+        "        except OSError:\n"
+        "            seen = False\n"
+        "        return {'seen': seen, 'planted': os.environ.get('KILN_PLANTED')}\n",
+    )
+    write(project / "kiln.yaml", "- kind: api\n  name: dev\n  python: {handler: h.py:Model}\n")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    for extra, expected in (([], {"seen": True, "planted": PLANTED}), (["--sandbox"], None)):
+        server = KilnServer(
+            project, tmp_path / f"home{len(extra)}", extra, {"KILN_PLANTED": PLANTED}
+        )
+        try:
+            answer = server.client.post("/dev", json={"path": str(outside)})
+            assert answer.status_code == 200, server.output()
+            body = answer.json()
+            if expected is not None:
+                assert body == expected  # development: the developer's own environment and files
+            else:
+                assert body == {"seen": False, "planted": None}
+        finally:
+            server.stop()
