@@ -236,7 +236,7 @@ def main() -> None:
             {
                 "workers": 2,
                 "delimited_files": {"paths": ["iris.jsonl"], "batch_size": 256},
-                "output": {"path": str(work / "out")},
+                "output": {"path": "out"},  # kiln serve: <project>/out/<job_id>/
             },
         )
         onnx_limit = loop_onnx(project / "iris.jsonl", 256)

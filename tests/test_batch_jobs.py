@@ -6,6 +6,7 @@ Visibility timeouts are 1 s (kiln.yaml `jobs:`), so redeliveries take a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import pytest
 from support import KILN, KilnServer, build_linear_onnx, write
 
 from kiln.batch.output import read_jsonl
+from kiln.batch.spec import output_folder
+from kiln.errors import InvalidInput
 
 PREDICTOR = """
 import os, time
@@ -150,9 +153,7 @@ def test_item_list_job_runs_cortex_spec_unchanged(server: KilnServer, markers: P
     assert same["job_status"]["job_id"] == job["job_id"]
 
 
-def test_delimited_files_with_output_exact_and_in_order(
-    server: KilnServer, markers: Path, tmp_path: Path
-) -> None:
+def test_delimited_files_with_output_exact_and_in_order(server: KilnServer, markers: Path) -> None:
     spec = {
         "workers": 3,
         "delimited_files": {
@@ -161,13 +162,16 @@ def test_delimited_files_with_output_exact_and_in_order(
             "excludes": ["skip/**"],
             "batch_size": 4,
         },
-        "output": {"path": str(tmp_path / "out")},
+        "output": {"path": "out/"},
     }
     job = submit(server, spec).json()
+    folder = server.project.resolve() / "out" / job["job_id"]  # kiln serve: <project>/<path>/<id>
+    assert job["output"] == {"path": "out/", "format": "jsonl", "location": f"{folder}/"}
     status = wait_done(server, job["job_id"])
     assert status["job_status"]["status"] == "status_succeeded", status
     assert status["job_status"]["total_batch_count"] == 12  # 45 items / 4
-    records = read_jsonl(tmp_path / "out" / job["job_id"])
+    assert status["job_status"]["output"]["location"] == f"{folder}/"
+    records = read_jsonl(folder)
     assert [r["index"] for r in records] == list(range(45))
     assert [r["result"]["item"] for r in records] == list(range(45))
     assert records[0]["result"]["total"] == 12  # job_spec.total_batch_count
@@ -225,6 +229,18 @@ def test_file_path_lister_includes_excludes_and_dry_run(server: KilnServer, mark
             },
             "output.format must be jsonl or parquet",
         ),
+        (
+            {"workers": 1, "item_list": {"items": [1], "batch_size": 1}, "output": {"path": "/o"}},
+            "output.path must be relative",
+        ),
+        (
+            {
+                "workers": 1,
+                "item_list": {"items": [1], "batch_size": 1},
+                "output": {"path": "out/../../o"},
+            },
+            "output.path 'out/../../o' leaves the job's output folder",
+        ),
     ],
 )
 def test_each_limit_is_a_400_naming_it(
@@ -245,13 +261,13 @@ def test_on_job_complete_runs_once_with_several_workers(server: KilnServer, mark
 
 
 def test_worker_killed_mid_batch_job_still_succeeds_without_duplicates(
-    server: KilnServer, markers: Path, tmp_path: Path
+    server: KilnServer, markers: Path
 ) -> None:
     spec = {
         "workers": 2,
         "item_list": {"items": list(range(20)), "batch_size": 2},
         "config": {"hang_batch": "3"},
-        "output": {"path": str(tmp_path / "out")},
+        "output": {"path": "out"},
     }
     job = submit(server, spec).json()
     flag = markers / "hang-3"
@@ -263,7 +279,7 @@ def test_worker_killed_mid_batch_job_still_succeeds_without_duplicates(
     status = wait_done(server, job["job_id"])
     assert status["job_status"]["status"] == "status_succeeded", status
     assert status["metrics"] == {**status["metrics"], "succeeded": 10, "failed": 0}
-    records = read_jsonl(tmp_path / "out" / job["job_id"])
+    records = read_jsonl(server.project / "out" / job["job_id"])
     assert [r["index"] for r in records] == list(range(20))  # every item, once
     assert (markers / "complete").read_text().splitlines() == [job["job_id"]]
     log = server.state / "logs" / "jobs" / "scorer" / f"{job['job_id']}.log"
@@ -315,6 +331,49 @@ def test_stop_halts_workers(server: KilnServer, markers: Path) -> None:
     assert not [p for p in server.worker_pids() if "kiln.batch.worker" in _cmdline(p)]
 
 
+def test_worker_holds_no_store_only_its_channel(server: KilnServer, markers: Path) -> None:
+    spec = {
+        "workers": 1,
+        "item_list": {"items": list(range(40)), "batch_size": 1},
+        "config": {"sleep": 0.05},
+    }
+    job_id = submit(server, spec).json()["job_id"]
+    deadline = time.monotonic() + 20
+    while len(batch_lines(markers)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    (pid,) = [p for p in server.worker_pids() if "kiln.batch.worker" in _cmdline(p)]
+    links: dict[int, str] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            links[int(fd.name)] = os.readlink(fd)
+    state = str(server.state.resolve())
+    assert not [link for link in links.values() if link.startswith(state)], links  # no state.db
+    # Besides its stdio (the event loop may keep a copy of those), one socket: its channel.
+    others = set(links.values()) - {links[0], links[1], links[2]}
+    assert len(others) == 1 and others.pop().startswith("socket:"), links
+    assert state not in _cmdline(pid) and "sqlite" not in _cmdline(pid)
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert b"KILN_STATE_URL=" not in environ
+    assert wait_done(server, job_id)["job_status"]["status"] == "status_succeeded"
+
+
+def test_output_folder_rules(tmp_path: Path) -> None:
+    jobs = tmp_path / "home" / "jobs"
+    deployed = output_folder("results/", "j1", "api", project=None, jobs_home=jobs)
+    assert deployed == str((jobs / "api" / "j1" / "results").resolve())
+    assert output_folder(".", "j1", "api", project=None, jobs_home=jobs) == str(
+        (jobs / "api" / "j1").resolve()
+    )
+    served = output_folder("file://a/b/", "j1", "api", project=tmp_path, jobs_home=jobs)
+    assert served == str(tmp_path.resolve() / "a" / "b" / "j1")
+    assert output_folder("s3://b/p/", "j1", "api", project=None, jobs_home=jobs) == "s3://b/p/j1"
+    (tmp_path / "elsewhere").symlink_to("/tmp")
+    for bad in ("/abs", "file:///abs", "~/x", "..", "a/../../b", "elsewhere"):
+        with pytest.raises(InvalidInput, match="output.path"):
+            output_folder(bad, "j1", "api", project=tmp_path, jobs_home=jobs)
+
+
 def test_timeout_ends_a_slow_job(server: KilnServer, markers: Path) -> None:
     spec = {
         "workers": 1,
@@ -328,9 +387,7 @@ def test_timeout_ends_a_slow_job(server: KilnServer, markers: Path) -> None:
     assert "timeout of 1s" in status["job_status"]["error"]
 
 
-def test_onnx_batch_api_without_predictor_writes_results(
-    server: KilnServer, tmp_path: Path
-) -> None:
+def test_onnx_batch_api_without_predictor_writes_results(server: KilnServer) -> None:
     items = [[1.0, 1.0], [2.0, 3.0], [0.5, 0.0]]
     no_output = submit(
         server, {"workers": 1, "item_list": {"items": items, "batch_size": 2}}, "iris-batch"
@@ -339,12 +396,12 @@ def test_onnx_batch_api_without_predictor_writes_results(
     spec = {
         "workers": 2,
         "item_list": {"items": items, "batch_size": 2},
-        "output": {"path": str(tmp_path / "onnx")},
+        "output": {"path": "onnx"},
     }
     job = submit(server, spec, "iris-batch").json()
     status = wait_done(server, job["job_id"], "iris-batch")
     assert status["job_status"]["status"] == "status_succeeded", status
-    records = read_jsonl(tmp_path / "onnx" / job["job_id"])
+    records = read_jsonl(server.project / "onnx" / job["job_id"])
     assert [r["result"] for r in records] == [[1.0, 2.0], [2.0, 6.0], [0.5, 0.0]]
 
 
@@ -388,7 +445,7 @@ def test_server_killed_mid_job_resumes_and_completes(tmp_path: Path) -> None:
         "workers": 1,
         "item_list": {"items": list(range(30)), "batch_size": 1},
         "config": {"sleep": 0.1},
-        "output": {"path": str(tmp_path / "out")},
+        "output": {"path": "out"},
     }
     first = KilnServer(tmp_path / "proj", home)
     try:
@@ -409,7 +466,7 @@ def test_server_killed_mid_job_resumes_and_completes(tmp_path: Path) -> None:
         status = wait_done(second, job_id)
         assert status["job_status"]["status"] == "status_succeeded", status
         assert status["metrics"]["succeeded"] == 30
-        records = read_jsonl(tmp_path / "out" / job_id)
+        records = read_jsonl(tmp_path / "proj" / "out" / job_id)
         assert [r["index"] for r in records] == list(range(30))  # none lost, none twice
         assert (markers / "complete").read_text().splitlines() == [job_id]
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -78,6 +77,9 @@ def test_delimited_files_from_s3_into_s3(server: KilnServer, s3: S3Server) -> No
     assert len([f for f in dry.text.split('"') if f.endswith(".jsonl")]) == 3
     status = run_job(server, spec)
     assert status["job_status"]["status"] == "status_succeeded", status
+    job_id = status["job_status"]["job_id"]
+    location = f"s3://{BUCKET}/out/{job_id}/"  # written by the server, not the workers
+    assert status["job_status"]["output"]["location"] == location
     keys = [
         o["Key"] for o in s3.s3.list_objects_v2(Bucket=BUCKET, Prefix="out/").get("Contents", [])
     ]
@@ -85,6 +87,7 @@ def test_delimited_files_from_s3_into_s3(server: KilnServer, s3: S3Server) -> No
     for key in keys:
         body = s3.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         rows += [orjson.loads(line) for line in body.splitlines()]
+    assert all(key.startswith(f"out/{job_id}/part-") for key in keys), keys
     assert sorted(r["index"] for r in rows) == list(range(30))  # every item, once
     assert sorted(r["result"] for r in rows) == [x * 10 for x in range(30)]
 
@@ -97,17 +100,18 @@ def test_an_empty_s3_prefix_fails_the_job_while_enqueuing_and_says_why(server: K
     assert "nothing-here" in str(status)
 
 
-def test_parquet_output_holds_every_item_once(server: KilnServer, tmp_path: Path) -> None:
+def test_parquet_output_holds_every_item_once(server: KilnServer) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
-    out = tmp_path / "results"
     spec = {
         "workers": 2,
         "item_list": {"items": [{"x": i} for i in range(23)], "batch_size": 5},
-        "output": {"path": str(out), "format": "parquet"},
+        "output": {"path": "results", "format": "parquet"},
     }
     status = run_job(server, spec)
     assert status["job_status"]["status"] == "status_succeeded", status
-    parts = sorted(out.rglob("*.parquet"))  # {path}/{job_id}/part-NNNNNN.parquet
+    out = server.project.resolve() / "results" / status["job_status"]["job_id"]
+    assert status["job_status"]["output"]["location"] == f"{out}/"
+    parts = sorted(out.glob("*.parquet"))  # kiln serve: <project>/<path>/<job_id>/part-N
     assert len(parts) == 5
     table = [pq.read_table(io.BytesIO(p.read_bytes())).to_pylist() for p in parts]
     rows = [row for part in table for row in part]

@@ -337,11 +337,12 @@ def test_deploy_a_batch_api_run_a_job_and_delete_it(daemon: Daemon, tmp_path: Pa
     deploy(daemon, folder)
     listed = daemon.apis()["doubler"]
     assert listed["kind"] == "BatchAPI" and listed["status"] == "live"
-    out = tmp_path / "out"
     spec = {"workers": 1, "item_list": {"items": [1, 2, 3], "batch_size": 2}}
-    job = daemon.http.post(f"{daemon.url}/doubler", json={**spec, "output": {"path": str(out)}})
+    job = daemon.http.post(f"{daemon.url}/doubler", json={**spec, "output": {"path": "out"}})
     assert job.status_code == 200, job.text
     job_id = job.json()["job_id"]
+    out = (daemon.home / "jobs" / "doubler" / job_id / "out").resolve()  # a deployed API's
+    assert job.json()["output"]["location"] == f"{out}/"
     done = daemon.wait_until(
         lambda: (
             (s := daemon.http.get(f"{daemon.url}/doubler/{job_id}").json())["job_status"]["status"]
@@ -352,6 +353,7 @@ def test_deploy_a_batch_api_run_a_job_and_delete_it(daemon: Daemon, tmp_path: Pa
         "the job",
     )
     assert done["metrics"]["succeeded"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["part-000000.jsonl", "part-000001.jsonl"]
     # A slow job is stopped when its API is deleted.
     slow = daemon.http.post(f"{daemon.url}/doubler", json={**spec, "config": {"sleep": 30}}).json()[
         "job_id"

@@ -4,9 +4,14 @@
   per transaction, advancing the job's cursor with them, and logs its progress.
   On success the job becomes ``running``; on a source error it ends
   ``failed while enqueuing`` with the reason.
-- Then ``workers`` worker processes start (``python -m kiln.batch.worker``), each
-  in a slot that restarts it with backoff when it crashes (its batch is
-  redelivered after the visibility timeout), up to ``jobs.max_worker_restarts``.
+- Then ``workers`` worker processes start (`spawn_worker`: ``python -m
+  kiln.batch.worker FD``), each in a slot that restarts it with backoff when it
+  crashes (its batch is redelivered after the visibility timeout), up to
+  ``jobs.max_worker_restarts``. A worker has no store: it reaches the queue over
+  a socketpair whose server end is a `QueueLink` thread (``kiln.batch.link``),
+  which answers with the store's calls and keeps the worker's leases alive. A
+  local output folder is created here before the workers start; a remote output
+  is written by the links.
   A predictor that cannot load ends the job in ``worker error``; a worker over
   ``compute.mem`` (or raising MemoryError) in ``out of memory``.
 - The watchdog polls the job's row: ``timeout`` ends it ``timed out``; any final
@@ -22,9 +27,11 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,8 @@ import orjson
 
 from kiln.batch import statuses as st
 from kiln.batch.joblog import JobLog
+from kiln.batch.link import QueueLink
+from kiln.batch.output import OutputSink, job_output_folder
 from kiln.batch.sources import iter_batches
 from kiln.batch.spec import JobSpec, Limits
 from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
@@ -44,6 +53,70 @@ ENQUEUE_CHUNK_BYTES = 4 << 20
 PROGRESS_EVERY_S = 1.0
 WATCH_S = 0.25
 STOP_GRACE_S = 3.0
+# What the server knows and a worker must not: the state store's URL (it may hold a password).
+SERVER_ONLY_ENV = ("KILN_STATE_URL",)
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything needed to start one batch worker (what a sandbox launcher is told)."""
+
+    job_id: str
+    api: str
+    number: int  # the worker's slot, 0 .. workers - 1
+    root: Path  # the revision's folder: the worker's cwd, read only
+    fd: int  # the worker's end of its channel: the one descriptor it inherits
+    output_folder: str | None  # a local output folder it writes into; None: none, or remote
+
+
+async def spawn_worker(launch: WorkerLaunch) -> asyncio.subprocess.Process:
+    """Start one batch worker process: the one place to swap for the sandbox launcher.
+
+    The process must pass `launch.fd` through (and no other descriptor: close_fds
+    is the default), run ``python -m kiln.batch.worker FD`` and give back its stdout
+    (stderr merged into it) as a pipe: the server reads markers and log lines there.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in SERVER_ONLY_ENV}
+    env.update(PYTHONUNBUFFERED="1", KILN_BATCH_WORKER=str(launch.number))
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kiln.batch.worker",
+        str(launch.fd),
+        cwd=str(launch.root),
+        env=env,
+        pass_fds=(launch.fd,),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        limit=1 << 20,
+    )
+
+
+def worker_job(job: JobRow) -> dict[str, Any]:
+    """What a worker is told first over its channel: the job, as it needs it."""
+    spec = orjson.loads(job.spec)
+    raw = {k: v for k, v in spec["raw"].items() if k != "item_list"}
+    job_spec = {  # what Cortex hands a predictor: the submission plus id, counts and times
+        **raw,
+        "job_id": job.id,
+        "api_name": job.api,
+        "kind": "BatchAPI",
+        "workers": job.workers,
+        "config": spec["config"],
+        "total_batch_count": job.enqueued_batches,
+        "start_time": job.started_at,
+        "created_time": job.created_at,
+    }
+    output = spec.get("output")
+    return {
+        "job_spec": job_spec,
+        "plan": orjson.loads(job.plan),
+        "batch_size": spec["batch_size"],
+        "output": {"folder": job_output_folder(job.id, output), "format": output["format"]}
+        if output
+        else None,
+    }
 
 
 class JobRun:
@@ -71,6 +144,9 @@ class JobRun:
         self.on_end = on_end
         self.states: dict[int, str] = {}
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.links: dict[int, QueueLink] = {}
+        self._worker_job: dict[str, Any] = {}
+        self._sink: OutputSink | None = None
         self.failures = 0
         self.ending = False
         self._wake = asyncio.Event()
@@ -98,7 +174,7 @@ class JobRun:
             if not self.job.enqueue_done:
                 await asyncio.to_thread(self._enqueue)
             job = await asyncio.to_thread(self.store.get_job, self.job.id)
-            if job is not None and job.status == st.RUNNING:
+            if job is not None and job.status == st.RUNNING and await self._prepare(job):
                 self.job = job
                 self.log.write(f"starting {job.workers} worker(s)", event="workers")
                 self._slots = [asyncio.create_task(self._slot(n)) for n in range(job.workers)]
@@ -116,6 +192,27 @@ class JobRun:
             self.log.close()
             if self.on_end is not None:
                 self.on_end(final)
+
+    async def _prepare(self, job: JobRow) -> bool:
+        """What the workers get: the job, and its output folder (created here when local)."""
+        self._worker_job = worker_job(job)
+        output = self._worker_job["output"]
+        if output is None:
+            return True
+        self._sink = OutputSink(output["folder"], output["format"])
+        if self._sink.remote:
+            return True
+        try:
+            await asyncio.to_thread(Path(self._sink.folder).mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            await asyncio.to_thread(
+                self.store.end_job,
+                job.id,
+                st.WORKER_ERROR,
+                error=f"cannot create the output folder {self._sink.folder}: {exc.strerror or exc}",
+            )
+            return False
+        return True
 
     def _enqueue(self) -> None:
         """Stream the source into the queue (runs in a thread)."""
@@ -205,22 +302,15 @@ class JobRun:
         backoff = 0.2
         while not self.ending:
             self.states[n] = "pending"
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "kiln.batch.worker",
-                self.store.url,
-                self.job.id,
-                cwd=str(self.root),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "KILN_BATCH_WORKER": str(n)},
-                limit=1 << 20,
-            )
+            proc, link = await self._start_worker(n)
             self.procs[n] = proc
-            error = await self._pump(n, proc)
+            try:
+                error = await self._pump(n, proc)
+            finally:
+                link.close()
             code = await proc.wait()
             self.procs.pop(n, None)
+            self.links.pop(n, None)
             if self.ending:
                 return
             if code == 0:
@@ -255,6 +345,39 @@ class JobRun:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
+    async def _start_worker(self, n: int) -> tuple[asyncio.subprocess.Process, QueueLink]:
+        """Worker `n` and the thread that answers its channel."""
+        ours, theirs = socket.socketpair()
+        try:
+            sink = self._sink
+            launch = WorkerLaunch(
+                job_id=self.job.id,
+                api=self.job.api,
+                number=n,
+                root=self.root,
+                fd=theirs.fileno(),
+                output_folder=sink.folder if sink is not None and not sink.remote else None,
+            )
+            proc = await spawn_worker(launch)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker's copy is the only one: its exit closes the channel
+        link = QueueLink(
+            self.store,
+            self.job.id,
+            self._worker_job,
+            ours,
+            self.job.visibility_timeout,
+            sink=sink,
+            log=lambda line: self.log.write(line, event="worker", worker=n),
+            name=f"batch-link-{self.job.id}-{n}",
+        )
+        self.links[n] = link
+        link.start()
+        return proc, link
+
     async def _pump(self, n: int, proc: asyncio.subprocess.Process) -> str | None:
         """Copy the worker's output into the job log; follow its state markers."""
         error = None
@@ -279,6 +402,8 @@ class JobRun:
 
     async def _stop_workers(self) -> None:
         self.ending = True
+        for link in list(self.links.values()):
+            link.close()
         live = [p for p in self.procs.values() if p.returncode is None]
         for proc in live:
             with contextlib.suppress(ProcessLookupError):

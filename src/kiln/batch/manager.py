@@ -23,7 +23,7 @@ from kiln.batch.job import JobRun, worker_plan
 from kiln.batch.joblog import JobLog, job_log_path
 from kiln.batch.report import job_spec_document, job_status, job_summary
 from kiln.batch.sources import SourceError, check_paths, dry_run
-from kiln.batch.spec import Limits, parse_body, resolve_local, validate
+from kiln.batch.spec import Limits, output_folder, parse_body, validate
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow
 from kiln.errors import Forbidden, InvalidInput, NotFound
@@ -33,7 +33,7 @@ from kiln.errors import Forbidden, InvalidInput, NotFound
 class BatchApiEntry:
     spec: Any  # kiln.config.BatchApiSpec
     root: Path
-    revision: str | None
+    revision: str | None  # None: `kiln serve DIR`'s own project, not a deployment
     limits: Limits
 
 
@@ -55,9 +55,18 @@ def new_job_id() -> str:
 class JobManager:
     """Every batch API of one server, and the jobs running for them."""
 
-    def __init__(self, store: Store, log_folder: Path, api_log: Any = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        log_folder: Path,
+        api_log: Any = None,
+        *,
+        jobs_folder: Path | None = None,
+    ) -> None:
         self.store = store
         self.log_folder = log_folder
+        # Deployed APIs' local outputs: KILN_HOME/jobs/<api>/<job_id>/<output.path>.
+        self.jobs_folder = jobs_folder if jobs_folder is not None else log_folder.parent / "jobs"
         self.api_log = api_log  # LogSink: one line per job event in the API's own log
         self.apis: dict[str, BatchApiEntry] = {}
         self.endpoints: dict[str, str] = {}
@@ -142,11 +151,18 @@ class JobManager:
                 return await asyncio.to_thread(dry_run, spec, entry.root)
             except SourceError as exc:
                 raise InvalidInput(exc.message) from None
+        job_id = new_job_id()
         if spec.output is not None:
-            spec.output["path"] = resolve_local(spec.output["path"], entry.root)
+            spec.output["folder"] = output_folder(
+                spec.output["path"],
+                job_id,
+                name,
+                project=entry.root if entry.revision is None else None,
+                jobs_home=self.jobs_folder,
+            )
         job = await asyncio.to_thread(
             self.store.create_job,
-            new_job_id(),
+            job_id,
             name,
             spec=orjson.dumps(spec.to_json()).decode(),
             plan=orjson.dumps(worker_plan(entry.spec, entry.root, entry.revision)).decode(),

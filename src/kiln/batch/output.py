@@ -1,6 +1,13 @@
 """The optional output sink: each item's result, written by Kiln, one file per batch.
 
-``{output.path}/{job_id}/part-{batch:06d}.jsonl`` holds one line per item,
+The server decides where a job's output goes (`output_folder`, at submission):
+
+- a local ``output.path`` must be relative; it resolves to
+  ``KILN_HOME/jobs/<api>/<job_id>/<path>/`` for a deployed API, and to
+  ``<project>/<path>/<job_id>/`` for ``kiln serve DIR``;
+- an ``s3://`` or ``gs://`` path gets ``<path>/<job_id>/``.
+
+``{folder}/part-{batch:06d}.jsonl`` holds one line per item,
 ``{"index": <item index in the job>, "result": ...}``. A batch's file appears
 whole or not at all (written to a temporary name, then renamed; an object store
 put is atomic by itself), and a batch that runs again after a retry or a crash
@@ -8,6 +15,11 @@ rewrites the same name. So a job's output is complete and holds every item once,
 however often its batches were delivered. ``format: parquet`` writes
 ``part-{batch:06d}.parquet`` (columns ``index``, ``result`` as JSON text) and needs
 pyarrow on the server.
+
+Who writes: for a local folder, the worker (the server creates the folder and
+hands it to the worker, the one place a sandboxed worker may write besides its
+scratch folder); for a remote one, the server, with the bytes the worker encoded
+and sent over its channel (the worker needs no network and no credentials).
 """
 
 from __future__ import annotations
@@ -21,38 +33,22 @@ import orjson
 from kiln.serving.encoding import dumps
 
 
-class OutputSink:
-    """Writes one job's results."""
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
 
-    def __init__(self, path: str, fmt: str, job_id: str) -> None:
+
+class OutputSink:
+    """Encodes one job's results and writes them to its output folder."""
+
+    def __init__(self, folder: str, fmt: str) -> None:
         self.format = fmt
-        self.remote = "://" in path and not path.startswith("file://")
-        base = path.rstrip("/") if self.remote else path.removeprefix("file://")
-        self.folder = f"{base}/{job_id}"
-        if not self.remote:
-            Path(self.folder).mkdir(parents=True, exist_ok=True)
+        self.remote = is_remote(folder)
+        self.folder = folder.rstrip("/") if self.remote else folder.removeprefix("file://")
 
     def name(self, idx: int) -> str:
         return f"{self.folder}/part-{idx:06d}.{self.format}"
 
-    def write(self, idx: int, item_start: int, results: list[Any]) -> None:
-        """Write one batch's results atomically, replacing an earlier attempt's file."""
-        data = self._encode(item_start, results)
-        target = self.name(idx)
-        if self.remote:
-            from kiln.storage.remote import filesystem
-            from kiln.storage.uri import parse_uri
-
-            uri = parse_uri(target)
-            with filesystem(uri).open(uri.path, "wb") as f:
-                f.write(data)
-            return
-        tmp = f"{self.folder}/.part-{idx:06d}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # no fsync: as durable as the store's WAL (see docs)
-            f.write(data)
-        os.replace(tmp, target)
-
-    def _encode(self, item_start: int, results: list[Any]) -> bytes:
+    def encode(self, item_start: int, results: list[Any]) -> bytes:
         if self.format == "parquet":
             return _parquet(item_start, results)
         lines = [
@@ -60,6 +56,33 @@ class OutputSink:
             for i, r in enumerate(results)
         ]
         return b"".join(lines)
+
+    def write(self, idx: int, data: bytes | memoryview) -> None:
+        """Write one batch's encoded results atomically, replacing an earlier attempt's file."""
+        target = self.name(idx)
+        if self.remote:
+            from kiln.storage.remote import filesystem
+            from kiln.storage.uri import parse_uri
+
+            uri = parse_uri(target)
+            with filesystem(uri).open(uri.path, "wb") as f:
+                f.write(bytes(data))
+            return
+        tmp = f"{self.folder}/.part-{idx:06d}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:  # no fsync: as durable as the store's WAL (see docs)
+            f.write(data)
+        os.replace(tmp, target)
+
+
+def job_output_folder(job_id: str, output: dict[str, str]) -> str:
+    """Where a job's parts go: `folder`, fixed at submission (see `kiln.batch.spec`).
+
+    A job submitted before the folder was stored keeps its old place, ``<path>/<job_id>``.
+    """
+    folder = output.get("folder")
+    if folder:
+        return folder
+    return f"{output['path'].rstrip('/')}/{job_id}"
 
 
 def _parquet(item_start: int, results: list[Any]) -> bytes:

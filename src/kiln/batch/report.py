@@ -2,7 +2,8 @@
 
 ``{"job_status": {...}, "endpoint", "api_spec", "metrics": {succeeded, failed,
 avg_time_per_batch}, "progress": {...}}``, where ``job_status`` holds the job
-spec, ``status`` (Cortex's wire name, e.g. ``status_running``), ``status_text``
+spec (its ``output`` with ``location``: the absolute folder the parts go to),
+``status`` (Cortex's wire name, e.g. ``status_running``), ``status_text``
 (``running``), ``total_batch_count``, ``batches_in_queue``, ``worker_counts``
 (while running) and RFC 3339 times with nanoseconds, as Cortex wrote them.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 
 from kiln.batch import statuses as st
+from kiln.batch.output import job_output_folder
 from kiln.control.store.jobs import JobRow
 
 
@@ -40,6 +42,10 @@ def job_spec_document(job: JobRow, endpoint: str | None) -> dict[str, Any]:
             "batch_size": spec["batch_size"],
             "item_count": len(spec["items"] or []),
         }
+    if spec.get("output"):  # the path as given, and where the parts really go
+        location = job_output_folder(job.id, spec["output"]).rstrip("/") + "/"
+        raw["output"] = {**spec["output"], **raw.get("output", {}), "location": location}
+        raw["output"].pop("folder", None)
     return {
         **raw,
         "job_id": job.id,

@@ -8,6 +8,8 @@ client sees at once what to change. Limits come from the API's ``jobs:`` block
 from __future__ import annotations
 
 import importlib.util
+import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,12 +227,63 @@ def _output(block: Any) -> dict[str, str]:
     fmt = block.get("format") or "jsonl"
     if fmt not in FORMATS:
         raise _bad(f"output.format must be jsonl or parquet, got {fmt!r}")
+    _check_output_path(block["path"])
     if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
         raise _bad(
             "output.format parquet needs pyarrow, which is not installed on the server; "
             "install it there (pip install pyarrow) or use format jsonl"
         )
     return {"path": block["path"], "format": fmt}
+
+
+def _remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _check_output_path(path: str) -> str:
+    """A local output.path, normalized: relative and inside the job's folder, or a 400."""
+    if _remote(path):
+        return path
+    local = path.removeprefix("file://")
+    if local.startswith("~") or os.path.isabs(local):
+        raise _bad(
+            f"output.path must be relative, got {path!r}: a job's local output goes under "
+            f'the server\'s folder for the job (give e.g. "results/"), or use s3:// or gs://'
+        )
+    normal = posixpath.normpath(local)
+    if normal == ".." or normal.startswith("../"):
+        raise _bad(
+            f"output.path {path!r} leaves the job's output folder; give a relative path "
+            f"without '..' (e.g. \"results/\"), or use s3:// or gs://"
+        )
+    return normal
+
+
+def output_folder(
+    path: str, job_id: str, api: str, *, project: Path | None, jobs_home: Path
+) -> str:
+    """The absolute folder a job's output goes to (where the status document shows it).
+
+    Remote: ``<path>/<job_id>``. Local, for ``kiln serve DIR`` (`project` given):
+    ``<project>/<path>/<job_id>``; for a deployed API: ``<jobs_home>/<api>/<job_id>/<path>``
+    (`jobs_home` is ``KILN_HOME/jobs``). A path that leads outside (``..``, or a
+    symbolic link out of the base) is a 400 naming ``output.path``.
+    """
+    if _remote(path):
+        return f"{path.rstrip('/')}/{job_id}"
+    relative = _check_output_path(path)
+    if project is not None:
+        base = project.resolve()
+        folder = (base / relative / job_id).resolve()
+    else:
+        base = (jobs_home / api / job_id).resolve()
+        folder = (base / relative).resolve()
+    if not folder.is_relative_to(base):
+        raise _bad(
+            f"output.path {path!r} leads outside the job's output folder (to {folder}, "
+            f"through a symbolic link); give another relative path"
+        )
+    return str(folder)
 
 
 def resolve_local(path: str, root: Path) -> str:

@@ -1,40 +1,71 @@
-"""The batch worker process: claim a batch, run it, acknowledge it; repeat; then finish.
+"""The batch worker process: ask the server for a batch, run it, report it; repeat; then finish.
 
-Started by the server for one job as ``python -m kiln.batch.worker STORE_URL JOB_ID``.
-It reaches the queue in the state store directly (its own Store), so the server
-is not in the data path. A heartbeat thread keeps the claimed batch invisible
-while it runs; if this process dies, the heartbeat stops and the batch is
-redelivered after the API's visibility timeout. When no batch is left, one worker
-wins the right to run ``on_job_complete`` (see `JobsMixin.claim_completion`) and
-sets the job's final status.
+Started by the server for one job as ``python -m kiln.batch.worker FD``, where FD
+is the worker's end of a socketpair (the only descriptor it inherits besides
+stdio; see `kiln.batch.job.spawn_worker`). The worker never opens the state store
+and needs no network: everything it asks of the queue goes over that channel, in
+`kiln.serving.ipc` frames (msgpack headers, raw buffers, no pickle), and the
+server's `kiln.batch.link.QueueLink` answers with the same store calls the worker
+used to make. One request, one answer:
+
+====================  ===================================================  ==================
+worker sends          the server does                                      and answers
+====================  ===================================================  ==================
+(first, unasked)      (reads the job)                                      ``job``: job_spec,
+                                                                           plan, output
+``claim``             ``claim_batch``                                      a claim
+``ack`` s [, bytes]   writes remote output bytes, ``ack_batch`` (+ claim)   the next claim
+``fail`` error        ``fail_batch``, then ``claim_batch``                 dead?, next claim
+``complete``          ``claim_completion`` (or reads whether it is done)   won?, done?
+``finish`` error      ``finish_job``                                       the final status
+====================  ===================================================  ==================
+
+A claim is ``state`` ("batch", "wait", "drained", "stop"); a batch comes with its
+index, first item, item count and receive count, and its payload (the JSON array
+of its items) as the frame's buffer. The server keeps the lease token: the worker
+cannot act on a batch it does not hold, nor on another job.
+
+Leases: the server extends the lease of the batch (or of on_job_complete) that a
+worker holds, every third of the visibility timeout, for as long as that
+worker's channel is open: it knows which batch it handed to which live worker,
+so no heartbeat crosses the channel and the worker needs no lock around it. When
+the worker dies its channel closes, the extensions stop, and the batch is
+redelivered after the visibility timeout, as before.
+
+Output: a local output folder is created by the server and passed in the ``job``
+frame; the worker writes its ``part-*`` files there itself (atomically, see
+`kiln.batch.output`). For a remote one (s3://, gs://) the worker encodes the
+batch's results and sends the bytes with its ``ack``; the server writes them
+before it acknowledges.
 
 Exit codes tell the server what happened: 0 done, 2 the predictor failed to load
-(the job ends in ``worker error``), 3 out of memory (``out of memory``).
-State changes go to stdout as marker lines the server reads (``MARK`` + state).
+(the job ends in ``worker error``), 3 out of memory (``out of memory``); 1 when the
+server closed the channel. State changes go to stdout as marker lines the server
+reads (``MARK`` + state); everything else on stdout/stderr goes to the job's log.
 """
 
 from __future__ import annotations
 
-import os
 import signal
+import socket
 import sys
-import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from kiln.batch.output import OutputSink
 from kiln.batch.runner import Runner, load_runner
-from kiln.control.store import Store
-from kiln.control.store.jobs import QueuedBatch
 from kiln.errors import KilnError
+from kiln.serving.ipc import BlockingChannel
 from kiln.serving.worker import _die_with_parent
 
 MARK = "\x1ekiln-batch:"
 EXIT_LOAD_FAILED = 2
 EXIT_OOM = 3
+EXIT_SERVER_GONE = 1
 _WAIT_S = (0.02, 0.5)  # polling backoff while others hold the last batches
 
 
@@ -49,86 +80,124 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class Heartbeat(threading.Thread):
-    """Extends the lease of whatever this worker holds, every third of the timeout."""
+class ServerGone(Exception):
+    """The server closed the channel (it stopped the job, or it is shutting down)."""
 
-    def __init__(self, store: Store, job_id: str, timeout: float) -> None:
-        super().__init__(daemon=True, name="lease-heartbeat")
-        self.store, self.job_id, self.timeout = store, job_id, timeout
-        self.batch: QueuedBatch | None = None
-        self.completion = False
-        self._stop = threading.Event()
 
-    def run(self) -> None:
-        while not self._stop.wait(self.timeout / 3):
-            try:
-                batch = self.batch
-                if batch is not None:
-                    self.store.extend_lease(self.job_id, batch, self.timeout)
-                elif self.completion:
-                    self.store.extend_completion(self.job_id, self.timeout)
-            except Exception:  # noqa: BLE001 - a missed beat only risks a redelivery
-                pass
+@dataclass(frozen=True)
+class Batch:
+    """A batch this worker holds (the server keeps its lease)."""
 
-    def stop(self) -> None:
-        self._stop.set()
+    idx: int
+    item_start: int
+    item_count: int
+    receive_count: int
+    payload: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class Claim:
+    state: str  # "batch", "wait", "drained", "stop"
+    batch: Batch | None = None
+
+
+class QueueClient:
+    """The worker's end of the channel: each queue operation is one request and one answer."""
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+
+    def _recv(self) -> tuple[dict[str, Any], list[memoryview]]:
+        frame = self.channel.recv()
+        if frame is None:
+            raise ServerGone
+        return frame
+
+    def _call(
+        self, header: dict[str, Any], buffers: list[bytes] = ()
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        try:
+            self.channel.send(header, buffers)
+        except OSError:
+            raise ServerGone from None
+        return self._recv()
+
+    def hello(self) -> dict[str, Any]:
+        """The job, as the server sends it first: job_spec, plan, batch_size, output."""
+        header, buffers = self._recv()
+        if header.get("op") != "job" or not buffers:
+            raise KilnError(f"the server sent {header.get('op')!r} instead of the job")
+        return orjson.loads(buffers[0])  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _claim(header: dict[str, Any], buffers: list[memoryview]) -> Claim:
+        if header["state"] != "batch":
+            return Claim(header["state"])
+        batch = Batch(header["idx"], header["start"], header["n"], header["rc"], buffers[0])
+        return Claim("batch", batch)
+
+    def claim(self) -> Claim:
+        return self._claim(*self._call({"op": "claim"}))
+
+    def ack(self, seconds: float, output: bytes | None = None) -> tuple[Claim, str | None]:
+        """Acknowledge the batch held (with its encoded output when the server writes it).
+
+        Returns the next claim, and the server's error when it could not write the
+        output (the batch then counts as failed, as if it had raised).
+        """
+        header, buffers = self._call(
+            {"op": "ack", "s": seconds}, [output] if output is not None else []
+        )
+        return self._claim(header, buffers), header.get("error")
+
+    def fail(self, error: str) -> tuple[Claim, bool]:
+        """Report the batch held as failed; (next claim, whether it was dead-lettered)."""
+        header, buffers = self._call({"op": "fail", "error": error})
+        return self._claim(header, buffers), bool(header.get("dead"))
+
+    def complete(self) -> tuple[bool, bool]:
+        """(this worker runs on_job_complete, the job is already finished)."""
+        header, _ = self._call({"op": "complete"})
+        return bool(header.get("won")), bool(header.get("done"))
+
+    def finish(self, error: str | None) -> str | None:
+        header, _ = self._call({"op": "finish", "error": error})
+        return header.get("status")  # type: ignore[no-any-return]
 
 
 class BatchWorker:
-    def __init__(self, store: Store, job_id: str) -> None:
-        self.store = store
-        self.job_id = job_id
-        job = store.get_job(job_id)
-        if job is None:
-            raise KilnError(f"job {job_id} is not in the state store")
-        self.job = job
-        self.spec: dict[str, Any] = orjson.loads(job.spec)
-        self.plan: dict[str, Any] = orjson.loads(job.plan)
-        output = self.spec.get("output")
-        self.sink = OutputSink(output["path"], output["format"], job_id) if output else None
-        self.heartbeat = Heartbeat(store, job_id, job.visibility_timeout)
+    def __init__(self, client: QueueClient, job: dict[str, Any]) -> None:
+        self.client = client
+        self.job_spec: dict[str, Any] = job["job_spec"]
+        self.plan: dict[str, Any] = job["plan"]
+        self.batch_size: int = job["batch_size"]
+        output = job.get("output")
+        self.sink = OutputSink(output["folder"], output["format"]) if output else None
         self.runner: Runner | None = None
 
-    def job_spec(self) -> dict[str, Any]:
-        """What Cortex hands a predictor: the submission plus id, counts and times."""
-        raw = {k: v for k, v in self.spec["raw"].items() if k != "item_list"}
-        return {
-            **raw,
-            "job_id": self.job_id,
-            "api_name": self.job.api,
-            "kind": "BatchAPI",
-            "workers": self.job.workers,
-            "config": self.spec["config"],
-            "total_batch_count": self.job.enqueued_batches,
-            "start_time": self.job.started_at,
-            "created_time": self.job.created_at,
-        }
-
     def load(self) -> None:
-        self.runner = load_runner(self.plan, self.job_spec(), self.spec["batch_size"])
+        self.runner = load_runner(self.plan, self.job_spec, self.batch_size)
 
     def run(self) -> int:
-        self.heartbeat.start()
-        claim = self.store.claim_batch(self.job_id)
+        claim = self.client.claim()
         pause = _WAIT_S[0]
         while True:
-            if claim is not None and claim.state == "batch" and claim.batch is not None:
+            if claim.state == "batch" and claim.batch is not None:
                 claim = self._run_batch(claim.batch)
                 pause = _WAIT_S[0]
                 continue
-            state = claim.state if claim is not None else "wait"
-            if state == "stop":
+            if claim.state == "stop":
                 return 0
-            if state == "drained" and self._complete():
+            if claim.state == "drained" and self._complete():
                 return 0
             time.sleep(pause)
             pause = min(pause * 2, _WAIT_S[1])
-            claim = self.store.claim_batch(self.job_id)
+            claim = self.client.claim()
 
-    def _run_batch(self, batch: QueuedBatch) -> Any:
+    def _run_batch(self, batch: Batch) -> Claim:
         assert self.runner is not None
-        self.heartbeat.batch = batch
         started = time.perf_counter()
+        output = None
         try:
             items = orjson.loads(batch.payload)
             results = self.runner.run(items, str(batch.idx))
@@ -139,7 +208,10 @@ class BatchWorker:
                         f"the job has an output, so predict must return a list with one "
                         f"result per item ({len(items)}); it returned {got}"
                     )
-                self.sink.write(batch.idx, batch.item_start, results)
+                output = self.sink.encode(batch.item_start, results)
+                if not self.sink.remote:  # ours to write; a remote one the server writes
+                    self.sink.write(batch.idx, output)
+                    output = None
         except MemoryError:
             raise
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything
@@ -154,45 +226,49 @@ class BatchWorker:
                 sys.stderr.flush()
             else:
                 sys.stderr.write(f"batch {batch.idx} failed: {error}\n")
-            self.heartbeat.batch = None
-            dead = self.store.fail_batch(self.job_id, batch, error)
-            if dead:
-                sys.stderr.write(f"batch {batch.idx} moved to the dead-letter set\n")
-            return self.store.claim_batch(self.job_id)
-        self.heartbeat.batch = None
-        return self.store.ack_batch(self.job_id, batch, time.perf_counter() - started)
+            return self._fail(batch, error)
+        claim, error = self.client.ack(time.perf_counter() - started, output)
+        if error is not None:
+            sys.stderr.write(f"batch {batch.idx} failed: {error}\n")
+            sys.stderr.flush()
+        return claim
+
+    def _fail(self, batch: Batch, error: str) -> Claim:
+        claim, dead = self.client.fail(error)
+        if dead:
+            sys.stderr.write(f"batch {batch.idx} moved to the dead-letter set\n")
+        sys.stderr.flush()
+        return claim
 
     def _complete(self) -> bool:
         """Try to run on_job_complete; True when the job is finished (by us or another)."""
-        if not self.store.claim_completion(self.job_id, self.job.visibility_timeout):
-            job = self.store.get_job(self.job_id)
-            return job is None or not job.active or job.completion == "done"
+        won, done = self.client.complete()
+        if not won:
+            return done
         assert self.runner is not None
-        self.heartbeat.completion = True
         error = None
         try:
             self.runner.on_job_complete()
         except Exception as exc:  # noqa: BLE001 - user code
             traceback.print_exc()
             error = f"on_job_complete failed: {describe(exc)}"
-        self.heartbeat.completion = False
-        status = self.store.finish_job(self.job_id, error=error)
+        status = self.client.finish(error)
         mark("finished", status or "")
         return True
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _die_with_parent()
-    if os.getppid() == 1:  # the server died before we asked to die with it
-        return 1
+    _die_with_parent()  # in a sandbox, its launcher dies with the server (and takes us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the server decides
-    url, job_id = argv[0], argv[1]
+    channel = BlockingChannel(socket.socket(fileno=int(argv[0])))
     mark("initializing")
     try:
-        store = Store(url)
-        worker = BatchWorker(store, job_id)
+        client = QueueClient(channel)
+        worker = BatchWorker(client, client.hello())
         worker.load()
+    except ServerGone:
+        return EXIT_SERVER_GONE  # the server died or stopped the job before we started
     except MemoryError:
         mark("error", "out of memory while loading the predictor")
         return EXIT_OOM
@@ -204,12 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     mark("running")
     try:
         return worker.run()
+    except ServerGone:
+        return EXIT_SERVER_GONE
     except MemoryError:
         mark("error", "out of memory while running a batch")
         return EXIT_OOM
     finally:
-        worker.heartbeat.stop()
-        store.close()
+        channel.close()
 
 
 if __name__ == "__main__":
