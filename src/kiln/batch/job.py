@@ -437,11 +437,14 @@ def _rss(pid: int) -> int | None:
 
 def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:
     """How workers run this BatchAPI, frozen into the job (so a resumed job runs the same)."""
+    from kiln.environments import site_dirs_for
+
     plan: dict[str, Any] = {
         "root": str(root),
         "python_path": api.python_path or str(root),
         "revision": revision,
         "mem": api.compute.mem,
+        "site_dirs": site_dirs_for(root),  # built by the deploy (kiln.environments)
     }
     if api.runtime == "predictor":
         plan.update(kind="predictor", predictor_path=api.predictor.path)
@@ -449,5 +452,6 @@ def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:
     from kiln.serving.placement import worker_spec_for
 
     spec = worker_spec_for(api)
+    spec.site_dirs = plan["site_dirs"]
     plan.update(kind="pipeline", worker_spec=spec.to_wire())
     return plan

@@ -98,12 +98,13 @@ class PipelineRunner(Runner):
 
         from kiln.handlers.pipeline import build_pipeline
         from kiln.serving.types import WorkerSpec
-        from kiln.serving.worker import _local_model
+        from kiln.serving.worker import _local_model, add_site_dirs
 
         spec = WorkerSpec.from_wire(worker_spec)
         spec = dataclasses.replace(spec, max_batch_size=max(batch_size, 1), config=config)
         if spec.python_path and spec.python_path not in sys.path:
             sys.path.insert(0, spec.python_path)
+        add_site_dirs(spec.site_dirs)
         self.spec = _local_model(spec)
         self.pipeline = build_pipeline(self.spec)
 
@@ -131,6 +132,9 @@ class PipelineRunner(Runner):
 def load_runner(plan: dict[str, Any], job_spec: dict[str, Any], batch_size: int) -> Runner:
     """Build what the job's plan names (raises whatever loading user code raises)."""
     config = job_spec.get("config") or {}
+    from kiln.serving.worker import add_site_dirs
+
+    add_site_dirs(plan.get("site_dirs") or [])  # the project's environment (requirements.txt)
     if plan["kind"] == "predictor":
         if plan.get("python_path") and plan["python_path"] not in sys.path:
             sys.path.insert(0, plan["python_path"])

@@ -1,13 +1,16 @@
-"""`kiln cache ls` and `kiln cache prune`: the local model cache, seen and trimmed.
+"""`kiln cache ls` and `kiln cache prune`: the local model cache and Python environments.
 
 Pruning never asks: everything in the cache can be downloaded again, and an
-entry a running API uses is never removed (it is listed as kept instead).
+entry a running API uses is never removed (it is listed as kept instead). The
+same holds for the Python environments built from projects' requirements.txt
+(kiln.environments): a running server holds every environment it has served
+from since it started, and the next deploy that needs a pruned one builds it again.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -17,7 +20,10 @@ from kiln.cli.common import console, fail
 
 cache_app = typer.Typer(
     name="cache",
-    help="The local model cache (downloads from s3://, gs://, http(s)://, unpacked archives).",
+    help=(
+        "The local model cache (downloads from s3://, gs://, http(s)://, unpacked archives) "
+        "and the Python environments built from projects' requirements.txt."
+    ),
     no_args_is_help=True,
 )
 
@@ -42,16 +48,20 @@ def _ago(when: float) -> str:
 def ls(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List cached models: path they came from, size, last use, local folder."""
+    """List cached models (path they came from, size, last use, local folder) and environments."""
+    from kiln.environments import Environments
     from kiln.storage import Cache
 
     cache = Cache()
     entries = cache.list()
+    envs = Environments()
+    environments = envs.list()
     if as_json:
         import orjson
 
         rows = [
             {
+                "kind": "model",
                 "uri": e.uri,
                 "size": e.size,
                 "last_used": e.last_used,
@@ -59,9 +69,10 @@ def ls(
                 "in_use": e.in_use,
             }
             for e in reversed(entries)
-        ]
+        ] + [_env_row(envs, env) for env in reversed(environments)]
         typer.echo(orjson.dumps(rows).decode())
         return
+    _list_environments(envs, environments)
     if not entries:
         console.print(f"The model cache is empty ({cache.root}).")
         return
@@ -105,6 +116,7 @@ def prune(
         limit = parse_bytes(max_size.strip().removesuffix("B"), what="cache") if max_size else None
     except FieldProblem as exc:
         fail(f"{exc}", 2)
+    _prune_environments(everything, age)
     removed, busy = Cache().evict(limit, older_than=age, everything=everything)
     for e in removed:
         console.print(f"removed {escape(e.uri)} ({_size(e.size)})", highlight=False)
@@ -112,6 +124,52 @@ def prune(
         console.print(f"kept {escape(e.uri)}: in use by a running API", highlight=False)
     freed = sum(e.size for e in removed)
     console.print(f"{len(removed)} model(s) removed, {_size(freed)} freed")
+
+
+def _env_row(envs: Any, env: Any) -> dict[str, Any]:
+    return {
+        "kind": "environment",
+        "uri": f"env:{env.key}",
+        "key": env.key,
+        "packages": env.packages,
+        "requirement_files": env.manifest.get("requirement_files"),
+        "size": env.size,
+        "last_used": env.last_used,
+        "path": str(env.path),
+        "in_use": envs.in_use(env.key),
+    }
+
+
+def _list_environments(envs: Any, environments: list[Any]) -> None:
+    """The Python environments table (shown only when there are some)."""
+    if not environments:
+        return
+    table = Table(title=f"Python environments: {envs.root}", title_justify="left")
+    for column in ("KEY", "ADDED PACKAGES", "SIZE", "LAST USED"):
+        table.add_column(column, justify="right" if column == "SIZE" else "left", overflow="fold")
+    for env in reversed(environments):
+        used = _ago(env.last_used) + (" (in use)" if envs.in_use(env.key) else "")
+        packages = ", ".join(env.packages) or "none (the server has them all)"
+        table.add_row(env.key, escape(packages), _size(env.size), used)
+    console.print(table)
+    total = sum(e.size for e in environments)
+    console.print(f"{len(environments)} environment(s), {_size(total)}\n")
+
+
+def _prune_environments(everything: bool, older_than: float | None) -> None:
+    """--all and --older-than apply to environments too (--max-size is the model cache's)."""
+    from kiln.environments import Environments
+
+    if not (everything or older_than is not None):
+        return
+    removed, busy = Environments().prune(everything=everything, older_than=older_than)
+    for env in removed:
+        console.print(f"removed environment {env.key} ({_size(env.freed)})", highlight=False)
+    for env in busy:
+        console.print(f"kept environment {env.key}: in use by a running server", highlight=False)
+    if removed or busy:
+        freed = sum(e.freed for e in removed)
+        console.print(f"{len(removed)} environment(s) removed, {_size(freed)} freed")
 
 
 def _days(text: str) -> float:

@@ -76,6 +76,8 @@ def run_deploy(
             f"output.",
             1,
         )
+    if final.get("message"):
+        console.print(final["message"], highlight=False)  # the Python environment, if any
     console.print(
         f"[green]Revision {result['revision']} is live[/] after {time.monotonic() - started:.1f}s.",
         highlight=False,
@@ -102,6 +104,9 @@ def _wait(client: Management, deployment: str, revision: str, apis: list[dict]) 
         while time.monotonic() < deadline:
             status = client.get(f"/deployments/{deployment}")
             rollout = status.get("rollout") or {}
+            if rollout.get("revision") == revision and rollout.get("message"):
+                # A step before the replicas load, e.g. building the Python environment.
+                progress.update(task, description=f"{deployment} {revision}: {rollout['message']}")
             if rollout.get("revision") == revision and rollout.get("status") in ("live", "error"):
                 progress.update(task, completed=len(names) if rollout["status"] == "live" else 0)
                 return rollout

@@ -144,6 +144,8 @@ class ApiSpec(_Resource):
     serving: ServingOptions = Field(default_factory=ServingOptions)
     auth: Auth = Field(default_factory=Auth)
     response_envelope: Literal["none", "hub"] = "none"
+    network: Literal["none", "egress"] = "none"
+    """`egress`: the API's workers may open outbound connections (plans allow it or not)."""
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -268,6 +270,8 @@ class BatchApiSpec(_Resource):
     python: PythonBlock | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     jobs: JobsBlock = Field(default_factory=JobsBlock)
+    network: Literal["none", "egress"] = "none"
+    """`egress`: the job workers may open outbound connections (plans allow it or not)."""
 
     _more_blocks = field_validator("metadata", "jobs", mode="before")(lambda v: _empty_to_dict(v))
 

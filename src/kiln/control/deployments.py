@@ -87,17 +87,21 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         except ConfigError as exc:
             raise ConfigRejected(exc) from None
         if user is not None:
-            project.apis = [_in_namespace(api, user) for api in project.apis]
-            project.batch_apis = [_in_namespace(api, user) for api in project.batch_apis]
+            plan = self._plan(user)  # its bounds apply to what the user left to defaults
+            project.apis = [_in_namespace(api, user, plan) for api in project.apis]
+            project.batch_apis = [_in_namespace(api, user, plan) for api in project.batch_apis]
         return project
 
     async def deploy(
-        self, archive: bytes, name: str | None = None, principal: Any = None
+        self, archive: bytes | Path, name: str | None = None, principal: Any = None
     ) -> dict[str, Any]:
-        """Accept an uploaded project; returns at once with the rollout started (or a no-op)."""
+        """Accept an uploaded project (bytes, or the file it was streamed to); returns at once
+        with the rollout started (or a no-op)."""
         staging = self.artifacts / ".incoming" / f"{os.getpid()}-{time.monotonic_ns()}"
         staging.parent.mkdir(parents=True, exist_ok=True)
-        digest = await asyncio.to_thread(unpack_project, archive, staging)
+        plan = self._plan(None if principal is None or principal.is_admin else principal.user)
+        limit = plan.max_unpacked_bytes if plan is not None else None
+        digest = await asyncio.to_thread(unpack_project, archive, staging, max_unpacked=limit)
         try:
             tenant = None if principal is None or principal.is_admin else principal.user
             project = await asyncio.to_thread(self._load, staging, None, tenant)
@@ -115,6 +119,7 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
                     "the project declares no API; add a `- kind: api` (or `- kind: BatchAPI`) "
                     "entry to kiln.yaml"
                 )
+            self._check_limits(principal, project)
             if principal is not None and not principal.is_admin:
                 deployment = f"{principal.user}.{deployment}"
             else:
@@ -214,6 +219,8 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         Returns each API with the replica count to start it at (the autoscaler's
         last decision; 0 for an API that was scaled to zero); the server starts them.
         """
+        # Uploads and unpacks a stopped or killed server left half done (one server per home).
+        await asyncio.to_thread(shutil.rmtree, self.artifacts / ".incoming", True)
         restored: list[tuple[ServedApi, int]] = []
         for dep in await asyncio.to_thread(self.store.list_deployments):
             if not dep.current_revision:

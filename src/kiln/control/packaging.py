@@ -15,15 +15,21 @@ absolute paths, `..`, device files and links that leave the target folder.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import shutil
 import stat
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pathspec
 
@@ -140,23 +146,45 @@ def pack_project(root: Path) -> PackedProject:
     return PackedProject(archive, content_hash(root, files), files)
 
 
-def unpack_project(archive: bytes, dest: Path) -> str:
-    """Extract a deploy archive into `dest` (which must not exist); returns its content hash.
+def unpack_project(
+    archive: bytes | Path,
+    dest: Path,
+    *,
+    max_unpacked: int | None = None,
+    limit_name: str = "the plan's max_unpacked_bytes",
+) -> str:
+    """Extract a deploy archive (bytes, or the file an upload was streamed to) into `dest`
+    (which must not exist); returns its content hash.
 
     The extraction goes to a sibling temporary folder first and is renamed into
-    place, so a crash never leaves a half-written revision behind.
+    place, so a crash never leaves a half-written revision behind. With
+    `max_unpacked`, it stops (413, nothing kept) as soon as the running total of
+    the members' sizes passes it, before writing the member that would pass it: a
+    small upload cannot unpack to gigabytes. The decompressed stream is read in
+    bounded pieces (no tar header may ask for more than `MAX_HEADER_BYTES` at once),
+    so a crafted archive cannot make the server hold a huge header in memory.
     """
-    if len(archive) > MAX_ARCHIVE_BYTES:
+    size = len(archive) if isinstance(archive, bytes) else archive.stat().st_size
+    if size > MAX_ARCHIVE_BYTES:
         raise PayloadTooLarge(
-            f"the upload is {len(archive) >> 20} MiB, over the {MAX_ARCHIVE_BYTES >> 20} MiB "
+            f"the upload is {size >> 20} MiB, over the {MAX_ARCHIVE_BYTES >> 20} MiB "
             f"limit (KILN_MAX_DEPLOY_BYTES)"
         )
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # Headers and padding add at most ~1 KiB a member on top of the members' bytes.
+    stream_limit = None if max_unpacked is None else max_unpacked + 1024 * (MAX_FILES + 2)
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-            members = _checked_members(tar)
+        with contextlib.ExitStack() as stack:
+            raw = (
+                io.BytesIO(archive)
+                if isinstance(archive, bytes)
+                else stack.enter_context(archive.open("rb"))
+            )
+            source = _BoundedReader(_decompressed(raw, stack), stream_limit)
+            tar = stack.enter_context(tarfile.open(fileobj=source, mode="r:"))  # type: ignore[call-overload]
+            members = _checked_members(tar, max_unpacked, limit_name)
             tar.extractall(tmp, members=members, filter="data")
         digest = content_hash(tmp, sorted(m.name for m in members if m.isfile()))
         if dest.exists():
@@ -164,16 +192,78 @@ def unpack_project(archive: bytes, dest: Path) -> str:
         else:
             tmp.rename(dest)
         return digest
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise InvalidInput(
             f"the uploaded project is not a valid deploy archive ({exc}); deploy with "
             f"`kiln deploy`, which packs the folder for you"
         ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+MAX_HEADER_BYTES = 1 << 20  # a tar header (pax, GNU long name) larger than this is refused
+
+
+def _decompressed(raw: Any, stack: contextlib.ExitStack) -> Any:
+    """`raw` decompressed by what its first bytes say (gzip, bzip2, xz), or as is."""
+    head = raw.read(6)
+    raw.seek(0)
+    if head.startswith(b"\x1f\x8b"):
+        return stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+    if head.startswith(b"BZh"):
+        return stack.enter_context(bz2.BZ2File(raw, "rb"))
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return stack.enter_context(lzma.LZMAFile(raw, "rb"))
+    return raw
+
+
+class _BoundedReader:
+    """A seekable view of the decompressed tar stream that refuses to go past `limit`
+    bytes and refuses single reads larger than `MAX_HEADER_BYTES` (tarfile reads member
+    data in 16 KiB pieces; only headers are read whole)."""
+
+    def __init__(self, inner: Any, limit: int | None) -> None:
+        self.inner, self.limit = inner, limit
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_HEADER_BYTES:
+            raise InvalidInput(
+                "the deploy archive has a tar header larger than "
+                f"{MAX_HEADER_BYTES >> 20} MiB; it was refused"
+            )
+        data = self.inner.read(size)
+        self._check()
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.limit is not None and whence == 0 and offset > self.limit:
+            self._refuse()
+        position = self.inner.seek(offset, whence)
+        self._check()
+        return position
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    def _check(self) -> None:
+        if self.limit is not None and self.inner.tell() > self.limit:
+            self._refuse()
+
+    def _refuse(self) -> None:
+        raise PayloadTooLarge(
+            f"the deploy archive unpacks to more than {self.limit} bytes; it was refused"
+        )
+
+
+def _checked_members(
+    tar: tarfile.TarFile,
+    max_unpacked: int | None = None,
+    limit_name: str = "the plan's max_unpacked_bytes",
+) -> list[tarfile.TarInfo]:
     members: list[tarfile.TarInfo] = []
+    total = 0
     for member in _iter_members(tar):
         name = member.name
         if name.startswith("/") or ".." in Path(name).parts:
@@ -183,8 +273,19 @@ def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
                 f"the deploy archive has {name!r}, which is not a regular file; links and "
                 f"devices are not deployed"
             )
+        total += member.size if member.isfile() else 0
+        if max_unpacked is not None and total > max_unpacked:
+            raise PayloadTooLarge(
+                f"the project unpacks to more than {_mib(max_unpacked)} ({limit_name}); it "
+                f"was refused and nothing was kept. Move data and model files out of the "
+                f"project (point model paths at storage) or list them in {IGNORE_FILE}"
+            )
         members.append(member)
     return members
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
 
 
 def _iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -41,32 +41,76 @@ log = logging.getLogger("kiln.quotas")
 
 @dataclass(frozen=True)
 class Plan:
+    """What a user may have and use; None: no bound. The admin has no plan (never limited)."""
+
     name: str
-    apis: int | None  # APIs a user may have; None: no bound
+    apis: int | None  # APIs a user may have
     calls_per_month: int | None
+    max_replicas: int | None = None  # replicas of one API (and workers of one batch job)
+    max_replica_mem: int | None = None  # bytes of compute.mem per replica (the default too)
+    max_upload_bytes: int | None = None  # one deploy upload, as sent (gzip'd tar)
+    max_unpacked_bytes: int | None = None  # one deploy, unpacked
+    network_egress: bool = False  # may an API declare `network: egress`
 
 
+MIB = 1 << 20
 DEFAULT_PLANS = {
-    "free": Plan("free", 5, 1000),  # seed 003's free tier
-    "pro": Plan("pro", 50, 1_000_000),
-    "unlimited": Plan("unlimited", None, None),
+    "free": Plan("free", 5, 1000, 2, 2048 * MIB, 100 * MIB, 500 * MIB, False),  # seed 003
+    "pro": Plan("pro", 50, 1_000_000, 8, 8192 * MIB, 1024 * MIB, 4096 * MIB, False),
+    "unlimited": Plan("unlimited", None, None, None, None, None, None, True),
 }
+_SIZES = ("max_replica_mem", "max_upload_bytes", "max_unpacked_bytes")
 
 
 def load_plans(home: Path) -> dict[str, Plan]:
     """The default plans, overridden or extended by `<KILN_HOME>/plans.yaml`.
 
-    plans.yaml: `{name: {apis: 5, calls_per_month: 1000}}` (null for no bound).
+    plans.yaml: `{name: {apis: 5, calls_per_month: 1000, max_replicas: 2,
+    max_replica_mem: 2Gi, max_upload_bytes: 100Mi, max_unpacked_bytes: 500Mi,
+    network_egress: false}}`. A key left out keeps its value from the built-in
+    plan of that name, or from `free` for a new plan; null means no bound.
     """
     plans = dict(DEFAULT_PLANS)
     path = home / "plans.yaml"
     if path.is_file():
         data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of plan names to their limits")
         for name, spec in data.items():
-            plans[str(name)] = Plan(
-                str(name), (spec or {}).get("apis"), (spec or {}).get("calls_per_month")
-            )
+            plans[str(name)] = _plan(str(name), spec or {}, plans.get(str(name)), path)
     return plans
+
+
+def _plan(name: str, spec: Any, base: Plan | None, path: Path) -> Plan:
+    from dataclasses import fields, replace
+
+    from kiln.config.quantities import parse_bytes
+
+    known = [f.name for f in fields(Plan) if f.name != "name"]
+    if not isinstance(spec, dict) or set(spec) - set(known):
+        extra = sorted(set(spec) - set(known)) if isinstance(spec, dict) else spec
+        raise ValueError(
+            f"{path}: plan '{name}' has unknown settings {extra}; the settings are "
+            f"{', '.join(known)}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in spec.items():
+        try:
+            if key == "network_egress":
+                if not isinstance(value, bool):
+                    raise ValueError("write true or false")
+                values[key] = value
+            elif value is None:
+                values[key] = None
+            elif key in _SIZES:
+                values[key] = parse_bytes(value, what=key)
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError("write a whole number, or null for no bound")
+            else:
+                values[key] = value
+        except Exception as exc:  # noqa: BLE001 - FieldProblem or ValueError, reworded
+            raise ValueError(f"{path}: plan '{name}': {key}={value!r}: {exc}") from None
+    return replace(base or DEFAULT_PLANS["free"], name=name, **values)
 
 
 def month_bounds(now: float) -> tuple[float, float]:
@@ -122,6 +166,22 @@ class QuotaGate:
     def plan_of(self, user: str) -> Plan:
         record = self.accounts.users.get(user)
         return self.plans.get(record.plan if record else "free", DEFAULT_PLANS["free"])
+
+    def plan_of_api(self, api_name: str) -> Plan | None:
+        """The plan of the user owning API `<user>.<name>`; None for the admin's APIs."""
+        user = api_name.split(".", 1)[0] if "." in api_name else None
+        if user is None or user not in self.accounts.users:
+            return None
+        return self.plan_of(user)
+
+    def replica_caps_for(self, api_name: str) -> list[Any]:
+        """The plan's bound on one API's replicas, as a `Cap` (management `PUT /models`)."""
+        from kiln.serving.caps import Cap
+
+        plan = self.plan_of_api(api_name)
+        if plan is None or plan.max_replicas is None:
+            return []
+        return [Cap(plan.max_replicas, f"the '{plan.name}' plan's max_replicas")]
 
     def admit(self, principal: Principal) -> dict[str, str]:
         """Count one call for the principal, or raise 429; returns the X-RateLimit headers."""

@@ -23,6 +23,9 @@ was rejected.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -31,10 +34,11 @@ from starlette.routing import Route
 
 from kiln.control.deployments import ConfigRejected
 from kiln.control.log_tail import tail_lines
-from kiln.errors import InvalidInput, NotFound, UnsupportedMediaType
+from kiln.control.packaging import MAX_ARCHIVE_BYTES
+from kiln.errors import InvalidInput, NotFound, PayloadTooLarge, UnsupportedMediaType
 
-MAX_UPLOAD = 1 << 30
 TAG = "Kiln control plane"
+UPLOAD_WRITE_BYTES = 1 << 20  # an upload is written to its file in pieces of about this
 
 # (method, path, summary, query parameters): the routes and their OpenAPI entries.
 CONTROL_ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -102,23 +106,43 @@ class ControlApi:
                 f"a deploy is a gzip'd tar of the project (Content-Type: application/gzip), "
                 f"not {kind or 'no content type'}; `kiln deploy` packs and sends it for you"
             )
+        principal = principal_of(request)
+        limit, limit_name = self._upload_limit(principal)
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_UPLOAD:
-            raise InvalidInput(f"the upload is larger than {MAX_UPLOAD >> 20} MiB")
-        body = await request.body()
-        if not body:
-            raise InvalidInput("the deploy request has no body; send the packed project")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                f"the upload is {int(declared)} bytes, over {limit_name} of {limit} bytes; "
+                f"move data and model files out of the project (point model paths at storage) "
+                f"or list them in .kilnignore"
+            )
+        incoming = self.manager.artifacts / ".incoming"
+        upload = incoming / f"{os.getpid()}-{time.monotonic_ns()}.upload"
         try:
+            size = await receive_to_file(request, upload, limit, limit_name)
+            if not size:
+                raise InvalidInput("the deploy request has no body; send the packed project")
             result = await self.manager.deploy(
-                body, request.query_params.get("name") or None, principal_of(request)
+                upload, request.query_params.get("name") or None, principal
             )
         except ConfigRejected as exc:
             return JSONResponse(
                 {"code": 400, "type": exc.type, "message": exc.message, "issues": exc.issues},
                 status_code=400,
             )
+        finally:
+            upload.unlink(missing_ok=True)
         status = 200 if result["status"] == "unchanged" else 202
         return JSONResponse(result, status_code=status)
+
+    def _upload_limit(self, principal: Any) -> tuple[int, str]:
+        """The most bytes one deploy upload may have: the user's plan, else the server's."""
+        limit, name = MAX_ARCHIVE_BYTES, "the server's KILN_MAX_DEPLOY_BYTES"
+        quotas = self.server.quotas
+        if principal is not None and not principal.is_admin and quotas is not None:
+            plan = quotas.plan_of(principal.user)
+            if plan.max_upload_bytes is not None and plan.max_upload_bytes < limit:
+                limit, name = plan.max_upload_bytes, f"the '{plan.name}' plan's max_upload_bytes"
+        return limit, name
 
     async def list_deployments(self, request: Request) -> Response:
         deployments = await asyncio.to_thread(self.manager.store.list_deployments)
@@ -208,6 +232,39 @@ class ControlApi:
         )
         document["servers"] = [{"url": str(request.base_url).rstrip("/")}]
         return document
+
+
+async def receive_to_file(request: Request, path: Path, limit: int, limit_name: str) -> int:
+    """Stream the request body into `path`, chunk by chunk (never all in memory).
+
+    Past `limit` bytes it stops reading, deletes the file and raises 413; so does
+    any other failure (the client going away), so nothing is left on disk.
+    Returns the number of bytes written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    pending: list[bytes] = []  # up to ~1 MiB, written off the event loop
+    try:
+        with path.open("wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"the upload is over {limit_name} of {limit} bytes; it was refused "
+                        f"while streaming and nothing was kept. Move data and model files out "
+                        f"of the project (point model paths at storage) or list them in "
+                        f".kilnignore"
+                    )
+                pending.append(chunk)
+                if sum(map(len, pending)) >= UPLOAD_WRITE_BYTES:
+                    block, pending = b"".join(pending), []
+                    await asyncio.to_thread(out.write, block)
+            if pending:
+                await asyncio.to_thread(out.write, b"".join(pending))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return size
 
 
 def principal_of(request: Request) -> Any:

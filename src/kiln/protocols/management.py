@@ -48,6 +48,7 @@ from kiln.protocols.management_http import (
     _worker,
 )
 from kiln.protocols.model_store import prepare_project
+from kiln.serving.caps import check_replicas, replica_caps
 from kiln.serving.router import ApiGroup, Registry, ServedApi
 
 MAX_PAGE = 1000
@@ -194,6 +195,7 @@ class Management:
             raise InvalidInput(
                 "number_gpu is not supported here: set compute.gpu in kiln.yaml instead"
             )
+        self.check_workers(served.name, served.api.compute, min_worker=minimum, max_worker=maximum)
         target = f"model: {name}" + (f", version: {version}" if version is not None else "")
         if not _flag(request, "synchronous"):
             self.spawn(self._scale(served, minimum, maximum))
@@ -221,6 +223,13 @@ class Management:
                 if len(served.slots) != minimum:
                     await served.scale(minimum)
         self.audit(served.name, "scale", version=served.version, workers=minimum)
+
+    def check_workers(self, name: str, compute: Any, **asked: int) -> None:
+        """A worker count over the API's cap (its max_replicas, the machine, the owner's
+        plan) is a 400 naming the cap: never clamped, never started."""
+        quotas = getattr(self.server, "quotas", None)
+        extra = quotas.replica_caps_for(name) if quotas is not None else []
+        check_replicas(name, asked, replica_caps(compute, extra))
 
     # ----- set default ---------------------------------------------------------------
     async def set_default(self, request: Request) -> Response:
@@ -285,6 +294,9 @@ class Management:
                     "pass one of those as model_name, or leave model_name out"
                 )
         self._check_conflicts(apis)
+        if workers:
+            for api in apis:
+                self.check_workers(api.name, api.compute, initial_workers=workers)
         new = [self._served_api(api, root) for api in apis]
         for served in new:  # TorchServe's batch_size / max_batch_delay override kiln.yaml
             if batch_size or batch_delay >= 0:
