@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import ConfigError, load_project
+from kiln.control.envstep import restore_environment
 from kiln.control.ownership import OwnershipMixin, _in_namespace, user_of
 from kiln.control.packaging import read_dotenv, short_revision, unpack_project
 from kiln.control.rollout import DRAIN_GRACE_S, Rollout, RolloutMixin, api_key
@@ -237,6 +238,8 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
             except ConfigRejected as exc:  # e.g. a `${VAR}` the server no longer passes
                 self._record_error(dep.name, f"deployment '{dep.name}' was not restored: {exc}")
                 continue
+            if not await restore_environment(self, dep.name, folder):
+                continue  # its requirements.txt cannot be installed here (recorded)
             records = await asyncio.to_thread(self.store.list_apis, dep.name)
             requested = {(r.name, r.version or None): r.requested_replicas for r in records}
             env = read_dotenv(folder)

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from kiln.control.envstep import prepare_environment, site_dirs_for
 from kiln.control.ownership import user_of
 from kiln.control.packaging import content_hash, project_files, read_dotenv, short_revision
 from kiln.serving.router import ServedApi
@@ -37,6 +38,7 @@ class Rollout:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     apis: list[str] = field(default_factory=list)
+    message: str | None = None  # the step in progress, e.g. the Python environment's build
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -47,6 +49,7 @@ class Rollout:
             "started": self.started,
             "finished": self.finished,
             "apis": self.apis,
+            "message": self.message,
         }
 
 
@@ -83,6 +86,7 @@ class RolloutMixin:
         # A user's API is `<user>.<name>` (ownership.py): its workers run as that tenant.
         served = self.server.served_api(api, project.root, tenant=user_of(api.name) or "")
         served.revision = revision
+        served.worker_spec.site_dirs = site_dirs_for(project.root)  # its requirements.txt
         # What the deployment declares (env: over .env, tenancy.py), never `env`: that is
         # the .env read with python-dotenv's interpolation of the server's environment.
         served.extra_env = api.worker_env
@@ -92,6 +96,8 @@ class RolloutMixin:
     # ---- rollout ------------------------------------------------------------------
     async def _roll_out(self, rollout: Rollout, project: Any, *, force: bool = False) -> None:
         """Bring `project` live beside what serves now, then swap; see the module docstring."""
+        if not await prepare_environment(self, rollout, project):  # requirements.txt first
+            return
         async with self._lock:
             deployment, digest = rollout.deployment, rollout.revision
             env = read_dotenv(project.root)

@@ -23,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from kiln.control.envstep import prepare_served_folder, site_dirs_for
 from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports them from here
     ServerError,
     bind_socket,
@@ -283,6 +284,7 @@ class InferenceServer:
                     management_sock.close()
                 raise ServerError(str(exc).replace("--port", "--metrics-port", 1)) from None
         try:
+            await prepare_served_folder(self.project)  # `kiln serve DIR`: its requirements.txt
             self._open_state()
         except ServerError:
             for extra in (sock, management_sock, metrics_sock):
@@ -297,6 +299,7 @@ class InferenceServer:
             if self.project is not None:
                 for api in self.project.apis:
                     served_api = self.served_api(api, self.project.root)
+                    served_api.worker_spec.site_dirs = site_dirs_for(self.project.root)
                     self.registry.add(served_api)
                     starts.append(served_api.start())
             for served_api, count in await self.deployments.restore():

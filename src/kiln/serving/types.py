@@ -99,6 +99,9 @@ class WorkerSpec:
     response_envelope: str = "none"
     tracker_key: str | None = None
     tracker_type: str | None = None  # "classification" | "regression" | None
+    # The project's Python environment (kiln.environments): folders appended to sys.path
+    # before user code is imported. The worker needs nothing else of the environment.
+    site_dirs: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -222,6 +222,20 @@ def _local_model(spec: WorkerSpec) -> WorkerSpec:
     return dataclasses.replace(spec, model_path=local)
 
 
+def add_site_dirs(site_dirs: list[str]) -> None:
+    """Put the project's environment on sys.path, after the server's own packages.
+
+    Appended, not prepended: the environment only holds what the server lacked, so
+    nothing in it may shadow a server package. `site.addsitedir` also runs the folder's
+    .pth files, as an installed site-packages would.
+    """
+    import site
+
+    for folder in site_dirs:
+        if folder not in sys.path:
+            site.addsitedir(folder)
+
+
 def serve(channel: BlockingChannel) -> int:
     first = channel.recv()
     if first is None or first[0].get("op") != "init":
@@ -234,6 +248,7 @@ def serve(channel: BlockingChannel) -> int:
             pass  # a container may not allow it; threads still follow compute.cpu
     if spec.python_path and spec.python_path not in sys.path:
         sys.path.insert(0, spec.python_path)
+    add_site_dirs(spec.site_dirs)
     started = time.monotonic()
     try:
         spec = _local_model(spec)
