@@ -149,6 +149,17 @@ def test_the_plans_max_replicas_bounds_deploy_and_put(server: Daemon) -> None:
     assert accepted.status_code == 200, accepted.text
 
 
+def test_a_deploy_refused_by_the_plans_api_count_leaves_nothing(server: Daemon) -> None:
+    config = "- kind: deployment\n  name: five\n"
+    for i in range(6):  # over the 5 APIs of `free` whatever alice already has
+        config += f"- kind: api\n  name: a{i}\n  python: {{handler: h.py:predict}}\n"
+    body = archive({"kiln.yaml": config.encode(), "h.py": HANDLER.encode()})
+    refused = deploy(server, body, server.alice)
+    assert refused.status_code == 403 and "'free' plan allows 5 APIs" in refused.text
+    assert not (server.home / "artifacts" / "alice.five").exists()
+    assert incoming(server) == []
+
+
 def test_compute_mem_over_the_plan_is_refused(server: Daemon) -> None:
     body = archive(project("fat", "  compute: {mem: 1Gi}\n"))
     refused = deploy(server, body, server.alice)
@@ -247,3 +258,23 @@ def test_a_gzip_stream_is_never_read_whole_for_a_header(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="header"):
         unpack_project(packed, tmp_path / "out", max_unpacked=1 << 20)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_defaults_are_bounded_by_the_plan() -> None:
+    """What a user leaves to the defaults gets the plan's bounds (restores too)."""
+    from kiln.config.batch import JobsBlock
+    from kiln.config.blocks import Compute
+    from kiln.control.ownership import _within_plan
+    from kiln.control.quotas import DEFAULT_PLANS
+
+    class Resource:
+        def __init__(self, compute: Compute, jobs: JobsBlock | None = None) -> None:
+            self.compute, self.jobs = compute, jobs
+
+    free = DEFAULT_PLANS["free"]
+    update = _within_plan(Resource(Compute(), JobsBlock()), free)
+    compute = update["compute"]
+    assert (compute.max_replicas, compute.min_replicas, compute.init_replicas) == (2, 1, 1)
+    assert compute.mem == free.max_replica_mem and update["jobs"].max_workers == 2
+    assert _within_plan(Resource(Compute(max_replicas=2, mem="1Gi")), free) == {}
+    assert _within_plan(Resource(Compute()), DEFAULT_PLANS["unlimited"]) == {}

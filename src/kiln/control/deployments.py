@@ -134,11 +134,15 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         async with self._lock:
-            current = await asyncio.to_thread(self.store.get_deployment, deployment)
-            project = await asyncio.to_thread(self._load, final, deployment)
-            self._check_owners(deployment, project)
-            if principal is not None and not principal.is_admin:
-                self._check_plan(principal.user, project)
+            try:
+                current = await asyncio.to_thread(self.store.get_deployment, deployment)
+                project = await asyncio.to_thread(self._load, final, deployment)
+                self._check_owners(deployment, project)
+                if principal is not None and not principal.is_admin:
+                    self._check_plan(principal.user, project)
+            except Exception:
+                await asyncio.to_thread(self._drop_refused, deployment, digest, final)
+                raise
             unchanged = (
                 current is not None
                 and current.current_revision == digest

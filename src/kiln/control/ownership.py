@@ -7,6 +7,9 @@ into `DeploymentManager` (it reads `server` and `owner`).
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from pathlib import Path
 from typing import Any
 
 from kiln.errors import Conflict, Forbidden, InvalidInput
@@ -15,6 +18,7 @@ from kiln.serving.caps import Cap, check_replicas, replica_caps
 
 class OwnershipMixin:
     server: Any
+    store: Any
     owner: dict[str, str]
 
     def _check_plan(self, user: str, project: Any) -> None:
@@ -83,6 +87,15 @@ class OwnershipMixin:
                     f"ask for at most {plan.max_replica_mem / 2**20:g}Mi or move to a bigger plan"
                 )
         check_network(plan, project)
+
+    def _drop_refused(self, deployment: str, digest: str, folder: Path) -> None:
+        """A refused deploy leaves nothing on disk: its unpacked revision goes, unless a
+        recorded revision (an earlier deploy of the same content) uses the folder."""
+        if self.store.get_revision(deployment, digest) is not None:
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # the deployment's folder, if this was all it held
 
     def _check_user_paths(self, project: Any) -> None:
         """The admin's endpoints must not take a path that belongs to a user (/<user>/...)."""
