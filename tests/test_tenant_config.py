@@ -381,3 +381,47 @@ def test_the_admin_reads_allow_listed_server_variables_only(server: Daemon, tmp_
     assert answer.status_code == 200, (answer.text, time.monotonic() - started)
     assert answer.json() == {"TOKEN": "passed-to-admin", SECRET: None}
     assert os.environ.get(SECRET) is None  # the test process itself never had them
+
+
+BATCH_PREDICTOR = """
+import os
+
+
+class PythonPredictor:
+    def __init__(self, config, job_spec):
+        pass
+
+    def predict(self, payload, batch_id):
+        return [{name: os.environ.get(name) for name in ("A", "B", "C")} for _ in payload]
+"""
+
+
+def test_env_layers_reach_batch_job_workers(server: Daemon, tmp_path: Path) -> None:
+    folder = tmp_path / "batch"
+    write(folder / "predictor.py", BATCH_PREDICTOR)
+    write(folder / ".env", "A=dotenv\nB=dotenv\nC=dotenv\n")
+    write(
+        folder / "kiln.yaml",
+        "- kind: deployment\n  name: bat\n  env: {B: deployment, C: deployment}\n"
+        "- kind: BatchAPI\n  name: envjob\n  predictor: {type: python, path: predictor.py}\n"
+        "  env: {C: api}\n",
+    )
+    response = deploy(server, server.admin_key, folder)
+    assert response.status_code == 202, response.text
+    wait_live(server, server.admin_key, "bat")
+    spec = {"workers": 1, "item_list": {"items": [1], "batch_size": 1}, "output": {"path": "o"}}
+    job = server.http.post(f"{server.url}/bat/envjob", json=spec)
+    assert job.status_code == 200, job.text
+    job_id = job.json()["job_id"]
+
+    def done() -> dict:
+        status = server.http.get(f"{server.url}/bat/envjob", params={"jobID": job_id}).json()
+        state = status["job_status"]["status"]
+        return status if state not in ("status_enqueuing", "status_running") else {}
+
+    status = server.wait_until(done, 60, "the batch job to end")
+    assert status["job_status"]["status"] == "status_succeeded", status
+    from kiln.batch.output import read_jsonl
+
+    records = read_jsonl(Path(status["job_status"]["output"]["location"]))
+    assert records[0]["result"] == {"A": "dotenv", "B": "deployment", "C": "api"}

@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,8 @@ class WorkerLaunch:
     root: Path  # the revision's folder: the worker's cwd, read only
     fd: int  # the worker's end of its channel: the one descriptor it inherits
     output_folder: str | None  # a local output folder it writes into; None: none, or remote
+    # What the deployment declares (`api.worker_env`: env: over .env), never the server's.
+    env: dict[str, str] = field(default_factory=dict)
 
 
 async def spawn_worker(launch: WorkerLaunch) -> asyncio.subprocess.Process:
@@ -77,6 +79,7 @@ async def spawn_worker(launch: WorkerLaunch) -> asyncio.subprocess.Process:
     (stderr merged into it) as a pipe: the server reads markers and log lines there.
     """
     env = {k: v for k, v in os.environ.items() if k not in SERVER_ONLY_ENV}
+    env.update(launch.env)
     env.update(PYTHONUNBUFFERED="1", KILN_BATCH_WORKER=str(launch.number))
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -133,8 +136,10 @@ class JobRun:
         max_restarts: int = 5,
         mem_limit: int | None = None,
         on_end: Callable[[JobRow | None], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.env = dict(env or {})  # the deployment's variables for every worker
         self.job = job
         self.root = root
         self.limits = limits
@@ -357,6 +362,7 @@ class JobRun:
                 root=self.root,
                 fd=theirs.fileno(),
                 output_folder=sink.folder if sink is not None and not sink.remote else None,
+                env=self.env,
             )
             proc = await spawn_worker(launch)
         except BaseException:

@@ -290,6 +290,7 @@ class JobManager:
             max_restarts=entry.spec.jobs.max_worker_restarts,
             mem_limit=entry.spec.compute.mem,
             on_end=lambda final, job_id=job.id: self._ended(job_id, final),
+            env=getattr(entry.spec, "worker_env", None),  # env: over .env (kiln.config)
         )
         self.runs[job.id] = run
         self._spawn(run.run())
