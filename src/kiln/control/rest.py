@@ -111,7 +111,7 @@ class ControlApi:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(
-                f"the upload is {int(declared)} bytes, over {limit_name} of {limit} bytes; "
+                f"the upload is {int(declared)} bytes, over {limit_name} of {_size(limit)}; "
                 f"move data and model files out of the project (point model paths at storage) "
                 f"or list them in .kilnignore"
             )
@@ -250,7 +250,7 @@ async def receive_to_file(request: Request, path: Path, limit: int, limit_name: 
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(
-                        f"the upload is over {limit_name} of {limit} bytes; it was refused "
+                        f"the upload is over {limit_name} of {_size(limit)}; it was refused "
                         f"while streaming and nothing was kept. Move data and model files out "
                         f"of the project (point model paths at storage) or list them in "
                         f".kilnignore"
@@ -265,6 +265,10 @@ async def receive_to_file(request: Request, path: Path, limit: int, limit_name: 
         path.unlink(missing_ok=True)
         raise
     return size
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes ({n / 2**20:.4g} MiB)"
 
 
 def principal_of(request: Request) -> Any:
