@@ -265,3 +265,34 @@ def test_batch_job_plan_carries_the_environment(tmp_path: Path, monkeypatch):
         timeout=60,
     )
     assert done.returncode == 0 and done.stdout.strip() == "[42, 42]", done.stderr
+
+
+def test_requirements_may_not_reach_out_of_the_project(tmp_path: Path):
+    """Includes and local paths stay inside the project; a user's deploy brings no sources."""
+    from kiln.environments import BuildFailed, Environments
+
+    secret = write(tmp_path / "admin.key", "kiln-admin-SECRET\n")
+    folder = tmp_path / "p"
+    envs = Environments(tmp_path / "envs")
+    cases = {
+        f"-r {secret}\n": "outside the project",
+        "-r ../admin.key\n": "outside the project",
+        "-f ../\nsomething\n": "outside the project",
+        "pkg @ file:///etc/hosts\n": "outside the project",
+        "-e .\n": "editable",
+    }
+    for text, expected in cases.items():
+        write(folder / "requirements.txt", text)
+        with pytest.raises(BuildFailed) as failed:
+            envs.ensure(folder)
+        assert expected in failed.value.message and "SECRET" not in failed.value.message
+    restricted = {
+        "--index-url https://example.invalid/simple\ntabulate\n": "server's choice",
+        "tabulate @ https://example.invalid/tabulate.whl\n": "URL requirements",
+    }
+    for text, expected in restricted.items():
+        write(folder / "requirements.txt", text)
+        with pytest.raises(BuildFailed) as failed:
+            envs.ensure(folder, restricted=True)
+        assert expected in failed.value.message
+    assert not (tmp_path / "envs").exists() or not Environments(tmp_path / "envs").list()

@@ -69,6 +69,8 @@ def run_deploy(
         )
         return 0
     final = _wait(client, deployment, result["revision"], result["apis"])
+    if final.get("message"):
+        console.print(final["message"], highlight=False)  # the Python environment, if any
     if final["status"] != "live":
         raise CliError(
             f"revision {result['revision']} did not go live: {final.get('error')}. "
@@ -76,8 +78,6 @@ def run_deploy(
             f"output.",
             1,
         )
-    if final.get("message"):
-        console.print(final["message"], highlight=False)  # the Python environment, if any
     console.print(
         f"[green]Revision {result['revision']} is live[/] after {time.monotonic() - started:.1f}s.",
         highlight=False,

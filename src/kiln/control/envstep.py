@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kiln.control.ownership import user_of
 from kiln.environments import BuildFailed, Environment, project_requirements, server_environments
 from kiln.environments import site_dirs_for as site_dirs_for
 
@@ -45,8 +46,11 @@ async def prepare_environment(manager: Any, rollout: Any, project: Any) -> bool:
         rollout.message = message
         log.info("%s: %s", rollout.deployment, message)
 
+    restricted = user_of(rollout.deployment) is not None  # a user's deploy: wheels only
     try:
-        env = await asyncio.to_thread(server_environments().ensure, project.root, progress)
+        env = await asyncio.to_thread(
+            server_environments().ensure, project.root, progress, restricted=restricted
+        )
     except BuildFailed as exc:
         message = _failure(project.root, exc)
         rollout.status, rollout.error, rollout.finished = "error", message, time.time()
@@ -70,8 +74,9 @@ async def prepare_environment(manager: Any, rollout: Any, project: Any) -> bool:
 
 async def restore_environment(manager: Any, deployment: str, folder: Path) -> bool:
     """Before a restart restores a revision: its environment (rebuilt if it was pruned)."""
+    restricted = user_of(deployment) is not None
     try:
-        await asyncio.to_thread(server_environments().ensure, folder)
+        await asyncio.to_thread(server_environments().ensure, folder, restricted=restricted)
     except BuildFailed as exc:
         manager._record_error(deployment, _failure(folder, exc))
         return False

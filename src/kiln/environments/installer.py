@@ -37,6 +37,10 @@ _FROM_URL = re.compile(r"^(\S+?)==\S+ \(from (.+)\)$")
 _SOURCE_OPTIONS = ("-i", "--index-url", "--extra-index-url", "-f", "--find-links", "--no-index")
 
 
+# Never build an sdist: its setup code would run in the server process's context.
+_WHEELS_ONLY = ["--only-binary", ":all:"]
+
+
 class BuildFailed(KilnError):
     """The project's requirements could not be installed; the message is uv's."""
 
@@ -82,9 +86,12 @@ def uv_message(stderr: str) -> str:
     return "\n".join(keep[:30]) or "uv failed without a message"
 
 
-def missing_packages(requirement_files: list[Path], constraints: Path, cwd: Path) -> list[str]:
+def missing_packages(
+    requirement_files: list[Path], constraints: Path, cwd: Path, wheels_only: bool = False
+) -> list[str]:
     """The pins (`name==version`, or `name @ url`) the server lacks; [] if it has them all."""
     args = ["pip", "install", "--dry-run", "--python", sys.executable, "--break-system-packages"]
+    args += _WHEELS_ONLY if wheels_only else []
     for path in requirement_files:
         args += ["-r", str(path)]
     done = _run([*args, "-c", str(constraints)], cwd)
@@ -139,7 +146,11 @@ def source_options(requirement_files: list[Path]) -> list[str]:
 
 
 def install(
-    pins: list[str], options: list[str], target: Path, progress: Callable[[str], None]
+    pins: list[str],
+    options: list[str],
+    target: Path,
+    progress: Callable[[str], None],
+    wheels_only: bool = False,
 ) -> None:
     """Install exactly `pins` (no dependencies: the dry run already chose them) into `target`."""
     pins_file = target.parent / "pins.txt"
@@ -156,6 +167,7 @@ def install(
             str(target),
             "--no-deps",
             "--compile-bytecode",  # workers may see the folder read-only: no .pyc written later
+            *(_WHEELS_ONLY if wheels_only else []),
             "-r",
             str(pins_file),
         ],

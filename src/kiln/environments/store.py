@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from kiln.environments.installer import install, missing_packages, source_options
+from kiln.environments.installer import BuildFailed, install, missing_packages, source_options
 from kiln.environments.requirements import (
     Requirements,
     interpreter_tag,
@@ -41,6 +41,7 @@ from kiln.environments.requirements import (
 from kiln.environments.server_packages import write_constraints
 
 MANIFEST = "env.json"
+STALE_BUILD_S = 3600.0  # well past uv's own timeout (installer.UV_TIMEOUT_S)
 SITE = "site"
 
 Progress = Callable[[str], None]
@@ -106,16 +107,28 @@ class Environments:
             return None
         return self._load(requirements.key)
 
-    def ensure(self, project_root: Path, progress: Progress | None = None) -> Environment | None:
+    def ensure(
+        self, project_root: Path, progress: Progress | None = None, *, restricted: bool = False
+    ) -> Environment | None:
         """The project's environment, built now if it does not exist; None if it needs none.
 
         Blocking (runs uv): call it from a thread. Raises `BuildFailed` with uv's message.
         The environment is leased to this process for its lifetime, so `kiln cache prune`
         leaves it alone while this server may start workers from it.
+
+        `restricted` is for a user's deploy on a shared server: wheels only (building an
+        sdist runs the package's setup code in the server, outside any worker sandbox),
+        and no package sources of the user's own (see `Requirements.problems`).
         """
         requirements = project_requirements(project_root)
         if requirements is None:
             return None
+        problems = requirements.problems(restricted)
+        if problems:
+            raise BuildFailed(
+                f"{requirements.names} asks for what this server does not install:\n  "
+                + "\n  ".join(problems[:10])
+            )
         say = progress or (lambda _message: None)
         started = time.monotonic()
         env = self._reuse(requirements.key)
@@ -123,7 +136,7 @@ class Environments:
             with self._locked(requirements.key, "build"):
                 env = self._reuse(requirements.key)
                 if env is None:
-                    env = self._build(requirements, say)
+                    env = self._build(requirements, say, restricted)
         env.seconds = time.monotonic() - started
         return env
 
@@ -146,7 +159,7 @@ class Environments:
             return None
         return Environment(key, path, list(manifest.get("packages") or []))
 
-    def _build(self, requirements: Requirements, say: Progress) -> Environment:
+    def _build(self, requirements: Requirements, say: Progress, restricted: bool) -> Environment:
         key = requirements.key
         say(f"building Python environment {key[:12]} from {requirements.names}")
         started = time.monotonic()
@@ -156,11 +169,11 @@ class Environments:
         try:
             constraints = write_constraints(work / "server-constraints.txt")
             files = list(requirements.files)
-            pins = missing_packages(files, constraints, cwd=files[0].parent)
+            pins = missing_packages(files, constraints, files[0].parent, restricted)
             staged = work / "env"
             (staged / SITE).mkdir(parents=True)
             if pins:
-                install(pins, source_options(files), staged / SITE, say)
+                install(pins, source_options(files), staged / SITE, say, restricted)
             manifest = {
                 "key": key,
                 "created": time.time(),
@@ -229,6 +242,14 @@ class Environments:
         finally:
             os.close(fd)
 
+    def _clear_stale_builds(self, now: float) -> None:
+        """Builds a killed server left in `.tmp/` (a live build is younger than uv's timeout)."""
+        tmp = self.root / ".tmp"
+        for work in tmp.iterdir() if tmp.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if now - work.stat().st_mtime > STALE_BUILD_S:
+                    shutil.rmtree(work, ignore_errors=True)
+
     def prune(
         self, *, everything: bool = False, older_than: float | None = None
     ) -> tuple[list[Environment], list[Environment]]:
@@ -239,6 +260,7 @@ class Environments:
         """
         removed, busy = [], []
         now = time.time()
+        self._clear_stale_builds(now)
         for env in self.list():
             if not everything and (older_than is None or now - env.last_used < older_than):
                 continue
