@@ -282,7 +282,9 @@ def test_usage_is_metered_per_key_and_exposed(platform: Daemon) -> None:
     assert all(r["user"] == "alice" for r in usage["usage"])
     refused = platform.kiln_env(env, "usage", "--user", "bob")
     assert refused.returncode == 1 and "your own usage" in refused.stderr
-    metrics = httpx.get(platform.info["metrics_url"]).text
+    # The metrics port needs a manage key; a user's shows that user's series only.
+    metrics = httpx.get(platform.info["metrics_url"], headers=hdr(platform.keys["alice"])).text
+    assert 'user="bob"' not in metrics
     assert (
         f'kiln_key_requests_total{{key_id="{key["id"]}",status_class="2xx",user="alice"}} 7.0'
         in metrics

@@ -345,6 +345,9 @@ class ServingOptions(_Block):
     max_retry_timeout_s: float = Field(300.0, ge=0)
     max_queue_size: int = Field(100, ge=1)
     max_request_bytes: int = 32 * 1024 * 1024
+    # On `kiln server`, a 500 from the API's code names the exception's type and the
+    # request id only; true also sends its message (`kiln serve` always does).
+    expose_errors: bool = False
 
     _dur = field_validator(
         "startup_timeout_s", "response_timeout_s", "max_retry_timeout_s", mode="before"

@@ -14,6 +14,11 @@ sees an API when its name is in the user's namespace (the admin sees every
 API) and, for a key scoped to some APIs, when it is one of them. The registry
 filters every lookup through `Principal.sees`, which is how another user's API
 answers exactly like one that does not exist.
+
+A key never makes a broader one: a key created, rotated or enabled through a
+principal must be at most as broad as the principal's own key in every limit
+(scopes, APIs, expiry, monthly quota, rate and burst; `narrower_than`), so a
+key handed out with `--apis`, `--expires` or `--quota` cannot mint its way out.
 """
 
 from __future__ import annotations
@@ -105,6 +110,51 @@ class Principal:
     def owns(self, name: str) -> bool:
         """May change (deploy over, delete) this API: the admin, or its namespace's user."""
         return self.is_admin or name.startswith(f"{self.user}.")
+
+
+def broader_than(record: KeyRecord | None, **asked: Any) -> list[str]:
+    """How a key with the `asked` settings would be broader than `record` (empty: it is not).
+
+    `asked` holds KeyRecord fields: scopes, apis, expires_at, quota, rate, burst. None
+    means "no limit", which is broader than any limit. Each entry names the setting
+    and the bound, for the 403 a client sees.
+    """
+    if record is None:
+        return []
+    out: list[str] = []
+    scopes = frozenset(asked.get("scopes") or ())
+    if not scopes <= _with_implied(record.scopes):
+        extra = ", ".join(sorted(scopes - _with_implied(record.scopes)))
+        out.append(f"scope {extra} (this key has {', '.join(sorted(record.scopes))})")
+    apis = asked.get("apis")
+    if record.apis is not None and (apis is None or not apis <= record.apis):
+        wanted = "every API" if apis is None else ", ".join(sorted(apis - record.apis))
+        out.append(f"APIs: {wanted} (this key may use {', '.join(sorted(record.apis))} only)")
+    for name, flag, text in (
+        ("expires_at", "--expires", "expiry"),
+        ("quota", "--quota", "quota"),
+        ("rate", "--rate", "rate"),
+        ("burst", "--burst", "burst"),
+    ):
+        bound = getattr(record, name)
+        value = asked.get(name)
+        if bound is None:
+            continue
+        if value is None:
+            out.append(f"{text}: none (this key's {text} is {_shown(name, bound)}; pass {flag})")
+        elif value > bound:
+            out.append(f"{text}: {_shown(name, value)} (this key's is {_shown(name, bound)})")
+    return out
+
+
+def _with_implied(scopes: frozenset[str]) -> frozenset[str]:
+    return scopes | {"invoke"} if "manage" in scopes else scopes
+
+
+def _shown(name: str, value: float) -> str:
+    if name == "expires_at":
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+    return f"{value:g}"
 
 
 def hash_key(key: str) -> str:
@@ -216,8 +266,13 @@ class Accounts:
         quota: int | None = None,
         rate: float | None = None,
         burst: int | None = None,
+        creator: Principal | None = None,
     ) -> tuple[KeyRecord, str]:
-        """A new key for `user`: (record, the key itself, shown once)."""
+        """A new key for `user`: (record, the key itself, shown once).
+
+        `creator`, the principal asking, when a key asks (not the server itself): the
+        new key may be no broader than the creator's own key (403 naming how it is).
+        """
         if user not in self.users:
             raise NotFound(f"no user named '{user}'")
         unknown = set(scopes) - set(SCOPES)
@@ -225,6 +280,17 @@ class Accounts:
             raise InvalidInput(f"scope must be invoke or manage, not {', '.join(unknown)}")
         if rate is not None and rate <= 0:
             raise InvalidInput("rate must be a positive number of requests per second")
+        burst = burst if burst is not None else (max(1, int(rate)) if rate else None)
+        self.check_within(
+            creator,
+            "create",
+            scopes=frozenset(scopes),
+            apis=apis,
+            expires_at=expires_at,
+            quota=quota,
+            rate=rate,
+            burst=burst,
+        )
         key_id, key = new_key()
         record = KeyRecord(
             id=key_id,
@@ -237,11 +303,26 @@ class Accounts:
             expires_at=expires_at,
             quota=quota,
             rate=rate,
-            burst=burst if burst is not None else (max(1, int(rate)) if rate else None),
+            burst=burst,
         )
         self.store.create_key(record)
         self.reload()
         return record, key
+
+    def check_within(self, creator: Principal | None, action: str, **asked: Any) -> None:
+        """403 when a key with the `asked` settings would be broader than `creator`'s key."""
+        if creator is None:
+            return
+        own = self.keys.get(creator.key_id)
+        if own is None:  # its key was deleted a moment ago: it makes nothing
+            raise Unauthorized("the API key is not valid; check it, or create a new one")
+        broader = broader_than(own, **asked)
+        if broader:
+            raise Forbidden(
+                f"API key {own.id} cannot {action} a key broader than itself: "
+                + "; ".join(broader)
+                + ". Ask for a key within those limits, or use a key that has them"
+            )
 
     def key_for(self, principal: Principal, key_id: str) -> KeyRecord:
         record = self.keys.get(key_id)
@@ -251,6 +332,8 @@ class Accounts:
 
     def set_status(self, principal: Principal, key_id: str, status: str) -> KeyRecord:
         record = self.key_for(principal, key_id)
+        if status == "active" and record.id != principal.key_id:
+            self.check_within(principal, "enable", **_limits(record))
         self.store.update_key(record.id, status=status)
         self.reload()
         return self.keys[record.id]
@@ -263,16 +346,20 @@ class Accounts:
     def rotate(self, principal: Principal, key_id: str) -> tuple[KeyRecord, str]:
         """A new key with the same settings; the old one stops working at once."""
         old = self.key_for(principal, key_id)
-        record, key = self.create_key(
-            old.user,
-            name=old.name,
-            scopes=old.scopes,
-            apis=old.apis,
-            expires_at=old.expires_at,
-            quota=old.quota,
-            rate=old.rate,
-            burst=old.burst,
-        )
+        self.check_within(principal, "rotate", **_limits(old))
+        record, key = self.create_key(old.user, name=old.name, **_limits(old))
         self.store.delete_key(old.id)
         self.reload()
         return record, key
+
+
+def _limits(record: KeyRecord) -> dict[str, Any]:
+    """A key's settings that `broader_than` compares (and `rotate` copies)."""
+    return {
+        "scopes": record.scopes,
+        "apis": record.apis,
+        "expires_at": record.expires_at,
+        "quota": record.quota,
+        "rate": record.rate,
+        "burst": record.burst,
+    }

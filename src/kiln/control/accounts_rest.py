@@ -3,7 +3,8 @@
 - `GET /users`, `POST /users {name, plan}` (admin): list; create, answering with the
   user's first `manage` key, once. `DELETE /users/{name}` (admin): the user, their
   APIs and keys.
-- `GET /keys[?user=]`, `POST /keys`: your keys (the admin: anyone's); create one.
+- `GET /keys[?user=]`, `POST /keys`: your keys (the admin: anyone's); create one, at most
+  as broad as the key asking (scope, APIs, expiry, quota, rate: else 403 naming which).
   `POST /keys/{id}/disable|enable|rotate`, `DELETE /keys/{id}`: the key's user or the
   admin.
 - `GET /usage[?user=&month=YYYY-MM]`: metered calls per user, key, API, version and
@@ -133,6 +134,9 @@ class AccountsApi:
         taken = await asyncio.to_thread(self._path_taken, name)
         if taken:
             raise InvalidInput(f"'{name}' is already {taken}; choose another user name")
+        first = {"scopes": frozenset(("invoke", "manage")), "apis": None}
+        # The user's first key has no limits: only an admin key without limits makes one.
+        accounts.check_within(_principal(request), "create", **first)
         user = await asyncio.to_thread(accounts.create_user, name, plan)
         record, key = await asyncio.to_thread(
             accounts.create_key, name, name="first key", scopes=("invoke", "manage")
@@ -198,8 +202,13 @@ class AccountsApi:
         if body.get("expires"):
             from kiln.config.quantities import parse_duration
 
+            text = str(body["expires"]).strip()
             try:
-                expires_at = accounts._clock() + parse_duration(body["expires"])
+                if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+                    seconds = float(text[:-1]) * 86400  # days, as `kiln keys create` says
+                else:
+                    seconds = parse_duration(text)
+                expires_at = accounts._clock() + seconds
             except ValueError as exc:
                 raise InvalidInput(f"expires: {exc}; use e.g. 30d or 12h") from None
         record, key = await asyncio.to_thread(
@@ -212,6 +221,7 @@ class AccountsApi:
             quota=_int_or_none(body.get("quota"), "quota"),
             rate=_float_or_none(body.get("rate"), "rate"),
             burst=_int_or_none(body.get("burst"), "burst"),
+            creator=principal,  # no broader than the key asking (403 naming how)
         )
         return JSONResponse({**record.public(), "key": key}, 201)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kiln.control.tracker import PredictionMonitor
@@ -249,12 +249,44 @@ class Metrics:
             }
         return out
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, viewer: Any = None) -> bytes:
+        """The text exposition; for a `viewer` (a Principal) that does not see every API,
+        only the series of APIs it sees and of its own user (no other tenant's names,
+        API or key ids)."""
+        if viewer is None or viewer.sees_all:
+            return generate_latest(self.registry)
+        return generate_latest(_Visible(self.registry, viewer))  # type: ignore[arg-type]
+
+
+_NAME_LABELS = ("api", "model_name")
+
+
+class _Visible:
+    """Another registry's families, with only the samples `viewer` may see."""
+
+    def __init__(self, registry: CollectorRegistry, viewer: Any) -> None:
+        self.registry, self.viewer = registry, viewer
+
+    def _keeps(self, labels: dict[str, str]) -> bool:
+        if "user" in labels:
+            return labels["user"] == self.viewer.user
+        names = [labels[n] for n in _NAME_LABELS if n in labels]
+        return bool(names) and all(self.viewer.sees(n) for n in names)
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if self._keeps(s.labels)]
+            yield kept
 
 
 def metrics_app(metrics: Metrics) -> Any:
-    """The metrics port: `GET /metrics` in Prometheus' text format."""
+    """The metrics port: `GET /metrics` in Prometheus' text format.
+
+    With API keys on, the server wraps this app in `ManagementGate`: a scrape needs a
+    `manage` key (Prometheus: `authorization: {credentials: <key>}`, sent as a bearer
+    token), and a user's key reads only its own series (`Metrics.render`).
+    """
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -262,7 +294,8 @@ def metrics_app(metrics: Metrics) -> Any:
         if scope["path"] not in ("/metrics", "/"):
             body, status, ctype = b"not found: scrape /metrics\n", 404, b"text/plain"
         else:
-            body, status, ctype = metrics.render(), 200, b"text/plain; version=0.0.4"
+            viewer = scope.get("state", {}).get("principal")
+            body, status, ctype = metrics.render(viewer), 200, b"text/plain; version=0.0.4"
         await send(
             {
                 "type": "http.response.start",

@@ -97,7 +97,8 @@ class ControlApi:
     async def server_info(self, request: Request) -> Response:
         from kiln.control.status import server_info
 
-        return JSONResponse(server_info(self.server))
+        viewer = request.scope.get("state", {}).get("principal")
+        return JSONResponse(server_info(self.server, viewer))
 
     async def deploy(self, request: Request) -> Response:
         kind = request.headers.get("content-type", "").split(";")[0].strip()

@@ -230,8 +230,13 @@ class InferenceServer:
         self.metrics.key_totals = self.quotas.key_totals
 
     def served_api(self, api: Any, root: Path, tenant: str = "") -> ServedApi:
-        """A ServedApi wired to this server's logs and metrics (also used by registration)."""
-        return ServedApi(
+        """A ServedApi wired to this server's logs and metrics (also used by registration).
+
+        On `kiln serve` the developer is the caller: a 500 from their code carries its
+        message. On `kiln server` only the type and request id do, unless the API sets
+        `serving.expose_errors: true` (the worker applies it: `to_kiln_error`).
+        """
+        served = ServedApi(
             api,
             cwd=str(root),
             log_line=self._log_line(api.name),
@@ -239,6 +244,9 @@ class InferenceServer:
             sandbox=self.sandbox,
             tenant=tenant,
         )
+        if self.options.mode != "server":
+            served.worker_spec.expose_errors = True
+        return served
 
     def _log_line(self, api: str) -> Callable[[str], None]:
         def write(line: str, replica: str | None = None) -> None:
@@ -365,9 +373,14 @@ class InferenceServer:
             if metrics_sock is not None:
                 from kiln.control.metrics import metrics_app
 
+                metrics: Any = metrics_app(self.metrics)
+                if self.quotas is not None:  # API keys on: a scrape needs a `manage` key
+                    from kiln.protocols.auth import ManagementGate
+
+                    metrics = ManagementGate(metrics, self.quotas)
                 self._metrics_server = _Uvicorn(
                     uvicorn.Config(
-                        metrics_app(self.metrics),
+                        metrics,
                         http="httptools",
                         lifespan="off",
                         log_level="warning",

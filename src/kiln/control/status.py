@@ -19,11 +19,13 @@ from kiln.errors import NotFound
 OOM_MARK = "compute.mem"
 
 
-def server_info(server: Any) -> dict[str, Any]:
+def server_info(server: Any, viewer: Any = None) -> dict[str, Any]:
+    """`GET /server`. Paths of the server's machine (`home`) are for the admin only:
+    `viewer` is the caller's Principal (None: auth off, the developer's own server)."""
     import kiln
 
     running = server.running
-    return {
+    info = {
         "version": kiln.__version__,
         "mode": server.options.mode,
         "pid": os.getpid(),
@@ -36,6 +38,9 @@ def server_info(server: Any) -> dict[str, Any]:
         "apis": len(server.registry.all()),
         "deployments": len({d for d in server.deployments.owner.values()}),
     }
+    if viewer is not None and not viewer.is_admin:
+        del info["home"]
+    return info
 
 
 def api_status(server: Any, served: Any) -> str:

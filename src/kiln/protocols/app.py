@@ -34,6 +34,9 @@ class Adapter(Protocol):
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         """The error body in this protocol's shape."""
 
+    # Optional: `scope_of(request) -> "invoke" | "manage"`, the key scope a route needs
+    # (e.g. V2's repository extension, which loads and unloads models); "invoke" without it.
+
 
 def default_adapters(registry: Registry, log: Any, jobs: Any = None) -> list[Adapter]:
     from kiln.protocols.kserve_v1 import KServeV1
@@ -89,7 +92,7 @@ class InferenceApp:
         renderer: Callable[[KilnError, str], dict[str, Any]] = native_error
         protocol = "native"
         started_response = _ResponseTracker(send)
-        principal = None
+        metered = None  # the principal of an admitted call: only those are recorded
         try:
             routed, adapter = self._route(request)
             if routed is not None:
@@ -97,7 +100,9 @@ class InferenceApp:
                 protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
                 api_name = routed[1]
             if self.auth is not None and request.path not in OPEN_PATHS:
-                principal = authenticate(self.auth, request, "invoke")
+                scope_of = getattr(adapter, "scope_of", None)
+                needs = scope_of(request) if scope_of is not None else "invoke"
+                principal = authenticate(self.auth, request, needs)
                 if api_name != _SYSTEM and not principal.sees(api_name):
                     # Not theirs: route again with their view, so the protocol answers
                     # exactly as it does for an API that does not exist.
@@ -106,9 +111,9 @@ class InferenceApp:
                     if api_name != _SYSTEM and not principal.sees(api_name):
                         raise unknown_path(request.path)  # an adapter that does not filter
                 if api_name != _SYSTEM and request.method in METERED_METHODS:
+                    # admit() raises 429 for a refused call, which is then never recorded.
                     started_response.extra = rate_headers(self.auth.admit(principal))
-                else:
-                    principal = None  # authenticated, but not a metered call
+                    metered = principal
             if routed is not None:
                 status = await routed[0](request, started_response)
             else:
@@ -129,8 +134,8 @@ class InferenceApp:
             if not started_response.started:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
-        if principal is not None:
-            self.auth.record(principal, api_name, SERVED_VERSION.get(), status)
+        if metered is not None:
+            self.auth.record(metered, api_name, SERVED_VERSION.get(), status)
         if self.metrics is not None and api_name != _SYSTEM:
             self.metrics.request(
                 api_name, protocol, status, time.perf_counter() - started, SERVED_VERSION.get()

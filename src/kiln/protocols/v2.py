@@ -12,6 +12,8 @@ is a model version. Routes (all under `/v2`):
     POST /v2/repository/index                  every version and its state (Triton)
     POST /v2/repository/models/{m}/load|unload start or stop all versions' workers
 
+With API keys on, the repository routes need a `manage` key (`scope_of`).
+
 A JSON-only request (no binary data asked for, no `timeout`) goes to the worker
 as its raw body (`kind="v2json"`): the worker parses it, holds it against the
 signature (a bad tensor is a 400 naming it) and answers with the finished
@@ -130,6 +132,11 @@ class OpenInferenceV2:
             return await self.dispatch(req, send, parts)
 
         return handler, api
+
+    @staticmethod
+    def scope_of(request: Request) -> str:
+        """The repository extension (index, load, unload) manages models: a `manage` key."""
+        return "manage" if request.path.rstrip("/").startswith("/v2/repository") else "invoke"
 
     def _infer_handler(self, name: str, version: str | None) -> Any:
         async def infer(req: Request, send: Send) -> int:

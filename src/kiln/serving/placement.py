@@ -48,6 +48,7 @@ def worker_spec_for(api: Any) -> WorkerSpec:
         tracker_key=tracker.key if tracker else None,
         tracker_type=tracker.model_type if tracker else None,
         response_envelope=getattr(api, "response_envelope", "none"),
+        expose_errors=bool(getattr(getattr(api, "serving", None), "expose_errors", False)),
     )
 
 

@@ -99,6 +99,8 @@ class WorkerSpec:
     response_envelope: str = "none"
     tracker_key: str | None = None
     tracker_type: str | None = None  # "classification" | "regression" | None
+    # Whether a 500 from user code carries the exception's message (worker.to_kiln_error).
+    expose_errors: bool = False
     # The project's Python environment (kiln.environments): folders appended to sys.path
     # before user code is imported. The worker needs nothing else of the environment.
     site_dirs: list[str] = field(default_factory=list)

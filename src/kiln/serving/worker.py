@@ -45,15 +45,45 @@ def _die_with_parent() -> None:
         pass
 
 
-def to_kiln_error(exc: BaseException, api: str, request_id: str) -> KilnError:
-    """A client-safe error; the traceback of an unexpected one goes to the log only."""
+def to_kiln_error(
+    exc: BaseException, api: str, request_id: str, expose: bool = True, logged: bool = False
+) -> KilnError:
+    """What the client is told when user code (or its model) fails; the log gets it all.
+
+    A `KilnError` is the handler's own choice of status and message: it goes out as
+    raised. Anything else is a 500 whose message is the exception's type and text
+    when `expose` (`WorkerSpec.expose_errors`), else its type and the request id
+    only: an exception's text is written for the developer and may hold anything
+    (a connection string, a path, a token), and on `kiln server` the caller is not
+    the developer. The full message and traceback always go to the API's log (this
+    process's stderr), under the request id the answer names, unless `logged`.
+
+    The decision is made here, in the worker, because only the worker knows whether
+    the exception was a Kiln error; the server decides the policy once, when it
+    builds the worker's spec (`InferenceServer.served_api`: shown on `kiln serve`,
+    where the developer is the caller; on `kiln server` only with the API's
+    `serving.expose_errors: true`), so a hidden message never leaves the worker.
+    """
     if isinstance(exc, KilnError):
         return exc
+    if not logged:
+        log_failure(exc, api, request_id)
+    if expose:
+        return InferenceError(f"{type(exc).__name__}: {exc}")
+    return InferenceError(
+        f"{type(exc).__name__} in the API's code (request {request_id}); the message is in "
+        f"the API's log (`kiln logs`)"
+    )
+
+
+def log_failure(exc: BaseException, api: str, request_ids: str) -> None:
+    """The traceback (or, for an exception returned in an item's slot, its text) to stderr."""
     if exc.__traceback__ is not None:  # raised, not returned in an item's slot
-        trace = "".join(traceback.format_exception(exc))
-        sys.stderr.write(f"request {request_id} failed in API '{api}':\n{trace}")
-        sys.stderr.flush()
-    return InferenceError(f"{type(exc).__name__}: {exc}")
+        text = "".join(traceback.format_exception(exc))
+    else:
+        text = f"{type(exc).__name__}: {exc}\n"
+    sys.stderr.write(f"request {request_ids} failed in API '{api}':\n{text}")
+    sys.stderr.flush()
 
 
 def _error_reply(error: KilnError) -> dict[str, Any]:
@@ -88,6 +118,10 @@ class Worker:
             config=self.spec.config,
             wants_tensors=bool(item.get("wt")),
         )
+
+    def _error(self, exc: BaseException, context: RequestContext, logged: bool = False) -> Any:
+        spec = self.spec
+        return to_kiln_error(exc, spec.api, context.request_id, spec.expose_errors, logged)
 
     def _decode(self, item: dict[str, Any], owned: list[memoryview]) -> Any:
         return decode_payload(item, owned, self.input_names, self.tensor_api, self.signature)
@@ -136,8 +170,10 @@ class Worker:
                     [stages[i] for i in runnable],
                 )
             except Exception as exc:  # noqa: BLE001 - user code may raise anything
-                error = to_kiln_error(exc, self.spec.api, contexts[runnable[0]].request_id)
-                results = [error] * len(runnable)
+                ids = ", ".join(contexts[i].request_id for i in runnable)
+                if not isinstance(exc, KilnError):
+                    log_failure(exc, self.spec.api, ids)
+                results = [self._error(exc, contexts[i], logged=True) for i in runnable]
             for index, result in zip(runnable, results, strict=True):
                 outcomes[index] = result
         replies: list[dict[str, Any]] = []
@@ -154,13 +190,13 @@ class Worker:
         self, outcome: Any, context: RequestContext, item: dict[str, Any]
     ) -> tuple[dict[str, Any], list[Any]]:
         if isinstance(outcome, BaseException):
-            return _error_reply(to_kiln_error(outcome, self.spec.api, context.request_id)), []
+            return _error_reply(self._error(outcome, context)), []
         try:
             reply, buffers = encode_reply(
                 outcome, context, self.spec.response_envelope, item, self.output_names
             )
         except Exception as exc:  # noqa: BLE001 - encoding user values may fail
-            return _error_reply(to_kiln_error(exc, self.spec.api, context.request_id)), []
+            return _error_reply(self._error(exc, context)), []
         if self.spec.tracker_type:
             values = tracked_values(
                 self.spec.api, outcome, self.spec.tracker_key, self.spec.tracker_type
@@ -200,7 +236,7 @@ class Worker:
                     break
             self.channel.send({"id": stream_id, "end": 1, "st": context.status or 200})
         except Exception as exc:  # noqa: BLE001 - user code
-            error = to_kiln_error(exc, self.spec.api, context.request_id)
+            error = self._error(exc, context)
             self.channel.send({"id": stream_id, "end": 1, **_error_reply(error)})
         finally:
             close = getattr(chunks, "close", None)
