@@ -109,6 +109,31 @@ def test_a_key_only_makes_keys_no_broader_than_itself(platform: Daemon) -> None:
     assert user.status_code == 403 and "every API" in user.json()["message"]
 
 
+def test_broader_than_names_every_setting_past_the_makers_bound() -> None:
+    from kiln.control.accounts import KeyRecord, broader_than
+
+    maker = KeyRecord(
+        "k1", "alice", "", "h", frozenset({"invoke"}), frozenset({"alice.a", "alice.b"}),
+        expires_at=1000.0, quota=10, rate=2.0, burst=4,
+    )  # fmt: skip
+    same = {
+        "scopes": frozenset({"invoke"}), "apis": frozenset({"alice.a"}), "expires_at": 999.0,
+        "quota": 10, "rate": 1.0, "burst": 4,
+    }  # fmt: skip
+    assert broader_than(maker, **same) == []
+    assert broader_than(None, scopes=frozenset({"manage"})) == []  # the server itself
+    wider = broader_than(
+        maker, scopes=frozenset({"invoke", "manage"}), apis=None, expires_at=None,
+        quota=11, rate=None, burst=5,
+    )  # fmt: skip
+    assert [w.split(" ")[0] for w in wider] == [
+        "scope", "APIs:", "expiry:", "quota:", "rate:", "burst:",
+    ]  # fmt: skip
+    assert "scope manage" in wider[0] and "every API" in wider[1] and "--rate" in wider[4]
+    manage = KeyRecord("k2", "alice", "", "h", frozenset({"invoke", "manage"}), None)
+    assert broader_than(manage, scopes=frozenset({"invoke"}), apis=None) == []
+
+
 def test_an_invoke_key_cannot_load_or_unload_models(platform: Daemon) -> None:
     d = platform
     invoke = make_key(d, d.alice).json()["key"]

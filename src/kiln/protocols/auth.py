@@ -56,7 +56,7 @@ def rate_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]] | None:
 
 
 class ManagementGate:
-    """ASGI middleware for the management port: every route needs a `manage` key.
+    """ASGI middleware for the management and metrics ports: every route needs a `manage` key.
 
     Open: the API's own description (`/docs`, `/openapi.json`, `OPTIONS /`,
     `/api-description`), which names no API. The principal is published as
