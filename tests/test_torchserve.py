@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -146,6 +148,54 @@ def test_multipart_gives_all_parts_in_order_to_a_multi_input_model(server: KilnS
     # A plain form field is text.
     field = server.client.post("/predictions/echo", data={"data": "42"}, files={"f": b"x"})
     assert field.json()["size"] == 1
+
+
+def test_multipart_limits_on_parts_and_fields_are_413_naming_them(server: KilnServer) -> None:
+    from kiln.protocols.multipart import MAX_FIELDS, MAX_PARTS
+
+    many = server.client.post("/predictions/echo", files=[("data", b"p")] * MAX_PARTS)
+    assert many.json()["size"] == 1
+    too_many = server.client.post("/predictions/echo", files=[("data", b"p")] * (MAX_PARTS + 1))
+    body = assert_torchserve_error(too_many, 413, "RequestEntityTooLargeException")
+    assert f"more than {MAX_PARTS} parts" in body["message"]
+    fields = {f"f{i}": "v" for i in range(MAX_FIELDS + 1)}
+    too_many_fields = server.client.post("/predictions/echo", data=fields, files={"f": b"x"})
+    body = assert_torchserve_error(too_many_fields, 413, "RequestEntityTooLargeException")
+    assert f"more than {MAX_FIELDS} plain form fields" in body["message"]
+
+
+def test_millions_of_parts_are_refused_fast_while_healthz_answers(server: KilnServer) -> None:
+    # The finding: a 32 MiB body of 3.7M parts took 54 s to parse on the event loop
+    # and stalled /healthz for 17 s. Now it is refused at once, and parsing a large
+    # body happens in a thread.
+    body = b"--x\r\n\r\n" + b"\r\n--x\r\n\r\n" * 3_700_000 + b"\r\n--x--\r\n"
+    assert len(body) <= 32 * 1024 * 1024  # within echo's serving.max_request_bytes
+    result: dict = {}
+
+    def upload() -> None:
+        started = time.monotonic()
+        result["response"] = httpx.post(
+            f"{server.url}/predictions/echo",
+            content=body,
+            headers={"Content-Type": "multipart/form-data; boundary=x"},
+            timeout=60,
+        )
+        result["seconds"] = time.monotonic() - started
+
+    uploading = threading.Thread(target=upload)
+    slowest = 0.0
+    with httpx.Client(base_url=server.url, timeout=10) as health:
+        uploading.start()
+        while uploading.is_alive():
+            started = time.monotonic()
+            assert health.get("/healthz").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.01)
+    uploading.join()
+    answer = assert_torchserve_error(result["response"], 413, "RequestEntityTooLargeException")
+    assert "more than 1000 parts" in answer["message"]
+    assert result["seconds"] < 2, result["seconds"]
+    assert slowest < 1, slowest
 
 
 def test_underscore_model_names_map_to_dns_names(server: KilnServer) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from kiln.errors import KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.http import Request, Send, send_bytes, send_json
-from kiln.protocols.multipart import MULTIPART, parse_multipart
+from kiln.protocols.multipart import MULTIPART, read_multipart
 from kiln.protocols.streaming import stream_response, wants_sse
 from kiln.serving.router import ApiGroup, Registry, ServedApi
 from kiln.serving.types import InferenceRequest, InferenceResponse
@@ -128,10 +128,14 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def build_request(
+async def build_request(
     request: Request, served: ServedApi, body: bytes, protocol: str = "torchserve"
 ) -> InferenceRequest:
-    """The internal request for a TorchServe-style body (raw bytes or multipart parts)."""
+    """The internal request for a TorchServe-style body (raw bytes or multipart parts).
+
+    A multipart body is parsed within docs/protocols.md's limits, and off the
+    event loop when it is large (kiln.protocols.multipart).
+    """
     headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
     inference = InferenceRequest(
         api=served.name,
@@ -146,7 +150,11 @@ def build_request(
     )
     if request.content_type == MULTIPART:
         inference.kind = "parts"
-        inference.parts = parse_multipart(body, request.headers.get("content-type", ""))
+        inference.parts = await read_multipart(
+            body,
+            request.headers.get("content-type", ""),
+            max_part_bytes=served.api.serving.max_request_bytes,
+        )
         inference.body = b""
     return inference
 
@@ -221,7 +229,7 @@ class TorchServeInference:
         if request.method not in _PREDICT_METHODS:
             raise method_not_allowed(request, (*_PREDICT_METHODS, "OPTIONS"))
         body = await request.body(served.api.serving.max_request_bytes)
-        inference = build_request(request, served, body)
+        inference = await build_request(request, served, body)
         if streams(served, request):
             return await stream_response(
                 request,
@@ -236,7 +244,7 @@ class TorchServeInference:
         if request.method not in _PREDICT_METHODS:
             raise method_not_allowed(request, _PREDICT_METHODS)
         body = await request.body(served.api.serving.max_request_bytes)
-        inference = build_request(request, served, body)
+        inference = await build_request(request, served, body)
         return await send_response(send, await served.explain(inference), request.request_id)
 
 
@@ -262,7 +270,8 @@ def describe(served: ServedApi, name: str, versions: list[str]) -> dict[str, Any
     errors = {
         "400": "The input cannot be read by this model (BadRequestException)",
         "404": "Model or version not found (ModelNotFoundException)",
-        "413": "The body is larger than serving.max_request_bytes",
+        "413": "The body is larger than serving.max_request_bytes, or a multipart body has "
+        "more parts or fields than Kiln takes (docs/protocols.md)",
         "500": "The model or handler failed (InternalServerException)",
         "503": "No worker is ready (ServiceUnavailableException); retry after Retry-After",
     }
