@@ -17,7 +17,7 @@ answers exactly like one that does not exist.
 
 A key never makes a broader one: a key created, rotated or enabled through a
 principal must be at most as broad as the principal's own key in every limit
-(scopes, APIs, expiry, monthly quota, rate and burst; `narrower_than`), so a
+(scopes, APIs, expiry, monthly quota, rate and burst; `broader_than`), so a
 key handed out with `--apis`, `--expires` or `--quota` cannot mint its way out.
 """
 
