@@ -24,6 +24,7 @@ and sent over its channel (the worker needs no network and no credentials).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,17 @@ class OutputSink:
             with filesystem(uri).open(uri.path, "wb") as f:
                 f.write(bytes(data))
             return
-        tmp = f"{self.folder}/.part-{idx:06d}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # no fsync: as durable as the store's WAL (see docs)
-            f.write(data)
-        os.replace(tmp, target)
+        # A random suffix, not the pid: sandboxed workers each have their own PID namespace,
+        # and two of them may write one batch at once (a lease that lapsed while it ran).
+        tmp = f"{self.folder}/.part-{idx:06d}.{os.urandom(6).hex()}.tmp"
+        try:
+            with open(tmp, "wb") as f:  # no fsync: as durable as the store's WAL (see docs)
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def job_output_folder(job_id: str, output: dict[str, str]) -> str:
