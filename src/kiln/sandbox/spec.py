@@ -7,9 +7,17 @@ place and applied in one place (`serving/process.py`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-DEFAULT_MAX_PIDS = 256  # tasks (processes and threads) per worker: stops a fork bomb
+
+def default_max_pids() -> int:
+    """Tasks (processes and threads) per worker: enough for thread pools sized by the
+    machine's cores (TensorFlow, onnxruntime, BLAS: a few per core), never a thousand."""
+    return min(900, 256 + 16 * (os.cpu_count() or 1))
+
+
+DEFAULT_MAX_PIDS = default_max_pids()
 DEFAULT_TMP_BYTES = 1 << 30  # the worker's /tmp (scratch, HOME) when sandboxed
 
 
