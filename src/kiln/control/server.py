@@ -45,7 +45,19 @@ DEFAULT_HTTP = "kiln"  # the inference port's HTTP layer unless KILN_HTTP says o
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn, minus its signal handling: the Kiln server owns SIGINT/SIGTERM."""
+    """uvicorn, minus its signal handling: the Kiln server owns SIGINT/SIGTERM.
+
+    On httptools (the management and metrics ports) its connections get the edge
+    limits (protocols/edge.py: head deadline and size, body idle time, keep-alive,
+    a connection cap) before the app, and so the API key check, sees a request.
+    """
+
+    def __init__(self, config: uvicorn.Config, edge: Any = None) -> None:
+        if config.http == "httptools":
+            from kiln.protocols.edge_uvicorn import guard_uvicorn
+
+            guard_uvicorn(config, edge)  # edge: an EdgeLimits, None for the defaults
+        super().__init__(config)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -12,8 +12,11 @@ socket writes per response). This layer keeps the same ASGI contract, so
   anything, and nothing is allocated for waiting unless the app must wait;
 - streamed answers (`more_body=True`: chunked, SSE) still leave chunk by chunk.
 
-The listening side (connections, keep-alive expiry, the `date` header, graceful
-shutdown) is in `fast_http_server.py`, one request's `receive`/`send` in
+The edge limits (`edge.py`: head deadline, body idle time, keep-alive, head
+size, connection cap) are checked here against timestamps the connection keeps
+anyway; one timer in `fast_http_server.py` sweeps all connections, so no
+request pays for a timer. The listening side (connections, the `date` header,
+graceful shutdown) is in `fast_http_server.py`, one request's `receive`/`send` in
 `fast_http_exchange.py`; the management and metrics ports stay on
 uvicorn, where generality matters more than microseconds.
 """
@@ -29,9 +32,13 @@ from urllib.parse import unquote
 
 import httptools
 
+from kiln.protocols.edge import error_body
 from kiln.protocols.fast_http_exchange import HIGH_WATER, LINGER_S, STATUS_LINES, Exchange
 
-MAX_HEAD = 64 * 1024  # request line or headers beyond this: 400 and close
+_MALFORMED = error_body("InvalidInput", "malformed HTTP request")
+_HEAD_TOO_LARGE = error_body("HeadersTooLarge", "request line and headers are too large")
+_TOO_SLOW = error_body("RequestTimeout", "the request did not arrive in time")
+_TOO_MANY = error_body("Unavailable", "too many connections; retry shortly")
 
 if TYPE_CHECKING:
     from kiln.protocols.fast_http_server import FastHttpServer
@@ -59,16 +66,24 @@ class FastHttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self.closing = False  # graceful shutdown: finish the request in flight, then close
-        self.broken = False  # a malformed request: answer 400 once the one in flight is done
+        # malformed (400) or too large a head (431): answered once the one in flight is done
+        self.broken = 0
         self.lingering: asyncio.TimerHandle | None = None
-        self.last_active = 0.0
+        self.last_active = 0.0  # the last bytes from the client (body idle time)
+        self.head_since = 0.0  # the head being waited for: since connect or its first byte
+        self.idle_since = 0.0  # the last answer written (keep-alive idle time)
+        self.max_head = server.limits.max_header_bytes
         # per-request parser state
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._expect = False
         self._declared: int | None = None
-        self._in_head = False  # a request line or headers are being received
-        self._head_bytes = 0  # bytes received while in a head (httptools has no limit)
+        self._in_head = True  # waiting for (the rest of) a request line and headers
+        self._between = True  # the parser is between requests: the next byte starts a head
+        self._begins = 0  # requests begun on this connection
+        self._head_bytes = 0  # bytes of the head in progress counted so far (see data_received)
+        self._head_span = 0  # bytes of the pieces the head arrived in: at least its size
+        self._piece = 0  # the length of the piece being parsed
 
     # asyncio.Protocol
 
@@ -76,7 +91,10 @@ class FastHttpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.peer = _address(transport.get_extra_info("peername"))
         self.local = _address(transport.get_extra_info("sockname"))
-        self.last_active = self.loop.time()
+        self.last_active = self.head_since = self.idle_since = self.loop.time()
+        if not self.server.admit(self):
+            self._answer_error(503, _TOO_MANY, b"retry-after: 1\r\n", linger=False)
+            return
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -96,17 +114,32 @@ class FastHttpProtocol(asyncio.Protocol):
         if self.lingering is not None or self.broken:
             return  # answered and closing: read and drop
         self.last_active = self.loop.time()
-        if self._in_head:  # a head in pieces: bounded, so a client cannot grow it forever
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self.malformed()
-                return
+        # A head still incomplete after this piece is bounded (httptools has no limit), so a
+        # client cannot grow it forever. Counted are only pieces known to be all head: one
+        # that began inside the head, or between requests with exactly one request begun in
+        # it; a piece holding the end of a body and a new head's start is not counted (it is
+        # one read at most), so a body is never taken for head bytes.
+        self._piece = n = len(data)
+        if not self._in_head:
+            mark = -1
+        elif self._between:
+            mark = self._begins + 1
+        else:
+            mark = self._begins
+            self._head_span += n
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass  # no protocol upgrades here: the request is answered as plain HTTP
         except httptools.HttpParserError:
-            self.malformed()
+            if not self.broken:
+                self.malformed()
+            return
+        if self._in_head and not self._between:
+            if self._begins == mark:
+                self._head_bytes += n
+            if self._head_bytes > self.max_head:
+                self.malformed(431)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -143,7 +176,12 @@ class FastHttpProtocol(asyncio.Protocol):
         self._expect = False
         self._declared = None
         self._head_bytes = 0
+        self._head_span = self._piece
         self._in_head = True
+        self._between = False
+        if self._begins:  # a later request: its head's clock starts with its first byte
+            self.head_since = self.last_active  # (the first one's started at connect)
+        self._begins += 1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -158,6 +196,9 @@ class FastHttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_span > self.max_head and self._head_size() > self.max_head:
+            self.malformed(431)
+            raise httptools.HttpParserError("head too large")  # stops the parser
         parser = self.parser
         version = parser.get_http_version()
         url = httptools.parse_url(self._url)
@@ -199,7 +240,13 @@ class FastHttpProtocol(asyncio.Protocol):
             self.pause_reading()  # the app reads it (`receive`) before more is read
         ex.wake()
 
+    def _head_size(self) -> int:
+        """The head's size from its parsed parts (only asked when its pieces were large)."""
+        return len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._headers) + 16
+
     def on_message_complete(self) -> None:
+        self._between = True
+        self._in_head = True  # the next request's head, whenever it comes
         ex = self.parsing
         if ex is not None:
             ex.more_body = False
@@ -247,9 +294,9 @@ class FastHttpProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         if self.broken:
-            self._answer_400()
+            self._answer_error(self.broken, _HEAD_TOO_LARGE if self.broken == 431 else _MALFORMED)
             return
-        self.last_active = self.loop.time()
+        self.idle_since = self.last_active = self.loop.time()
         if self.pending:
             self.start(self.pending.popleft())
         self.resume_reading()
@@ -263,27 +310,89 @@ class FastHttpProtocol(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def malformed(self) -> None:
-        """Not HTTP: 400 and close, after the answer in flight if there is one."""
-        self.broken = True
+    def malformed(self, status: int = 400) -> None:
+        """Not HTTP (400) or too large a head (431): answer and close, after any in flight."""
+        self.broken = status
         self.pending.clear()
+        ex = self.running
+        if ex is not None and ex is self.parsing and ex.more_body and not ex.complete:
+            # its own body broke (bad chunk framing): the app would wait for the rest forever
+            ex.disconnected = True
+            ex.wake()
+            self.running = None
+            if ex.head_sent:
+                self.transport.close()
+                return
         if self.running is None:
-            self._answer_400()
+            self._answer_error(status, _HEAD_TOO_LARGE if status == 431 else _MALFORMED)
 
-    def _answer_400(self) -> None:
-        body = b'{"error":{"type":"InvalidInput","message":"malformed HTTP request"}}'
+    def _answer_error(
+        self, status: int, body: bytes, extra: bytes = b"", linger: bool = True
+    ) -> None:
+        self.broken = self.broken or status
         self.transport.write(
             b"".join(
                 (
-                    STATUS_LINES[400],
+                    STATUS_LINES[status],
                     self.server.date_line,
                     b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                    extra,
                     b"connection: close\r\n\r\n",
                     body,
                 )
             )
         )
-        self.linger()
+        if linger:
+            self.linger()
+        else:
+            self.transport.close()
+
+    # edge limits (`edge.py`), checked by the server's sweep
+
+    def expire(self, now: float) -> None:
+        """Close this connection if a client deadline passed: head, body silence, keep-alive."""
+        if self.lingering is not None or self.broken or self.transport.is_closing():
+            return
+        limits = self.server.limits
+        ex = self.parsing
+        if self.running is not None or self.pending:
+            # the app has a request; only a body the client stopped sending is the client's fault
+            if (
+                ex is not None
+                and ex.more_body
+                and not self.read_paused
+                and now - self.last_active > limits.body_idle_timeout_s
+            ):
+                self.timed_out(ex)
+        elif self._in_head:
+            if self._between and self._begins:  # idle between requests
+                if now - self.idle_since > limits.keepalive_timeout_s:
+                    self.transport.close()
+            elif now - self.head_since > limits.header_timeout_s:
+                if self._between:  # not a byte of a request yet: nothing to answer
+                    self.transport.close()
+                else:
+                    self.timed_out(None)
+        elif (
+            ex is not None and ex.more_body and now - self.last_active > limits.body_idle_timeout_s
+        ):
+            self.transport.close()  # answered early and draining the body: it stopped coming
+
+    def timed_out(self, ex: Exchange | None) -> None:
+        """408 and close, or just close once an answer has begun (its client sees it cut)."""
+        for other in (self.running, self.parsing, *self.pending):
+            if other is not None and not other.complete:
+                other.disconnected = True  # the app's later sends are dropped
+                other.wake()
+        self.pending.clear()
+        if ex is not None and ex.head_sent:
+            self.transport.close()
+        else:
+            self._answer_error(408, _TOO_SLOW, linger=False)
+
+    def waiting(self) -> bool:
+        """Idle between requests or in a head, nothing for the app: it may make room at the cap."""
+        return self._in_head and self.running is None and not self.pending and not self.broken
 
     def shutdown(self) -> None:
         """Graceful shutdown: close now when idle, else after the answer in flight."""

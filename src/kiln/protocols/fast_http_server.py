@@ -3,9 +3,10 @@
 It offers what `control/server.py` uses of a `uvicorn.Server` (`serve(sockets=...)`
 and `should_exit`), so the inference port can run on either (`KILN_HTTP`).
 Housekeeping runs on one timer for all connections instead of a timer per
-request: every 0.1 s it checks for shutdown, every second it refreshes the
-`date` header and closes keep-alive connections idle for longer than
-`keep_alive_s` (uvicorn's default, 5 s).
+request: every 0.1 s it checks for shutdown, every 0.5 s it sweeps the
+connections for the edge limits (`edge.py`: head deadline, body idle time,
+keep-alive idle time), every second it refreshes the `date` header. The
+connection cap is checked when a connection is accepted (`admit`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import time
 from email.utils import formatdate
 from typing import Any
 
+from kiln.protocols.edge import EVICT_AFTER_S, EdgeLimits
 from kiln.protocols.fast_http import FastHttpProtocol
 
 TICK_S = 0.1
-KEEP_ALIVE_S = 5.0
+SWEEP_TICKS = 5  # edge deadlines are checked every 0.5 s: a limit holds to within that
 BACKLOG = 2048
 
 
@@ -30,10 +32,13 @@ def date_line() -> bytes:
 class FastHttpServer:
     """Serves an ASGI app (HTTP only, no lifespan) with `FastHttpProtocol`."""
 
-    def __init__(self, app: Any, grace_s: float = 30.0, keep_alive_s: float = KEEP_ALIVE_S) -> None:
+    def __init__(self, app: Any, grace_s: float = 30.0, limits: EdgeLimits | None = None) -> None:
         self.app = app
         self.grace_s = grace_s
-        self.keep_alive_s = keep_alive_s
+        self.limits = limits or EdgeLimits()
+        self.cap = int(self.limits.max_connections)  # lowered to the fd limit by serve()
+        self.refused = 0  # connections answered 503 at the cap
+        self.evicted = 0  # waiting connections closed to make room at the cap
         self.should_exit = False
         self.connections: set[FastHttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # requests whose app still runs
@@ -44,6 +49,7 @@ class FastHttpServer:
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Serve on already bound sockets until `should_exit`, then drain and close."""
         self.loop = asyncio.get_running_loop()
+        self.cap = self.limits.connection_cap()
         for sock in sockets:
             server = await self.loop.create_server(
                 lambda: FastHttpProtocol(self), sock=sock, backlog=BACKLOG
@@ -53,17 +59,43 @@ class FastHttpServer:
         while not self.should_exit:
             await asyncio.sleep(TICK_S)
             ticks += 1
-            if ticks % 10 == 0:
-                self.date_line = date_line()
-                self._expire_idle()
+            if ticks % SWEEP_TICKS == 0:
+                self.sweep()
+                if ticks % 10 == 0:
+                    self.date_line = date_line()
         await self.shutdown()
 
-    def _expire_idle(self) -> None:
-        """Close keep-alive connections with nothing in flight and no bytes for a while."""
-        cutoff = self.loop.time() - self.keep_alive_s
+    def sweep(self) -> None:
+        """Close connections past an edge deadline (head, body silence, keep-alive idle)."""
+        now = self.loop.time()
         for conn in list(self.connections):
-            if conn.running is None and not conn.pending and conn.last_active < cutoff:
-                conn.transport.close()
+            conn.expire(now)
+
+    def admit(self, conn: FastHttpProtocol) -> bool:
+        """Room for one more connection? At the cap, the longest-waiting idle one makes room.
+
+        A connection that has waited over a second for a head (idle keep-alive,
+        or a client dribbling its head: slowloris) is closed for the new one; a
+        flood of slow connections then cannot hold the port. When every
+        connection is busy or new, the newcomer is refused (503).
+        """
+        if len(self.connections) < self.cap:
+            return True
+        cutoff = conn.last_active - EVICT_AFTER_S
+        victim = None
+        for other in self.connections:
+            if other.idle_since <= cutoff and other.head_since <= cutoff and other.waiting():
+                if victim is None or max(other.idle_since, other.head_since) < max(
+                    victim.idle_since, victim.head_since
+                ):
+                    victim = other
+        if victim is None:
+            self.refused += 1
+            return False
+        self.evicted += 1
+        self.connections.discard(victim)
+        victim.transport.close()
+        return True
 
     async def shutdown(self) -> None:
         """Stop accepting; finish requests in flight up to the grace period; close the rest.
