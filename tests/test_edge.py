@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import select
 import selectors
 import socket
@@ -43,10 +44,16 @@ GOOD = b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n"
 class Served:
     """tests/edge_server.py in a subprocess: `kind` is kiln, uvicorn or uvicorn-edge."""
 
-    def __init__(self, kind: str, limits: dict | None = None) -> None:
+    def __init__(self, kind: str, limits: dict | None = None, nofile: int | None = None) -> None:
         self.kind = kind
         args = [sys.executable, str(HERE / "edge_server.py"), kind, json.dumps(limits or {})]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+
+        def soft_limit() -> None:  # a common default (ulimit -n 1024): the server must fit in it
+            if nofile is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, preexec_fn=soft_limit)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
 
@@ -292,7 +299,9 @@ def _latencies(server: Served, seconds: float) -> list[float]:
 def test_slowloris_does_not_lock_out_a_normal_client(
     count: int, every: float, seconds: float
 ) -> None:
-    server = Served("kiln")  # the default limits: 10 s for a head, 1000 connections
+    # the default limits (10 s for a head, 1000 connections) in a process started with
+    # `ulimit -n 1024`: 1,100 slow connections would exhaust its descriptors
+    server = Served("kiln", nofile=1024)
     attack = Slowloris(server.port, count, every)
     try:
         attack.start()
