@@ -379,9 +379,15 @@ def test_users_batch_jobs_cannot_read_or_write_local_paths(
     items = {
         "workers": 1,
         "item_list": {"items": [1], "batch_size": 1},
-        "output": {"path": "x"},  # relative (an absolute one is a 400 for anyone)
+        "output": {"path": "/tmp/x"},
     }
-    assert httpx.post(url, json=items, headers=hdr(made["key"])).status_code == 403
+    absolute = httpx.post(url, json=items, headers=hdr(made["key"]))
+    assert absolute.status_code == 400 and "output.path" in absolute.text
+    # A relative output path is the job's own folder under KILN_HOME/jobs: allowed.
+    own = httpx.post(url, json={**items, "output": {"path": "x"}}, headers=hdr(made["key"]))
+    assert own.status_code == 200, own.text
+    location = own.json()["output"]["location"]
+    assert location.startswith(str((platform.home / "jobs").resolve())), location
     fine = httpx.post(url, json={**items, "output": None}, headers=hdr(made["key"]))
     assert fine.status_code == 200, fine.text
     hidden = httpx.post(url, json=items, headers=hdr(platform.keys["alice"]))

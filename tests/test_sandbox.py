@@ -362,3 +362,84 @@ def test_kiln_serve_runs_workers_as_before_unless_asked_to_sandbox(tmp_path: Pat
                 assert body == {"seen": False, "planted": None}
         finally:
             server.stop()
+
+
+BATCH_ATTACK = r"""
+import os, socket
+
+
+def _try(fn):
+    try:
+        fn()
+        return "OK"
+    except BaseException as exc:  # noqa: BLE001
+        return "FAILED:" + type(exc).__name__
+
+
+class PythonPredictor:
+    def __init__(self, config, job_spec):
+        self.config = config
+
+    def predict(self, payload, batch_id):
+        home, port = self.config["home"], self.config["port"]
+        return [
+            {
+                "admin_key": _try(lambda: open(os.path.join(home, "admin.key")).read()),
+                "state_db": _try(lambda: open(os.path.join(home, "state.db"), "rb").read(1)),
+                "management": _try(lambda: socket.create_connection(("127.0.0.1", port), 2)),
+                "planted": os.environ.get("KILN_PLANTED"),
+                "uid": os.getuid(),
+            }
+            for _ in payload
+        ]
+"""
+
+
+def test_a_users_batch_worker_is_sandboxed_and_writes_only_its_output(
+    platform: Daemon, tmp_path: Path
+) -> None:
+    d = platform
+    folder = tmp_path / "sweeper"
+    write(folder / "predictor.py", BATCH_ATTACK)
+    write(
+        folder / "kiln.yaml",
+        "- kind: BatchAPI\n  name: sweep\n  predictor: {type: python, path: predictor.py}\n",
+    )
+    env = {**d.env, "KILN_API_KEY": d.keys["mallory"]}
+    done = d.kiln_env(env, "deploy", str(folder))
+    assert done.returncode == 0, done.stdout + done.stderr
+    headers = {"Authorization": f"Bearer {d.keys['mallory']}"}
+    spec = {
+        "workers": 1,
+        "item_list": {"items": [1], "batch_size": 1},
+        "config": {"home": str(d.home), "port": d.info["ports"]["management"]},
+        "output": {"path": "out"},
+    }
+    job = d.http.post(f"{d.url}/mallory/sweep", headers=headers, json=spec)
+    assert job.status_code == 200, job.text
+    job_id = job.json()["job_id"]
+    status = d.wait_until(
+        lambda: (
+            (s := d.http.get(f"{d.url}/mallory/sweep/{job_id}", headers=headers).json())[
+                "job_status"
+            ]["status"]
+            in ("status_succeeded", "status_completed_with_failures")
+            and s
+        ),
+        60,
+        "the batch job",
+    )
+    assert status["job_status"]["status"] == "status_succeeded", status
+    location = Path(job.json()["output"]["location"])
+    rows = [
+        orjson.loads(line)["result"]
+        for p in location.glob("*.jsonl")
+        for line in p.read_text().splitlines()
+    ]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row["admin_key"].startswith("FAILED") and row["state_db"].startswith("FAILED")
+    assert row["management"].startswith("FAILED")
+    assert row["planted"] is None
+    if probe().per_tenant_uids:
+        assert row["uid"] >= 200000

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import sys
 import time
@@ -47,6 +46,9 @@ from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow, QueuedBatch
 from kiln.errors import KilnError
+from kiln.sandbox.policy import SandboxPolicy, base_env
+from kiln.sandbox.spec import Limits as SandboxLimits
+from kiln.serving.process import WorkerProcess
 
 ENQUEUE_CHUNK = 512  # batches per transaction
 ENQUEUE_CHUNK_BYTES = 4 << 20
@@ -69,31 +71,42 @@ class WorkerLaunch:
     output_folder: str | None  # a local output folder it writes into; None: none, or remote
     # What the deployment declares (`api.worker_env`: env: over .env), never the server's.
     env: dict[str, str] = field(default_factory=dict)
+    read_only: tuple[str, ...] = ()  # besides the revision: its Python environment, models
+    network: str = "none"
+    mem_limit: int | None = None
 
 
-async def spawn_worker(launch: WorkerLaunch) -> asyncio.subprocess.Process:
-    """Start one batch worker process: the one place to swap for the sandbox launcher.
+def spawn_worker(
+    launch: WorkerLaunch, sandbox: SandboxPolicy, log_line: Callable[[str], None]
+) -> WorkerProcess:
+    """One batch worker process, started the way realtime workers are (serving/process.py).
 
-    The process must pass `launch.fd` through (and no other descriptor: close_fds
-    is the default), run ``python -m kiln.batch.worker FD`` and give back its stdout
-    (stderr merged into it) as a pipe: the server reads markers and log lines there.
+    Only `launch.fd` passes; the environment is the minimal base plus the
+    deployment's variables (a `kiln serve` without --sandbox keeps the
+    developer's, minus the store's URL); in the sandbox the worker sees its
+    revision, its Python environment and its job's output folder (writable),
+    and nothing else. `log_line` gets every line of its output.
     """
-    env = {k: v for k, v in os.environ.items() if k not in SERVER_ONLY_ENV}
+    if sandbox.inherit_env:
+        env = {k: v for k, v in os.environ.items() if k not in SERVER_ONLY_ENV}
+    else:
+        env = base_env()
     env.update(launch.env)
     env.update(PYTHONUNBUFFERED="1", KILN_BATCH_WORKER=str(launch.number))
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kiln.batch.worker",
-        str(launch.fd),
+    argv = [sys.executable, "-m", "kiln.batch.worker", str(launch.fd)]
+    spec = sandbox.launch(
+        argv,
+        env,
         cwd=str(launch.root),
-        env=env,
         pass_fds=(launch.fd,),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        limit=1 << 20,
+        tenant=launch.api.split(".", 1)[0] if "." in launch.api else "",
+        read_only=list(launch.read_only),
+        writable=[launch.output_folder] if launch.output_folder else [],
+        network=launch.network,
+        limits=SandboxLimits(mem_bytes=launch.mem_limit),
+        name=f"{launch.api}-job-{launch.number}",
     )
+    return WorkerProcess(spec, log_line)
 
 
 def worker_job(job: JobRow) -> dict[str, Any]:
@@ -137,8 +150,12 @@ class JobRun:
         mem_limit: int | None = None,
         on_end: Callable[[JobRow | None], None] | None = None,
         env: dict[str, str] | None = None,
+        sandbox: SandboxPolicy | None = None,
+        network: str = "none",
     ) -> None:
         self.store = store
+        self.sandbox = sandbox or SandboxPolicy(enabled=False, inherit_env=True)
+        self.network = network
         self.env = dict(env or {})  # the deployment's variables for every worker
         self.job = job
         self.root = root
@@ -148,7 +165,8 @@ class JobRun:
         self.mem_limit = mem_limit
         self.on_end = on_end
         self.states: dict[int, str] = {}
-        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.procs: dict[int, WorkerProcess] = {}
+        self._errors: dict[int, str] = {}  # the last error marker of each worker
         self.links: dict[int, QueueLink] = {}
         self._worker_job: dict[str, Any] = {}
         self._sink: OutputSink | None = None
@@ -289,7 +307,7 @@ class JobRun:
 
     async def _check_memory(self, job: JobRow) -> None:
         for n, proc in list(self.procs.items()):
-            rss = _rss(proc.pid)
+            rss = proc.memory_bytes()
             if rss is not None and self.mem_limit and rss > self.mem_limit:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -310,10 +328,16 @@ class JobRun:
             proc, link = await self._start_worker(n)
             self.procs[n] = proc
             try:
-                error = await self._pump(n, proc)
+                code = await proc.wait()
+                await proc.drain_output()
             finally:
                 link.close()
-            code = await proc.wait()
+            error = self._errors.pop(n, None)
+            if proc.oom_killed():
+                code = EXIT_OOM
+                error = error or f"worker {n} ran out of memory (compute.mem)"
+            elif proc.spec.sandboxed and code > 128:
+                code = -(code - 128)  # bubblewrap reports a signal as 128 + n
             self.procs.pop(n, None)
             self.links.pop(n, None)
             if self.ending:
@@ -350,7 +374,7 @@ class JobRun:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def _start_worker(self, n: int) -> tuple[asyncio.subprocess.Process, QueueLink]:
+    async def _start_worker(self, n: int) -> tuple[WorkerProcess, QueueLink]:
         """Worker `n` and the thread that answers its channel."""
         ours, theirs = socket.socketpair()
         try:
@@ -363,8 +387,12 @@ class JobRun:
                 fd=theirs.fileno(),
                 output_folder=sink.folder if sink is not None and not sink.remote else None,
                 env=self.env,
+                read_only=self._readable(),
+                network=self.network,
+                mem_limit=self.mem_limit,
             )
-            proc = await spawn_worker(launch)
+            proc = spawn_worker(launch, self.sandbox, self._line_handler(n))
+            await proc.spawn()
         except BaseException:
             ours.close()
             raise
@@ -384,27 +412,30 @@ class JobRun:
         link.start()
         return proc, link
 
-    async def _pump(self, n: int, proc: asyncio.subprocess.Process) -> str | None:
-        """Copy the worker's output into the job log; follow its state markers."""
-        error = None
-        assert proc.stdout is not None
-        while True:
-            try:
-                raw = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):
-                continue  # a line over 1 MiB: skip it, keep reading
-            if not raw:
-                return error
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith(MARK):
-                state, _, detail = line[len(MARK) :].partition(" ")
+    def _line_handler(self, n: int) -> Callable[[str], None]:
+        """Worker `n`'s output into the job log; its state markers into `states`."""
+
+        def line(text: str) -> None:
+            if text.startswith(MARK):
+                state, _, detail = text[len(MARK) :].partition(" ")
                 if state == "error":
-                    error = detail
+                    self._errors[n] = detail
                     self.log.write(detail, event="worker", worker=n)
                 elif state in ("initializing", "running"):
                     self.states[n] = state
-                continue
-            self.log.write(line, event="worker", worker=n)
+                return
+            self.log.write(text, event="worker", worker=n)
+
+        return line
+
+    def _readable(self) -> tuple[str, ...]:
+        """What a sandboxed worker reads besides its revision: its environment, its model."""
+        plan = orjson.loads(self.job.plan) if self.job.plan else {}
+        paths = list(plan.get("site_dirs") or [])
+        model = (plan.get("worker_spec") or {}).get("model_path")
+        if model and os.path.isabs(model):
+            paths.append(model if os.path.isdir(model) else os.path.dirname(model))
+        return tuple(paths)
 
     async def _stop_workers(self) -> None:
         self.ending = True
@@ -412,8 +443,7 @@ class JobRun:
             link.close()
         live = [p for p in self.procs.values() if p.returncode is None]
         for proc in live:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            proc.terminate()
         if live:
             _, pending = await asyncio.wait(
                 [asyncio.create_task(p.wait()) for p in live], timeout=STOP_GRACE_S
@@ -428,17 +458,6 @@ class JobRun:
         for task in self._slots:
             task.cancel()
         await asyncio.gather(*self._slots, return_exceptions=True)
-
-
-def _rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from kiln.batch.spec import Limits, output_folder, parse_body, validate
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow
 from kiln.errors import Forbidden, InvalidInput, NotFound
+from kiln.sandbox.policy import SandboxPolicy
 
 
 @dataclass
@@ -68,6 +69,8 @@ class JobManager:
         # Deployed APIs' local outputs: KILN_HOME/jobs/<api>/<job_id>/<output.path>.
         self.jobs_folder = jobs_folder if jobs_folder is not None else log_folder.parent / "jobs"
         self.api_log = api_log  # LogSink: one line per job event in the API's own log
+        # How workers start (the server sets its own; without one: unsandboxed, as before).
+        self.sandbox = SandboxPolicy(enabled=False, inherit_env=True)
         self.apis: dict[str, BatchApiEntry] = {}
         self.endpoints: dict[str, str] = {}
         self.runs: dict[str, JobRun] = {}
@@ -125,18 +128,17 @@ class JobManager:
         """Validate and record a job, start enqueuing it in the background; the job spec.
 
         `allow_local` is False for a caller who is not the server's admin (API keys on):
-        local paths would let them read, list or write any file the server can.
+        local source paths would let them read or list any file the server can. A local
+        `output.path` is allowed: it is relative and lands in the job's own folder.
         """
         entry = self._entry(name)
         spec = validate(parse_body(body, entry.limits), entry.limits, dict(entry.spec.config))
         if not allow_local:
-            local = [
-                p for p in [*spec.paths, (spec.output or {}).get("path")] if p and "://" not in p
-            ]
+            local = [p for p in spec.paths if p and "://" not in p]
             if local:
                 raise Forbidden(
-                    f"local paths ({local[0]!r}) are for the server's admin; read and write "
-                    f"your data through s3:// or gs:// instead"
+                    f"local paths ({local[0]!r}) are for the server's admin; read your data "
+                    f"through s3:// or gs:// instead"
                 )
         if entry.spec.runtime != "predictor" and spec.output is None and not dry:
             raise InvalidInput(
@@ -291,6 +293,8 @@ class JobManager:
             mem_limit=entry.spec.compute.mem,
             on_end=lambda final, job_id=job.id: self._ended(job_id, final),
             env=getattr(entry.spec, "worker_env", None),  # env: over .env (kiln.config)
+            sandbox=self.sandbox,
+            network=getattr(entry.spec, "network", None) or "none",
         )
         self.runs[job.id] = run
         self._spawn(run.run())

@@ -221,6 +221,7 @@ class InferenceServer:
         from kiln.batch.manager import JobManager
 
         self.jobs = JobManager(self.store, home / "logs", api_log=self.log)
+        self.jobs.sandbox = self.sandbox  # batch workers start like realtime ones
         if self.project is not None:
             for batch_api in self.project.batch_apis:
                 self.jobs.register(batch_api, self.project.root)

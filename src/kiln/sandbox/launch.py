@@ -6,6 +6,7 @@ decision can be reused by any backend that starts a Kiln worker.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kiln.sandbox import bwrap, cgroups
@@ -28,6 +29,9 @@ def prepare(spec: LaunchSpec, caps: Capabilities | None = None) -> Prepared:
     """
     caps = caps or probe()
     argv = bwrap.command(spec, caps) if spec.sandboxed else list(spec.argv)
+    if spec.sandboxed and spec.uid is not None and caps.per_tenant_uids:
+        for folder in spec.writable:  # e.g. a batch job's output folder, made by the server
+            os.chown(folder, spec.uid, spec.gid if spec.gid is not None else spec.uid)
     group = None
     limits = spec.limits
     if caps.cgroup:

@@ -92,6 +92,12 @@ class WorkerProcess:
         self._remove_group()
         return code
 
+    def terminate(self) -> None:
+        """SIGTERM (a sandboxed worker's bubblewrap passes on nothing: its namespace ends)."""
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
