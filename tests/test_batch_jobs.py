@@ -173,6 +173,8 @@ def test_delimited_files_with_output_exact_and_in_order(server: KilnServer, mark
     assert status["job_status"]["output"]["location"] == f"{folder}/"
     records = read_jsonl(folder)
     assert [r["index"] for r in records] == list(range(45))
+    shown = cli(server, "jobs", "get", "scorer", job["job_id"])
+    assert f"output in {folder}/" in shown.stdout.replace("\n", "")
     assert [r["result"]["item"] for r in records] == list(range(45))
     assert records[0]["result"]["total"] == 12  # job_spec.total_batch_count
 

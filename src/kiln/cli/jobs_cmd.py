@@ -205,6 +205,8 @@ def _print_status(status: dict[str, Any]) -> None:
         f"ended {job['end_time'] or '-'}",
         highlight=False,
     )
+    if (job.get("output") or {}).get("location"):
+        console.print(f"output in {escape(job['output']['location'])}", highlight=False)
     batches = Table(title="batch stats", title_justify="left")
     for column in ("total", "succeeded", "failed", "avg time per batch", "items/s", "eta"):
         batches.add_column(column)
