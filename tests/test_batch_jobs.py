@@ -66,6 +66,18 @@ CONFIG = """\
   onnx:
     model: model.onnx
   jobs: {visibility_timeout: 1}
+- kind: BatchAPI
+  name: broken
+  predictor: {type: python, path: broken.py}
+"""
+
+BROKEN = """
+class PythonPredictor:
+    def __init__(self, config):
+        raise RuntimeError("no weights here")
+
+    def predict(self, payload):
+        return payload
 """
 
 
@@ -73,6 +85,7 @@ def make_project(root: Path) -> Path:
     markers = root / "markers"
     markers.mkdir(parents=True, exist_ok=True)
     write(root / "predictor.py", PREDICTOR)
+    write(root / "broken.py", BROKEN)
     write(root / "kiln.yaml", CONFIG.replace("MARKERS", str(markers)))
     import numpy as np
 
@@ -374,6 +387,16 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     for bad in ("/abs", "file:///abs", "~/x", "..", "a/../../b", "elsewhere"):
         with pytest.raises(InvalidInput, match="output.path"):
             output_folder(bad, "j1", "api", project=tmp_path, jobs_home=jobs)
+
+
+def test_predictor_that_cannot_load_ends_the_job_in_worker_error(server: KilnServer) -> None:
+    spec = {"workers": 2, "item_list": {"items": [1, 2, 3], "batch_size": 1}}
+    job_id = submit(server, spec, "broken").json()["job_id"]
+    status = wait_done(server, job_id, "broken")
+    assert status["job_status"]["status"] == "status_worker_error", status
+    error = status["job_status"]["error"]
+    assert error == "the predictor failed to load: RuntimeError: no weights here"
+    assert status["metrics"]["succeeded"] == 0
 
 
 def test_timeout_ends_a_slow_job(server: KilnServer, markers: Path) -> None:
