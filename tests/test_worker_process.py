@@ -74,3 +74,39 @@ def test_a_300_kb_line_is_cut_and_later_lines_still_arrive(tmp_path) -> None:
     assert lines[0].endswith(f"[{300_000 - MAX_LINE_BYTES} more bytes of this line not logged]")
     assert lines[1] == "after"
     assert lines[2].endswith(f"[{70_000 - MAX_LINE_BYTES} more bytes of this line not logged]")
+
+
+CONNECT = (
+    "import socket, sys\n"
+    "try:\n"
+    "    socket.create_connection(('127.0.0.1', int(sys.argv[1])), 2).close()\n"
+    "    print('connected')\n"
+    "except OSError as exc:\n"
+    "    print('refused', type(exc).__name__)\n"
+)
+
+
+@pytest.mark.parametrize("network", ["none", "egress"])
+def test_network_none_is_loopback_of_its_own_and_egress_is_the_hosts(
+    network: str, tmp_path
+) -> None:
+    if not probe().available:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the sandbox: " + "; ".join(probe().problems))
+        pytest.skip("the sandbox is not available here: " + "; ".join(probe().problems))
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    try:
+        policy = SandboxPolicy(enabled=True, home=tmp_path)
+        spec = policy.launch(
+            [sys.executable, "-c", CONNECT, str(port)],
+            base_env(),
+            cwd=str(tmp_path),
+            pass_fds=(),
+            network=network,
+        )
+        code, lines = run(spec)
+    finally:
+        listening.close()
+    assert code == 0, lines
+    assert lines[-1] == ("connected" if network == "egress" else "refused ConnectionRefusedError")
