@@ -227,24 +227,57 @@ server_app = typer.Typer(
 HomeOption = Annotated[
     Path | None, typer.Option(help="State folder (default: KILN_HOME, else ~/.kiln).")
 ]
-HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
-PortOption = Annotated[int, typer.Option(help="Inference port; 0 picks a free one.")]
-MgmtOption = Annotated[int, typer.Option(help="Management port; 0 picks a free one.")]
-MetricsOption = Annotated[int, typer.Option(help="Metrics port; 0 picks a free one.")]
+SAVED = " Saved in <home>/server.yaml for later starts."
+HostOption = Annotated[
+    str | None, typer.Option(help="Interface to listen on (default 127.0.0.1)." + SAVED)
+]
+PortOption = Annotated[
+    int | None, typer.Option(help="Inference port (default 8080); 0 picks a free one." + SAVED)
+]
+MgmtOption = Annotated[
+    int | None,
+    typer.Option(help="Management port (default 8081); 0 picks a free one." + SAVED),
+]
+MetricsOption = Annotated[
+    int | None, typer.Option(help="Metrics port (default 8082); 0 picks a free one." + SAVED)
+]
 
 
-def _options(
-    home: Path,
-    host: str,
-    port: int,
-    management_port: int,
-    metrics_port: int,
-    auth: bool,
-    unsafe_no_sandbox: bool = False,
-    pass_env: list[str] | None = None,
-) -> Any:
+DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 8080,
+    "management_port": 8081,
+    "metrics_port": 8082,
+    "auth": True,
+    "unsafe_no_sandbox": False,
+    "pass_env": [],
+}
+
+
+def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """Flags given now over KILN_HOME/server.yaml over the defaults; saves flags given now.
+
+    So `kiln server start` after a stop comes back on the same ports, with the
+    same --pass-env patterns and edge limits.
+    """
+    from kiln.control.server_file import ServerFileError, load, save
+
+    try:
+        saved = load(home)
+    except ServerFileError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    now = {k: v for k, v in given.items() if v is not None}
+    if now:
+        save(home, {**saved, **now})
+    return {**DEFAULTS, **saved, **now}
+
+
+def _options(home: Path, settings: dict[str, Any]) -> Any:
     from kiln.control.server import ServerOptions, is_loopback
+    from kiln.protocols.edge import EdgeLimits
 
+    host, auth = settings["host"], settings["auth"]
     if not is_loopback(host) and not auth:
         err_console.print(
             f"[bold red]Error:[/] refusing to listen on {escape(host)} with --no-auth: anyone "
@@ -255,20 +288,21 @@ def _options(
         raise typer.Exit(2)
     return ServerOptions(
         host=host,
-        port=port,
-        management_port=management_port,
-        metrics_port=metrics_port,
+        port=settings["port"],
+        management_port=settings["management_port"],
+        metrics_port=settings["metrics_port"],
         home=home,
         mode="server",
         quiet_logs=True,
         auth=auth,
-        sandbox=not unsafe_no_sandbox,
-        pass_env=list(pass_env or []),
+        sandbox=not settings["unsafe_no_sandbox"],
+        pass_env=list(settings["pass_env"]),
+        edge=EdgeLimits.from_mapping(settings.get("edge")),
     )
 
 
 AuthOption = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--auth/--no-auth",
         help="Require API keys on every route but health (default: on). The admin key is "
@@ -278,9 +312,9 @@ AuthOption = Annotated[
 
 
 UnsafeOption = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--unsafe-no-sandbox",
+        "--unsafe-no-sandbox/--sandbox",
         help="Run users' code without the sandbox (only when every user is trusted: their "
         "handlers could then read the admin key, the state database and other users' files).",
     ),
@@ -295,49 +329,67 @@ PassEnvOption = Annotated[
 ]
 
 
+def _given(**flags: Any) -> dict[str, Any]:
+    return flags
+
+
 @server_app.command("run")
 def run_cmd(
     home: HomeOption = None,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 8080,
-    management_port: MgmtOption = 8081,
-    metrics_port: MetricsOption = 8082,
-    auth: AuthOption = True,
-    unsafe_no_sandbox: UnsafeOption = False,
+    host: HostOption = None,
+    port: PortOption = None,
+    management_port: MgmtOption = None,
+    metrics_port: MetricsOption = None,
+    auth: AuthOption = None,
+    unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
-    options = _options(
-        state, host, port, management_port, metrics_port, auth, unsafe_no_sandbox, pass_env
+    settings = _settings(
+        state,
+        _given(
+            host=host,
+            port=port,
+            management_port=management_port,
+            metrics_port=metrics_port,
+            auth=auth,
+            unsafe_no_sandbox=unsafe_no_sandbox,
+            pass_env=pass_env,
+        ),
     )
-    raise typer.Exit(run_foreground(options))
+    raise typer.Exit(run_foreground(_options(state, settings)))
 
 
 @server_app.command("start")
 def start_cmd(
     home: HomeOption = None,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 8080,
-    management_port: MgmtOption = 8081,
-    metrics_port: MetricsOption = 8082,
-    auth: AuthOption = True,
-    unsafe_no_sandbox: UnsafeOption = False,
+    host: HostOption = None,
+    port: PortOption = None,
+    management_port: MgmtOption = None,
+    metrics_port: MetricsOption = None,
+    auth: AuthOption = None,
+    unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)
-    # Refuse bad options early, before the background process starts.
-    _options(state, host, port, management_port, metrics_port, auth, unsafe_no_sandbox, pass_env)
-    args = [
-        "--host", host, "--port", str(port), "--management-port", str(management_port),
-        "--metrics-port", str(metrics_port), "--auth" if auth else "--no-auth",
-    ]  # fmt: skip
-    if unsafe_no_sandbox:
-        args.append("--unsafe-no-sandbox")
-    for pattern in pass_env or []:
-        args += ["--pass-env", pattern]
-    raise typer.Exit(start(state, args))
+    if running_info(state) is not None:  # say so, and change nothing saved
+        raise typer.Exit(start(state, []))
+    settings = _settings(
+        state,
+        _given(
+            host=host,
+            port=port,
+            management_port=management_port,
+            metrics_port=metrics_port,
+            auth=auth,
+            unsafe_no_sandbox=unsafe_no_sandbox,
+            pass_env=pass_env,
+        ),
+    )
+    _options(state, settings)  # refuse bad options before the background process starts
+    raise typer.Exit(start(state, []))  # `kiln server run` reads the saved server.yaml
 
 
 @server_app.command("stop")

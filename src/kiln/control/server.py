@@ -64,7 +64,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _inference_server(app: InferenceApp) -> Any:
+def _inference_server(app: InferenceApp, edge: Any = None) -> Any:
     """The inference port's HTTP server: Kiln's own (`KILN_HTTP=kiln`) or uvicorn's.
 
     Kiln's writes each answer in one system call and skips uvicorn's generic
@@ -75,7 +75,7 @@ def _inference_server(app: InferenceApp) -> Any:
     if http == "kiln":
         from kiln.protocols.fast_http_server import FastHttpServer
 
-        return FastHttpServer(app, grace_s=SHUTDOWN_GRACE_S)
+        return FastHttpServer(app, grace_s=SHUTDOWN_GRACE_S, limits=edge)
     config = uvicorn.Config(
         app,
         http=http,
@@ -86,7 +86,7 @@ def _inference_server(app: InferenceApp) -> Any:
         server_header=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
-    return _Uvicorn(config)
+    return _Uvicorn(config, edge)
 
 
 @dataclass
@@ -107,6 +107,7 @@ class ServerOptions:
     sandbox: bool | None = None
     # Server variables the admin's ${VAR} may read (glob patterns, --pass-env).
     pass_env: list[str] = field(default_factory=list)
+    edge: Any = None  # kiln.protocols.edge.EdgeLimits (server.yaml's `edge:`); None: defaults
 
 
 @dataclass
@@ -358,7 +359,8 @@ class InferenceServer:
             self._server = _inference_server(
                 InferenceApp(
                     self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
-                )
+                ),
+                self.options.edge,
             )
             servers = [self._server.serve(sockets=[sock])]
             if management_sock is not None:
@@ -380,7 +382,8 @@ class InferenceServer:
                         log_level="warning",
                         access_log=False,
                         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                    )
+                    ),
+                    self.options.edge,
                 )
                 servers.append(self._management.serve(sockets=[management_sock]))
             if metrics_sock is not None:
@@ -398,7 +401,8 @@ class InferenceServer:
                         lifespan="off",
                         log_level="warning",
                         access_log=False,
-                    )
+                    ),
+                    self.options.edge,
                 )
                 servers.append(self._metrics_server.serve(sockets=[metrics_sock]))
             if self._stop_requested.is_set():

@@ -1,0 +1,79 @@
+"""`KILN_HOME/server.yaml`: the server's options, kept between starts.
+
+`kiln server start|run` reads it, lets flags given on the command line
+override it, and saves the result, so a restart keeps its ports, its
+`--pass-env` patterns and its edge limits without repeating them. Keys are the
+long flag names in snake_case, plus `edge:` (see `kiln.protocols.edge`). These
+are the operator's settings: never part of a tenant's kiln.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FILE_NAME = "server.yaml"
+# key -> (type check, what to write)
+KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "host": (str, "an interface, e.g. 127.0.0.1"),
+    "port": (int, "a port number (0: a free one)"),
+    "management_port": (int, "a port number (0: a free one)"),
+    "metrics_port": (int, "a port number (0: a free one)"),
+    "auth": (bool, "true or false"),
+    "unsafe_no_sandbox": (bool, "true or false"),
+    "pass_env": (list, "a list of glob patterns, e.g. ['AWS_*']"),
+    "edge": (dict, "a mapping of edge limits (docs/config.md)"),
+}
+
+
+class ServerFileError(ValueError):
+    """server.yaml is not valid; the message names the file, the key and the fix."""
+
+
+def path_of(home: Path) -> Path:
+    return home / FILE_NAME
+
+
+def load(home: Path) -> dict[str, Any]:
+    """The saved options ({} when there is no file), checked key by key."""
+    path = path_of(home)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ServerFileError(f"{path}: cannot be read as YAML ({exc}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise ServerFileError(f"{path}: must be a mapping of option: value; fix or delete it")
+    for key, value in data.items():
+        if key not in KEYS:
+            raise ServerFileError(
+                f"{path}: unknown option '{key}'; known: {', '.join(KEYS)}. Remove it."
+            )
+        kind, what = KEYS[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ServerFileError(f"{path}: '{key}' must be {what}, not {value!r}")
+    if "edge" in data:
+        from kiln.protocols.edge import EdgeLimits
+
+        try:
+            EdgeLimits.from_mapping(data["edge"])
+        except (TypeError, ValueError) as exc:
+            raise ServerFileError(f"{path}: {exc}") from None
+    return data
+
+
+def save(home: Path, options: dict[str, Any]) -> None:
+    """Write the options atomically (mode 0600: it may name what the server passes on)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = path_of(home)
+    tmp = path.with_suffix(".tmp")
+    header = "# Kiln server options (kiln server start|run flags override and update them)\n"
+    body = yaml.safe_dump({k: options[k] for k in KEYS if k in options}, sort_keys=False)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(header + body)
+    os.replace(tmp, path)
