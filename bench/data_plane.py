@@ -10,18 +10,33 @@
 Load: bench/loadgen.c, closed loop, C keep-alive connections, per-request latency.
 Writes bench/results/data_plane-<timestamp>.json.
 
+With --sandbox-compare every Kiln row is measured twice in the same run: `kiln serve` and
+`kiln serve --sandbox` (bubblewrap namespaces, a dedicated uid when root, see
+docs/architecture.md "Where user code runs") are both up for the configuration, and each
+(route, concurrency) is loaded on one then the other, in alternating order, so drift on a
+shared box falls on both. The report adds a table of sandboxed/plain ratios and flags any
+c=64 row whose req/s is below 0.95x plain (the issue's bound: the sandbox must not cost the
+hot path more than 5% at c=64), with every pair at c=64 pooled (geometric mean, 95% CI),
+since one pair on a shared box varies far more than 5%. Every Kiln row also records the CPU
+time its server and worker processes used per request. Cgroup limits apply to both when the
+server is root; the sandbox adds bubblewrap, setpriv and the namespaces.
+
 Run: .venv/bin/python bench/data_plane.py [--duration 5] [--concurrency 1,8,64] [--quick]
+     [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v2] [--no-baselines]
+     [--sandbox-compare]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +70,8 @@ NA_V2 = "n/a (not served yet)"
 TINY_VS_BARE = 1.0  # at c=64 with batching: tiny req/s >= 1.0x bare /tiny
 MLP_VS_BARE = 1.8  # at c=64 with batching: mlp req/s >= 1.8x bare /mlp, p99 <= bare p99
 P50_DELTA_MS = 0.3  # at c=1: Kiln p50 within 0.3 ms of the bare app's for the same model
+SANDBOX_MIN_RATIO = 0.95  # at c=64: sandboxed req/s >= 0.95x plain `kiln serve`
+SANDBOX_TAG = " sbx"  # suffix of a sandboxed row's scenario
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -171,9 +188,9 @@ class Server:
 # ----------------------------------------------------------------------------- (a) in-process
 
 
-def in_process(model_paths: dict[str, Path], seconds: float) -> list[dict]:
+def in_process(model_paths: dict[str, Path], seconds: float, names=MODELS) -> list[dict]:
     rows = []
-    for name in MODELS:
+    for name in names:
         sess = models.session(model_paths[name])
         for bs in BATCH_SIZES:
             x = models.sample_input(name, bs)
@@ -224,7 +241,7 @@ def run_bare(folder: Path, bodies: dict, args, rows: list[dict]) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"bare app did not come up:\n{server.log_tail()}")
             time.sleep(0.1)
-        routes = [("/fixed", bodies["tiny"]), ("/tiny", bodies["tiny"]), ("/mlp", bodies["mlp"])]
+        routes = [("/fixed", bodies["tiny"])] + [(f"/{n}", bodies[n]) for n in args.models]
         for path, body in routes:
             for c in args.concurrency:
                 result = loadgen.run_load(base + path, body, c, args.duration, args.warmup)
@@ -289,65 +306,166 @@ def v2_output(got: bytes) -> bytes:
         return b"null"
 
 
+def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
+    """`kiln serve` of `project` (with --sandbox when asked); the server and its base URL."""
+    port = free_port()
+    tag = "sbx" if sandbox else "plain"
+    env = {**os.environ, "KILN_HOME": str(project / f"home-{tag}")}
+    if args.http:  # the inference port's HTTP layer (kiln or uvicorn's httptools)
+        env["KILN_HTTP"] = args.http
+    server = Server(
+        [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
+        + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
+        + ["--home", str(project / f"state-{tag}")]
+        + (["--sandbox"] if sandbox else []),
+        project / f"serve-{tag}.log",
+        env,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its live descendants."""
+    total, todo, seen = 0.0, [pid], set()
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def sandbox_line(server: Server) -> str | None:
+    """The server's own line saying what protects its workers (printed when sandboxed)."""
+    for line in server.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("sandbox:"):
+            return line.strip()
+    return None
+
+
+def check_routes(name: str, base: str, bodies, v2_bodies, expected, scenario, notes) -> tuple:
+    """([(route, path, body)] this server answers, native first, V2 when served; V2 status)."""
+    status, answer = post(f"{base}/{name}", bodies[name])
+    if status != 200:
+        raise RuntimeError(f"POST /{name} answered {status}: {answer[:300]!r}")
+    if not same_answer(answer, expected[name]):
+        notes.append(f"{scenario}: native answer differs from the bare app's")
+    routes = [("native", f"/{name}", bodies[name])]
+    v2_path = f"/v2/models/{name}/infer"
+    try:
+        v2_status, v2_answer = post(base + v2_path, v2_bodies[name])
+    except OSError:
+        v2_status, v2_answer = 0, b""
+    if v2_status == 200:
+        if not same_answer(v2_output(v2_answer), expected[name]):
+            notes.append(f"{scenario}: V2 answer's data differs from the bare app's")
+        routes.append(("v2", v2_path, v2_bodies[name]))
+    return routes, v2_status
+
+
 def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows, notes) -> None:
-    for name in MODELS:
+    """Each configuration once (`kiln serve`), or, with --sandbox-compare, twice side by side.
+
+    In the comparison both servers are up together and every (route, concurrency) is loaded
+    on one then the other, the order alternating from one row to the next; which of the two
+    starts first alternates over the configurations.
+    """
+    modes = [False, True] if args.sandbox_compare else [False]
+    turn = 0
+    configs_started = 0
+    for name in args.models:
         for config, batching, replicas in CONFIGS:
+            if config not in args.configs:
+                continue
             project = folder / f"kiln-{name}-{config}"
             project.mkdir()
             shutil.copy(model_paths[name], project / f"{name}.onnx")
             (project / "kiln.yaml").write_text(kiln_yaml(name, batching, replicas))
-            port = free_port()
-            env = {**os.environ, "KILN_HOME": str(project / "home")}
-            if args.http:  # the inference port's HTTP layer (kiln or uvicorn's httptools)
-                env["KILN_HTTP"] = args.http
-            server = Server(
-                [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
-                + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
-                + ["--home", str(project / "state")],
-                project / "serve.log",
-                env,
-            )
-            base = f"http://127.0.0.1:{port}"
-            scenario = f"kiln {name} {config}"
-            meta = {"scenario": scenario, "model": name, "config": config}
-            meta |= {"batching": batching, "replicas": replicas}
+            metas: dict[bool, dict] = {}
+            servers: dict[bool, tuple[Server, str]] = {}
+            served: dict[bool, list] = {}
+            # which server starts first: 0 1 1 0 over the four configurations, so neither
+            # batching nor replicas always goes with the same start order
+            flip = (configs_started + configs_started // 2) % 2
+            starts = modes[::-1] if flip else modes
+            configs_started += 1
             try:
-                started = time.monotonic()
-                wait_ready(server, base)
-                meta["ready_s"] = round(time.monotonic() - started, 2)
-                status, answer = post(f"{base}/{name}", bodies[name])
-                if status != 200:
-                    raise RuntimeError(f"POST /{name} answered {status}: {answer[:300]!r}")
-                if not same_answer(answer, expected[name]):
-                    notes.append(f"{scenario}: native answer differs from the bare app's")
-                routes = [("native", f"/{name}", bodies[name])]
-                v2_path = f"/v2/models/{name}/infer"
-                try:
-                    v2_status, v2_answer = post(base + v2_path, v2_bodies[name])
-                except OSError:
-                    v2_status, v2_answer = 0, b""
-                if v2_status == 200:
-                    if not same_answer(v2_output(v2_answer), expected[name]):
-                        notes.append(f"{scenario}: V2 answer's data differs from the bare app's")
-                    routes.append(("v2", v2_path, v2_bodies[name]))
-                for route, path, body in routes:
+                for sandbox in starts:  # started one after the other: each loads alone
+                    scenario = f"kiln {name} {config}" + (SANDBOX_TAG if sandbox else "")
+                    meta = {"scenario": scenario, "model": name, "config": config}
+                    meta |= {"batching": batching, "replicas": replicas, "sandbox": sandbox}
+                    meta["started_first"] = sandbox == starts[0]
+                    metas[sandbox] = meta
+                    try:
+                        started = time.monotonic()
+                        servers[sandbox] = start_kiln(project, args, sandbox)
+                        server, base = servers[sandbox]
+                        wait_ready(server, base)
+                        meta["ready_s"] = round(time.monotonic() - started, 2)
+                        if sandbox:
+                            meta["sandbox_line"] = sandbox_line(server)
+                        served[sandbox], meta["v2_probe_status"] = check_routes(
+                            name, base, bodies, v2_bodies, expected, scenario, notes
+                        )
+                    except Exception as exc:  # one broken configuration must not lose others
+                        notes.append(f"{scenario}: FAILED: {exc}")
+                        print(f"  {scenario}: FAILED: {exc}", file=sys.stderr, flush=True)
+                        for c in args.concurrency:
+                            rows.append(
+                                meta | {"route": "native", "concurrency": c, "status": "failed"}
+                            )
+                route_names = [r for r in ("native", "v2") if r in args.routes]
+                for route in route_names:
                     for c in args.concurrency:
-                        result = loadgen.run_load(base + path, body, c, args.duration, args.warmup)
-                        rows.append(meta | {"route": route, "concurrency": c} | result)
-                        progress(rows[-1])
-                if v2_status != 200:
-                    rows.append(
-                        meta
-                        | {"route": "v2", "concurrency": None, "status": NA_V2}
-                        | {"probe_status": v2_status}
-                    )
-            except Exception as exc:  # one broken configuration must not lose the others
-                notes.append(f"{scenario}: FAILED: {exc}")
-                print(f"  {scenario}: FAILED: {exc}", file=sys.stderr, flush=True)
-                for c in args.concurrency:
-                    rows.append(meta | {"route": "native", "concurrency": c, "status": "failed"})
+                        for rnd in range(args.rounds):  # A B, then B A, ...
+                            order = [m for m in modes if m in served]
+                            if turn % 2:
+                                order.reverse()
+                            turn += 1
+                            for sandbox in order:
+                                found = [r for r in served[sandbox] if r[0] == route]
+                                if not found:
+                                    continue
+                                _, path, body = found[0]
+                                base = servers[sandbox][1]
+                                pid = servers[sandbox][0].proc.pid
+                                try:
+                                    cpu_before = tree_cpu_s(pid)
+                                    result = loadgen.run_load(
+                                        base + path, body, c, args.duration, args.warmup
+                                    )
+                                    cpu = tree_cpu_s(pid) - cpu_before
+                                    # warmup and measured seconds both load the server
+                                    served_s = result["rps"] * (args.warmup + result["seconds"])
+                                    if served_s:
+                                        result["cpu_us_per_req"] = round(cpu / served_s * 1e6, 1)
+                                except Exception as exc:  # noqa: BLE001 - keep the other rows
+                                    scenario = metas[sandbox]["scenario"]
+                                    notes.append(f"{scenario} {route} c={c}: FAILED: {exc}")
+                                    rows.append(
+                                        metas[sandbox]
+                                        | {"route": route, "concurrency": c, "status": "failed"}
+                                    )
+                                    continue
+                                rows.append(metas[sandbox] | {"route": route, "concurrency": c})
+                                rows[-1] |= {"round": rnd, "order": order.index(sandbox)} | result
+                                progress(rows[-1])
+                for sandbox in served:
+                    if "v2" in route_names and not any(r[0] == "v2" for r in served[sandbox]):
+                        rows.append(
+                            metas[sandbox] | {"route": "v2", "concurrency": None, "status": NA_V2}
+                        )
             finally:
-                server.stop()
+                for server, _ in servers.values():
+                    server.stop()
 
 
 # ----------------------------------------------------------------------------- report
@@ -355,8 +473,9 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
 
 def progress(row: dict) -> None:
     print(
-        f"  {row['scenario']:<17} {row['route']:<7} c={row['concurrency']:<3} "
+        f"  {row['scenario']:<19} {row['route']:<7} c={row['concurrency']:<3} "
         f"{row['rps']:>9,.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+        + (f"  cpu {row['cpu_us_per_req']:.0f} us/req" if "cpu_us_per_req" in row else "")
         + (f"  errors {row['errors']}" if row["errors"] else ""),
         flush=True,
     )
@@ -385,16 +504,19 @@ def annotate(rows: list[dict]) -> None:
             row["x_fixed"] = round(row["rps"] / fixed["rps"], 3)
 
 
-def targets(rows: list[dict], concurrency: list[int]) -> list[dict]:
+def targets(rows: list[dict], concurrency: list[int], names=MODELS, configs=None) -> list[dict]:
     out = []
+    configs = [c for c, _, _ in CONFIGS] if configs is None else configs
 
     def add(name: str, held: bool | None, detail: str) -> None:
         out.append({"target": name, "held": held, "detail": detail})
 
-    batching = [cfg for cfg, b, _ in CONFIGS if b]
+    batching = [cfg for cfg, b, _ in CONFIGS if b and cfg in configs]
     for route in ("native", "v2"):
         for cfg in batching:
             for name, factor in (("tiny", TINY_VS_BARE), ("mlp", MLP_VS_BARE)):
+                if name not in names:
+                    continue
                 label = f"c=64 {name} {cfg} {route}: req/s >= {factor}x bare /{name}" + (
                     ", p99 <= bare p99" if name == "mlp" else ""
                 )
@@ -407,7 +529,7 @@ def targets(rows: list[dict], concurrency: list[int]) -> list[dict]:
                 )
                 if row is None or bare is None:
                     if route == "native":
-                        add(label, None, "not measured (failed)")
+                        add(label, None, "not measured" + ("" if bare else " (no bare app run)"))
                     continue
                 ratio = row["rps"] / bare["rps"] if bare["rps"] else 0.0
                 held = ratio >= factor and row["errors"] == 0
@@ -418,8 +540,8 @@ def targets(rows: list[dict], concurrency: list[int]) -> list[dict]:
                 if row["errors"]:
                     detail += f"; {row['errors']} errors"
                 add(label, held, detail)
-        for name in MODELS:
-            for cfg, _, _ in CONFIGS:
+        for name in names:
+            for cfg in configs:
                 label = f"c=1 {name} {cfg} {route}: p50 within {P50_DELTA_MS} ms of bare /{name}"
                 if 1 not in concurrency:
                     add(label, None, "not measured (1 not in --concurrency)")
@@ -430,7 +552,7 @@ def targets(rows: list[dict], concurrency: list[int]) -> list[dict]:
                 )
                 if row is None or bare is None:
                     if route == "native":
-                        add(label, None, "not measured (failed)")
+                        add(label, None, "not measured" + ("" if bare else " (no bare app run)"))
                     continue
                 delta = row["p50_ms"] - bare["p50_ms"]
                 add(
@@ -441,6 +563,165 @@ def targets(rows: list[dict], concurrency: list[int]) -> list[dict]:
     return out
 
 
+def sandbox_pairs(rows: list[dict]) -> list[dict]:
+    """Each sandboxed row beside the plain one of the same model, config, route and load.
+
+    With --rounds N, each side is the median of its N measurements (every one stays in rows).
+    """
+    groups: dict[tuple, dict[bool, list[dict]]] = {}
+    for row in rows:
+        if row["scenario"].startswith("kiln") and "rps" in row:
+            key = (row["model"], row["config"], row["route"], row["concurrency"])
+            groups.setdefault(key, {}).setdefault(bool(row.get("sandbox")), []).append(row)
+    pairs = []
+    for (model, config, route, c), sides in groups.items():
+        if len(sides) != 2:
+            continue
+        pair = {"model": model, "config": config, "route": route, "concurrency": c}
+        pair["rounds"] = min(len(sides[False]), len(sides[True]))
+        for key in ("rps", "p50_ms", "p99_ms"):
+            pair[f"plain_{key}"] = statistics.median(r[key] for r in sides[False])
+            pair[f"sbx_{key}"] = statistics.median(r[key] for r in sides[True])
+            den = pair[f"plain_{key}"]
+            pair[f"ratio_{key}"] = round(pair[f"sbx_{key}"] / den, 3) if den else None
+        cpu = [[r["cpu_us_per_req"] for r in sides[m] if "cpu_us_per_req" in r] for m in (0, 1)]
+        if cpu[0] and cpu[1]:
+            pair["plain_cpu_us"] = statistics.median(cpu[0])
+            pair["sbx_cpu_us"] = statistics.median(cpu[1])
+            pair["ratio_cpu_us"] = round(pair["sbx_cpu_us"] / pair["plain_cpu_us"], 3)
+        pair["plain_errors"] = sum(r["errors"] for r in sides[False])
+        pair["sbx_errors"] = sum(r["errors"] for r in sides[True])
+        pair["round_ratios_rps"] = [
+            round(s["rps"] / p["rps"], 3) if p["rps"] else None
+            for p, s in zip(sides[False], sides[True], strict=False)
+        ]
+        pair["sbx_first"] = sides[True][0].get("order") == 0
+        pair["low"] = (
+            c == 64 and pair["ratio_rps"] is not None and pair["ratio_rps"] < SANDBOX_MIN_RATIO
+        )
+        pairs.append(pair)
+    return pairs
+
+
+def pooled_ratio(pairs: list[dict], concurrency: int) -> dict | None:
+    """Every (row, round) req/s ratio at one concurrency pooled: geometric mean and its 95% CI.
+
+    One pair on a shared box varies by tens of percent; the pool says whether the sandbox
+    costs anything overall, which one row alone cannot.
+    """
+    logs = [
+        math.log(r)
+        for p in pairs
+        if p["concurrency"] == concurrency
+        for r in p["round_ratios_rps"]
+        if r
+    ]
+    if len(logs) < 2:
+        return None
+    mean, sd = statistics.mean(logs), statistics.stdev(logs)
+    half = 1.96 * sd / math.sqrt(len(logs))
+    return {
+        "concurrency": concurrency,
+        "n": len(logs),
+        "geomean": round(math.exp(mean), 4),
+        "ci95": [round(math.exp(mean - half), 4), round(math.exp(mean + half), 4)],
+        "sd_one_pair": round(math.exp(sd) - 1, 4),
+    }
+
+
+def sandbox_targets(pairs: list[dict], concurrency: list[int]) -> list[dict]:
+    label = f"c=64 sandboxed req/s >= {SANDBOX_MIN_RATIO}x plain `kiln serve`, every row"
+    at64 = [p for p in pairs if p["concurrency"] == 64]
+    if not at64:
+        why = "64 not in --concurrency" if 64 not in concurrency else "no pair measured"
+        return [{"target": label, "held": None, "detail": f"not measured ({why})"}]
+    worst = min(at64, key=lambda p: p["ratio_rps"] or 0.0)
+    low = [p for p in at64 if p["low"] or p["sbx_errors"]]
+    detail = (
+        f"{len(at64) - len(low)}/{len(at64)} rows hold; worst {worst['ratio_rps']:.3f}x "
+        f"({worst['model']} {worst['config']} {worst['route']}: "
+        f"{worst['sbx_rps']:,.0f} vs {worst['plain_rps']:,.0f} req/s)"
+    )
+    out = [{"target": label, "held": not low, "detail": detail}]
+    pooled = pooled_ratio(pairs, 64)
+    if pooled:
+        lo, hi = pooled["ci95"]
+        out.append(
+            {
+                "target": f"c=64 sandboxed req/s >= {SANDBOX_MIN_RATIO}x plain, all pairs pooled",
+                "held": pooled["geomean"] >= SANDBOX_MIN_RATIO,
+                "detail": f"geometric mean {pooled['geomean']:.3f}, 95% CI {lo:.3f}-{hi:.3f}",
+            }
+        )
+    return out
+
+
+def print_sandbox_table(pairs: list[dict]) -> None:
+    print(
+        "\nsandbox cost: `kiln serve --sandbox` (sbx) against `kiln serve` (plain), same run,"
+        "\nrows interleaved; ratio = sbx req/s / plain req/s; * sbx measured first;"
+        "\nwith --rounds N: medians of N measurements each, their order alternating;"
+        f"\n<{SANDBOX_MIN_RATIO} flags a c=64 row under the bound"
+    )
+    head = (
+        f"{'row':<18} {'c':>3} {'req/s':>7} {'sbx':>7} {'ratio':>6} {'p50 ms':>6} {'sbx':>6} "
+        f"{'p99 ms':>6} {'sbx':>6} {'':5}"
+    )
+    print(head.rstrip())
+    print("-" * len(head))
+    last = None
+    for p in pairs:
+        label = f"{p['model']} {p['config']} {p['route']}"
+        if last is not None and label != last:
+            print()
+        last = label
+        ratio = f"{p['ratio_rps']:.3f}" if p["ratio_rps"] is not None else "-"
+        flag = f"<{SANDBOX_MIN_RATIO}" if p["low"] else ""
+        if not flag and (p["sbx_errors"] or p["plain_errors"]):
+            flag = "err"
+        line = (
+            f"{label:<18} {p['concurrency']:>3} {p['plain_rps']:>7,.0f} {p['sbx_rps']:>7,.0f} "
+            f"{ratio:>6}{'*' if p['sbx_first'] else ' '}{p['plain_p50_ms']:>6.2f} "
+            f"{p['sbx_p50_ms']:>6.2f} {p['plain_p99_ms']:>6.2f} {p['sbx_p99_ms']:>6.2f} {flag}"
+        )
+        print(line.rstrip())
+    print(
+        "\nCPU per request (server + worker processes, user + system, warmup included), us;"
+        "\nnoise on a shared box moves it less than req/s"
+    )
+    head = f"{'row':<18} {'c':>3} {'plain':>7} {'sbx':>7} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for p in pairs:
+        if "ratio_cpu_us" in p:
+            label = f"{p['model']} {p['config']} {p['route']}"
+            print(
+                f"{label:<18} {p['concurrency']:>3} {p['plain_cpu_us']:>7.1f} "
+                f"{p['sbx_cpu_us']:>7.1f} {p['ratio_cpu_us']:>6.3f}"
+            )
+    at = {}
+    for p in pairs:
+        at.setdefault(p["concurrency"], []).append(p["ratio_rps"] or 0.0)
+    summary = ", ".join(
+        f"c={c}: {statistics.median(v):.3f} (min {min(v):.3f})" for c, v in sorted(at.items())
+    )
+    if summary:
+        print(f"median req/s ratio by concurrency:\n  {summary}")
+    pooled = pooled_ratio(pairs, 64)
+    if pooled:
+        print(
+            f"c=64 pooled (every row and round): sbx/plain req/s geometric mean "
+            f"{pooled['geomean']:.3f},\n  95% CI {pooled['ci95'][0]:.3f}-{pooled['ci95'][1]:.3f} "
+            f"over {pooled['n']} pairs (one pair alone varies +-{pooled['sd_one_pair']:.0%})"
+        )
+    cpu = [p["ratio_cpu_us"] for p in pairs if "ratio_cpu_us" in p]
+    if cpu:
+        print(
+            f"CPU per request ratio, all rows: median {statistics.median(cpu):.3f} "
+            f"(min {min(cpu):.3f}, max {max(cpu):.3f})"
+        )
+
+
 def print_report(result: dict) -> None:
     m = result["machine"]
     print(
@@ -448,14 +729,16 @@ def print_report(result: dict) -> None:
         f"{m['memory_gib']} GiB memory; {m['platform']}, Python {m['python']}"
     )
     print(f"versions: {result['versions']}")
+    print("load average at start: " + " ".join(f"{x:.2f}" for x in result["load_average_start"]))
     a = result["args"]
     print(
         f"load: closed loop, {a['duration']:g}s measured after {a['warmup']:g}s warmup per row; "
         f"client and servers share the machine's cores; Kiln's HTTP layer: {a.get('http')}"
     )
 
-    print("\n(a) in-process onnxruntime session.run, 1 thread")
-    print(f"  {'model':<6} {'batch':>5} {'us/call':>10} {'rows/s':>12}")
+    if result["in_process"]:
+        print("\n(a) in-process onnxruntime session.run, 1 thread")
+        print(f"  {'model':<6} {'batch':>5} {'us/call':>10} {'rows/s':>12}")
     for r in result["in_process"]:
         print(
             f"  {r['model']:<6} {r['batch']:>5} {r['us_per_call']:>10,.1f} "
@@ -464,27 +747,35 @@ def print_report(result: dict) -> None:
 
     print("\n(b)-(d) HTTP, closed loop (x bare: req/s over the bare app's for the same model)")
     head = (
-        f"{'scenario':<17} {'route':<7} {'conc':>4} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'scenario':<19} {'route':<7} {'conc':>4} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'errors':>6} {'x bare':>6} {'x fixed':>7} {'p50 +ms':>8}"
     )
     print(head)
     print("-" * len(head))
     last = None
-    for r in result["rows"]:
+    first: dict[str, int] = {}
+    for i, r in enumerate(result["rows"]):
+        first.setdefault(r["scenario"], i)
+    for r in sorted(result["rows"], key=lambda r: first[r["scenario"]]):
         if last is not None and r["scenario"] != last:
             print()
         last = r["scenario"]
         if "rps" not in r:
             c = r["concurrency"] if r["concurrency"] is not None else "-"
-            print(f"{r['scenario']:<17} {r['route']:<7} {c:>4} {r['status']}")
+            print(f"{r['scenario']:<19} {r['route']:<7} {c:>4} {r['status']}")
             continue
         xb = f"{r['x_bare']:.2f}" if "x_bare" in r else ""
         xf = f"{r['x_fixed']:.2f}" if "x_fixed" in r else ""
         d = f"{r['p50_delta_ms']:+.3f}" if "p50_delta_ms" in r else ""
         print(
-            f"{r['scenario']:<17} {r['route']:<7} {r['concurrency']:>4} {r['rps']:>9,.0f} "
+            f"{r['scenario']:<19} {r['route']:<7} {r['concurrency']:>4} {r['rps']:>9,.0f} "
             f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['errors']:>6} {xb:>6} {xf:>7} {d:>8}"
         )
+
+    if result.get("sandbox_compare") is not None:
+        for line in sorted({r["sandbox_line"] for r in result["rows"] if r.get("sandbox_line")}):
+            print(f"\nsandboxed servers said: {line}")
+        print_sandbox_table(result["sandbox_compare"])
 
     print("\ntargets:")
     for t in result["targets"]:
@@ -510,12 +801,49 @@ def main() -> None:
         default=os.environ.get("KILN_HTTP", ""),
         help="Kiln's inference HTTP layer: kiln or httptools (default: KILN_HTTP or the server's)",
     )
+    parser.add_argument("--models", default=",".join(MODELS), help="models to serve: tiny,mlp")
+    parser.add_argument(
+        "--configs",
+        default=",".join(c for c, _, _ in CONFIGS),
+        help="Kiln configurations to run: b0-r1,b1-r1,b0-r2,b1-r2 (b: batching, r: replicas)",
+    )
+    parser.add_argument("--routes", default="native,v2", help="Kiln routes: native,v2")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip (a) in-process and (b) the bare app"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --sandbox-compare: measurements of each row per mode, order alternating",
+    )
+    parser.add_argument(
+        "--sandbox-compare",
+        action="store_true",
+        help="measure every Kiln row under `kiln serve` and `kiln serve --sandbox`, interleaved",
+    )
     args = parser.parse_args()
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    known = [c for c, _, _ in CONFIGS]
+    for value, allowed, flag in (
+        (args.models, MODELS, "--models"),
+        (args.configs, known, "--configs"),
+        (args.routes, ("native", "v2"), "--routes"),
+    ):
+        if not value or any(v not in allowed for v in value):
+            parser.error(f"{flag}: choose among {','.join(allowed)}")
+    if not args.sandbox_compare:
+        args.rounds = 1
     if args.quick:
         args.duration, args.warmup = 2.0, 0.5
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
 
+    # SIGTERM (a background run has SIGINT ignored) unwinds too: servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
+    load_average = os.getloadavg()
     loadgen.build()
     machine = machine_info()
     print(
@@ -536,14 +864,25 @@ def main() -> None:
             y = models.session(model_paths[name]).run(None, {"x": x})[0][0]
             expected[name] = orjson.dumps(y, option=orjson.OPT_SERIALIZE_NUMPY)
 
-        print("(a) in-process onnxruntime ...", flush=True)
-        in_proc = in_process(model_paths, 0.3 if args.quick else 1.0)
-        print("(b) bare app ...", flush=True)
-        run_bare(folder, bodies, args, rows)
-        print("(c)/(d) kiln serve ...", flush=True)
+        in_proc: list[dict] = []
+        if not args.no_baselines:
+            print("(a) in-process onnxruntime ...", flush=True)
+            in_proc = in_process(model_paths, 0.3 if args.quick else 1.0, args.models)
+            print("(b) bare app ...", flush=True)
+            run_bare(folder, bodies, args, rows)
+        print(
+            "(c)/(d) kiln serve"
+            + (" and kiln serve --sandbox, interleaved" if args.sandbox_compare else "")
+            + " ...",
+            flush=True,
+        )
         run_kiln(folder, model_paths, bodies, v2_bodies, expected, args, rows, notes)
 
     annotate(rows)
+    pairs = sandbox_pairs(rows) if args.sandbox_compare else None
+    checks = [] if args.no_baselines else targets(rows, args.concurrency, args.models, args.configs)
+    if pairs is not None:
+        checks += sandbox_targets(pairs, args.concurrency)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"data_plane-{stamp}.json"
@@ -557,11 +896,22 @@ def main() -> None:
             "concurrency": args.concurrency,
             "quick": args.quick,
             "http": args.http or "default",
+            "models": args.models,
+            "configs": args.configs,
+            "routes": args.routes,
+            "baselines": not args.no_baselines,
+            "sandbox_compare": args.sandbox_compare,
+            "rounds": args.rounds,
         },
+        "load_average_start": load_average,
         "batching": BATCHING,
         "in_process": in_proc,
         "rows": rows,
-        "targets": targets(rows, args.concurrency),
+        "sandbox_compare": pairs,
+        "sandbox_pooled": (
+            [q for c in args.concurrency if (q := pooled_ratio(pairs, c))] if pairs else None
+        ),
+        "targets": checks,
         "notes": notes,
         "wall_s": round(time.monotonic() - started, 1),
         "path": str(path),

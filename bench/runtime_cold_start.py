@@ -13,7 +13,15 @@ torch (torch.export), sklearn (skops, and a trusted joblib file), tensorflow
 (SavedModel), and the Hugging Face example (all-MiniLM-L6-v2 through
 transformers).
 
+With --sandbox every row is measured twice: `kiln serve` and `kiln serve --sandbox`
+(bubblewrap namespaces, setpriv to a dedicated uid when root; see docs/architecture.md
+"Where user code runs"), their cold starts interleaved (plain then sandboxed, then the
+other way round). The worker's RSS is then that of the Python worker process found among
+the server's descendants (bubblewrap puts it two levels down), and the RSS of the whole
+worker tree (bubblewrap's own processes included) is shown beside it.
+
 Run: .venv/bin/python bench/runtime_cold_start.py [--runs 3] [--only onnx,torch-script]
+     [--sandbox]
 Needs the extras of the runtimes it measures; a runtime whose framework is
 missing is skipped with a note.
 """
@@ -175,13 +183,41 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def measure(project: Path, body: object, home: Path) -> tuple[float, float, float]:
-    """(seconds to the first answer, worker RSS MiB, server RSS MiB) for one cold start."""
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def worker_memory(server_pid: int) -> tuple[float, float]:
+    """(RSS of the worker process, RSS of its whole tree incl. bubblewrap) in MiB."""
+    tree = descendants(server_pid)
+    workers = [p for p in tree if comm(p) not in ("bwrap", "sh", "setpriv")]
+    worker = max((rss_mib(p) for p in workers), default=float("nan"))
+    total = sum(rss_mib(p) for p in tree) if tree else float("nan")
+    return worker, total
+
+
+def measure(
+    project: Path, body: object, home: Path, sandbox: bool = False
+) -> tuple[float, float, float, float]:
+    """(seconds to the first answer, worker RSS, worker tree RSS, server RSS in MiB)."""
     port = free_port()
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "KILN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "kiln.cli.main", "serve", str(project), "--port", str(port)]
     command += ["--management-port", "0", "--metrics-port", "0", "--home", str(home / "state")]
+    command += ["--sandbox"] if sandbox else []
     log = open(home / "serve.out", "wb")  # noqa: SIM115
     started = time.perf_counter()
     proc = subprocess.Popen(
@@ -203,9 +239,8 @@ def measure(project: Path, body: object, home: Path) -> tuple[float, float, floa
             cold = time.perf_counter() - started
             for _ in range(20):
                 client.post("/m", json=body).raise_for_status()
-        workers = children(proc.pid)
-        worker_rss = max((rss_mib(pid) for pid in workers), default=float("nan"))
-        return cold, worker_rss, rss_mib(proc.pid)
+        worker_rss, tree_rss = worker_memory(proc.pid)
+        return cold, worker_rss, tree_rss, rss_mib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -216,13 +251,62 @@ def measure(project: Path, body: object, home: Path) -> tuple[float, float, floa
         log.close()
 
 
+def print_table(rows: list) -> None:
+    print("| runtime | cold start, median (min-max) | worker RSS | server RSS |")
+    print("|---|---|---|---|")
+    for name, runs in rows:
+        colds = [r[0] for r in runs[False]]
+        print(
+            f"| {name} | {statistics.median(colds):.2f} s ({min(colds):.2f}-{max(colds):.2f}) | "
+            f"{statistics.median(r[1] for r in runs[False]):.0f} MiB | "
+            f"{statistics.median(r[3] for r in runs[False]):.0f} MiB |"
+        )
+
+
+def mib_delta(delta: float) -> str:
+    return "±0" if abs(delta) < 0.5 else f"{delta:+.0f}"
+
+
+def print_sandbox_table(rows: list) -> None:
+    print(
+        "| runtime | cold start, plain | cold start, sandboxed | delta | worker RSS, plain |"
+        " worker RSS, sandboxed | sandboxed tree RSS |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, runs in rows:
+        plain, sbx = runs[False], runs[True]
+        cp, cs = [r[0] for r in plain], [r[0] for r in sbx]
+        wp = statistics.median(r[1] for r in plain)
+        ws = statistics.median(r[1] for r in sbx)
+        ts = statistics.median(r[2] for r in sbx)
+        delta = statistics.median(cs) - statistics.median(cp)
+        print(
+            f"| {name} | {statistics.median(cp):.2f} s ({min(cp):.2f}-{max(cp):.2f}) "
+            f"| {statistics.median(cs):.2f} s ({min(cs):.2f}-{max(cs):.2f}) "
+            f"| {delta:+.2f} s ({delta / statistics.median(cp):+.0%}) "
+            f"| {wp:.0f} MiB | {ws:.0f} MiB ({mib_delta(ws - wp)}) | {ts:.0f} MiB |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="cold starts per runtime")
     parser.add_argument("--only", default="", help="comma-separated prefixes of row names")
+    parser.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="also measure `kiln serve --sandbox`, interleaved with the plain cold starts",
+    )
+    # SIGTERM (a background run has SIGINT ignored) unwinds too: servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parser.parse_args()
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; runs: {args.runs}")
+    print(
+        f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; runs: {args.runs}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    modes = [False, True] if args.sandbox else [False]
     rows = []
     with tempfile.TemporaryDirectory(prefix="kiln-cold-") as tmp:
         for name, (build, framework, body) in RUNTIMES.items():
@@ -234,22 +318,22 @@ def main() -> int:
             project = Path(tmp) / name.split()[0] / str(len(rows))
             project.mkdir(parents=True)
             (project / "kiln.yaml").write_text(build(project))
-            colds, workers, servers = [], [], []
+            runs: dict[bool, list] = {m: [] for m in modes}
             for run in range(args.runs):
-                cold, worker, server = measure(project, body, Path(tmp) / f"home-{len(rows)}-{run}")
-                colds.append(cold)
-                workers.append(worker)
-                servers.append(server)
-            rows.append((name, statistics.median(colds), min(colds), max(colds), workers, servers))
-            print(f"  {name}: {', '.join(f'{c:.2f}' for c in colds)} s", flush=True)
+                for sandbox in modes if run % 2 == 0 else modes[::-1]:
+                    tag = "sbx" if sandbox else "plain"
+                    home = Path(tmp) / f"home-{len(rows)}-{run}-{tag}"
+                    runs[sandbox].append(measure(project, body, home, sandbox))
+            rows.append((name, runs))
+            for sandbox in modes:
+                label = " (sandboxed)" if sandbox else ""
+                colds = ", ".join(f"{r[0]:.2f}" for r in runs[sandbox])
+                print(f"  {name}{label}: {colds} s", flush=True)
     print()
-    print("| runtime | cold start, median (min-max) | worker RSS | server RSS |")
-    print("|---|---|---|---|")
-    for name, median, low, high, workers, servers in rows:
-        print(
-            f"| {name} | {median:.2f} s ({low:.2f}-{high:.2f}) | "
-            f"{statistics.median(workers):.0f} MiB | {statistics.median(servers):.0f} MiB |"
-        )
+    print_table(rows)
+    if args.sandbox:
+        print()
+        print_sandbox_table(rows)
     return 0
 
 
