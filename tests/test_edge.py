@@ -448,7 +448,9 @@ def _exchange(servers: list[Served], streams: list[tuple[bytes, list[int]]]) -> 
     while time.monotonic() - start < 4.0:
         if pump(0.05):
             last = time.monotonic()
-        settled = all(_agree(_class(got[0][c]), _class(got[1][c])) for c in range(len(streams)))
+        settled = all(
+            _agree(_class(got[0][c]), _class(got[1][c]), streams[c][0]) for c in range(len(streams))
+        )
         if settled and time.monotonic() - last > 0.15 and time.monotonic() - start > 0.3:
             break
     sel.close()
@@ -458,16 +460,22 @@ def _exchange(servers: list[Served], streams: list[tuple[bytes, list[int]]]) -> 
     return got
 
 
-def _agree(kiln: list[int], oracle: list[int]) -> bool:
+def _agree(kiln: list[int], oracle: list[int], data: bytes = b"") -> bool:
     """Same first answer class, or one documented difference.
 
     Kiln answers the good requests that came before a malformed one in the same
-    read and then the 400 (`lenient_data_after_close`, tests/test_fast_http.py);
-    uvicorn answers only the 400.
+    read and then the 400 (`lenient_data_after_close`, tests/test_fast_http.py),
+    or closes the connection when the garbage is no request at all; uvicorn
+    answers only the 400. So when uvicorn says 400 to a stream that holds more
+    than one head, Kiln may answer the first one(s) well.
     """
     if kiln[:1] == oracle[:1]:
         return True
-    return oracle[:1] == [4] and len(kiln) >= 2 and kiln[-1] == 4
+    if oracle[:1] != [4] or not kiln:
+        return False
+    if len(kiln) >= 2 and kiln[-1] == 4:
+        return True
+    return kiln[0] in (2, 3) and data.count(b"\r\n\r\n") >= 2
 
 
 @pytest.fixture(scope="module")
@@ -496,7 +504,7 @@ def test_fuzz_kiln_answers_like_uvicorn_and_survives(pair: list[Served]) -> None
         got = _exchange(pair, streams)
         for col, (data, _) in enumerate(streams):
             ours, theirs = _class(got[0][col]), _class(got[1][col])
-            assert _agree(ours, theirs), (
+            assert _agree(ours, theirs, data), (
                 f"{data!r}: kiln {got[0][col][:80]!r} uvicorn {got[1][col][:80]!r}"
             )
         assert request(kiln) == 200  # and it still serves
