@@ -443,3 +443,49 @@ def test_a_users_batch_worker_is_sandboxed_and_writes_only_its_output(
     assert row["planted"] is None
     if probe().per_tenant_uids:
         assert row["uid"] >= 200000
+
+
+def test_the_admins_file_path_lister_job_reads_its_local_files_in_the_sandbox(
+    platform: Daemon, tmp_path: Path
+) -> None:
+    d = platform
+    data = tmp_path / "data"
+    for i in range(3):
+        write(data / f"f{i}.txt", f"line {i}")
+    folder = tmp_path / "reader"
+    write(
+        folder / "predictor.py",
+        "class PythonPredictor:\n"
+        "    def __init__(self, config, job_spec):\n        pass\n"
+        "    def predict(self, payload, batch_id):\n"
+        "        return [open(p).read() for p in payload]\n",
+    )
+    write(
+        folder / "kiln.yaml",
+        "- kind: BatchAPI\n  name: reader\n  predictor: {type: python, path: predictor.py}\n",
+    )
+    done = d.kiln("deploy", str(folder))
+    assert done.returncode == 0, done.stdout + done.stderr
+    spec = {
+        "workers": 1,
+        "file_path_lister": {"paths": [str(data)], "batch_size": 3},
+        "output": {"path": "out"},
+    }
+    job = d.http.post(f"{d.url}/reader", json=spec)
+    assert job.status_code == 200, job.text
+    job_id = job.json()["job_id"]
+    d.wait_until(
+        lambda: (
+            d.http.get(f"{d.url}/reader/{job_id}").json()["job_status"]["status"]
+            == "status_succeeded"
+        ),
+        60,
+        "the file job",
+    )
+    location = Path(job.json()["output"]["location"])
+    rows = [
+        orjson.loads(line)["result"]
+        for p in location.glob("*.jsonl")
+        for line in p.read_text().splitlines()
+    ]
+    assert sorted(rows) == ["line 0", "line 1", "line 2"]

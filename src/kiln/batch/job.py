@@ -41,7 +41,7 @@ from kiln.batch.joblog import JobLog
 from kiln.batch.link import QueueLink
 from kiln.batch.output import OutputSink, job_output_folder
 from kiln.batch.sources import iter_batches
-from kiln.batch.spec import JobSpec, Limits
+from kiln.batch.spec import JobSpec, Limits, resolve_local
 from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow, QueuedBatch
@@ -432,6 +432,14 @@ class JobRun:
         """What a sandboxed worker reads besides its revision: its environment, its model."""
         plan = orjson.loads(self.job.plan) if self.job.plan else {}
         paths = list(plan.get("site_dirs") or [])
+        # file_path_lister hands the predictor local file paths (the admin's only: users'
+        # jobs may not name local sources), so their folders are readable too.
+        spec = orjson.loads(self.job.spec) if self.job.spec else {}
+        if spec.get("source") == "file_path_lister":
+            for path in spec.get("paths") or []:
+                if "://" not in path or path.startswith("file://"):
+                    local = resolve_local(path, self.root)
+                    paths.append(local if os.path.isdir(local) else os.path.dirname(local))
         model = (plan.get("worker_spec") or {}).get("model_path")
         if model and os.path.isabs(model):
             paths.append(model if os.path.isdir(model) else os.path.dirname(model))
