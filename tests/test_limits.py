@@ -278,3 +278,17 @@ def test_a_users_defaults_are_bounded_by_the_plan() -> None:
     assert compute.mem == free.max_replica_mem and update["jobs"].max_workers == 2
     assert _within_plan(Resource(Compute(max_replicas=2, mem="1Gi")), free) == {}
     assert _within_plan(Resource(Compute()), DEFAULT_PLANS["unlimited"]) == {}
+
+
+def test_machine_caps_count_gpus_per_replica(monkeypatch) -> None:
+    """compute.gpu: the GPU cap is devices // gpu per replica (KILN_GPUS as the inventory)."""
+    from types import SimpleNamespace
+
+    from kiln.serving import gpus
+    from kiln.serving.caps import machine_caps
+
+    monkeypatch.setattr(gpus, "_ALLOCATOR", gpus.GpuAllocator(["0", "1", "2", "3"]))
+    compute = SimpleNamespace(cpu=0.1, mem=None, gpu=2, max_replicas=100, min_replicas=1)
+    caps = machine_caps(compute)
+    gpu_cap = [cap for cap in caps if "GPUs" in str(cap)]
+    assert gpu_cap and gpu_cap[0].value == 2, caps

@@ -50,7 +50,7 @@ def machine_caps(compute: Any) -> list[Cap]:
             )
         )
     if compute.gpu:
-        from kiln.serving.gpus import gpu_allocator
+        from kiln.serving.gpus import allocator as gpu_allocator
 
         devices = len(gpu_allocator().devices)
         if devices:
