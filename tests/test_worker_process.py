@@ -110,3 +110,31 @@ def test_network_none_is_loopback_of_its_own_and_egress_is_the_hosts(
         listening.close()
     assert code == 0, lines
     assert lines[-1] == ("connected" if network == "egress" else "refused ConnectionRefusedError")
+
+
+def test_a_workers_cgroup_goes_with_it_and_stale_ones_are_swept(tmp_path) -> None:
+    from kiln.sandbox import cgroups
+    from kiln.sandbox.spec import Limits
+
+    version = probe().cgroup
+    if version is None:
+        pytest.skip("cgroups are not writable here (not root, or a read-only /sys)")
+    spec = LaunchSpec(
+        argv=[sys.executable, "-c", "print('hi')"],
+        env=base_env(),
+        cwd=str(tmp_path),
+        limits=Limits(mem_bytes=256 << 20),
+        name="unit-gone",
+    )
+    code, _ = run(spec)
+    assert code == 0
+    for base in cgroups._bases():
+        assert not [f for f in base.iterdir() if f.name.startswith(f"unit-gone-{os.getpid()}-")]
+    # A group whose server pid is gone (a SIGKILLed server) is removed by the sweep.
+    dead = 2**22 + 12345  # above pid_max's default: never a live process
+    stale = cgroups.create("unit-stale", Limits(), version)
+    for folder in stale.folders:
+        folder.rename(folder.with_name(f"unit-stale-{dead}-0"))
+    assert cgroups.sweep_stale() >= len(stale.folders)
+    for base in cgroups._bases():
+        assert not (base / f"unit-stale-{dead}-0").exists()

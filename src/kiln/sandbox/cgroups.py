@@ -96,17 +96,57 @@ class WorkerGroup:
             pass
         return 0
 
-    def remove(self) -> None:
-        """Remove the folders once the worker's processes are gone (retrying briefly)."""
+    def remove(self, wait_s: float = 5.0) -> None:
+        """Remove the folders once the worker's processes are gone.
+
+        Blocking (call it in a thread): a sandboxed worker's last processes die a
+        moment after bubblewrap (PDEATHSIG), so the folder may be busy briefly.
+        What is still busy after `wait_s` is left to `sweep_stale` at a later start.
+        """
+        deadline = time.monotonic() + wait_s
         for folder in self.folders:
-            for _ in range(20):
+            while True:
                 try:
                     folder.rmdir()
                     break
                 except FileNotFoundError:
                     break
                 except OSError:
+                    if time.monotonic() > deadline:
+                        break
                     time.sleep(0.05)
+
+
+def _bases() -> list[Path]:
+    if _v2():
+        return [ROOT / "kiln"]
+    return [_v1_base(c) for c in V1_CONTROLLERS]
+
+
+def sweep_stale() -> int:
+    """Remove worker groups left by servers that are gone (SIGKILL); how many went.
+
+    A group is named `<name>-<server pid>-<n>`: one whose server pid is not alive
+    is stale. A folder with processes in it cannot be removed (EBUSY) and stays.
+    """
+    removed = 0
+    for base in _bases():
+        try:
+            folders = list(base.iterdir())
+        except OSError:
+            continue
+        for folder in folders:
+            parts = folder.name.rsplit("-", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or not folder.is_dir():
+                continue
+            if Path(f"/proc/{parts[1]}").exists():
+                continue
+            try:
+                folder.rmdir()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def create(name: str, limits: Limits, version: str) -> WorkerGroup:

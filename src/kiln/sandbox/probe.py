@@ -87,6 +87,8 @@ def probe() -> Capabilities:
     if root and setpriv is None:
         problems.append("setpriv (util-linux) is missing: workers cannot drop to a tenant uid")
     cgroup = cgroups.writable_version() if root else None
+    if cgroup:
+        cgroups.sweep_stale()  # groups of servers that were killed before removing them
     return Capabilities(
         bwrap=bwrap,
         setpriv=setpriv,

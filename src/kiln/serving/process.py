@@ -87,9 +87,11 @@ class WorkerProcess:
         assert self._process is not None
         code = await self._process.wait()
         group = self._prepared.group if self._prepared else None
-        if group is not None and not self._oom:
-            self._oom = group.oom_kills() > 0  # read before the group is removed
-        self._remove_group()
+        if group is not None:
+            if not self._oom:
+                self._oom = group.oom_kills() > 0  # read before the group is removed
+            self._prepared.group = None  # removed once, off the event loop
+            await asyncio.to_thread(group.remove)
         return code
 
     def terminate(self) -> None:
