@@ -46,6 +46,7 @@ from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow, QueuedBatch
 from kiln.errors import KilnError
+from kiln.sandbox.identity import tenant_of
 from kiln.sandbox.policy import SandboxPolicy, base_env
 from kiln.sandbox.spec import Limits as SandboxLimits
 from kiln.serving.process import WorkerProcess
@@ -99,7 +100,7 @@ def spawn_worker(
         env,
         cwd=str(launch.root),
         pass_fds=(launch.fd,),
-        tenant=launch.api.split(".", 1)[0] if "." in launch.api else "",
+        tenant=tenant_of(launch.api),
         read_only=list(launch.read_only),
         writable=[launch.output_folder] if launch.output_folder else [],
         network=launch.network,
@@ -336,8 +337,6 @@ class JobRun:
             if proc.oom_killed():
                 code = EXIT_OOM
                 error = error or f"worker {n} ran out of memory (compute.mem)"
-            elif proc.spec.sandboxed and code > 128:
-                code = -(code - 128)  # bubblewrap reports a signal as 128 + n
             self.procs.pop(n, None)
             self.links.pop(n, None)
             if self.ending:

@@ -273,6 +273,11 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS, **saved, **now}
 
 
+def _flags(given: dict[str, Any]) -> dict[str, Any]:
+    """The server options among a command's parameters (None: not given)."""
+    return {k: v for k, v in given.items() if k in DEFAULTS}
+
+
 def _options(home: Path, settings: dict[str, Any]) -> Any:
     from kiln.control.server import ServerOptions, is_loopback
     from kiln.protocols.edge import EdgeLimits
@@ -329,10 +334,6 @@ PassEnvOption = Annotated[
 ]
 
 
-def _given(**flags: Any) -> dict[str, Any]:
-    return flags
-
-
 @server_app.command("run")
 def run_cmd(
     home: HomeOption = None,
@@ -346,18 +347,7 @@ def run_cmd(
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
-    settings = _settings(
-        state,
-        _given(
-            host=host,
-            port=port,
-            management_port=management_port,
-            metrics_port=metrics_port,
-            auth=auth,
-            unsafe_no_sandbox=unsafe_no_sandbox,
-            pass_env=pass_env,
-        ),
-    )
+    settings = _settings(state, _flags(locals()))
     raise typer.Exit(run_foreground(_options(state, settings)))
 
 
@@ -376,18 +366,7 @@ def start_cmd(
     state = default_home(home)
     if running_info(state) is not None:  # say so, and change nothing saved
         raise typer.Exit(start(state, []))
-    settings = _settings(
-        state,
-        _given(
-            host=host,
-            port=port,
-            management_port=management_port,
-            metrics_port=metrics_port,
-            auth=auth,
-            unsafe_no_sandbox=unsafe_no_sandbox,
-            pass_env=pass_env,
-        ),
-    )
+    settings = _settings(state, _flags(locals()))
     _options(state, settings)  # refuse bad options before the background process starts
     raise typer.Exit(start(state, []))  # `kiln server run` reads the saved server.yaml
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.errors import Conflict, Forbidden, InvalidInput
+from kiln.sandbox.identity import tenant_of
 from kiln.serving.caps import Cap, check_replicas, replica_caps
 
 
@@ -113,9 +114,7 @@ class OwnershipMixin:
 
 def user_of(deployment: str | None) -> str | None:
     """The user a deployment belongs to (`alice.shop` -> alice); None for the admin's."""
-    if deployment and "." in deployment:
-        return deployment.split(".", 1)[0]
-    return None
+    return tenant_of(deployment) or None
 
 
 def check_network(plan: Any, project: Any) -> None:

@@ -17,6 +17,16 @@ from pathlib import Path
 BASE_UID = 200000
 
 
+def tenant_of(name: str | None) -> str:
+    """The user a deployment or API belongs to (`alice.shop` -> alice); "" for the admin's.
+
+    A user's names are namespaced `<user>.<name>` inside the server (control/ownership.py).
+    """
+    if name and "." in name:
+        return name.split(".", 1)[0]
+    return ""
+
+
 def uid_for(home: Path, tenant: str) -> int:
     """The uid of `tenant` ("" for the admin), allocated on first use."""
     if not tenant:

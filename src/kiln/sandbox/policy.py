@@ -85,7 +85,12 @@ class SandboxPolicy:
     inherit_env: bool = False  # `kiln serve` without --sandbox: the developer's environment
 
     def __post_init__(self) -> None:
-        self.caps: Capabilities = require() if self.enabled else probe()
+        # Asked for, the sandbox must be there now; off, nothing is probed until used.
+        self._caps: Capabilities | None = require() if self.enabled else None
+
+    @property
+    def caps(self) -> Capabilities:
+        return self._caps or probe()
 
     def launch(
         self,

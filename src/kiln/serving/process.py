@@ -84,8 +84,11 @@ class WorkerProcess:
         self._log_line(text)
 
     async def wait(self) -> int:
+        """The exit code, a signal as -n (bubblewrap's own 128 + n is translated)."""
         assert self._process is not None
         code = await self._process.wait()
+        if self.spec.sandboxed and code > 128:
+            code = -(code - 128)
         group = self._prepared.group if self._prepared else None
         if group is not None:
             if not self._oom:
@@ -150,12 +153,10 @@ def _tree_rss(pid: int) -> int | None:
     return total if found else None
 
 
-def describe_exit(code: int | None, sandboxed: bool) -> str:
-    """'was killed by SIGKILL', 'exited with code 3'... bubblewrap reports a signal as 128+n."""
+def describe_exit(code: int | None) -> str:
+    """'was killed by SIGKILL', 'exited with code 3' (a code from `WorkerProcess.wait`)."""
     if code is None:
         return "stopped"
-    if sandboxed and code > 128:
-        code = -(code - 128)
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"

@@ -145,8 +145,7 @@ class Replica:
         if self._process is not None and self._process.oom_killed():
             self.exit_reason = self.exit_reason or "ran out of memory (compute.mem)"
             self.oom = True
-        sandboxed = self._process is not None and self._process.spec.sandboxed
-        self.exit_reason = self.exit_reason or describe_exit(code, sandboxed)
+        self.exit_reason = self.exit_reason or describe_exit(code)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(

@@ -43,6 +43,7 @@ class ReplicaPool:
     sandbox: SandboxPolicy
     tenant: str = ""  # the user whose deployment this is ("" for the admin and `kiln serve`)
     network: str = "none"
+    _fetched: str | None = None  # a remote model's cached copy, once the server fetched it
 
     def _env(self) -> dict[str, str]:
         return {**worker_env(self.worker_spec, self.sandbox.inherit_env), **self.extra_env}
@@ -50,8 +51,8 @@ class ReplicaPool:
     def _readable(self) -> list[str]:
         """What a sandboxed worker may read besides Python and its revision folder."""
         spec = self.worker_spec
-        paths = list(getattr(spec, "site_dirs", None) or [])
-        for path in (getattr(self, "_fetched", None), spec.model_path, spec.python_path):
+        paths = list(spec.site_dirs)
+        for path in (self._fetched, spec.model_path, spec.python_path):
             if path and not is_remote(path):
                 full = os.path.join(self._cwd, path)
                 paths.append(full if os.path.isdir(full) else os.path.dirname(full))
