@@ -51,6 +51,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,7 @@ class QueueClient:
         return frame
 
     def _call(
-        self, header: dict[str, Any], buffers: list[bytes] = ()
+        self, header: dict[str, Any], buffers: Sequence[bytes] = ()
     ) -> tuple[dict[str, Any], list[memoryview]]:
         try:
             self.channel.send(header, buffers)
@@ -227,9 +228,9 @@ class BatchWorker:
             else:
                 sys.stderr.write(f"batch {batch.idx} failed: {error}\n")
             return self._fail(batch, error)
-        claim, error = self.client.ack(time.perf_counter() - started, output)
-        if error is not None:
-            sys.stderr.write(f"batch {batch.idx} failed: {error}\n")
+        claim, write_error = self.client.ack(time.perf_counter() - started, output)
+        if write_error is not None:
+            sys.stderr.write(f"batch {batch.idx} failed: {write_error}\n")
             sys.stderr.flush()
         return claim
 

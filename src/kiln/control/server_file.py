@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 FILE_NAME = "server.yaml"
 # key -> (type check, what to write)

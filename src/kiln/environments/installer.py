@@ -97,7 +97,8 @@ def missing_packages(
     done = _run([*args, "-c", str(constraints)], cwd)
     if done.returncode != 0:
         raise BuildFailed(uv_message(done.stderr) + _pinned_hint(done.stderr, constraints))
-    pins, replaced = [], []
+    pins: list[str] = []
+    replaced: list[str] = []
     for line in (done.stdout + "\n" + done.stderr).splitlines():
         match = _PLAN_LINE.match(line)
         if match is None:

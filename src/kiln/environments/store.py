@@ -18,6 +18,7 @@ the second finds the first one's result.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import os
@@ -252,7 +253,7 @@ class Environments:
 
     def prune(
         self, *, everything: bool = False, older_than: float | None = None
-    ) -> tuple[list[Environment], list[Environment]]:
+    ) -> tuple[builtins.list[Environment], builtins.list[Environment]]:
         """Remove environments (all, or unused for `older_than` seconds) no server holds.
 
         Returns (removed, kept because in use). Everything removed can be built again

@@ -89,11 +89,12 @@ class WorkerProcess:
         code = await self._process.wait()
         if self.spec.sandboxed and code > 128:
             code = -(code - 128)
-        group = self._prepared.group if self._prepared else None
-        if group is not None:
+        prepared = self._prepared
+        group = prepared.group if prepared else None
+        if prepared is not None and group is not None:
             if not self._oom:
                 self._oom = group.oom_kills() > 0  # read before the group is removed
-            self._prepared.group = None  # removed once, off the event loop
+            prepared.group = None  # removed once, off the event loop
             await asyncio.to_thread(group.remove)
         return code
 

@@ -38,6 +38,11 @@ class ReplicaPool:
 
     api: Any
     slots: list[ReplicaSlot]
+    # Set by ServedApi.__init__ (see the module docstring).
+    name: str
+    worker_spec: WorkerSpec
+    extra_env: dict[str, str]
+    _cwd: str
     tracker_warning: str | None = None
 
     sandbox: SandboxPolicy
