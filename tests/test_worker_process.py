@@ -12,9 +12,14 @@ import sys
 
 import pytest
 
+from kiln.handlers.pipeline import build_pipeline
 from kiln.sandbox import LaunchSpec, probe
 from kiln.sandbox.policy import SandboxPolicy, base_env
+from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
+from kiln.serving.ipc import BlockingChannel
 from kiln.serving.process import MAX_LINE_BYTES, WorkerProcess
+from kiln.serving.types import WorkerSpec
+from kiln.serving.worker import Worker
 
 LIST_FDS = (
     "import os\n"
@@ -138,3 +143,43 @@ def test_a_workers_cgroup_goes_with_it_and_stale_ones_are_swept(tmp_path) -> Non
     assert cgroups.sweep_stale() >= len(stale.folders)
     for base in cgroups._bases():
         assert not (base / f"unit-stale-{dead}-0").exists()
+
+
+def test_exit_code_out_of_memory_reads_as_an_oom_kill(tmp_path) -> None:
+    """Where no cgroup can be made, compute.mem is RLIMIT_DATA: the worker sees a
+    MemoryError and exits with EXIT_OUT_OF_MEMORY, reported like the kernel's kill."""
+    spec = SandboxPolicy(enabled=False, home=tmp_path).launch(
+        [sys.executable, "-c", f"raise SystemExit({EXIT_OUT_OF_MEMORY})"],
+        base_env(),
+        cwd=str(tmp_path),
+        pass_fds=(),
+    )
+
+    async def go() -> tuple[int, bool]:
+        process = WorkerProcess(spec, lambda line: None)
+        await process.spawn()
+        code = await process.wait()
+        return code, process.oom_killed()
+
+    assert asyncio.run(go()) == (EXIT_OUT_OF_MEMORY, True)
+
+
+def test_a_memory_error_in_user_code_ends_the_realtime_worker(tmp_path) -> None:
+    """Not one request's 500: the memory limit was hit, so the worker must end (and be
+    restarted) rather than go on near its limit."""
+    (tmp_path / "h.py").write_text(
+        "class Hungry:\n    def predict(self, payload):\n        raise MemoryError()\n"
+    )
+    spec = WorkerSpec(
+        api="hungry", version=None, runtime="python", handler=f"{tmp_path}/h.py:Hungry"
+    )
+    pipeline = build_pipeline(spec)
+    parent, child = socket.socketpair()
+    try:
+        worker = Worker(BlockingChannel(child), spec, pipeline)
+        item = {"rid": "r1", "ct": "application/json"}
+        with pytest.raises(MemoryError):
+            worker.handle_batch({"id": 1, "items": [item]}, [memoryview(b"0")])
+    finally:
+        parent.close()
+        child.close()

@@ -60,12 +60,12 @@ import orjson
 from kiln.batch.output import OutputSink
 from kiln.batch.runner import Runner, load_runner
 from kiln.errors import KilnError
+from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY as EXIT_OOM
 from kiln.serving.ipc import BlockingChannel
 from kiln.serving.worker import _die_with_parent
 
 MARK = "\x1ekiln-batch:"
 EXIT_LOAD_FAILED = 2
-EXIT_OOM = 3
 EXIT_SERVER_GONE = 1
 _WAIT_S = (0.02, 0.5)  # polling backoff while others hold the last batches
 

@@ -20,6 +20,11 @@ def default_max_pids() -> int:
 DEFAULT_MAX_PIDS = default_max_pids()
 DEFAULT_TMP_BYTES = 1 << 30  # the worker's /tmp (scratch, HOME) when sandboxed
 
+# A worker that hit its memory limit as a MemoryError (rlimits, where no cgroup
+# could be made) exits with this code, so the server reports it as the kernel's
+# OOM kill would be reported: "ran out of memory (compute.mem)".
+EXIT_OUT_OF_MEMORY = 3
+
 
 @dataclass
 class Limits:

@@ -16,7 +16,7 @@ import signal
 from collections.abc import Callable
 
 from kiln.sandbox.launch import Prepared, prepare
-from kiln.sandbox.spec import LaunchSpec
+from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY, LaunchSpec
 
 MAX_LINE_BYTES = 16 * 1024  # longer lines are cut, with a note of how much
 READ_CHUNK = 64 * 1024
@@ -121,11 +121,12 @@ class WorkerProcess:
         return _tree_rss(self.pid) if self.pid else None
 
     def oom_killed(self) -> bool:
-        """Whether the kernel killed a process of this worker at its memory limit."""
+        """Whether the worker ran out of memory: the kernel killed a process of it at
+        its cgroup's limit, or it exited with EXIT_OUT_OF_MEMORY on a MemoryError."""
         group = self._prepared.group if self._prepared else None
         if group is not None and not self._oom and self.returncode is None:
             self._oom = group.oom_kills() > 0
-        return self._oom
+        return self._oom or self.returncode == EXIT_OUT_OF_MEMORY
 
     def _remove_group(self) -> None:
         group = self._prepared.group if self._prepared else None

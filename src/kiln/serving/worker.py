@@ -24,6 +24,7 @@ from typing import Any
 from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import Pipeline, build_pipeline
+from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
 from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
@@ -161,6 +162,7 @@ class Worker:
                 outcomes[index] = self._decode(item, owned)
                 runnable.append(index)
             except Exception as exc:  # noqa: BLE001 - decoding client data
+                _reraise_out_of_memory(exc)
                 outcomes[index] = exc
         if runnable:
             try:
@@ -170,6 +172,7 @@ class Worker:
                     [stages[i] for i in runnable],
                 )
             except Exception as exc:  # noqa: BLE001 - user code may raise anything
+                _reraise_out_of_memory(exc)
                 ids = ", ".join(contexts[i].request_id for i in runnable)
                 if not isinstance(exc, KilnError):
                     log_failure(exc, self.spec.api, ids)
@@ -190,12 +193,14 @@ class Worker:
         self, outcome: Any, context: RequestContext, item: dict[str, Any]
     ) -> tuple[dict[str, Any], list[Any]]:
         if isinstance(outcome, BaseException):
+            _reraise_out_of_memory(outcome)
             return _error_reply(self._error(outcome, context)), []
         try:
             reply, buffers = encode_reply(
                 outcome, context, self.spec.response_envelope, item, self.output_names
             )
         except Exception as exc:  # noqa: BLE001 - encoding user values may fail
+            _reraise_out_of_memory(exc)
             return _error_reply(self._error(exc, context)), []
         if self.spec.tracker_type:
             values = tracked_values(
@@ -236,12 +241,21 @@ class Worker:
                     break
             self.channel.send({"id": stream_id, "end": 1, "st": context.status or 200})
         except Exception as exc:  # noqa: BLE001 - user code
+            _reraise_out_of_memory(exc)
             error = self._error(exc, context)
             self.channel.send({"id": stream_id, "end": 1, **_error_reply(error)})
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+
+def _reraise_out_of_memory(exc: BaseException) -> None:
+    """A MemoryError is the worker's memory limit (RLIMIT_DATA where no cgroup could
+    be made), not one request's failure: let it end the worker, as the kernel's OOM
+    kill would, so the server answers 503 naming compute.mem and restarts it."""
+    if isinstance(exc, MemoryError):
+        raise exc
 
 
 def _local_model(spec: WorkerSpec) -> WorkerSpec:
@@ -295,11 +309,13 @@ def serve(channel: BlockingChannel) -> int:
     except BaseException as exc:  # noqa: BLE001 - loading user code may raise anything
         if isinstance(exc, KilnError):
             message = exc.message
+        elif isinstance(exc, MemoryError):
+            message = "ran out of memory while loading; raise compute.mem in kiln.yaml"
         else:
             traceback.print_exc()
             message = f"{type(exc).__name__}: {exc}"
         channel.send({"op": "failed", "error": message})
-        return 3
+        return 1
     # The model and user code live as long as the worker: keep them out of GC scans.
     gc.collect()
     gc.freeze()
@@ -324,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     channel = BlockingChannel(sock)
     try:
         return serve(channel)
+    except MemoryError:
+        sys.stderr.write("kiln worker: out of memory (compute.mem); exiting\n")
+        return EXIT_OUT_OF_MEMORY
     finally:
         channel.close()
 
