@@ -12,28 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.datatypes import V2_TO_NUMPY, v2_name
 from kiln.errors import InvalidInput, KilnError
-
-# numpy dtype -> Open Inference Protocol datatype name
-_V2_NAMES = {
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.uint16): "UINT16",
-    np.dtype(np.uint32): "UINT32",
-    np.dtype(np.uint64): "UINT64",
-    np.dtype(np.int8): "INT8",
-    np.dtype(np.int16): "INT16",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.object_): "BYTES",
-}
-
-
-def v2_datatype(dtype: np.dtype) -> str:
-    return _V2_NAMES.get(np.dtype(dtype), str(np.dtype(dtype)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +27,7 @@ class TensorSpec:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "datatype": v2_datatype(self.dtype),
+            "datatype": v2_name(self.dtype),
             "shape": [-1 if d is None else d for d in self.shape] if self.shape else [],
         }
 
@@ -190,7 +170,7 @@ class TensorRuntime:
         raise NotImplementedError
 
 
-_FROM_V2 = {name: dtype for dtype, name in _V2_NAMES.items()}
+_FROM_V2 = {**V2_TO_NUMPY, "BYTES": np.dtype(np.object_)}
 
 
 def declared_signature(declared: Any, where: str) -> TensorSignature:

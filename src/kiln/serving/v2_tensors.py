@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kiln.datatypes import V2_TO_NUMPY
 from kiln.errors import InvalidInput
 from kiln.serving.types import Tensor
-from kiln.serving.wire import V2_TO_NUMPY
 
 DATATYPES = (*V2_TO_NUMPY, "BYTES", "BF16")
 _LITTLE = {name: dtype.newbyteorder("<") for name, dtype in V2_TO_NUMPY.items()}

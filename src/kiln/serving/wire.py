@@ -13,35 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from kiln.datatypes import V2_BY_DTYPE_STR, V2_TO_NUMPY, v2_name
 from kiln.errors import InvalidInput, KilnError, error_from_wire
 from kiln.serving.types import InferenceRequest, InferenceResponse, Part, Tensor
-
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-NUMPY_TO_V2 = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
-# Keyed by the dtype's string ("<f4"): hashing and comparing np.dtype objects costs
-# microseconds per lookup, and this runs for every output tensor of every answer.
-_V2_BY_STR = {dtype.str: name for name, dtype in V2_TO_NUMPY.items()}
-
-
-def v2_name(dtype: np.dtype) -> str:
-    if not isinstance(dtype, np.dtype):
-        dtype = np.dtype(dtype)
-    if dtype.kind in "OUS":
-        return "BYTES"
-    return _V2_BY_STR.get(dtype.str) or NUMPY_TO_V2.get(dtype, str(dtype))
 
 
 def _raw(array: np.ndarray) -> memoryview:
@@ -193,7 +167,7 @@ def to_output_tensors(result: Any, names: list[str] | None = None) -> list[Tenso
             data = [v if isinstance(v, bytes) else v.encode() for v in flat]
             tensors.append(Tensor(str(name), "BYTES", list(array.shape), data))
         else:
-            if array.dtype.str not in _V2_BY_STR:
+            if array.dtype.str not in V2_BY_DTYPE_STR:
                 array = array.astype(np.float64)
             tensors.append(Tensor(str(name), v2_name(array.dtype), list(array.shape), array))
     return tensors
