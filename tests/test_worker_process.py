@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 
@@ -183,3 +184,96 @@ def test_a_memory_error_in_user_code_ends_the_realtime_worker(tmp_path) -> None:
     finally:
         parent.close()
         child.close()
+
+
+WRONG_LENGTH = """
+class WrongLength:
+    def predict_batch(self, payloads, contexts):
+        if payloads[0] == "short":
+            return payloads[:-1]
+        if payloads[0] == "long":
+            return payloads + ["extra"]
+        return {"not": "a list"}
+
+    def predict(self, payload, context):
+        return payload
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "returned"),
+    [("short", "2 results"), ("long", "4 results"), ("dict", "a dict, not a list,")],
+)
+def test_predict_batch_with_the_wrong_count_fails_each_request_and_says_why_in_the_log(
+    tmp_path, capsys, first: str, returned: str
+) -> None:
+    (tmp_path / "h.py").write_text(WRONG_LENGTH)
+    spec = WorkerSpec(
+        api="wrong", version=None, runtime="python", handler=f"{tmp_path}/h.py:WrongLength"
+    )
+    parent, child = socket.socketpair()
+    try:
+        worker = Worker(BlockingChannel(child), spec, build_pipeline(spec))
+        items = [{"rid": f"req-{n}", "ct": "application/json", "nb": 1} for n in range(3)]
+        bodies = [f'"{first}"'.encode(), b'"b"', b'"c"']
+        reply, _ = worker.handle_batch(
+            {"id": 7, "items": items}, [memoryview(body) for body in bodies]
+        )
+    finally:
+        parent.close()
+        child.close()
+    errors = [item["err"] for item in reply["items"]]
+    assert [e["status"] for e in errors] == [500, 500, 500]
+    assert all(
+        e["message"] == f"predict_batch returned {returned} for 3 requests; it must return a "
+        f"list with one result per request, in order"
+        for e in errors
+    )
+    log = capsys.readouterr().err
+    assert (
+        f"API 'wrong': predict_batch returned {returned} for 3 requests "
+        f"(request ids req-0, req-1, req-2); each of them got a 500"
+    ) in log
+
+
+def test_the_worker_ignores_sigterm_and_exits_when_its_channel_closes(tmp_path) -> None:
+    """systemd sends SIGTERM to every process: the worker must leave stopping to the
+    server, which drains its requests and then closes the channel."""
+    parent, child = socket.socketpair()
+    spec = SandboxPolicy(enabled=False, home=tmp_path).launch(
+        [sys.executable, "-m", "kiln.serving.worker", str(child.fileno())],
+        base_env(),
+        cwd=str(tmp_path),
+        pass_fds=(child.fileno(),),
+    )
+
+    async def go() -> tuple[int | None, int | None]:
+        process = WorkerProcess(spec, lambda line: None)
+        await process.spawn()
+        child.close()
+        await asyncio.sleep(1.0)  # past the interpreter's start, into the worker's main()
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        after_sigterm = process.returncode
+        parent.close()  # the stop message: EOF before the init frame
+        return after_sigterm, await process.stop(10)
+
+    alive, code = asyncio.run(go())
+    assert alive is None
+    assert code == 2  # it returned by itself (no init frame), not killed (-9) or -15
+
+
+def test_which_load_failures_are_permanent(tmp_path) -> None:
+    from kiln.runtimes.base import ModelLoadError
+    from kiln.serving.worker import permanent_load_failure
+
+    spec = WorkerSpec(api="a", version=None, runtime="onnx", model_path=str(tmp_path / "m.onnx"))
+    assert permanent_load_failure(SyntaxError("invalid syntax"), spec)
+    assert permanent_load_failure(ModuleNotFoundError("No module named 'nope'"), spec)
+    two = ModelLoadError("the model has 2 signatures ... set signature_key")
+    assert not permanent_load_failure(two, spec)  # its file is not there: it may come
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    assert permanent_load_failure(two, spec)
+    assert not permanent_load_failure(RuntimeError("the database was not up"), spec)
+    assert not permanent_load_failure(MemoryError(), spec)

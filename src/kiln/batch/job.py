@@ -448,20 +448,11 @@ class JobRun:
         self.ending = True
         for link in list(self.links.values()):
             link.close()
+        # A closed channel is the stop message (workers ignore SIGTERM): an idle worker
+        # exits at once, one inside user code when it next reaches the queue, and what is
+        # left after STOP_GRACE_S is killed.
         live = [p for p in self.procs.values() if p.returncode is None]
-        for proc in live:
-            proc.terminate()
-        if live:
-            _, pending = await asyncio.wait(
-                [asyncio.create_task(p.wait()) for p in live], timeout=STOP_GRACE_S
-            )
-            for proc in live:
-                if proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-            for task in pending:
-                with contextlib.suppress(Exception):
-                    await task
+        await asyncio.gather(*(p.stop(STOP_GRACE_S) for p in live), return_exceptions=True)
         for task in self._slots:
             task.cancel()
         await asyncio.gather(*self._slots, return_exceptions=True)

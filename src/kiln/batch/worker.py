@@ -118,7 +118,7 @@ class QueueClient:
         self, header: dict[str, Any], buffers: Sequence[bytes] = ()
     ) -> tuple[dict[str, Any], list[memoryview]]:
         try:
-            self.channel.send(header, buffers)
+            self.channel.send(header, list(buffers))
         except OSError:
             raise ServerGone from None
         return self._recv()
@@ -261,7 +261,10 @@ class BatchWorker:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()  # in a sandbox, its launcher dies with the server (and takes us)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the server decides
+    # Ctrl-C and systemd's SIGTERM reach every process: the server decides when we stop
+    # (it closes our channel), so a job is not cut off before the server has drained.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = BlockingChannel(socket.socket(fileno=int(argv[0])))
     mark("initializing")
     try:

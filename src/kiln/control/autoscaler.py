@@ -76,9 +76,10 @@ class Recommender:
         rec = math.ceil(raw - 1e-9)
         reason = f"{avg_in_flight:.2f} in flight / target {p.target_replica_concurrency:g}"
         if p.target_cpu_utilization and cpu_utilization is not None:
-            by_cpu = math.ceil(current * cpu_utilization / p.target_cpu_utilization - 1e-9)
+            by_cpu_raw = current * cpu_utilization / p.target_cpu_utilization
+            by_cpu = math.ceil(by_cpu_raw - 1e-9)
             if by_cpu > rec:
-                rec = by_cpu
+                raw, rec = by_cpu_raw, by_cpu  # the tolerance applies to the signal that won
                 reason = f"cpu {cpu_utilization:.0f}% against target {p.target_cpu_utilization:g}%"
         ratio = raw / current
         if 1 - p.downscale_tolerance <= ratio <= 1 + p.upscale_tolerance and rec != current:

@@ -29,6 +29,22 @@ from kiln.serving.types import TensorPayload, WorkerSpec
 Stages = list[tuple[str, Any]] | None
 
 
+class BatchLengthMismatch(InferenceError):
+    """`predict_batch` did not return one result per request: no answer can be matched
+    to its request, so every request of the batch gets this 500 (and the log says why)."""
+
+    def __init__(self, results: Any, expected: int) -> None:
+        if isinstance(results, (list, tuple)):
+            self.returned = f"{len(results)} results"
+        else:
+            self.returned = f"a {type(results).__name__}, not a list,"
+        self.expected = expected
+        super().__init__(
+            f"predict_batch returned {self.returned} for {expected} requests; it must "
+            f"return a list with one result per request, in order"
+        )
+
+
 class Pipeline:
     """Base: built (loaded) once, then `predict_batch` per batch of requests."""
 
@@ -239,12 +255,7 @@ class PythonPipeline(Pipeline):
         if self.handler.has_batch and len(payloads) > 1:
             results = self._settle(self.handler.predict_batch(payloads, contexts))
             if not isinstance(results, (list, tuple)) or len(results) != len(payloads):
-                got = len(results) if isinstance(results, (list, tuple)) else type(results).__name__
-                error = InferenceError(
-                    f"predict_batch returned {got} results for {len(payloads)} requests; "
-                    f"it must return a list with one result per request, in order"
-                )
-                return [error] * len(payloads)
+                raise BatchLengthMismatch(results, len(payloads))
             results = list(results)
         else:
             results = []

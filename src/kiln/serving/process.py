@@ -5,6 +5,13 @@ both close every descriptor but their channel, both run in the sandbox the
 spec asks for, and both read worker output the same way: in chunks, with
 lines capped, so a handler printing a 300 KB line cannot stop the log or wedge
 the worker (asyncio's readline gives up past 64 KiB).
+
+Workers start in a session of their own: a signal sent to the server's process
+group (Ctrl-C, or systemd's SIGTERM) does not reach them, nor a sandboxed
+worker's bubblewrap (whose death would take the worker with it). The server
+decides when a worker stops: it drains, closes the channel (the worker exits on
+EOF) and SIGKILLs what is left after the grace period. Workers also ignore
+SIGINT and SIGTERM themselves, for the signal sent to each process one by one.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from kiln.sandbox.launch import Prepared, prepare
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY, LaunchSpec
@@ -51,6 +59,7 @@ class WorkerProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # out of the server's process group (see above)
             )
         except BaseException:
             self._remove_group()
@@ -98,11 +107,18 @@ class WorkerProcess:
             await asyncio.to_thread(group.remove)
         return code
 
-    def terminate(self) -> None:
-        """SIGTERM (a sandboxed worker's bubblewrap passes on nothing: its namespace ends)."""
-        if self._process is not None and self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._process.pid, signal.SIGTERM)
+    async def stop(self, grace: float) -> int | None:
+        """Wait up to `grace` for the worker to exit, then SIGKILL it; the exit code.
+
+        The caller first asks it to stop by closing its channel (workers ignore
+        SIGTERM, so a signal would not do: see the module docstring)."""
+        if self._process is None:
+            return None
+        try:
+            await asyncio.wait_for(self._process.wait(), timeout=grace)
+        except TimeoutError:
+            self.kill()
+        return await self.wait()
 
     def kill(self) -> None:
         if self._process is not None and self._process.returncode is None:
@@ -118,7 +134,23 @@ class WorkerProcess:
         group = self._prepared.group if self._prepared else None
         if group is not None:
             return group.memory_bytes()
-        return _tree_rss(self.pid) if self.pid else None
+        if not self.pid:
+            return None
+        pages = _tree_sum(self.pid, "statm", lambda text: int(text.split()[1]))
+        return None if pages is None else pages * os.sysconf("SC_PAGE_SIZE")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the worker has used so far: its cgroup's usage,
+        else the sum over its process tree (what `target_cpu_utilization` compares)."""
+        group = self._prepared.group if self._prepared else None
+        if group is not None:
+            used = _group_cpu_seconds(group.folders, group.version)
+            if used is not None:
+                return used
+        if not self.pid:
+            return None
+        ticks = _tree_sum(self.pid, "stat", _stat_cpu_ticks)
+        return None if ticks is None else ticks / _CLOCK_TICKS
 
     def oom_killed(self) -> bool:
         """Whether the worker ran out of memory: the kernel killed a process of it at
@@ -134,10 +166,13 @@ class WorkerProcess:
             group.remove()
 
 
-def _tree_rss(pid: int) -> int | None:
-    """RSS of a process and its descendants (bubblewrap puts the worker two levels down)."""
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_sum(pid: int, name: str, read: Callable[[str], int]) -> int | None:
+    """`read(text of /proc/<p>/<name>)` summed over a process and its descendants
+    (bubblewrap puts the worker two levels down); None when the process is gone."""
     total, todo, seen = 0, [pid], set()
-    page = os.sysconf("SC_PAGE_SIZE")
     found = False
     while todo:
         current = todo.pop()
@@ -145,14 +180,41 @@ def _tree_rss(pid: int) -> int | None:
             continue
         seen.add(current)
         try:
-            with open(f"/proc/{current}/statm") as f:
-                total += int(f.read().split()[1]) * page
+            with open(f"/proc/{current}/{name}") as f:
+                total += read(f.read())
             found = True
             with open(f"/proc/{current}/task/{current}/children") as f:
                 todo.extend(int(c) for c in f.read().split())
         except (OSError, ValueError, IndexError):
             continue
     return total if found else None
+
+
+def _stat_cpu_ticks(text: str) -> int:
+    """utime + stime (fields 14 and 15) from the text of /proc/<pid>/stat.
+
+    Field 2, the command name, is in parentheses and may hold spaces: fields are
+    counted from after its closing parenthesis, where field 3 starts."""
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[14 - 3]) + int(fields[15 - 3])
+
+
+def _group_cpu_seconds(folders: list[Path], version: str) -> float | None:
+    """The cgroup's CPU usage: v2 cpu.stat usage_usec, v1 cpuacct.usage (ns)."""
+    try:
+        if version == "v2":
+            for line in (folders[0] / "cpu.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+            return None
+        for folder in folders:
+            usage = folder / "cpuacct.usage"
+            if usage.exists():
+                return int(usage.read_text()) / 1e9
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def describe_exit(code: int | None) -> str:

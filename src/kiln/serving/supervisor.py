@@ -1,10 +1,17 @@
 """One replica slot: keeps a worker process alive, restarting it with backoff.
 
-A slot outlives its workers. When a worker dies (crash, SIGKILL, the memory
-watchdog, a wedged batch) the slot starts another after a backoff that doubles
-from 0.2 s to 30 s and resets once a worker has stayed up. A worker that fails
-to *load* leaves the slot `failed` with the error; the slot keeps retrying in
-the background, so a model whose files appear later comes up by itself.
+A slot outlives its workers. One backoff covers every way a worker ends: a
+crash after a good load (a handler that kills its process on every request), a
+SIGKILL, the memory watchdog, a wedged batch, and a load that fails for a reason
+that may pass (the model's files are not there yet, a download failed, the load
+overran startup_timeout_s). The delay doubles from 0.2 s to 30 s and resets only
+once a worker has stayed up for STABLE_AFTER_S, so a worker that loads and then
+dies on each request is restarted a handful of times a minute, not twice a second.
+
+A load failure that cannot pass by itself (a SyntaxError, a missing module, a
+configuration the runtime refuses: the worker says `permanent`, see
+`kiln.serving.worker.permanent_load_failure`) leaves the slot `failed` with the
+reason and is not retried: only a new deploy (or `kiln serve` restarted) can fix it.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 from kiln.serving.replica import LaunchFactory, LoadFailed, Replica
 from kiln.serving.types import WorkerSpec
 
+MIN_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 10.0
 MEMORY_CHECK_S = 1.0
@@ -46,10 +54,15 @@ class ReplicaSlot:
         self._on_change = on_change
         self.replica: Replica | None = None
         self.state = "loading"
+        # Why the slot is not serving; after a restart it keeps the last exit's reason
+        # until the new worker has stayed up (STABLE_AFTER_S), so `kiln get` can show it.
         self.error: str | None = None
+        self.last_exit: str | None = None  # why the last worker ended, kept for good
+        self.permanent = False  # failed for a reason no retry can fix
         self.restarts = 0
         self.oom_kills = 0
         self.started_at = 0.0
+        self.backoff = 0.0  # the delay before the next restart; 0 until something fails
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -60,8 +73,12 @@ class ReplicaSlot:
     async def start(self) -> None:
         """Start the first worker; returns once it is ready or has failed to load."""
         await self._start_once()
-        if self.state == "failed" and not self._stopping:
-            self._spawn(self._restart_loop(first_delay=1.0))
+        if self.state == "failed" and not self.permanent and not self._stopping:
+            self._spawn(self._restart_loop(self._next_delay()))
+
+    def _next_delay(self) -> float:
+        self.backoff = min(max(self.backoff * 2, MIN_BACKOFF_S), MAX_BACKOFF_S)
+        return self.backoff
 
     async def _start_once(self) -> None:
         self.state = "loading" if self.restarts == 0 else "restarting"
@@ -77,18 +94,35 @@ class ReplicaSlot:
             await replica.start(self._startup_timeout)
         except LoadFailed as exc:
             self.state, self.error = "failed", str(exc)
-            self._log_line(f"replica {self.index} failed to load: {exc}")
+            self.permanent = bool(getattr(exc, "permanent", False))
+            if self.permanent:
+                self._log_line(
+                    f"replica {self.index} failed to load: {exc} (not retried: this cannot "
+                    f"succeed until the code or kiln.yaml changes; fix it and deploy again)"
+                )
+            else:
+                self._log_line(f"replica {self.index} failed to load: {exc}")
             self._on_change()
             return
         if self._stopping:
             await replica.stop(1)
             return
         self.replica = replica
-        self.state, self.error = "ready", None
+        self.state = "ready"
+        if self.restarts == 0:
+            self.error = None
         self.started_at = time.monotonic()
+        self._spawn(self._settle(replica))
         if self._mem_limit:
             self._spawn(self._watch_memory(replica))
         self._on_change()
+
+    async def _settle(self, replica: Replica) -> None:
+        """A worker up for STABLE_AFTER_S has proved itself: forget the backoff."""
+        await asyncio.sleep(STABLE_AFTER_S)
+        if replica is self.replica and not replica.exited.is_set():
+            self.backoff = 0.0
+            self.error = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -101,15 +135,21 @@ class ReplicaSlot:
         self.replica = None
         if replica.oom:
             self.oom_kills += 1
+        stable = time.monotonic() - self.started_at >= STABLE_AFTER_S
+        if stable:
+            self.backoff = 0.0
+        delay = 0.0 if stable else self._next_delay()
         self.state = "restarting"
-        self.error = f"worker {replica.exit_reason}"
-        self._log_line(f"replica {self.index}: worker {replica.exit_reason}; restarting it")
+        self.error = self.last_exit = f"worker {replica.exit_reason}"
+        when = "now" if not delay else f"in {delay:g}s"
+        self._log_line(
+            f"replica {self.index}: worker {replica.exit_reason}; restarting it {when} "
+            f"(restart {self.restarts + 1})"
+        )
         self._on_change()
-        stable = time.monotonic() - self.started_at > STABLE_AFTER_S
-        self._spawn(self._restart_loop(first_delay=0.0 if stable else 0.2))
+        self._spawn(self._restart_loop(delay))
 
-    async def _restart_loop(self, first_delay: float) -> None:
-        delay = first_delay
+    async def _restart_loop(self, delay: float) -> None:
         while not self._stopping:
             if delay:
                 await asyncio.sleep(delay)
@@ -117,9 +157,9 @@ class ReplicaSlot:
                 return
             self.restarts += 1
             await self._start_once()
-            if self.state == "ready":
+            if self.state == "ready" or self.permanent:
                 return
-            delay = min(max(delay * 2, 0.2), MAX_BACKOFF_S)
+            delay = self._next_delay()
 
     async def _watch_memory(self, replica: Replica) -> None:
         while not replica.exited.is_set() and not self._stopping:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
-from kiln.handlers.pipeline import Pipeline, build_pipeline
+from kiln.handlers.pipeline import BatchLengthMismatch, Pipeline, build_pipeline
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
@@ -83,7 +83,12 @@ def log_failure(exc: BaseException, api: str, request_ids: str) -> None:
         text = "".join(traceback.format_exception(exc))
     else:
         text = f"{type(exc).__name__}: {exc}\n"
-    sys.stderr.write(f"request {request_ids} failed in API '{api}':\n{text}")
+    _log(f"request {request_ids} failed in API '{api}':\n{text}".rstrip("\n"))
+
+
+def _log(text: str) -> None:
+    """A line (or lines) for the API's log: stderr, which the server reads."""
+    sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
@@ -174,7 +179,12 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - user code may raise anything
                 _reraise_out_of_memory(exc)
                 ids = ", ".join(contexts[i].request_id for i in runnable)
-                if not isinstance(exc, KilnError):
+                if isinstance(exc, BatchLengthMismatch):
+                    _log(
+                        f"API '{self.spec.api}': predict_batch returned {exc.returned} for "
+                        f"{exc.expected} requests (request ids {ids}); each of them got a 500"
+                    )
+                elif not isinstance(exc, KilnError):
                     log_failure(exc, self.spec.api, ids)
                 results = [self._error(exc, contexts[i], logged=True) for i in runnable]
             for index, result in zip(runnable, results, strict=True):
@@ -183,8 +193,9 @@ class Worker:
         out: list[Any] = []
         for index, outcome in enumerate(outcomes):
             reply, owned = self._reply(outcome, contexts[index], items[index])
-            if stages[index] is not None:
-                reply["dbg"] = [[name, preview(value)] for name, value in stages[index]]
+            stage = stages[index]
+            if stage is not None:
+                reply["dbg"] = [[name, preview(value)] for name, value in stage]
             replies.append(reply)
             out.extend(owned)
         return {"id": header["id"], "items": replies, "n": len(items)}, out
@@ -258,6 +269,43 @@ def _reraise_out_of_memory(exc: BaseException) -> None:
         raise exc
 
 
+def load_error(exc: BaseException) -> str:
+    """What `kiln get` and a 503 say about a failed load; a SyntaxError names its line."""
+    if isinstance(exc, KilnError):
+        return exc.message
+    if isinstance(exc, MemoryError):
+        return "ran out of memory while loading; raise compute.mem in kiln.yaml"
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f"{exc.filename}, line {exc.lineno}" if exc.lineno else exc.filename
+        return f"{type(exc).__name__} in {where}: {exc.msg}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# KilnErrors a runtime raises at load for a configuration that no retry can fix.
+_PERMANENT_KILN_ERRORS = {"InvalidSignature", "MissingFramework", "ModelLoadError", "InvalidInput"}
+
+
+def permanent_load_failure(exc: BaseException, spec: WorkerSpec) -> bool:
+    """Whether a load failure would happen again on every retry: the one place this rule lives.
+
+    Permanent (the API is marked failed with the reason, and not retried): the user's
+    code does not compile (SyntaxError) or imports what is not installed (ImportError,
+    ModuleNotFoundError), and errors the runtime raises for a configuration it refuses
+    (two TensorFlow signatures and no signature_key, a tracker key naming no output,
+    a framework that is not installed, a model file it cannot read). Everything else
+    may pass, and keeps the backoff: the worker was killed or ran out of memory, the
+    load overran its timeout, a download failed (the model is fetched before this is
+    asked), the user's own load() raised, or the model's files are not there yet
+    (they may be copied in later, and the API then comes up by itself).
+    """
+    if isinstance(exc, SyntaxError | ImportError):
+        return True
+    if isinstance(exc, KilnError) and exc.type in _PERMANENT_KILN_ERRORS:
+        path = spec.model_path
+        return not (exc.type == "ModelLoadError" and path and not os.path.exists(path))
+    return False
+
+
 def _local_model(spec: WorkerSpec) -> WorkerSpec:
     """The spec with `model_path` made local: a remote model is fetched through the cache here,
     inside the replica's startup_timeout, so a failed download is this API's load error."""
@@ -300,21 +348,19 @@ def serve(channel: BlockingChannel) -> int:
         sys.path.insert(0, spec.python_path)
     add_site_dirs(spec.site_dirs)
     started = time.monotonic()
+    fetched = False
     try:
         spec = _local_model(spec)
+        fetched = True
         pipeline = build_pipeline(spec)
         signature = pipeline.signature()
         dumps(signature)
         check_tracker_at_load(spec, pipeline, signature)
     except BaseException as exc:  # noqa: BLE001 - loading user code may raise anything
-        if isinstance(exc, KilnError):
-            message = exc.message
-        elif isinstance(exc, MemoryError):
-            message = "ran out of memory while loading; raise compute.mem in kiln.yaml"
-        else:
+        if not isinstance(exc, KilnError | MemoryError):
             traceback.print_exc()
-            message = f"{type(exc).__name__}: {exc}"
-        channel.send({"op": "failed", "error": message})
+        permanent = fetched and permanent_load_failure(exc, spec)
+        channel.send({"op": "failed", "error": load_error(exc), "permanent": permanent})
         return 1
     # The model and user code live as long as the worker: keep them out of GC scans.
     gc.collect()
@@ -334,8 +380,11 @@ def serve(channel: BlockingChannel) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
-    # Ctrl-C reaches the whole process group: the server decides when we stop.
+    # Ctrl-C and systemd's SIGTERM reach the whole process group (or every process of
+    # the unit): the server decides when we stop. It drains our requests, then closes
+    # the channel (we exit on EOF) and SIGKILLs us only past its grace period.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
     channel = BlockingChannel(sock)
     try:
