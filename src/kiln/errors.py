@@ -155,3 +155,22 @@ def error_from_wire(type_name: str, message: str, status: int) -> KilnError:
     if cls is KilnError:
         err.type = type_name
     return err
+
+
+class FieldProblem(ValueError):
+    """A value that does not read as what its field needs: a message, its fix and,
+    optionally, the (relative, dotted) field it belongs to.
+
+    Raised inside kiln.yaml's schema validators and by the quantity parsers
+    (kiln.quantities), which storage and the control plane use too; so it lives
+    here, at the bottom, rather than in kiln.config. Pydantic keeps the original
+    exception in the error context, so the config loader recovers ``fix`` and
+    ``field`` and can point at the right YAML line even for checks made by
+    model-level validators.
+    """
+
+    def __init__(self, message: str, fix: str = "", field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+        self.field = field

@@ -60,7 +60,7 @@ def _call(func: Any, values: dict[str, Any]) -> Any:
 
 class PredictorRunner(Runner):
     def __init__(self, path: str, config: dict[str, Any], job_spec: dict[str, Any]) -> None:
-        from kiln.handlers.user_code import import_file
+        from kiln.user_modules import import_file
 
         module = import_file(path)
         cls = getattr(module, "PythonPredictor", None)
@@ -97,8 +97,8 @@ class PipelineRunner(Runner):
         import dataclasses
 
         from kiln.handlers.pipeline import build_pipeline
-        from kiln.serving.types import WorkerSpec
         from kiln.serving.worker import _local_model, add_site_dirs
+        from kiln.worker_spec import WorkerSpec
 
         spec = WorkerSpec.from_wire(worker_spec)
         spec = dataclasses.replace(spec, max_batch_size=max(batch_size, 1), config=config)

@@ -8,7 +8,6 @@ whose paths are absolute and whose defaults are filled in.
 from kiln.config.errors import ConfigError, ConfigIssue
 from kiln.config.loader import CONFIG_NAMES, find_config_file, load_project
 from kiln.config.project import Project
-from kiln.config.quantities import parse_bytes, parse_cpu, parse_duration
 from kiln.config.schema import (
     RESERVED_NAMES,
     RUNTIMES,
@@ -28,6 +27,7 @@ from kiln.config.schema import (
     TorchBlock,
     Tracker,
 )
+from kiln.quantities import parse_bytes, parse_cpu, parse_duration
 
 __all__ = [
     "CONFIG_NAMES",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from kiln.config.blocks import _Block
-from kiln.config.quantities import parse_bytes, parse_duration
+from kiln.quantities import parse_bytes, parse_duration
 
 KIB = 1024
 MIB = 1024 * KIB

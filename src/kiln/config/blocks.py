@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kiln.config.errors import FieldProblem
-from kiln.config.quantities import parse_bytes, parse_cpu, parse_duration
+from kiln.quantities import parse_bytes, parse_cpu, parse_duration
 
 RESERVED_NAMES: frozenset[str] = frozenset(
     {

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.errors import FieldProblem
+
+__all__ = ["ConfigError", "ConfigIssue", "FieldProblem"]
+
 
 @dataclass
 class ConfigIssue:
@@ -54,19 +58,3 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(issue.format() for issue in self.issues)
-
-
-class FieldProblem(ValueError):
-    """Raised inside schema validators: a message, its fix and, optionally,
-    the (relative, dotted) field it belongs to.
-
-    Pydantic keeps the original exception in the error context, so the loader
-    recovers ``fix`` and ``field`` and can point at the right YAML line even
-    for checks made by model-level validators.
-    """
-
-    def __init__(self, message: str, fix: str = "", field: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-        self.field = field

@@ -19,9 +19,9 @@ from kiln.config.checks import Entry, cross_check, resolve_endpoints, resolve_pa
 from kiln.config.errors import ConfigError, ConfigIssue, FieldProblem
 from kiln.config.policy import LOCAL, ConfigPolicy, env_name_problem
 from kiln.config.project import Project
-from kiln.config.quantities import type_name
 from kiln.config.schema import ApiSpec, BatchApiSpec, Deployment
 from kiln.config.source import Document, read_file, read_yaml
+from kiln.quantities import type_name
 
 CONFIG_NAMES: tuple[str, ...] = ("kiln.yaml", "cortex.yaml", "kiln.yml", "cortex.yml")
 KINDS: dict[str, type[BaseModel]] = {

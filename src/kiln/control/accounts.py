@@ -31,59 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.control.store.accounts import KEY_PREFIX, KeyRecord, User
 from kiln.errors import Conflict, Forbidden, InvalidInput, NotFound, Unauthorized
 
 ADMIN = "admin"
 SCOPES = ("invoke", "manage")
-KEY_PREFIX = "kiln_"
 RELOAD_S = 1.0
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    id: str
-    user: str
-    name: str
-    hash: str
-    scopes: frozenset[str]
-    apis: frozenset[str] | None  # internal API names; None: every API of the user
-    status: str = "active"  # active | disabled
-    created_at: float = 0.0
-    expires_at: float | None = None
-    last_used_at: float | None = None
-    quota: int | None = None  # calls per calendar month, on top of the user's plan
-    rate: float | None = None  # requests per second (token bucket)
-    burst: int | None = None
-
-    @property
-    def prefix(self) -> str:
-        return f"{KEY_PREFIX}{self.id}_"
-
-    def public(self) -> dict[str, Any]:
-        """What `kiln keys list` shows: never the hash, never the secret."""
-        return {
-            "id": self.id,
-            "user": self.user,
-            "name": self.name,
-            "prefix": self.prefix + "…",
-            "scopes": sorted(self.scopes),
-            "apis": sorted(self.apis) if self.apis is not None else None,
-            "status": self.status,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "last_used_at": self.last_used_at,
-            "quota": self.quota,
-            "rate": self.rate,
-            "burst": self.burst,
-        }
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    plan: str
-    is_admin: bool = False
-    created_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ class AccountsApi:
             allowed = frozenset(a if is_admin or "." in a else f"{user}.{a}" for a in apis)
         expires_at = None
         if body.get("expires"):
-            from kiln.config.quantities import parse_duration
+            from kiln.quantities import parse_duration
 
             text = str(body["expires"]).strip()
             try:

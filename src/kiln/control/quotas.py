@@ -84,7 +84,7 @@ def load_plans(home: Path) -> dict[str, Plan]:
 def _plan(name: str, spec: Any, base: Plan | None, path: Path) -> Plan:
     from dataclasses import fields, replace
 
-    from kiln.config.quantities import parse_bytes
+    from kiln.quantities import parse_bytes
 
     known = [f.name for f in fields(Plan) if f.name != "name"]
     if not isinstance(spec, dict) or set(spec) - set(known):

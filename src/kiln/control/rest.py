@@ -173,18 +173,22 @@ class ControlApi:
     async def list_apis(self, request: Request) -> Response:
         from kiln.control.status import list_apis
 
-        return JSONResponse({"apis": await asyncio.to_thread(list_apis, self.server)})
+        shown = await asyncio.to_thread(list_apis, self.server, principal_of(request))
+        return JSONResponse({"apis": shown})
 
     async def get_api(self, request: Request) -> Response:
-        from kiln.config.quantities import parse_duration
         from kiln.control.status import api_detail
+        from kiln.quantities import parse_duration
 
         try:
             window = parse_duration(request.query_params.get("window", "1h"))
         except ValueError as exc:
             raise InvalidInput(f"window: {exc}; use e.g. window=15m or window=1h") from None
         name = api_name(request)
-        return JSONResponse(await asyncio.to_thread(api_detail, self.server, name, window))
+        detail = await asyncio.to_thread(
+            api_detail, self.server, name, window, principal_of(request)
+        )
+        return JSONResponse(detail)
 
     async def delete_api(self, request: Request) -> Response:
         return JSONResponse(await self.manager.delete_api(api_name(request)))

@@ -1,4 +1,4 @@
-"""The `context` user code receives with each request."""
+"""What user code receives with each request: the `context`, and typed payloads."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ class RequestContext:
     def set_header(self, name: str, value: str) -> None:
         """Add a response header (for example a Content-Type for bytes you return)."""
         self.response_headers[str(name)] = str(value)
+
+
+class TensorPayload(dict):  # type: ignore[type-arg]
+    """Named numpy arrays from a typed (V2) request: tensor runtimes skip the JSON hooks.
+
+    Serving's worker builds it (serving/payloads.py) and the pipeline tells it from a
+    JSON payload by its type, so it lives with the context, below both."""

@@ -6,8 +6,9 @@ import inspect
 import os
 from typing import Any
 
-from kiln.handlers.user_code import adapt_call, find_entry, import_target, split_handler
-from kiln.serving.types import WorkerSpec
+from kiln.handlers.user_code import adapt_call, find_entry
+from kiln.user_modules import import_target, split_handler
+from kiln.worker_spec import WorkerSpec
 
 
 class PythonHandler:

@@ -12,7 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from kiln.handlers.user_code import import_file
+from kiln.user_modules import import_file
 
 Hook = Callable[[Any], Any]
 

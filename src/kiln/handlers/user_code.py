@@ -1,4 +1,6 @@
-"""Import the user's files, and adapt whatever they declare to one calling convention.
+"""Find the handler in a user module and adapt what it declares to one calling convention.
+
+Importing the files themselves is kiln.user_modules (the torch runtime uses it too).
 
 Users come with Kiln classes (`load` / `predict`), Hub-style `@kiln.handler`
 functions, Cortex `PythonPredictor` classes (`__init__(config)`,
@@ -9,51 +11,12 @@ them rewrite, we look at what a callable declares and pass exactly that.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from kiln.handlers.decorator import HANDLER_MARK
-
-_counter = 0
-
-
-def import_file(path: str) -> ModuleType:
-    """Import a .py file by path; its folder goes on sys.path so sibling imports work."""
-    global _counter
-    file = Path(path)
-    folder = str(file.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    _counter += 1
-    module_name = f"kiln_user_{file.stem}_{_counter}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def split_handler(handler: str) -> tuple[str, str | None]:
-    """`file.py:Name` / `pkg.mod:Name` / `file.py` -> (target, name or None)."""
-    if ":" in handler:
-        target, name = handler.rsplit(":", 1)
-        return target, name or None
-    return handler, None
-
-
-def import_target(target: str) -> ModuleType:
-    if target.endswith(".py") or os.path.sep in target:
-        return import_file(target)
-    return importlib.import_module(target)
 
 
 def find_entry(module: ModuleType, name: str | None) -> Any:

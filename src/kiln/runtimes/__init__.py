@@ -15,7 +15,7 @@ from kiln.errors import KilnError
 
 if TYPE_CHECKING:
     from kiln.runtimes.base import TensorRuntime
-    from kiln.serving.types import WorkerSpec
+    from kiln.worker_spec import WorkerSpec
 
 # runtime name -> (module, class, the extra that installs its framework, the framework's module)
 _REGISTRY: dict[str, tuple[str, str, str, str]] = {

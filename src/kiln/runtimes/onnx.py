@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from kiln.errors import InferenceError, InvalidInput
 from kiln.runtimes.base import TensorRuntime, TensorSignature, TensorSpec
-from kiln.serving.types import WorkerSpec
+from kiln.worker_spec import WorkerSpec
 
 _ONNX_TYPES = {
     "tensor(float)": np.float32,

@@ -24,7 +24,7 @@ import sklearn  # noqa: F401 - the registry checks this import; estimators need 
 from kiln.config.blocks import SKLEARN_METHODS
 from kiln.errors import InferenceError, InvalidInput
 from kiln.runtimes.base import ModelLoadError, TensorRuntime, TensorSignature, TensorSpec
-from kiln.serving.types import WorkerSpec
+from kiln.worker_spec import WorkerSpec
 
 _PICKLES = (".joblib", ".pkl", ".pickle")
 _SKOPS = (".skops",)

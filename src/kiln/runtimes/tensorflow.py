@@ -21,7 +21,7 @@ import tensorflow as tf  # noqa: E402
 
 from kiln.errors import InferenceError, InvalidInput  # noqa: E402
 from kiln.runtimes.base import ModelLoadError, TensorRuntime, TensorSignature, TensorSpec  # noqa: E402
-from kiln.serving.types import WorkerSpec  # noqa: E402
+from kiln.worker_spec import WorkerSpec  # noqa: E402
 
 _MARKERS = ("saved_model.pb", "saved_model.pbtxt")
 

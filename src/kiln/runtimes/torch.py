@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from kiln.errors import InferenceError, InvalidInput
-from kiln.handlers.user_code import import_target, split_handler
 from kiln.runtimes.base import (
     ModelLoadError,
     TensorRuntime,
@@ -36,7 +35,8 @@ from kiln.runtimes.base import (
     TensorSpec,
     declared_signature,
 )
-from kiln.serving.types import WorkerSpec
+from kiln.user_modules import import_target, split_handler
+from kiln.worker_spec import WorkerSpec
 
 _MODEL_SUFFIXES = (".pt2", ".pt", ".pth", ".ts", ".torchscript", ".jit", ".bin", ".ckpt")
 

@@ -15,9 +15,9 @@ import numpy as np
 import orjson
 
 from kiln.errors import InvalidInput
-from kiln.handlers.context import RequestContext
+from kiln.handlers.context import RequestContext, TensorPayload
 from kiln.serving.encoding import encode_result
-from kiln.serving.types import Tensor, TensorPayload
+from kiln.serving.types import Tensor
 from kiln.serving.v2_response import encode_infer_response
 from kiln.serving.v2_tensors import (
     check_signature,

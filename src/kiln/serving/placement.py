@@ -12,9 +12,9 @@ import os
 from typing import Any
 
 from kiln.sandbox.policy import base_env
-from kiln.serving.types import WorkerSpec
 from kiln.storage.cache import cache_dir
 from kiln.storage.uri import is_remote
+from kiln.worker_spec import WorkerSpec
 
 
 def worker_spec_for(api: Any) -> WorkerSpec:

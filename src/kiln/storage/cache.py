@@ -54,7 +54,7 @@ def max_bytes_from_env() -> int:
     value = os.environ.get("KILN_CACHE_MAX_BYTES")
     if not value:
         return DEFAULT_MAX_BYTES
-    from kiln.config.quantities import parse_bytes
+    from kiln.quantities import parse_bytes
 
     try:
         return parse_bytes(value.strip(), what="cache")

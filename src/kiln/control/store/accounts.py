@@ -21,6 +21,57 @@ from .counters import USAGE_PERIOD_S, _add_counts, bucket_start
 
 _U, _K, _KU = t.users.c, t.api_keys.c, t.key_usage.c
 
+# The records the store hands back live here, below kiln.control.accounts (which
+# re-exports them), so the store never imports the control plane above it.
+KEY_PREFIX = "kiln_"
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    user: str
+    name: str
+    hash: str
+    scopes: frozenset[str]
+    apis: frozenset[str] | None  # internal API names; None: every API of the user
+    status: str = "active"  # active | disabled
+    created_at: float = 0.0
+    expires_at: float | None = None
+    last_used_at: float | None = None
+    quota: int | None = None  # calls per calendar month, on top of the user's plan
+    rate: float | None = None  # requests per second (token bucket)
+    burst: int | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{KEY_PREFIX}{self.id}_"
+
+    def public(self) -> dict[str, Any]:
+        """What `kiln keys list` shows: never the hash, never the secret."""
+        return {
+            "id": self.id,
+            "user": self.user,
+            "name": self.name,
+            "prefix": self.prefix + "…",
+            "scopes": sorted(self.scopes),
+            "apis": sorted(self.apis) if self.apis is not None else None,
+            "status": self.status,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "last_used_at": self.last_used_at,
+            "quota": self.quota,
+            "rate": self.rate,
+            "burst": self.burst,
+        }
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    plan: str
+    is_admin: bool = False
+    created_at: float = 0.0
+
 
 @dataclass(frozen=True)
 class KeyUsage:
@@ -55,8 +106,6 @@ class AccountsMixin(StoreBase):
 
     # ---- users ----------------------------------------------------------------------
     def create_user(self, name: str, *, plan: str, is_admin: bool = False) -> Any:
-        from kiln.control.accounts import User
-
         now = self._now(None)
         with self._write() as conn:
             conn.execute(
@@ -65,8 +114,6 @@ class AccountsMixin(StoreBase):
         return User(name, plan, is_admin, now)
 
     def list_users(self) -> list[Any]:
-        from kiln.control.accounts import User
-
         with self._read() as conn:
             rows = conn.execute(sa.select(t.users).order_by(_U.name)).all()
         return [User(r.name, r.plan, bool(r.is_admin), r.created_at) for r in rows]
@@ -99,8 +146,6 @@ class AccountsMixin(StoreBase):
             )
 
     def list_keys(self, user: str | None = None) -> list[Any]:
-        from kiln.control.accounts import KeyRecord
-
         query = sa.select(t.api_keys).order_by(_K.created_at)
         if user is not None:
             query = query.where(_K.user_name == user)
