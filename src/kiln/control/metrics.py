@@ -133,6 +133,14 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # A client that left while its request was queued (dropped before any worker saw
+        # it) or running (its answer is discarded). Exposed as kiln_requests_cancelled_total.
+        self.cancellations = Counter(
+            "kiln_requests_cancelled",
+            "Requests whose client disconnected before the answer, by where they were",
+            ["api", "where"],
+            registry=r,
+        )
         # TorchServe's names (docs/metrics.md of pytorch/serve), for existing dashboards.
         self.ts_requests = Counter(
             "ts_inference_requests",
@@ -213,6 +221,10 @@ class Metrics:
         ts_requests.inc(size)
         ts_latency.inc(inference_s * 1e6 * size)
         ts_queue.inc(sum(queue_times) * 1e6)
+
+    def cancelled(self, served: Any, where: str) -> None:
+        """A request's client left; `where` is "queued" or "running" (served.py calls it)."""
+        self.cancellations.labels(served.name, where).inc()
 
     def tracked(self, served: Any, values: list[Any]) -> None:
         """Values the worker pulled out of answers for the API's `tracker:`."""

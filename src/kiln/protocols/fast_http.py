@@ -103,6 +103,12 @@ class FastHttpProtocol(asyncio.Protocol):
             if ex is not None and not ex.complete:
                 ex.disconnected = True
                 ex.wake()
+        running = self.running
+        if running is not None and not running.complete and running.task is not None:
+            # The client is gone (it closed, or half-closed: EOF counts as leaving, as in
+            # uvicorn): nobody will read the answer, so stop the work. A queued request is
+            # then dropped before it reaches a worker; a running one's answer is discarded.
+            running.task.cancel()
         self.pending.clear()
         self.write_paused = False
         if self._drain is not None and not self._drain.done():
@@ -142,7 +148,7 @@ class FastHttpProtocol(asyncio.Protocol):
                 self.malformed(431)
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        return None  # close our side too: connection_lost follows and cancels the request
 
     def pause_writing(self) -> None:
         self.write_paused = True

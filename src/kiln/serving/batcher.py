@@ -5,6 +5,11 @@ is adaptive: when a replica is free, whatever is queued (up to
 `max_batch_size`) leaves at once, so a lone request never waits for a delay.
 Only while other batches are running (the model is busy anyway) does a
 non-full batch wait up to `max_batch_delay_ms` for more requests to join.
+
+A request whose client left is a done (cancelled) future: `take` drops it
+before it reaches a worker. A batch that reached a worker but never started
+there (the worker died or was killed) comes back with `requeue`, at the front
+and with its deadlines, ahead of later arrivals.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Pending:
     future: asyncio.Future[InferenceResponse] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    sent: bool = False  # handed to a worker (a client leaving now cancels it "running")
 
 
 class RequestQueue:
@@ -51,6 +57,18 @@ class RequestQueue:
             )
         self._items.append(pending)
         self._arrived.set()
+
+    def requeue(self, batch: list[Pending]) -> None:
+        """Put requests that never started back at the front, in their order.
+
+        They were admitted already, so `max_size` does not apply; their deadlines stand.
+        """
+        for pending in reversed(batch):
+            if not pending.future.done():
+                pending.sent = False
+                self._items.appendleft(pending)
+        if self._items:
+            self._arrived.set()
 
     async def wait_nonempty(self) -> None:
         while not self._items:

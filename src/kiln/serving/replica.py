@@ -1,9 +1,15 @@
 """The server's handle on one worker process: spawn, send requests, notice death.
 
 Requests are written to the worker's socket as they come and matched to their
-answers by id, so the server never blocks on a worker. When the socket closes
-(the worker crashed, was killed or exited) every request still in flight fails
-with 503 at once, and the owner decides whether to start a new worker.
+answers by id, so the server never blocks on a worker. The worker runs frames
+strictly in order, so of the frames in flight only the oldest has started. When
+the socket closes (the worker crashed, was killed or exited) that one fails
+with 503 and the later ones fail with `NotStarted`, which the dispatcher turns
+back into queued requests; the owner decides whether to start a new worker.
+
+`send_batch` is synchronous: the replica's capacity (`batches_in_flight`,
+`in_flight`) is taken the moment the dispatcher chooses it, before anything is
+awaited, so the next choice already sees it. Streams count as work in flight.
 """
 
 from __future__ import annotations
@@ -39,6 +45,24 @@ class LoadFailed(Exception):
         self.permanent = permanent
 
 
+class NotStarted(Unavailable):
+    """The batch was still waiting in the worker when it died or was killed.
+
+    Nothing of it ran, so it can go to another worker without being run twice;
+    a 503 only where no dispatcher takes it back (explain)."""
+
+
+class _Sent:
+    """A batch written to the worker and not answered yet."""
+
+    __slots__ = ("future", "size", "timer")
+
+    def __init__(self, future: asyncio.Future[list[Any]], size: int) -> None:
+        self.future = future
+        self.size = size
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class Replica:
     """One worker process serving one API version."""
 
@@ -55,7 +79,7 @@ class Replica:
         self._log_line = log_line
         self._on_exit = on_exit
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[list[Any]]] = {}
+        self._pending: dict[int, _Sent] = {}
         self._streams: dict[int, asyncio.Queue[tuple[dict[str, Any], bytes]]] = {}
         self._process: WorkerProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -68,12 +92,35 @@ class Replica:
         self.exit_reason: str | None = None
         self.oom = False  # the kernel killed it at its memory limit
         self.doomed = False  # killed on purpose; no new work goes here
-        self.in_flight = 0  # requests sent and not answered yet
+        self.in_flight = 0  # requests (streams included) sent and not answered yet
         self.batch_sent_at = 0.0  # when the oldest batch in flight was sent
 
     @property
     def batches_in_flight(self) -> int:
-        return len(self._pending)
+        """Frames the worker has to run or is running: batches, explanations and streams."""
+        return len(self._pending) + len(self._streams)
+
+    @property
+    def streams_in_flight(self) -> int:
+        return len(self._streams)
+
+    def _oldest(self) -> int | None:
+        """The frame the worker is running (ids grow; the worker runs frames in order)."""
+        pending, streams = self._pending, self._streams
+        if not streams:
+            return min(pending) if pending else None
+        if not pending:
+            return min(streams)
+        return min(min(pending), min(streams))
+
+    def _settle(self, batch_id: int) -> _Sent | None:
+        """Take a batch out of flight: its capacity is free from this instant."""
+        sent = self._pending.pop(batch_id, None)
+        if sent is not None:
+            self.in_flight -= sent.size
+            if sent.timer is not None:
+                sent.timer.cancel()
+        return sent
 
     async def start(self, timeout: float) -> None:
         """Spawn the worker and wait until it has loaded the model (or failed to)."""
@@ -129,11 +176,11 @@ class Replica:
                 if stream is not None:
                     stream.put_nowait((header, bytes(buffers[0]) if buffers else b""))
                     continue
-                future = self._pending.pop(header["id"], None)
+                sent = self._settle(header["id"])
                 if self._pending:  # the worker starts on the next batch now
                     self.batch_sent_at = time.monotonic()
-                if future is not None and not future.done():
-                    future.set_result(decode_outcomes(header, buffers))
+                if sent is not None and not sent.future.done():
+                    sent.future.set_result(decode_outcomes(header, buffers))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -156,51 +203,65 @@ class Replica:
             self.exit_reason = self.exit_reason or "ran out of memory (compute.mem)"
             self.oom = True
         self.exit_reason = self.exit_reason or describe_exit(code)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(
+        oldest = self._oldest()
+        for batch_id in list(self._pending):
+            sent = self._settle(batch_id)
+            if sent is None or sent.future.done():
+                continue
+            if batch_id == oldest:  # it ran: only the client may decide to send it again
+                sent.future.set_exception(
                     Unavailable(
                         f"the worker of API '{self.spec.api}' {self.exit_reason} before "
                         f"answering; it is being restarted, retry shortly",
                         retry_after=1,
                     )
                 )
-        self._pending.clear()
+            else:
+                sent.future.set_exception(self._not_started())
         for stream in self._streams.values():
             stream.put_nowait(({"dead": True}, b""))
         self.exited.set()
         if self._on_exit is not None and not self.stopping:
             await self._on_exit(self)
 
-    async def submit_batch(
-        self, requests: list[InferenceRequest], timeout: float | None, op: str = "batch"
-    ) -> list[InferenceResponse | KilnError]:
-        """Send requests as one frame; one outcome per request, in order.
+    def _not_started(self) -> NotStarted:
+        return NotStarted(
+            f"the worker of API '{self.spec.api}' {self.exit_reason} before starting this "
+            f"request; retry shortly",
+            retry_after=1,
+        )
 
-        Raises Unavailable when the worker dies with the batch, and Timeout (after
-        killing the worker, which would otherwise stay wedged) when it overruns.
+    def send_batch(
+        self, requests: list[InferenceRequest], timeout: float | None, op: str = "batch"
+    ) -> asyncio.Future[list[InferenceResponse | KilnError]]:
+        """Write requests as one frame now; the future gets one outcome per request, in order.
+
+        Synchronous, so the capacity it takes is visible to the very next dispatch
+        decision. The future fails with `NotStarted` when the worker dies before
+        starting the batch, `Unavailable` when it dies running it, and `Timeout`
+        (after killing the worker, which would otherwise stay wedged) on overrun.
         """
-        if self._writer is None or self.exited.is_set():
-            raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
+        if self._writer is None or self.exited.is_set() or self.doomed:
+            raise NotStarted(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
         batch_id = next(self._ids)
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         if not self._pending:
             self.batch_sent_at = time.monotonic()
-        self._pending[batch_id] = future
+        sent = _Sent(future, len(requests))
+        self._pending[batch_id] = sent
         items, buffers = self._encode(requests)
         self.in_flight += len(requests)
         self._writer.writelines(encode_frame({"op": op, "id": batch_id, "items": items}, buffers))
-        timer = None
         if timeout is not None:
-            timer = asyncio.get_running_loop().call_later(
-                timeout, self._overrun, batch_id, len(requests)
-            )
-        try:
-            return await future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self.in_flight -= len(requests)
+            sent.timer = loop.call_later(timeout, self._overrun, batch_id, len(requests))
+        return future
+
+    async def submit_batch(
+        self, requests: list[InferenceRequest], timeout: float | None, op: str = "batch"
+    ) -> list[InferenceResponse | KilnError]:
+        """`send_batch` and wait for its outcomes."""
+        return await self.send_batch(requests, timeout, op)
 
     @staticmethod
     def _encode(requests: list[InferenceRequest]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -255,16 +316,18 @@ class Replica:
 
         A batch that was sent ahead and still waits behind an earlier one has not
         started: it gets its 504, but the worker, busy within its deadlines, is kept
-        (its late answer to this batch is dropped).
+        (its late answer to this batch is dropped). When the running one overran,
+        the batches waiting behind it go back to the dispatcher (`NotStarted`) at
+        once, with their own deadlines, instead of dying with the worker.
         """
         if batch_id not in self._pending:
             return
-        waiting = batch_id != min(self._pending)
-        future = self._pending.pop(batch_id)
-        if future.done():
+        waiting = batch_id != self._oldest()
+        sent = self._settle(batch_id)
+        if sent is None or sent.future.done():
             return
         if waiting:
-            future.set_exception(
+            sent.future.set_exception(
                 Timeout(
                     f"API '{self.spec.api}' did not answer within its deadline "
                     f"(response_timeout_s); the request waited behind an earlier batch"
@@ -280,7 +343,11 @@ class Replica:
         self.doomed = True
         if self._process is not None:
             self._process.kill()
-        future.set_exception(
+        for later in list(self._pending):
+            waiting_one = self._settle(later)
+            if waiting_one is not None and not waiting_one.future.done():
+                waiting_one.future.set_exception(self._not_started())
+        sent.future.set_exception(
             Timeout(
                 f"API '{self.spec.api}' did not answer within its deadline (response_timeout_s)"
             )
@@ -290,7 +357,7 @@ class Replica:
         """Let requests in flight finish, then close the socket so the worker exits."""
         self.stopping = True
         if self._pending:
-            await asyncio.wait(list(self._pending.values()), timeout=grace)
+            await asyncio.wait([sent.future for sent in self._pending.values()], timeout=grace)
         if self._writer is not None:
             self._writer.close()
         if self._process is not None:

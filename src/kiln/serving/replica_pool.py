@@ -24,6 +24,8 @@ import orjson
 from kiln.errors import Unavailable
 from kiln.sandbox import LaunchSpec, Limits
 from kiln.sandbox.policy import SandboxPolicy, base_env
+from kiln.serving.availability import unavailable
+from kiln.serving.batcher import RequestQueue
 from kiln.serving.gpus import allocator as gpu_allocator
 from kiln.serving.placement import cores_for, machine_replica_cap, worker_env
 from kiln.serving.replica import LoadFailed
@@ -43,6 +45,16 @@ class ReplicaPool:
     worker_spec: WorkerSpec
     extra_env: dict[str, str]
     _cwd: str
+    compute_unavailable: str | None
+    revision: str | None
+    bounds_override: tuple[int, int] | None
+    queue: RequestQueue
+    _log_line: Any
+    _changed: asyncio.Event
+    _capacity: asyncio.Event
+    _stopping: bool
+    _dispatcher: asyncio.Task[None] | None
+    _cold_start: asyncio.Task[None] | None
     tracker_warning: str | None = None
 
     sandbox: SandboxPolicy
@@ -242,7 +254,7 @@ class ReplicaPool:
         """Stop the workers but keep the API known (V2 repository `unload`): requests get 503."""
         self.unloaded = True
         slots, self.slots = self.slots, []
-        self.queue.fail_all(Unavailable(f"API '{self.name}' is unloaded", retry_after=5))
+        self.queue.fail_all(self._refusal("unloaded"))
         await self._stop_slots(slots, grace)
         self._on_slot_change()
 
@@ -260,9 +272,7 @@ class ReplicaPool:
         self._changed.set()
         self._capacity.set()
         if self.state == "failed" and len(self.queue):
-            self.queue.fail_all(
-                Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
-            )
+            self.queue.fail_all(self._refusal("failed"))
         live = len(self.ready_slots())
         minimum = max(1, self.api.compute.min_replicas or 1)
         if live >= minimum:
@@ -271,6 +281,10 @@ class ReplicaPool:
             self._below_min_since = time.monotonic()
 
     # ----- state -------------------------------------------------------------------
+    def _refusal(self, state: str) -> Unavailable:
+        """The 503 for requests caught in `state` (availability.py: one mapping for all)."""
+        return unavailable(self, state) or Unavailable(f"API '{self.name}' is {state}")
+
     def ready_slots(self) -> list[ReplicaSlot]:
         return [slot for slot in self.slots if slot.ready]
 

@@ -3,9 +3,24 @@
 The dispatcher sends each batch to the least-loaded ready replica that has
 room (one batch at a time per replica with batching on, so requests gather
 while the model runs; two without, so the next request is already waiting in
-the worker when the current one finishes). Requests held by a replica that
-dies get 503 and are not retried elsewhere: a prediction may have side
-effects, so only the client may decide to send it again.
+the worker when the current one finishes). The batch is written to the
+worker's socket synchronously (`Replica.send_batch`), so the capacity it takes
+is counted before the next batch is placed: no replica holds more than its
+depth, and a burst spreads over idle replicas instead of piling onto one.
+A replica running a stream takes no batch (it would wait behind the stream,
+time out, and the kill that follows would cut the stream): batches wait for
+another replica or for the stream's end.
+
+Failures: the request a dying replica was running gets 503 and is not retried
+elsewhere (a prediction may have side effects, so only the client may decide
+to send it again); the batches waiting behind it in that worker had not
+started, so they go back to the front of the queue with their deadlines.
+Admission refuses (503) beyond `autoscaling.max_replica_concurrency` queued or
+running requests per replica. A client that leaves cancels its request: if it
+was still queued it never reaches a worker, if it was running its answer is
+dropped (`kiln_requests_cancelled_total`). A version replaced by a rolling
+update drains: it keeps dispatching until its queue is empty and its last
+batch answered, while new requests go to its successor.
 """
 
 from __future__ import annotations
@@ -14,23 +29,20 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextvars import ContextVar
 from typing import Any
 
-from kiln.errors import KilnError, Timeout, Unavailable
+from kiln.errors import Timeout, Unavailable
 from kiln.sandbox.policy import SandboxPolicy
+from kiln.serving.availability import not_ready_in_time, unavailable
 from kiln.serving.batcher import Pending, RequestQueue
+from kiln.serving.dispatch import Dispatcher
 from kiln.serving.placement import worker_spec_for
 from kiln.serving.replica_pool import ReplicaPool
 from kiln.serving.supervisor import ReplicaSlot
 from kiln.serving.types import InferenceRequest, InferenceResponse
 
-# Which version answered the request in this task: the HTTP layer reads it back after the
-# handler returns, to count requests per version without every protocol passing it along.
-SERVED_VERSION: ContextVar[str] = ContextVar("kiln_served_version", default="")
 
-
-class ServedApi(ReplicaPool):
+class ServedApi(ReplicaPool, Dispatcher):
     """An API version: the unit that is loaded, scaled, queued and routed to."""
 
     def __init__(
@@ -69,6 +81,8 @@ class ServedApi(ReplicaPool):
         self.batch_delay_s = (batching.max_batch_delay_ms / 1000) if batching else 0.0
         self.depth = 1 if self.max_batch_size > 1 else 2
         self.queue = RequestQueue(self.name, api.serving.max_queue_size)
+        self.max_replica_concurrency = api.autoscaling.max_replica_concurrency
+        self._running = 0  # requests handed to workers by the dispatcher, not answered yet
         self.slots: list[ReplicaSlot] = []
         self._changed = asyncio.Event()
         self._capacity = asyncio.Event()
@@ -98,36 +112,42 @@ class ServedApi(ReplicaPool):
         return len(self.queue) + running
 
     async def stop(self, grace: float) -> None:
+        """Drain, then stop the replicas.
+
+        New requests go to the successor (a rolling update) or get 503 from now on;
+        the dispatcher keeps going until the queue is empty and the last batch is
+        answered (up to `grace`, and only while a replica can still answer).
+        """
         self._stopping = True
+        self._capacity.set()
         deadline = time.monotonic() + grace
-        while len(self.queue) and time.monotonic() < deadline and self.ready_slots():
-            await asyncio.sleep(0.05)
-        self.queue.fail_all(Unavailable(f"API '{self.name}' is shutting down", retry_after=5))
+        while (len(self.queue) or self._running) and time.monotonic() < deadline:
+            if not any(s.state in ("ready", "restarting") for s in self.slots):
+                break
+            await asyncio.sleep(0.02)
+        shutting_down = unavailable(self, "stopped")
+        assert shutting_down is not None
+        self.queue.fail_all(shutting_down)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
         await self._stop_slots(self.slots, grace)
+        self.queue.fail_all(shutting_down)  # requeued by a worker that stopped meanwhile
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for a ready replica (the first GET loads the model); 503 if it cannot load."""
+        if self._stopping and self.successor is not None:
+            return await self.successor.wait_ready(timeout)
         self.last_request_at = time.monotonic()
         if self.state == "scaled to zero":
             await self.cold_start()  # seed 003: a GET pings the API and loads the model
         deadline = time.monotonic() + timeout
         while self.state != "ready":
-            if self.state == "failed":
-                raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
-            if self.state == "compute unavailable":
-                raise Unavailable(
-                    f"API '{self.name}': compute unavailable ({self.compute_unavailable})",
-                    retry_after=30,
-                )
-            if self.state in ("unloaded", "stopped"):
-                raise Unavailable(f"API '{self.name}' is {self.state}", retry_after=5)
+            error = unavailable(self)
+            if error is not None:
+                raise error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(
-                    f"API '{self.name}' is still {self.state}; retry shortly", retry_after=1
-                )
+                raise not_ready_in_time(self)
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
@@ -139,11 +159,42 @@ class ServedApi(ReplicaPool):
         """Queue one request and wait for its answer, within its deadline (queue time included)."""
         if self._stopping and self.successor is not None:
             return await self.successor.predict(request)
-        SERVED_VERSION.set(self.version or "")
         serving = self.api.serving
         arrived = time.monotonic()
         deadline = request.deadline or arrived + serving.response_timeout_s
         self.last_request_at = arrived
+        if self.state != "ready":
+            deadline = await self._until_ready(deadline)
+        if len(self.queue) + self._running >= self._admission_limit():
+            self.stats["rejected"] += 1
+            raise self._over_concurrency()
+        # While a worker restarts, requests wait in the bounded queue like any other.
+        pending = Pending(request, deadline)
+        try:
+            self.queue.put(pending)
+        except Unavailable:
+            self.stats["rejected"] += 1
+            raise
+        self.stats["requests"] += 1
+        self._capacity.set()
+        # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending
+        )
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The client left (the HTTP layer cancels its task): the cancelled future is
+            # skipped by the queue, or its answer dropped when the worker sends it.
+            self._cancelled("running" if pending.sent else "queued")
+            raise
+        finally:
+            timer.cancel()
+            self.last_request_at = time.monotonic()  # idle counts from the last answer
+
+    async def _until_ready(self, deadline: float) -> float:
+        """Not ready: cold start, wait for the first load, or the state's 503. The new deadline."""
+        serving = self.api.serving
         state = self.state
         if state == "scaled to zero":
             await self.cold_start()
@@ -152,16 +203,9 @@ class ServedApi(ReplicaPool):
             # send the API straight back to zero before this request is even queued.
             self.last_request_at = now = time.monotonic()
             deadline = now + serving.response_timeout_s
-        if state == "failed":
-            raise Unavailable(f"API '{self.name}' failed to load: {self.error}", retry_after=5)
-        if state == "compute unavailable":
-            raise Unavailable(
-                f"API '{self.name}' has no replica: compute unavailable "
-                f"({self.compute_unavailable})",
-                retry_after=30,
-            )
-        if state == "unloaded":
-            raise Unavailable(f"API '{self.name}' is unloaded; load it first", retry_after=5)
+        error = unavailable(self, state)
+        if error is not None:
+            raise error
         if state == "loading":
             # The first load (seed 003's ping-to-load) is not the request's fault: its
             # deadline starts when the model is ready, as long as the queue has room.
@@ -179,24 +223,26 @@ class ServedApi(ReplicaPool):
                 self._waiting_for_load -= 1
             self.last_request_at = now = time.monotonic()
             deadline = now + serving.response_timeout_s
-        # While a worker restarts, requests wait in the bounded queue like any other.
-        pending = Pending(request, deadline)
-        try:
-            self.queue.put(pending)
-        except Unavailable:
-            self.stats["rejected"] += 1
-            raise
-        self.stats["requests"] += 1
-        self._capacity.set()
-        # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
-        timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending
+        return deadline
+
+    def _admission_limit(self) -> int:
+        return max(1, len(self.slots)) * self.max_replica_concurrency
+
+    def _over_concurrency(self) -> Unavailable:
+        replicas = max(1, len(self.slots))
+        return Unavailable(
+            f"API '{self.name}' has {len(self.queue) + self._running} requests queued or "
+            f"running, the most its {replicas} replica(s) may hold "
+            f"(autoscaling.max_replica_concurrency: {self.max_replica_concurrency} per "
+            f"replica); retry shortly, or raise max_replica_concurrency or max_replicas",
+            retry_after=1,
         )
-        try:
-            return await pending.future
-        finally:
-            timer.cancel()
-            self.last_request_at = time.monotonic()  # idle counts from the last answer
+
+    def _cancelled(self, where: str) -> None:
+        """Count a request whose client left: `where` is "queued" or "running"."""
+        counter = getattr(self.observer, "cancelled", None)
+        if counter is not None:
+            counter(self, where)
 
     def _expire(self, pending: Pending) -> None:
         if not pending.future.done():
@@ -213,13 +259,13 @@ class ServedApi(ReplicaPool):
             raise Unavailable(
                 f"API '{self.name}' has no ready worker; retry shortly", retry_after=1
             )
-        return min(ready, key=lambda r: r.in_flight)
+        # The least work in flight (streams count): an idle replica when there is one.
+        return min(ready, key=lambda r: (r.batches_in_flight, r.in_flight))
 
     async def explain(self, request: InferenceRequest) -> InferenceResponse:
         """One explanation: the handler's explain(), or the built-in explainer for tensors."""
         if self._stopping and self.successor is not None:
             return await self.successor.explain(request)
-        SERVED_VERSION.set(self.version or "")
         replica = await self._replica_for_direct_call(request)
         timeout = self.api.serving.response_timeout_s
         outcome = (await replica.submit_batch([request], timeout, op="explain"))[0]
@@ -235,98 +281,18 @@ class ServedApi(ReplicaPool):
             return
         replica = await self._replica_for_direct_call(request)
         self.stats["requests"] += 1
-        async for chunk in replica.stream(request):
-            yield chunk
+        try:
+            async for chunk in replica.stream(request):
+                yield chunk
+        except asyncio.CancelledError:
+            self._cancelled("running")
+            raise
+        finally:
+            self._capacity.set()  # batches held back from this replica may go now
 
     @property
     def can_explain(self) -> bool:
         return any(s.replica is not None and s.replica.can_explain for s in self.slots)
-
-    def _pick(self) -> ReplicaSlot | None:
-        """The least-loaded ready replica with room for one more batch, or None."""
-        best: ReplicaSlot | None = None
-        for slot in self.slots:
-            replica = slot.replica
-            if not slot.ready or replica is None or replica.batches_in_flight >= self.depth:
-                continue
-            if best is None or replica.in_flight < best.replica.in_flight:  # type: ignore[union-attr]
-                best = slot
-        if best is None and self.depth == 1 and len(self.queue) >= self.max_batch_size:
-            return self._pick_ahead()
-        return best
-
-    def _pick_ahead(self) -> ReplicaSlot | None:
-        """Every replica is busy and a FULL batch waits: send it ahead, to be queued behind
-        the batch that started first (the likeliest to finish first).
-
-        With batching a replica otherwise takes one batch at a time, so batches grow while
-        it works; but then it idles for a round trip to the server between batches. A
-        full batch cannot grow any more, so sending it early costs nothing (mlp at c=64
-        with one replica: +10-15% req/s, docs/performance.md).
-        """
-        best: ReplicaSlot | None = None
-        for slot in self.slots:
-            replica = slot.replica
-            if not slot.ready or replica is None or replica.batches_in_flight != 1:
-                continue
-            if best is None or replica.batch_sent_at < best.replica.batch_sent_at:  # type: ignore[union-attr]
-                best = slot
-        return best
-
-    def _busy(self) -> bool:
-        return any(s.replica is not None and s.replica.batches_in_flight for s in self.slots)
-
-    async def _dispatch_loop(self) -> None:
-        while not self._stopping:
-            await self.queue.wait_nonempty()
-            slot = self._pick()
-            if slot is None:
-                self._capacity.clear()
-                await self._capacity.wait()
-                continue
-            batch = self.queue.take(self.max_batch_size)
-            if batch and len(batch) < self.max_batch_size and self.batch_delay_s and self._busy():
-                await self.queue.top_up(batch, self.max_batch_size, self.batch_delay_s)
-                if not slot.ready:
-                    slot = self._pick() or slot
-            if batch:
-                asyncio.create_task(self._run(slot, batch))
-
-    async def _run(self, slot: ReplicaSlot, batch: list[Pending]) -> None:
-        replica = slot.replica
-        sent = time.monotonic()
-        try:
-            if replica is None:
-                raise Unavailable(f"the worker of API '{self.name}' is restarting", retry_after=1)
-            timeout = max(p.deadline for p in batch) - time.monotonic()
-            outcomes = await replica.submit_batch([p.request for p in batch], max(timeout, 0.001))
-        except KilnError as error:
-            outcomes = [error] * len(batch)
-        except Exception as exc:  # noqa: BLE001 - never let the dispatcher die
-            outcomes = [Unavailable(f"internal error while dispatching: {exc}")] * len(batch)
-        finally:
-            self._capacity.set()
-        self.stats["batches"] += 1
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-        if self.observer is not None:
-            self.observer.batch(
-                self, [sent - p.enqueued for p in batch], time.monotonic() - sent, len(batch)
-            )
-            tracked = [
-                value
-                for outcome in outcomes
-                if not isinstance(outcome, BaseException) and outcome.tracked
-                for value in outcome.tracked
-            ]
-            if tracked:
-                self.observer.tracked(self, tracked)
-        for pending, outcome in zip(batch, outcomes, strict=True):
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
