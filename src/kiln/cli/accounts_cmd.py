@@ -8,15 +8,16 @@ from typing import Annotated, Any
 import orjson
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from kiln.cli.client import Management, resolve
 from kiln.cli.common import console, err_console, run_cli
+from kiln.cli.tables import OUTPUT_HELP, listing, output_mode, show
 
 EnvOption = Annotated[
     str | None, typer.Option("--env", "-e", help="Which server (default: local).")
 ]
-OutputOption = Annotated[str, typer.Option("-o", "--output", help="pretty or json.")]
+OutputOption = Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)]
+ResultOption = Annotated[str, typer.Option("-o", "--output", help="pretty or json.")]
 
 users_app = typer.Typer(help="Users of the server (admin only).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: create, list, disable, enable, rotate, delete.")
@@ -40,7 +41,7 @@ def users_create(
     name: Annotated[str, typer.Argument(help="User name: their APIs live at /<name>/<api>.")],
     plan: Annotated[str, typer.Option(help="free (5 APIs, 1000 calls a month), pro, ...")] = "free",
     env: EnvOption = None,
-    output: OutputOption = "pretty",
+    output: ResultOption = "pretty",
 ) -> None:
     """Create a user; prints their first API key (manage scope), once."""
 
@@ -61,23 +62,22 @@ def users_create(
 
 
 @users_app.command("list")
-def users_list(env: EnvOption = None, output: OutputOption = "pretty") -> None:
+def users_list(env: EnvOption = None, output: OutputOption = "table") -> None:
     """List users with their plan, APIs and calls this month."""
 
     def action() -> int:
+        mode = output_mode(output)
         users = Management(resolve(env)).get("/users")["users"]
-        if output == "json":
+        if mode == "json":
             _json({"users": users})
             return 0
-        table = Table(show_edge=False, header_style="bold")
-        for column in ("USER", "PLAN", "APIS", "CALLS THIS MONTH", "CREATED"):
-            table.add_column(column)
+        table = listing("USER", "PLAN", "APIS", "CALLS THIS MONTH", "CREATED", ids=("USER",))
         for u in users:
             name = u["name"] + (" (admin)" if u["admin"] else "")
             table.add_row(
                 name, u["plan"], str(u["apis"]), str(u["calls_this_month"]), _when(u["created_at"])
             )
-        console.print(table)
+        show(table, mode)
         return 0
 
     _run(action)
@@ -120,7 +120,7 @@ def keys_create(
     burst: Annotated[int | None, typer.Option(help="Burst above the rate.")] = None,
     user: Annotated[str | None, typer.Option(help="For another user (admin only).")] = None,
     env: EnvOption = None,
-    output: OutputOption = "pretty",
+    output: ResultOption = "pretty",
 ) -> None:
     """Create an API key and print it once (alone on its line; -o json: {"key", "id", ...})."""
 
@@ -156,37 +156,39 @@ def keys_create(
 def keys_list(
     user: Annotated[str | None, typer.Option(help="Another user's keys (admin only).")] = None,
     env: EnvOption = None,
-    output: OutputOption = "pretty",
+    output: OutputOption = "table",
 ) -> None:
     """List keys: name, prefix, scopes, created, last used, status, calls this month."""
 
     def action() -> int:
+        mode = output_mode(output)
         params = {"user": user} if user else None
         keys = Management(resolve(env)).get("/keys", params=params)["keys"]
-        if output == "json":
+        if mode == "json":
             _json({"keys": keys})
             return 0
-        table = Table(show_edge=False, header_style="bold")
-        for column in (
-            "ID", "USER", "NAME", "PREFIX", "SCOPES", "APIS", "STATUS", "CREATED", "LAST USED",
-            "EXPIRES", "CALLS THIS MONTH",
-        ):  # fmt: skip
-            table.add_column(column)
+        # At a terminal's width: what tells keys apart and what to act on; -o wide: all.
+        columns = ["ID", "USER", "NAME", "SCOPES", "APIS", "STATUS", "LAST USED", "CALLS"]
+        if mode == "wide":
+            columns[3:3] = ["PREFIX"]
+            columns[-1:-1] = ["CREATED", "EXPIRES"]
+        table = listing(*columns, ids=("ID", "USER", "NAME", "PREFIX", "APIS"))
         for k in keys:
-            table.add_row(
-                k["id"],
-                k["user"],
-                k["name"] or "-",
-                k["prefix"],
-                ",".join(k["scopes"]),
-                ",".join(k["apis"]) if k["apis"] else "all",
-                k["status"],
-                _when(k["created_at"]),
-                _when(k["last_used_at"]),
-                _when(k["expires_at"]),
-                str(k["calls_this_month"]),
-            )
-        console.print(table)
+            cells = {
+                "ID": k["id"],
+                "USER": k["user"],
+                "NAME": k["name"] or "-",
+                "PREFIX": k["prefix"],
+                "SCOPES": ",".join(k["scopes"]),
+                "APIS": ",".join(k["apis"]) if k["apis"] else "all",
+                "STATUS": k["status"],
+                "CREATED": _when(k["created_at"]),
+                "LAST USED": _when(k["last_used_at"]),
+                "EXPIRES": _when(k["expires_at"]),
+                "CALLS": str(k["calls_this_month"]),
+            }
+            table.add_row(*(escape(cells[c]) for c in columns))
+        show(table, mode)
         return 0
 
     _run(action)
@@ -196,7 +198,7 @@ def _key_action(verb: str) -> Any:
     def command(
         key_id: Annotated[str, typer.Argument(help="The key's id (kiln keys list).")],
         env: EnvOption = None,
-        output: OutputOption = "pretty",
+        output: ResultOption = "pretty",
     ) -> None:
         def action() -> int:
             client = Management(resolve(env))
@@ -238,19 +240,21 @@ def usage(
     user: Annotated[str | None, typer.Option(help="One user's usage (admin only).")] = None,
     month: Annotated[str | None, typer.Option(help="YYYY-MM (default: this month, UTC).")] = None,
     env: EnvOption = None,
-    output: OutputOption = "pretty",
+    output: OutputOption = "table",
 ) -> None:
     """Metered calls per user, key, API and status class, for a calendar month (UTC)."""
 
     def action() -> int:
+        mode = output_mode(output)
         params = {k: v for k, v in (("user", user), ("month", month)) if v}
         data = Management(resolve(env)).get("/usage", params=params or None)
-        if output == "json":
+        if mode == "json":
             _json(data)
             return 0
-        table = Table(title=f"Usage in {data['month']} (UTC)", show_edge=False, header_style="bold")
-        for column in ("USER", "KEY", "API", "VERSION", "2XX", "4XX", "5XX", "CALLS"):
-            table.add_column(column)
+        table = listing(
+            "USER", "KEY", "API", "VERSION", "2XX", "4XX", "5XX", "CALLS",
+            ids=("USER", "KEY", "API", "VERSION"), title=f"Usage in {data['month']} (UTC)",
+        )  # fmt: skip
         for row in data["usage"]:
             by = row["by_status"]
             table.add_row(
@@ -263,7 +267,7 @@ def usage(
                 str(by.get("5xx", 0)),
                 str(row["calls"]),
             )
-        console.print(table)
+        show(table, mode)
         console.print(f"Total: {data['total']} calls.", highlight=False)
         return 0
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kiln.cli.common import console, fail
+from kiln.cli.tables import OUTPUT_HELP, output_mode, show
 
 cache_app = typer.Typer(
     name="cache",
@@ -47,10 +48,18 @@ def _ago(when: float) -> str:
 @cache_app.command("ls")
 def ls(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
 ) -> None:
     """List cached models (path they came from, size, last use, local folder) and environments."""
+    from kiln.cli.client import CliError
     from kiln.environments import Environments
     from kiln.storage import Cache
+
+    try:
+        mode = "json" if as_json else output_mode(output)
+    except CliError as exc:
+        fail(str(exc), exc.code)
+    as_json = mode == "json"
 
     cache = Cache()
     entries = cache.list()
@@ -87,7 +96,7 @@ def ls(
     for e in reversed(entries):
         used = _ago(e.last_used) + (" (in use)" if e.in_use else "")
         table.add_row(escape(e.uri), _size(e.size), used, escape(str(e.path)))
-    console.print(table)
+    show(table, mode)
     total = sum(e.size for e in entries)
     console.print(f"{len(entries)} model(s), {_size(total)} of {_size(cache.max_bytes)} allowed")
 

@@ -60,6 +60,32 @@ class Target:
     env: str
     management_url: str
     key: str | None = None  # the API key sent with every call (manage scope)
+    # How a shell gets that key, for the commands the CLI prints as hints: never the key
+    # itself (it would land in terminal scrollback), but where the CLI read it from.
+    key_source: str | None = None
+
+    def curl_key_header(self) -> str:
+        """`-H "x-api-key: ..."` for a printed curl, or "" when no key is sent."""
+        if not self.key or not self.key_source:
+            return ""
+        return f'-H "x-api-key: {self.key_source}"'
+
+
+_FROM_ENV = "$KILN_API_KEY"
+
+
+def _file_source(path: str) -> str:
+    import shlex
+
+    return f"$(cat {shlex.quote(str(Path(path).resolve()))})"
+
+
+def _env_entry_source(name: str) -> str:
+    """A shell expression that reads environment `name`'s key from environments.json."""
+    import shlex
+
+    code = f"import json,sys;print(json.load(open(sys.argv[1]))['environments'][{name!r}]['key'])"
+    return f"$(python3 -c {shlex.quote(code)} {shlex.quote(str(_env_file().resolve()))})"
 
 
 def _local_key(info: dict[str, Any] | None) -> str | None:
@@ -79,8 +105,12 @@ def resolve(env: str | None = None) -> Target:
     name = env or os.environ.get("KILN_ENV") or data["default"]
     if name == LOCAL:
         if os.environ.get("KILN_MANAGEMENT_URL"):
+            key = os.environ.get("KILN_API_KEY")
             return Target(
-                LOCAL, os.environ["KILN_MANAGEMENT_URL"].rstrip("/"), os.environ.get("KILN_API_KEY")
+                LOCAL,
+                os.environ["KILN_MANAGEMENT_URL"].rstrip("/"),
+                key,
+                _FROM_ENV if key else None,
             )
         info = find_server_info()
         if info is None:
@@ -93,8 +123,11 @@ def resolve(env: str | None = None) -> Target:
         url = info.get("management_url")
         if not url:
             raise CliError("the local server runs without a management port; restart it with one")
-        key = os.environ.get("KILN_API_KEY") or _local_key(info)
-        return Target(LOCAL, str(url).rstrip("/"), key)
+        if os.environ.get("KILN_API_KEY"):
+            return Target(LOCAL, str(url).rstrip("/"), os.environ["KILN_API_KEY"], _FROM_ENV)
+        key = _local_key(info)
+        source = _file_source(info["admin_key_file"]) if key else None
+        return Target(LOCAL, str(url).rstrip("/"), key, source)
     entry = data["environments"].get(name)
     if entry is None:
         known = ", ".join([LOCAL, *sorted(data["environments"])])
@@ -103,8 +136,11 @@ def resolve(env: str | None = None) -> Target:
             f"`kiln env add {name} URL`",
             2,
         )
+    if os.environ.get("KILN_API_KEY"):
+        return Target(name, str(entry["url"]).rstrip("/"), os.environ["KILN_API_KEY"], _FROM_ENV)
+    key = entry.get("key")
     return Target(
-        name, str(entry["url"]).rstrip("/"), os.environ.get("KILN_API_KEY") or entry.get("key")
+        name, str(entry["url"]).rstrip("/"), key, _env_entry_source(name) if key else None
     )
 
 

@@ -30,6 +30,23 @@ def find_server_info() -> dict | None:
     return None
 
 
+SERVER_KINDS = {"server.json": "kiln server", "serve.json": "kiln serve"}
+
+
+def running_servers() -> list[tuple[str, dict]]:
+    """Every live local server in KILN_HOME, as ("kiln server" | "kiln serve", its info):
+    a `kiln serve` during development may run beside the durable `kiln server`."""
+    found = []
+    for name, kind in SERVER_KINDS.items():
+        try:
+            info = orjson.loads((kiln_home() / name).read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(info, dict) and _alive(info.get("pid")):
+            found.append((kind, info))
+    return found
+
+
 def find_server_url() -> str | None:
     """The local server's inference URL: KILN_URL, else server.json, else a `kiln serve` one."""
     if os.environ.get("KILN_URL"):

@@ -60,7 +60,7 @@ def run_deploy(
             f"(the project has not changed since its last deploy).",
             highlight=False,
         )
-        _print_urls(client, result["apis"])
+        _print_urls(client, result["apis"], project_dir)
         return 0
     if not wait:
         console.print(
@@ -82,7 +82,7 @@ def run_deploy(
         f"[green]Revision {result['revision']} is live[/] after {time.monotonic() - started:.1f}s.",
         highlight=False,
     )
-    _print_urls(client, result["apis"])
+    _print_urls(client, result["apis"], project_dir)
     return 0
 
 
@@ -121,7 +121,7 @@ def _wait(client: Management, deployment: str, revision: str, apis: list[dict]) 
     )
 
 
-def _print_urls(client: Management, apis: list[dict]) -> None:
+def _print_urls(client: Management, apis: list[dict], project_dir: Path | None = None) -> None:
     base = client.inference_url()
     seen = set()
     for api in apis:
@@ -134,11 +134,26 @@ def _print_urls(client: Management, apis: list[dict]) -> None:
         first = f"{base}{apis[0]['endpoint']}"
         console.print("\nTry it:", highlight=False)
         console.print(
-            f"  curl -X POST {first} -H 'Content-Type: application/json' -d @sample.json",
+            f"  {try_it_curl(first, client.target.curl_key_header(), project_dir)}",
             markup=False,
             highlight=False,
             soft_wrap=True,
         )
+
+
+def try_it_curl(url: str, key_header: str, project_dir: Path | None) -> str:
+    """A curl that runs as printed, from the folder the user is in: the key header
+    names where the CLI found the key, and the body is the project's sample.json by a
+    path relative to here (or an empty JSON object when the project has none)."""
+    import os
+    import shlex
+
+    body = "'{}'"
+    sample = (project_dir or Path(".")) / "sample.json"
+    if sample.is_file():
+        body = "@" + shlex.quote(os.path.relpath(sample))
+    header = f" {key_header}" if key_header else ""
+    return f"curl -X POST {url} -H 'Content-Type: application/json'{header} -d {body}"
 
 
 def run_delete(api: str, env: str | None, force: bool) -> int:

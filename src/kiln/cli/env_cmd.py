@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from kiln.cli.client import LOCAL, load_envs, save_envs
 from kiln.cli.common import console, fail, find_server_info
+from kiln.cli.tables import OUTPUT_HELP
 
 env_app = typer.Typer(
     help="Environments: the Kiln servers commands can target (local by default).",
@@ -42,18 +43,30 @@ def add(
 
 
 @env_app.command("list")
-def list_envs() -> None:
+def list_envs(
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
+) -> None:
     """List environments; the default is marked."""
+    from kiln.cli.client import CliError
+    from kiln.cli.tables import listing, output_mode, show
+
+    try:
+        mode = output_mode(output)
+    except CliError as exc:
+        fail(str(exc), exc.code)
     data = load_envs()
-    table = Table(show_edge=False, header_style="bold")
-    for column in ("", "NAME", "MANAGEMENT URL"):
-        table.add_column(column)
     info = find_server_info()
-    local_url = (info or {}).get("management_url") or "(no local server running)"
+    local_url = (info or {}).get("management_url")
     rows = [(LOCAL, local_url)] + [(n, e["url"]) for n, e in sorted(data["environments"].items())]
+    if mode == "json":
+        listed = [{"name": n, "url": u, "default": n == data["default"]} for n, u in rows]
+        console.print_json(orjson.dumps({"environments": listed}).decode())
+        return
+    table = listing("", "NAME", "MANAGEMENT URL", ids=("NAME", "MANAGEMENT URL"))
     for name, url in rows:
-        table.add_row("*" if name == data["default"] else "", name, url)
-    console.print(table)
+        shown = url or "(no local server running)"
+        table.add_row("*" if name == data["default"] else "", escape(name), escape(shown))
+    show(table, mode)
 
 
 @env_app.command("default")

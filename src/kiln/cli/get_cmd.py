@@ -10,9 +10,11 @@ from rich.console import Group
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from kiln.cli.client import Management, resolve
 from kiln.cli.common import console
+from kiln.cli.tables import listing, output_mode, show
 
 _STYLE = {
     "live": "green",
@@ -24,31 +26,34 @@ _STYLE = {
 
 
 def run_get(api: str | None, env: str | None, output: str, watch: bool) -> int:
+    mode = output_mode(output)
     client = Management(resolve(env))
-    if output == "json":
+    if mode == "json":
         data = client.get(f"/apis/{api}") if api else client.get("/apis")
         console.print_json(orjson.dumps(data).decode())
         return 0
+    wide = mode == "wide"
     if not watch:
-        console.print(_render(client, api))
+        show(_render(client, api, wide), mode)
         return 0
-    with Live(_render(client, api), console=console, refresh_per_second=1) as live:
+    with Live(_render(client, api, wide), console=console, refresh_per_second=1) as live:
         try:
             while True:
                 time.sleep(2)
-                live.update(_render(client, api))
+                live.update(_render(client, api, wide))
         except KeyboardInterrupt:
             return 0
 
 
-def _render(client: Management, api: str | None) -> Any:
+def _render(client: Management, api: str | None, wide: bool = False) -> Any:
     if api is None:
         apis = client.get("/apis")["apis"]
         if not apis:
             return "No APIs are deployed. Deploy a project with `kiln deploy DIR`."
-        return _table(apis)
+        return _table(apis, wide)
     detail = client.get(f"/apis/{api}")
-    return Group(_table(detail["versions"]), *_details(detail))
+    versions = detail["versions"] or [detail]  # a Batch API has no versions of its own
+    return Group(_table(versions, wide), *_details(detail, client.target.curl_key_header()))
 
 
 def _ms(value: Any) -> str:
@@ -67,22 +72,18 @@ def _ago(stamp: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _table(apis: list[dict]) -> Table:
-    table = Table(show_edge=False, header_style="bold")
-    for column in (
-        "API",
-        "VERSION",
-        "STATUS",
-        "REPLICAS",
-        "2XX",
-        "4XX",
-        "5XX",
-        "P50",
-        "P99",
-        "LAST UPDATE",
-        "URL",
-    ):
-        table.add_column(column)
+def _table(apis: list[dict], wide: bool = False) -> Table:
+    """The API table. At a terminal's width the request counts and latencies share a
+    column each so that names and URLs keep room (and fold, never cut); `-o wide`
+    has one column per figure plus the deployment and revision."""
+    versions = wide or any(entry.get("version") for entry in apis)
+    if wide:
+        columns = ["API", "VERSION", "STATUS", "REPLICAS", "2XX", "4XX", "5XX", "P50", "P99"]
+        columns += ["LAST UPDATE", "DEPLOYMENT", "REVISION", "URL"]
+    else:
+        columns = ["API", *(["VERSION"] if versions else []), "STATUS", "REPLICAS"]
+        columns += ["2XX/4XX/5XX", "P50/P99", "URL"]
+    table = listing(*columns, ids=("API", "VERSION", "DEPLOYMENT", "REVISION", "URL"))
     for entry in apis:
         replicas = entry["replicas"]
         requests = entry["requests"]
@@ -90,30 +91,57 @@ def _table(apis: list[dict]) -> Table:
         count = f"{replicas['ready']}/{replicas['requested']}"
         if replicas.get("capped"):
             count += f" (max {replicas['max']}*)"
-        table.add_row(
-            entry["name"],
-            entry.get("version") or "-",
-            f"[{style}]{escape(entry['status'])}[/]",
-            count,
-            str(requests.get("2xx", 0)),
-            str(requests.get("4xx", 0)),
-            str(requests.get("5xx", 0)),
-            _ms(entry["latency_ms"]["p50"]),
-            _ms(entry["latency_ms"]["p99"]),
-            _ago(entry.get("last_update")),
-            entry["url"],
-        )
+        codes = [str(requests.get(c, 0)) for c in ("2xx", "4xx", "5xx")]
+        p50, p99 = _ms(entry["latency_ms"]["p50"]), _ms(entry["latency_ms"]["p99"])
+        status = f"[{style}]{escape(entry['status'])}[/]"
+        name = escape(entry["name"])
+        if wide:
+            row = [name, entry.get("version") or "-", status, count, *codes, p50, p99]
+            row += [_ago(entry.get("last_update")), escape(entry.get("deployment") or "-")]
+            row += [entry.get("revision") or "-"]
+        else:
+            row = [name, *([entry.get("version") or "-"] if versions else []), status, count]
+            row += ["/".join(codes), f"{p50}/{p99}"]
+        table.add_row(*row, escape(entry["url"]))
     return table
 
 
-def _details(detail: dict) -> list[Any]:
+def capped_note(replicas: dict) -> str:
+    """Why fewer replicas than max_replicas may run, saying where the number came from:
+    users who never wrote max_replicas see compute.max_replicas's default (100)."""
+    configured = replicas.get("configured_max")
+    if configured is None:
+        return str(replicas["capped"])
+    origin = "the default of compute.max_replicas" if configured == 100 else "compute.max_replicas"
+    return (
+        f"max_replicas is {configured} ({origin}), but this machine fits at most "
+        f"{replicas['max']} replicas of this API: their compute.cpu and compute.mem requests "
+        f"must fit its cores and memory"
+    )
+
+
+def debug_curl(curl: str, key_header: str) -> str:
+    """The server's debug curl, with the API key header when the CLI sends one (the
+    server cannot know where this user keeps the key) and where to run it from."""
+    if key_header and "x-api-key" not in curl.lower():
+        head, sep, tail = curl.partition(" -d ")
+        curl = f"{head} {key_header}{sep}{tail}" if sep else f"{curl} {key_header}"
+    if " -d @" in curl:
+        curl += "   # in the project's folder"
+    return curl
+
+
+def _details(detail: dict, key_header: str = "") -> list[Any]:
     out: list[Any] = []
     if detail.get("replicas", {}).get("capped"):
-        out.append(f"\n* {escape(detail['replicas']['capped'])}")
+        out.append(f"\n* {escape(capped_note(detail['replicas']))}")
     if detail.get("deployment"):
         out.append(
             f"\ndeployment [bold]{escape(detail['deployment'])}[/], revision {detail['revision']}"
         )
+    revisions = detail.get("revisions") or []
+    if revisions:
+        out.append(_revisions(revisions))
     tracker = detail.get("tracker")
     if tracker:
         out.append(f"\ntracker (last {tracker['window_s'] / 60:g} min, {tracker['model_type']}):")
@@ -145,8 +173,24 @@ def _details(detail: dict) -> list[Any]:
             out.append(
                 f"  {stamp} {event['from']} -> {event['to']}: {escape(str(event['reason']))}"
             )
-    out.append(f"\n{escape(detail['curl'])}")
+    out.append("")
+    # One line however narrow the terminal: a wrapped command would not paste.
+    out.append(Text(debug_curl(detail["curl"], key_header), no_wrap=True, overflow="ignore"))
     return out
+
+
+def _revisions(revisions: list[dict]) -> Table:
+    """The deployment's revisions, newest first: what `kiln rollback API REVISION` takes."""
+    table = listing("REVISION", "STATUS", "CREATED", "ERROR", ids=("REVISION",))
+    table.title, table.title_justify = "revisions (kiln rollback API REVISION):", "left"
+    for r in sorted(revisions, key=lambda r: r.get("created_at") or 0, reverse=True):
+        status = r.get("status") or "-"
+        if r.get("current"):
+            status += " (current)"
+        created = r.get("created_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created)) if created else "-"
+        table.add_row(r["revision"], escape(status), when, escape(r.get("error") or ""))
+    return table
 
 
 def run_logs(api: str, env: str | None, follow: bool, tail: int, job_id: str | None = None) -> int:

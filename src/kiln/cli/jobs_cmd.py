@@ -18,6 +18,7 @@ from rich.table import Table
 
 from kiln.cli.client import CliError, Management, resolve
 from kiln.cli.common import console, err_console, run_cli
+from kiln.cli.tables import OUTPUT_HELP, listing, output_mode, show
 
 jobs_app = typer.Typer(
     help="Batch API jobs: submit, get (-w to watch), list, stop, failed.",
@@ -103,27 +104,28 @@ def submit(
 def list_jobs(
     api: Annotated[str, typer.Argument(help="The batch API.")],
     env: EnvOption = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
 ) -> None:
     """The API's jobs, newest first: status, progress, failed batches, times."""
 
     def action() -> int:
+        mode = output_mode(output)
         result = _client(env).get(f"/apis/{api}/jobs")
-        if output == "json":
+        if mode == "json":
             console.print_json(orjson.dumps(result).decode())
             return 0
-        console.print(_jobs_table(result))
+        show(_jobs_table(result), mode)
         return 0
 
     _run(action)
 
 
 def _jobs_table(result: dict[str, Any]) -> Table:
-    table = Table(
-        title=f"{result['api_name']}  {result.get('endpoint') or ''}", title_justify="left"
+    table = listing(
+        "job id", "status", "progress", "failed", "start time", "duration", ids=("job id",)
     )
-    for column in ("job id", "status", "progress", "failed", "start time", "duration"):
-        table.add_column(column)
+    table.title = f"{result['api_name']}  {result.get('endpoint') or ''}"
+    table.title_justify = "left"
     for job in result["jobs"]:
         total = job["total_batches"]
         table.add_row(
@@ -145,14 +147,19 @@ def get(
         bool, typer.Option("-w", "--watch", help="Follow the job with a live progress bar.")
     ] = False,
     env: EnvOption = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
 ) -> None:
     """A job's status, batch and worker stats; -w shows a progress bar until it ends."""
 
     def action() -> int:
+        mode = output_mode(output)
         client = _client(env)
         if job_id is None:
-            console.print(_jobs_table(client.get(f"/apis/{api}/jobs")))
+            jobs = client.get(f"/apis/{api}/jobs")
+            if mode == "json":
+                console.print_json(orjson.dumps(jobs).decode())
+            else:
+                show(_jobs_table(jobs), mode)
             return 0
         path = f"/apis/{api}/jobs/{job_id}"
         status = _watch(client, path) if watch else client.get(path)
@@ -255,13 +262,14 @@ def failed(
     api: Annotated[str, typer.Argument(help="The batch API.")],
     job_id: Annotated[str, typer.Argument(help="The job.")],
     env: EnvOption = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
 ) -> None:
     """The job's dead-lettered batches: which items, how often tried, and the error."""
 
     def action() -> int:
+        mode = output_mode(output)
         result = _client(env).get(f"/apis/{api}/jobs/{job_id}/failed")
-        if output == "json":
+        if mode == "json":
             console.print_json(orjson.dumps(result).decode())
             return 0
         rows = result["failed_batches"]
@@ -279,7 +287,7 @@ def failed(
                 str(row["receive_count"]),
                 escape(row["error"]),
             )
-        console.print(table)
+        show(table, mode)
         return 0
 
     _run(action)

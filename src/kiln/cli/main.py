@@ -9,6 +9,26 @@ import typer
 
 from kiln import __version__
 from kiln.cli.common import console, err_console, fail
+from kiln.cli.tables import OUTPUT_HELP
+
+
+def _flags_without_types() -> None:
+    """Typer prints `<bool>` beside every flag in --help (--help itself included), as if
+    a flag took a value; a flag takes none, so it shows no type."""
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+    if getattr(original, "_kiln", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else original(self, ctx)
+
+    display_type_rich._kiln = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_types()
 
 app = typer.Typer(
     name="kiln",
@@ -16,7 +36,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # -h as well as --help, on every command (sub-commands inherit it).
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"kiln {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print Kiln's version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """Turn trained models into web services: kiln init, kiln serve, kiln predict."""
 
 
 @app.command()
@@ -60,9 +104,30 @@ def validate(
     project = _load(project_dir, file)
     from kiln.cli.tables import api_table
 
-    console.print(f"[green]{project.config_file.name} is valid[/]: {len(project.apis)} API(s)")
-    if project.apis:
-        console.print(api_table(project.apis))
+    console.print(
+        f"[green]{project.config_file.name} is valid[/]: {describe_apis(project)}",
+        highlight=False,
+    )
+    if project.apis or project.batch_apis:
+        console.print(api_table([*project.apis, *project.batch_apis]))
+
+
+def describe_apis(project: Any) -> str:
+    """ "1 API", "2 APIs (3 versions)", "1 Batch API", "1 API and 1 Batch API" or "no APIs"."""
+
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'s' if n != 1 else ''}"
+
+    parts = []
+    names = {api.name for api in project.apis}
+    if names:
+        versions = (
+            f" ({count(len(project.apis), 'version')})" if len(project.apis) > len(names) else ""
+        )
+        parts.append(count(len(names), "API") + versions)
+    if project.batch_apis:
+        parts.append(count(len(project.batch_apis), "Batch API"))
+    return " and ".join(parts) or "no APIs"
 
 
 def _load(project_dir: Path, file: str | None):  # noqa: ANN202 - returns kiln.config.Project
@@ -79,6 +144,15 @@ def _load(project_dir: Path, file: str | None):  # noqa: ANN202 - returns kiln.c
         for line in str(exc).splitlines():
             err_console.print(f"  {line}", highlight=False, markup=False)
         raise typer.Exit(2) from None
+
+
+from kiln.cli.server_cmd_edge import (  # noqa: E402 - the edge flags `kiln server` shares
+    BodyIdleTimeoutOption,
+    HeaderTimeoutOption,
+    KeepaliveTimeoutOption,
+    MaxConnectionsOption,
+    MaxHeaderBytesOption,
+)
 
 
 @app.command()
@@ -128,9 +202,17 @@ def serve(
             "network, a clean environment, kernel limits).",
         ),
     ] = False,
+    header_timeout_s: HeaderTimeoutOption = None,
+    body_idle_timeout_s: BodyIdleTimeoutOption = None,
+    keepalive_timeout_s: KeepaliveTimeoutOption = None,
+    max_connections: MaxConnectionsOption = None,
+    max_header_bytes: MaxHeaderBytesOption = None,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
+    from kiln.cli.server_cmd_edge import given_edge
+
+    edge = given_edge(locals())
     from kiln.control.server import is_loopback
 
     if not is_loopback(host) and not allow_unauthenticated and not auth:
@@ -153,6 +235,7 @@ def serve(
             model_store,
             auth,
             sandbox,
+            edge,
         )
     )
 
@@ -215,7 +298,7 @@ def deploy(
 def get(
     api: Annotated[str | None, typer.Argument(help="One API for details.")] = None,
     env: EnvOption = None,
-    output: Annotated[str, typer.Option("-o", "--output", help="pretty or json.")] = "pretty",
+    output: Annotated[str, typer.Option("-o", "--output", help=OUTPUT_HELP)] = "table",
     watch: Annotated[bool, typer.Option("-w", "--watch", help="Refresh every 2 s.")] = False,
 ) -> None:
     """Show every API with status, replicas, requests by status and latency."""

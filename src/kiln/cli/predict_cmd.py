@@ -9,26 +9,60 @@ import httpx
 import orjson
 from rich.markup import escape
 
-from kiln.cli.common import console, err_console, find_server_url
+from kiln.cli.common import console, err_console
 
 
-def _server_for(env: str | None) -> str | None:
-    """The inference URL of `env` (or of the default environment, when it is not local)."""
+class Server:
+    """The server a prediction goes to, and how the CLI found it (said on stderr)."""
+
+    def __init__(self, url: str, kind: str, key: str | None, logs: str | None = None) -> None:
+        self.url, self.kind, self.key, self.logs = url, kind, key, logs
+
+
+def _local_server() -> Server | None:
+    """The one local server (KILN_URL, else the live server.json or serve.json); with
+    both a `kiln serve` and a `kiln server` running it refuses to guess."""
+    import os
+
+    from kiln.cli.client import _local_key
+    from kiln.cli.common import kiln_home, running_servers
+
+    env_key = os.environ.get("KILN_API_KEY")
+    if os.environ.get("KILN_URL"):
+        return Server(os.environ["KILN_URL"].rstrip("/"), "KILN_URL", env_key)
+    found = running_servers()
+    if len(found) > 1:
+        both = "; ".join(f"{kind} at {info['url']} (--url {info['url']})" for kind, info in found)
+        raise LookupError(
+            f"two Kiln servers run in KILN_HOME={kiln_home()}: {both}. Say which one "
+            f"answers with --url, or stop one of them"
+        )
+    if not found:
+        return None
+    kind, info = found[0]
+    home = info.get("home")
+    logs = f"{home}/logs" if home else None
+    return Server(str(info["url"]).rstrip("/"), kind, env_key or _local_key(info), logs)
+
+
+def _server_for(env: str | None) -> Server | None:
+    """The server of `env` (or of the default environment, when it is not local)."""
     import os
 
     from kiln.cli.client import LOCAL, CliError, Management, load_envs, resolve
 
     chosen = env or os.environ.get("KILN_ENV") or load_envs()["default"]
     if chosen == LOCAL:
-        return find_server_url()
+        return _local_server()
     try:
-        return Management(resolve(chosen)).inference_url()
+        client = Management(resolve(chosen))
+        return Server(client.inference_url(), f"environment '{chosen}'", client.target.key)
     except CliError as exc:
         raise LookupError(str(exc)) from None
 
 
 def _key_for(env: str | None) -> str | None:
-    """The API key to send: KILN_API_KEY, else the environment's (the local admin key)."""
+    """The API key to send to a --url or full URL: KILN_API_KEY, else the environment's."""
     import os
 
     from kiln.cli.client import CliError, resolve
@@ -50,7 +84,7 @@ def _resolve_url(
 ) -> str:
     if target.startswith(("http://", "https://")):
         return target
-    base = (server or _server_for(env) or "").rstrip("/")
+    base = (server or "").rstrip("/")
     if not base:
         raise LookupError(
             "no running Kiln server found: start one with `kiln serve`, or pass --url "
@@ -101,14 +135,19 @@ def run_predict(
     timeout: float,
     env: str | None = None,
 ) -> int:
-    key = _key_for(env)
-    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    found: Server | None = None
     try:
-        url = _resolve_url(target, server, version, env, auth)
+        if server is None and not target.startswith(("http://", "https://")):
+            found = _server_for(env)
+        key = found.key if found is not None else _key_for(env)
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        api_url = _resolve_url(target, server or (found.url if found else None), version, env, auth)
         body = _body(payload, file)
     except (LookupError, ValueError) as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
         return 2
+    if found is not None:  # stdout stays the answer alone, for pipes
+        err_console.print(f"[dim]{escape(found.kind)}: POST {escape(api_url)}[/]", highlight=False)
     params = {}
     if debug:
         params["debug"] = "true"
@@ -117,11 +156,24 @@ def run_predict(
     content_type = "application/json" if file is None or file.suffix == ".json" else None
     headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
     try:
-        response = httpx.post(url, content=body, params=params, headers=headers, timeout=timeout)
+        response = httpx.post(
+            api_url, content=body, params=params, headers=headers, timeout=timeout
+        )
     except httpx.HTTPError as exc:
-        err_console.print(f"[bold red]Error:[/] request to {url} failed: {exc}", highlight=False)
+        err_console.print(
+            f"[bold red]Error:[/] request to {api_url} failed: {exc}", highlight=False
+        )
         return 1
-    return _show(response)
+    code = _show(response)
+    if debug:
+        where = f" (files in {found.logs}/)" if found is not None and found.logs else ""
+        name = target if not target.startswith(("http://", "https://")) else "API"
+        err_console.print(
+            f"The four debug stages of request {response.headers.get('x-request-id', '?')} are "
+            f"in the server's log: `kiln logs {escape(name)}`{escape(where)}.",
+            highlight=False,
+        )
+    return code
 
 
 def _show(response: httpx.Response) -> int:
