@@ -199,3 +199,78 @@ def test_get_and_logs_show_what_the_server_is_doing(tmp_path: Path) -> None:
         assert missing.returncode == 2 and "no API named 'nope'" in missing.stderr
     finally:
         server.stop()
+
+
+def test_version_short_help_and_no_bool_types(tmp_path: Path) -> None:
+    from kiln import __version__
+
+    for flag in ("--version", "-V"):
+        done = kiln(flag, cwd=tmp_path, home=tmp_path / "home")
+        assert done.returncode == 0 and done.stdout.strip() == f"kiln {__version__}"
+    short = kiln("-h", cwd=tmp_path, home=tmp_path / "home")
+    assert short.returncode == 0 and "Usage:" in short.stdout and "deploy" in short.stdout
+    sub = kiln("jobs", "list", "-h", cwd=tmp_path, home=tmp_path / "home")
+    assert sub.returncode == 0 and "jobs list" in sub.stdout and "wide" in sub.stdout
+    serve_help = kiln("serve", "--help", cwd=tmp_path, home=tmp_path / "home")
+    assert "--sandbox" in serve_help.stdout and "<bool>" not in serve_help.stdout
+    assert "<int>" in serve_help.stdout  # options that take a value keep their type
+
+
+def test_validate_counts_batch_apis(tmp_path: Path) -> None:
+    write(
+        tmp_path / "p" / "predictor.py",
+        "class PythonPredictor:\n    def __init__(self, config, job_spec):\n        pass\n\n"
+        "    def predict(self, payload, batch_id):\n        return payload\n",
+    )
+    write(
+        tmp_path / "p" / "kiln.yaml",
+        "- kind: BatchAPI\n  name: scorer\n  predictor: {type: python, path: predictor.py}\n",
+    )
+    done = kiln("validate", "p", cwd=tmp_path, home=tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    assert "kiln.yaml is valid: 1 Batch API" in done.stdout and "0 API" not in done.stdout
+    assert "scorer" in done.stdout
+    write(
+        tmp_path / "p" / "kiln.yaml",
+        "- kind: BatchAPI\n  name: scorer\n  predictor: {type: python, path: predictor.py}\n"
+        "- kind: api\n  name: echo\n  python: {handler: predictor.py:PythonPredictor}\n",
+    )
+    both = kiln("validate", "p", cwd=tmp_path, home=tmp_path / "home")
+    assert "valid: 1 API and 1 Batch API" in both.stdout, both.stdout + both.stderr
+
+
+def test_predict_refuses_to_guess_between_serve_and_server(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        servers = (("serve.json", "serve", 18080), ("server.json", "server", 28080))
+        for (name, mode, port), proc in zip(servers, sleepers, strict=True):
+            info = {"pid": proc.pid, "url": f"http://127.0.0.1:{port}", "mode": mode}
+            (home / name).write_bytes(orjson.dumps(info))
+        done = kiln("predict", "echo", "{}", cwd=tmp_path, home=home)
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
+    assert done.returncode == 2
+    message = " ".join(done.stderr.split())
+    assert "two Kiln servers run in KILN_HOME" in message
+    assert "kiln serve at http://127.0.0.1:18080 (--url http://127.0.0.1:18080)" in message
+    assert "kiln server at http://127.0.0.1:28080 (--url http://127.0.0.1:28080)" in message
+
+
+def test_predict_names_its_server_and_where_debug_goes(tmp_path: Path) -> None:
+    write(tmp_path / "p" / "h.py", "def predict(payload, context):\n    return payload\n")
+    write(tmp_path / "p" / "kiln.yaml", "- kind: api\n  name: echo\n  python:\n    handler: h.py\n")
+    server = KilnServer(tmp_path / "p", tmp_path / "home")
+    try:
+        done = kiln("predict", "echo", '{"a": 1}', "--debug", cwd=tmp_path, home=server.state)
+        assert done.returncode == 0, done.stderr
+        assert orjson.loads(done.stdout) == {"a": 1}  # stdout is the answer alone
+        message = " ".join(done.stderr.split())
+        assert f"kiln serve: POST {server.url}/echo" in message
+        assert "debug stages of request" in message and "`kiln logs echo`" in message
+        assert f"{server.state}/logs/" in message
+    finally:
+        server.stop()

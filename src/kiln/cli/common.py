@@ -43,7 +43,9 @@ def running_servers() -> list[tuple[str, dict]]:
         except (OSError, orjson.JSONDecodeError):
             continue
         if isinstance(info, dict) and _alive(info.get("pid")):
-            found.append((kind, info))
+            # `kiln serve --home H` writes H/server.json too: its mode tells the kind.
+            mode = info.get("mode")
+            found.append((f"kiln {mode}" if mode in ("serve", "server") else kind, info))
     return found
 
 
