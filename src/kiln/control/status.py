@@ -35,7 +35,7 @@ def server_info(server: Any, viewer: Any = None) -> dict[str, Any]:
         "url": running.url if running else None,
         "management_url": running.management_url if running else None,
         "metrics_url": running.metrics_url if running else None,
-        "apis": len(server.registry.all()),
+        "apis": len(server.registry.view(viewer).all()),
         "deployments": len({d for d in server.deployments.owner.values()}),
     }
     if viewer is not None and not viewer.is_admin:
@@ -122,20 +122,19 @@ def _last_update(manager: Any, served: Any) -> float | None:
     return None
 
 
-def list_apis(server: Any) -> list[dict[str, Any]]:
+def list_apis(server: Any, viewer: Any = None) -> list[dict[str, Any]]:
+    """Every API `viewer` may see (the caller's Principal; None: auth off, all of them)."""
     latency = server.metrics.latency_percentiles()
-    realtime = [_entry(server, served, latency) for served in server.registry.all()]
-    return realtime + [_batch_entry(server, name) for name in _visible_batch_apis(server)]
+    shown = server.registry.view(viewer).all()
+    realtime = [_entry(server, served, latency) for served in shown]
+    return realtime + [_batch_entry(server, name) for name in _visible_batch_apis(server, viewer)]
 
 
-def _visible_batch_apis(server: Any) -> list[str]:
-    from kiln.serving.router import CALLER
-
+def _visible_batch_apis(server: Any, viewer: Any) -> list[str]:
     jobs = server.jobs
     if jobs is None:
         return []
-    caller = CALLER.get()
-    return [n for n in sorted(jobs.apis) if caller is None or caller.sees(n)]
+    return [n for n in sorted(jobs.apis) if viewer is None or viewer.sees(n)]
 
 
 def _batch_entry(server: Any, name: str) -> dict[str, Any]:
@@ -161,11 +160,13 @@ def _batch_entry(server: Any, name: str) -> dict[str, Any]:
     }
 
 
-def api_detail(server: Any, name: str, window_s: float) -> dict[str, Any]:
-    """One API: its list entry per version, plus tracker, errors, events and a curl line."""
-    group = server.registry.groups.get(name)
+def api_detail(server: Any, name: str, window_s: float, viewer: Any = None) -> dict[str, Any]:
+    """One API: its list entry per version, plus tracker, errors, events and a curl line.
+
+    An API `viewer` may not see answers like a missing one."""
+    group = server.registry.view(viewer).groups.get(name)
     manager = server.deployments
-    if group is None and name in _visible_batch_apis(server):
+    if group is None and name in _visible_batch_apis(server, viewer):
         detail = {**_batch_entry(server, name), "versions": []}
         detail["recent_errors"] = list(manager.errors.get(name, ()))
         detail["scaling_events"] = []

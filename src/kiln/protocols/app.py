@@ -2,7 +2,10 @@
 
 Adapters are tried in order; each returns a handler for paths it serves and
 renders errors in its own protocol's shape. Paths no adapter claims get the
-native 404.
+native 404. This app authenticates the key (protocols/auth.py) and opens the
+request's `Call` on the data plane (serving/data_plane.py), which the adapter's
+handler gets explicitly; after the answer it asks the data plane to meter the
+call (once, only if it was admitted) and to map the error the caller sees.
 """
 
 from __future__ import annotations
@@ -14,22 +17,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
-from kiln.protocols.auth import METERED_METHODS, OPEN_PATHS, authenticate, rate_headers
+from kiln.protocols.auth import OPEN_PATHS, authenticate
 from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
+from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import Registry
-from kiln.serving.served import SERVED_VERSION
 
-Handler = Callable[[Request, Send], Awaitable[int]]
+Handler = Callable[[Request, Send, Call], Awaitable[int]]
 _SYSTEM = "kiln"
 
 
 class Adapter(Protocol):
     """A protocol's routes on the inference port."""
 
-    def route(self, request: Request) -> tuple[Handler, str] | None:
-        """(handler, api name for logs) when this adapter serves the request's path."""
+    def route(self, request: Request, call: Call) -> tuple[Handler, str] | None:
+        """(handler, api name for logs) when this adapter serves the request's path,
+        looking APIs up in `call.view` (what the caller may see)."""
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         """The error body in this protocol's shape."""
@@ -38,7 +42,7 @@ class Adapter(Protocol):
     # (e.g. V2's repository extension, which loads and unloads models); "invoke" without it.
 
 
-def default_adapters(registry: Registry, log: Any, jobs: Any = None) -> list[Adapter]:
+def default_adapters(plane: DataPlane, log: Any, jobs: Any = None) -> list[Adapter]:
     from kiln.protocols.kserve_v1 import KServeV1
     from kiln.protocols.openapi import OpenApiRoutes
     from kiln.protocols.torchserve import TorchServeInference
@@ -47,16 +51,16 @@ def default_adapters(registry: Registry, log: Any, jobs: Any = None) -> list[Ada
     # Native first: it is an exact dictionary lookup, and config validation keeps API
     # endpoints off the protocol prefixes, so no other adapter can claim its paths.
     adapters: list[Adapter] = [
-        NativeApi(registry, log),
-        TorchServeInference(registry, log),
-        KServeV1(registry, log),
-        OpenInferenceV2(registry, log),
-        OpenApiRoutes(registry, log),
+        NativeApi(plane, log),
+        TorchServeInference(plane, log),
+        KServeV1(plane, log),
+        OpenInferenceV2(plane, log),
+        OpenApiRoutes(plane, log),
     ]
     if jobs is not None:  # Batch APIs (kiln.batch.manager.JobManager): right after native
         from kiln.protocols.batch import BatchRoutes
 
-        adapters.insert(1, BatchRoutes(jobs))
+        adapters.insert(1, BatchRoutes(plane, jobs))
     return adapters
 
 
@@ -77,7 +81,11 @@ class InferenceApp:
         self.metrics = metrics
         # API keys (control/accounts.py + quotas.py), or None: auth off (`kiln serve`).
         self.auth = auth
-        self.adapters = adapters if adapters is not None else default_adapters(registry, log, jobs)
+        # Admission and metering go through the data plane, never through this app.
+        self.plane = DataPlane(registry, auth)
+        self.adapters = (
+            adapters if adapters is not None else default_adapters(self.plane, log, jobs)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -91,10 +99,10 @@ class InferenceApp:
         status = 500
         renderer: Callable[[KilnError, str], dict[str, Any]] = native_error
         protocol = "native"
-        started_response = _ResponseTracker(send)
-        metered = None  # the principal of an admitted call: only those are recorded
+        call = self.plane.call(None)
+        started_response = _ResponseTracker(send, call)
         try:
-            routed, adapter = self._route(request)
+            routed, adapter = self._route(request, call)
             if routed is not None:
                 renderer = adapter.render_error
                 protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
@@ -103,22 +111,22 @@ class InferenceApp:
                 scope_of = getattr(adapter, "scope_of", None)
                 needs = scope_of(request) if scope_of is not None else "invoke"
                 principal = authenticate(self.auth, request, needs)
+                call = started_response.call = self.plane.call(principal)
                 if api_name != _SYSTEM and not principal.sees(api_name):
                     # Not theirs: route again with their view, so the protocol answers
                     # exactly as it does for an API that does not exist.
-                    routed, adapter = self._route(request)
+                    routed, adapter = self._route(request, call)
                     api_name = routed[1] if routed is not None else _SYSTEM
                     if api_name != _SYSTEM and not principal.sees(api_name):
                         raise unknown_path(request.path)  # an adapter that does not filter
-                if api_name != _SYSTEM and request.method in METERED_METHODS:
-                    # admit() raises 429 for a refused call, which is then never recorded.
-                    started_response.extra = rate_headers(self.auth.admit(principal))
-                    metered = principal
+            if api_name != _SYSTEM:
+                call.api = api_name
             if routed is not None:
-                status = await routed[0](request, started_response)
+                status = await routed[0](request, started_response, call)
             else:
-                status = await self._system_route(request, started_response)
-        except KilnError as err:
+                status = await self._system_route(request, started_response, call)
+        except KilnError as raised:
+            err = self.plane.public_error(call, raised)
             status = err.status
             if not started_response.started:
                 await send_json(
@@ -134,11 +142,10 @@ class InferenceApp:
             if not started_response.started:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
-        if metered is not None:
-            self.auth.record(metered, api_name, SERVED_VERSION.get(), status)
+        self.plane.finish(call, status)
         if self.metrics is not None and api_name != _SYSTEM:
             self.metrics.request(
-                api_name, protocol, status, time.perf_counter() - started, SERVED_VERSION.get()
+                api_name, protocol, status, time.perf_counter() - started, call.version
             )
         if api_name != _SYSTEM or status >= 400:
             self.log.write(
@@ -153,17 +160,18 @@ class InferenceApp:
                 },
             )
 
-    def _route(self, request: Request) -> tuple[tuple[Handler, str] | None, Any]:
+    def _route(self, request: Request, call: Call) -> tuple[tuple[Handler, str] | None, Any]:
         for adapter in self.adapters:
-            routed = adapter.route(request)
+            routed = adapter.route(request, call)
             if routed is not None:
                 return routed, adapter
         return None, None
 
-    async def _system_route(self, request: Request, send: Send) -> int:
+    async def _system_route(self, request: Request, send: Send, call: Call) -> int:
         path = request.path.rstrip("/") or "/"
         if path.startswith("/apis/") and path.endswith("/monitoring"):
-            return await self._monitoring(request, send, path[len("/apis/") : -len("/monitoring")])
+            name = path[len("/apis/") : -len("/monitoring")]
+            return await self._monitoring(request, send, call, name)
         if path in ("/", "/apis", "/healthz"):
             if request.method not in ("GET", "HEAD"):
                 err = MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET")
@@ -172,17 +180,22 @@ class InferenceApp:
             if path == "/healthz":
                 await send_json(send, 200, {"status": "ok"}, request.request_id)
             else:
-                apis = [served.describe() for served in self.registry.all()]
+                apis = [self._describe(call, served) for served in call.view.all()]
                 await send_json(send, 200, {"apis": apis}, request.request_id)
             return 200
         raise unknown_path(request.path)
 
-    async def _monitoring(self, request: Request, send: Send, name: str) -> int:
+    def _describe(self, call: Call, served: Any) -> dict[str, Any]:
+        info: dict[str, Any] = served.describe()
+        if "error" in info:
+            info["error"] = self.plane.shown_error(call, served)
+        return info
+
+    async def _monitoring(self, request: Request, send: Send, call: Call, name: str) -> int:
         """`GET /apis/{name}/monitoring?window=1h`: the tracker's summary (seed `tracker:`)."""
         from kiln.config.quantities import parse_duration
 
-        group = self.registry.by_name(name)
-        served = group.get(request.query.get("version"))
+        served = self.plane.resolve(call, name, request.query.get("version"))
         if served.api.tracker is None or self.metrics is None:
             raise NotFound(
                 f"API '{name}' has no tracker; add `tracker: {{model_type: classification}}` "
@@ -198,20 +211,22 @@ class InferenceApp:
 
 
 class _ResponseTracker:
-    """Wraps `send` to know whether a response has started (then errors cannot be sent)."""
+    """Wraps `send` to know whether a response has started (then errors cannot be sent),
+    and to add the call's X-RateLimit-* headers (set by the data plane's admission)."""
 
-    __slots__ = ("_send", "started", "extra")
+    __slots__ = ("_send", "started", "call")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, call: Call) -> None:
         self._send = send
         self.started = False
-        self.extra: list[tuple[bytes, bytes]] | None = None  # e.g. X-RateLimit-* headers
+        self.call = call
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            if self.extra:
-                message = {**message, "headers": [*message.get("headers", ()), *self.extra]}
+            extra = self.call.rate_headers
+            if extra:
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
         await self._send(message)
 
 

@@ -3,9 +3,11 @@
 The checks themselves (is the key valid, may it make one more call) belong to
 the control plane (`control/accounts.py`, `control/quotas.py`), handed to the
 HTTP apps as an `authority` object, so protocols never import the control
-plane. This module only reads the key from the request, removes it so nothing
-downstream (user code, debug output, logs) ever sees it, and publishes the
-caller for the registry's per-caller view.
+plane. This module only reads the key from the request and removes it so nothing
+downstream (user code, debug output, logs) ever sees it. The principal it returns
+is handed on explicitly: to the data plane's `Call` on the inference port
+(serving/data_plane.py, which also admits and meters), in `scope["state"]` on the
+management and metrics ports.
 """
 
 from __future__ import annotations
@@ -13,12 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.errors import Forbidden, KilnError
-from kiln.serving.router import CALLER
 
 # Health routes stay open and name no API (ShellTorch lesson 2).
 OPEN_PATHS = frozenset({"/ping", "/healthz", "/v2/health/live", "/v2/health/ready"})
-# Calls that ask a model for an answer: what quotas count (see control/quotas.py).
-METERED_METHODS = frozenset({"POST", "PUT"})
 CREDENTIAL_HEADERS = ("x-api-key", "authorization")
 
 
@@ -35,7 +34,7 @@ def presented_key(headers: dict[str, str]) -> str | None:
 
 
 def authenticate(authority: Any, request: Any, scope: str) -> Any:
-    """The request's principal (401/403 otherwise); sets CALLER and drops the key headers."""
+    """The request's principal (401/403 otherwise); drops the key headers."""
     key = presented_key(request.headers)
     for name in CREDENTIAL_HEADERS:
         request.headers.pop(name, None)
@@ -45,22 +44,15 @@ def authenticate(authority: Any, request: Any, scope: str) -> Any:
             f"API key {principal.key_id} may not {scope} (its scopes: "
             f"{', '.join(sorted(principal.scopes))}); use a key with the {scope} scope"
         )
-    CALLER.set(principal)
     return principal
-
-
-def rate_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]] | None:
-    if not headers:
-        return None
-    return [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
 
 class ManagementGate:
     """ASGI middleware for the management and metrics ports: every route needs a `manage` key.
 
     Open: the API's own description (`/docs`, `/openapi.json`, `OPTIONS /`,
-    `/api-description`), which names no API. The principal is published as
-    CALLER (the registry's per-caller view) and in `scope["state"]`.
+    `/api-description`), which names no API. The principal is handed to the routes
+    in `scope["state"]["principal"]`; they ask the registry for its view explicitly.
     """
 
     OPEN = frozenset({"/docs", "/openapi.json", "/api-description"})

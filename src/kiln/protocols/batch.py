@@ -8,8 +8,9 @@
 | `DELETE {endpoint}?jobID=ID`, `DELETE {endpoint}/ID` | stop the job |
 
 The adapter knows HTTP only: the job manager it is given (the server's
-`kiln.batch.manager.JobManager`) validates, stores and runs jobs. Errors use
-the native shape.
+`kiln.batch.manager.JobManager`) validates, stores and runs jobs. A submission
+is an inference call like any other: the data plane admits it (quota, rate
+limit) before its body is read and meters it once. Errors use the native shape.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, PayloadTooLarge
 from kiln.protocols.errors import native_error
 from kiln.protocols.http import Request, Send, send_json
-from kiln.serving.router import CALLER
+from kiln.serving.data_plane import Call, DataPlane
 
 
 def _not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> MethodNotAllowed:
@@ -33,10 +34,11 @@ class BatchRoutes:
 
     protocol = "batch"
 
-    def __init__(self, jobs: Any) -> None:
+    def __init__(self, plane: DataPlane, jobs: Any) -> None:
+        self.plane = plane
         self.jobs = jobs
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         if not self.jobs.endpoints:
             return None
         matched = self.jobs.match(request.path)
@@ -44,18 +46,21 @@ class BatchRoutes:
             return None
         name, job_id = matched
 
-        async def handler(req: Request, send: Send) -> int:
-            return await self.handle(req, send, name, job_id)
+        async def handler(req: Request, send: Send, call: Call) -> int:
+            return await self.handle(req, send, call, name, job_id)
 
         return handler, name
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return native_error(err, request_id)
 
-    async def handle(self, request: Request, send: Send, name: str, job_id: str | None) -> int:
+    async def handle(
+        self, request: Request, send: Send, call: Call, name: str, job_id: str | None
+    ) -> int:
         job_id = job_id or request.query.get("jobID") or request.query.get("job_id")
         method = request.method
         if method == "POST" and job_id is None:
+            self.plane.admit(call, name)
             limit = self.jobs.limits(name).max_request_bytes
             try:
                 body = await request.body(limit)
@@ -65,7 +70,7 @@ class BatchRoutes:
                     f"(jobs.max_request_bytes); put the items in files and submit "
                     f"delimited_files or file_path_lister instead of item_list"
                 ) from None
-            caller = CALLER.get()
+            caller = call.caller
             result = await self.jobs.submit(
                 name,
                 body,

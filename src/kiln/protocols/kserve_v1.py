@@ -25,7 +25,8 @@ from kiln.errors import InvalidInput, KilnError, NotFound, Unavailable
 from kiln.protocols.errors import kserve_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
 from kiln.protocols.torchserve import find_group, method_not_allowed
-from kiln.serving.router import Registry, ServedApi
+from kiln.serving.data_plane import Call, DataPlane
+from kiln.serving.router import ServedApi
 from kiln.serving.types import InferenceRequest, InferenceResponse
 
 _PREFIX = "/v1/models"
@@ -82,14 +83,14 @@ def answer_json(response: InferenceResponse) -> bytes:
 class KServeV1:
     """`/v1/models...` in KServe V1's shapes."""
 
-    def __init__(self, registry: Registry, log: Any) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, log: Any) -> None:
+        self.plane = plane
         self.log = log
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return kserve_error(err, request_id)
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         path = request.path.rstrip("/")
         if path == _PREFIX:
             return self._list, _SYSTEM
@@ -99,46 +100,53 @@ class KServeV1:
         name, _, action = rest.partition(":")
         if "/" in rest or not name or (action and action not in _ACTIONS):
             return self._bad_path, _SYSTEM
-        group = find_group(self.registry, name)
+        group = find_group(call.view, name)
         api_name = group.name if group is not None else _SYSTEM
 
-        async def handler(req: Request, send: Send) -> int:
-            found = find_group(self.registry, name)
+        async def handler(req: Request, send: Send, call: Call) -> int:
+            found = find_group(call.view, name)
             if found is None:
                 raise NotFound(f"Model with name {name} does not exist.")
             served = found.default
             if not action:
-                return await self._status(req, send, served, name)
-            return await self._infer(req, send, served, action)
+                return await self._status(req, send, call, served, name)
+            return await self._infer(req, send, call, served, action)
 
         return handler, api_name
 
-    async def _bad_path(self, request: Request, send: Send) -> int:
+    async def _bad_path(self, request: Request, send: Send, call: Call) -> int:
         raise NotFound(
             f"no route {request.path}; V1 routes are /v1/models, /v1/models/{{name}}, "
             f"/v1/models/{{name}}:predict and /v1/models/{{name}}:explain"
         )
 
-    async def _list(self, request: Request, send: Send) -> int:
+    async def _list(self, request: Request, send: Send, call: Call) -> int:
         if request.method not in ("GET", "HEAD"):
             raise method_not_allowed(request, ("GET",))
-        await send_json(send, 200, {"models": list(self.registry.groups)}, request.request_id)
+        await send_json(send, 200, {"models": list(call.view.groups)}, request.request_id)
         return 200
 
-    async def _status(self, request: Request, send: Send, served: ServedApi, name: str) -> int:
+    async def _status(
+        self, request: Request, send: Send, call: Call, served: ServedApi, name: str
+    ) -> int:
         if request.method not in ("GET", "HEAD"):
             raise method_not_allowed(request, ("GET",))
         if served.state != "ready":
-            detail = f": {served.error}" if served.error else ""
+            error = self.plane.shown_error(call, served)
+            detail = f": {error}" if error else ""
             raise Unavailable(
                 f"Model with name {name} is not ready ({served.state}{detail})", retry_after=1
             )
         await send_json(send, 200, {"name": name, "ready": True}, request.request_id)
         return 200
 
-    async def _infer(self, request: Request, send: Send, served: ServedApi, action: str) -> int:
+    async def _infer(
+        self, request: Request, send: Send, call: Call, served: ServedApi, action: str
+    ) -> int:
         if request.method != "POST":
             raise method_not_allowed(request, ("POST",))
+        plane = self.plane
+        plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         try:
             document = orjson.loads(body)
@@ -160,11 +168,15 @@ class KServeV1:
             )
             for instance in instances
         ]
-        call = served.predict if action == "predict" else served.explain
+        method = plane.predict if action == "predict" else plane.explain
+
+        def one(inference: InferenceRequest) -> Awaitable[InferenceResponse]:
+            return method(call, served, inference)
+
         window = max(
             1, min(len(requests), max(2 * served.max_batch_size, 32), served.queue.max_size)
         )
-        answers = await _in_order(call, requests, window)
+        answers = await _in_order(one, requests, window)
         key = _ACTIONS[action].encode()
         payload = b'{"' + key + b'":[' + b",".join(answer_json(a) for a in answers) + b"]}"
         await send_bytes(send, 200, payload, "application/json", request.request_id)

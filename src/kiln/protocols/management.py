@@ -114,8 +114,14 @@ class Management:
             )
             raise err
 
-    def lookup(self, name: str, version: str | None) -> tuple[ApiGroup, ServedApi]:
-        group = self.registry.by_name(name)
+    def visible(self, request: Request) -> Any:
+        """The registry as this request's caller sees it (ManagementGate's principal)."""
+        return self.registry.view(request.scope.get("state", {}).get("principal"))
+
+    def lookup(
+        self, request: Request, name: str, version: str | None
+    ) -> tuple[ApiGroup, ServedApi]:
+        group = self.visible(request).by_name(name)
         return group, group.get(version)
 
     # ----- describe ------------------------------------------------------------------
@@ -155,25 +161,25 @@ class Management:
         start = _int_param(request, "next_page_token", 0)
         if start < 0:
             raise InvalidInput("next_page_token must be a token from a previous page")
-        names = sorted(self.registry.groups)
+        groups = self.visible(request).groups
+        names = sorted(groups)
         page = names[start : start + limit]
         body: dict[str, Any] = {}
         if start + limit < len(names):
             body["nextPageToken"] = str(start + limit)
         body["models"] = [
-            {"modelName": name, "modelUrl": self.record(self.registry.groups[name].default).url}
-            for name in page
+            {"modelName": name, "modelUrl": self.record(groups[name].default).url} for name in page
         ]
         return JSONResponse(body)
 
     async def describe_model(self, request: Request) -> Response:
         name = request.path_params["model"]
         version = request.path_params.get("version")
-        group, served = self.lookup(name, version)
+        group, served = self.lookup(request, name, version)
         return JSONResponse([self.describe(served, group)])
 
     async def describe_all(self, request: Request) -> Response:
-        group = self.registry.by_name(request.path_params["model"])
+        group = self.visible(request).by_name(request.path_params["model"])
         ordered = sorted(group.versions.values(), key=lambda s: str(s.version or ""))
         return JSONResponse([self.describe(s, group) for s in ordered])
 
@@ -181,7 +187,7 @@ class Management:
     async def scale(self, request: Request) -> Response:
         name = request.path_params["model"]
         version = request.path_params.get("version")
-        _, served = self.lookup(name, version)
+        _, served = self.lookup(request, name, version)
         minimum = _int_param(request, "min_worker", 1)
         maximum = _int_param(request, "max_worker", minimum)
         if minimum < 0:
@@ -235,7 +241,7 @@ class Management:
     async def set_default(self, request: Request) -> Response:
         name = request.path_params["model"]
         version = request.path_params["version"]
-        group = self.registry.by_name(name)
+        group = self.visible(request).by_name(name)
         group.set_default(version)
         self.audit(name, "set-default", version=version)
         return JSONResponse(
@@ -247,7 +253,7 @@ class Management:
         self.require_model_api("DELETE /models")
         name = request.path_params["model"]
         version = request.path_params.get("version")
-        group, served = self.lookup(name, version)
+        group, served = self.lookup(request, name, version)
         if served is group.default and len(group.versions) > 1:
             raise InvalidInput(
                 f"version {served.version} is the default of model '{name}' and others remain; "

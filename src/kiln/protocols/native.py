@@ -13,7 +13,8 @@ from typing import Any
 from kiln.errors import KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.errors import native_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
-from kiln.serving.router import ApiGroup, Registry, ServedApi
+from kiln.serving.data_plane import Call, DataPlane
+from kiln.serving.router import ApiGroup, ServedApi
 from kiln.serving.types import InferenceRequest
 
 _FORWARDED_HEADERS = ("content-type", "user-agent", "x-request-id")
@@ -30,52 +31,57 @@ class NativeApi:
 
     protocol = "native"
 
-    def __init__(self, registry: Registry, log: Any) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, log: Any) -> None:
+        self.plane = plane
         self.log = log
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
-        matched = self.match(request.path)
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
+        matched = self.match(request.path, call)
         if matched is None:
             return None
         group, action = matched
 
-        async def handler(req: Request, send: Send) -> int:
-            return await self.handle(req, send, group, action)
+        async def handler(req: Request, send: Send, call: Call) -> int:
+            return await self.handle(req, send, call, group, action)
 
         return handler, group.name
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return native_error(err, request_id)
 
-    def match(self, path: str) -> tuple[ApiGroup, str] | None:
-        """(group, action) for a native path, or None when the path is not an API's."""
-        group = self.registry.by_endpoint(path)
+    def match(self, path: str, call: Call) -> tuple[ApiGroup, str] | None:
+        """(group, action) for a native path, or None when the path is not an API's
+        (or not one the caller may see)."""
+        view = call.view
+        group = view.by_endpoint(path)
         if group is not None:
             return group, "predict"
         if path.endswith("/signature"):
-            group = self.registry.by_endpoint(path[: -len("/signature")])
+            group = view.by_endpoint(path[: -len("/signature")])
             if group is not None:
                 return group, "signature"
         return None
 
-    async def handle(self, request: Request, send: Send, group: ApiGroup, action: str) -> int:
+    async def handle(
+        self, request: Request, send: Send, call: Call, group: ApiGroup, action: str
+    ) -> int:
         served = group.get(request.query.get("version"))
         if action == "signature":
             if request.method != "GET":
                 raise _method_not_allowed(("GET",), request.path, request.method)
-            await served.wait_ready(served.api.serving.startup_timeout_s)
+            await self.plane.wait_ready(call, served)
             await send_json(send, 200, _signature_body(served), request.request_id)
             return 200
         if request.method == "GET":
-            await served.wait_ready(served.api.serving.startup_timeout_s)
+            await self.plane.wait_ready(call, served)
             await send_json(send, 200, _status_body(served), request.request_id)
             return 200
         if request.method != "POST":
             raise _method_not_allowed(("GET", "POST"), request.path, request.method)
-        return await self._predict(request, send, served)
+        return await self._predict(request, send, call, served)
 
-    async def _predict(self, request: Request, send: Send, served: ServedApi) -> int:
+    async def _predict(self, request: Request, send: Send, call: Call, served: ServedApi) -> int:
+        self.plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         debug = request.flag("debug")
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
@@ -92,7 +98,7 @@ class NativeApi:
             debug=debug,
         )
         try:
-            response = await served.predict(inference)
+            response = await self.plane.predict(call, served, inference)
         except KilnError as err:
             self._log_debug(served.name, request.request_id, getattr(err, "debug_stages", ()))
             raise

@@ -35,7 +35,8 @@ from kiln.protocols.openapi_schemas import (
     _responses,
     _signature_text,
 )
-from kiln.serving.router import ApiGroup, Registry, ServedApi
+from kiln.serving.data_plane import Call, DataPlane
+from kiln.serving.router import ApiGroup, Registry, RegistryView, ServedApi
 
 OPENAPI_VERSION = "3.0.1"
 _DOC_PATHS = ("/api-description", "/openapi.json", "/docs")
@@ -220,12 +221,12 @@ class Operation:
 class OpenApiRoutes:
     """`OPTIONS /`, `/api-description`, `/openapi.json` and `/docs` on the inference port."""
 
-    def __init__(self, registry: Registry, log: Any) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, log: Any) -> None:
+        self.plane = plane
         self.log = log
         self._probes: list[Any] | None = None
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         path = request.path.rstrip("/") or "/"
         if path == "/":
             if request.method != "OPTIONS":
@@ -238,14 +239,14 @@ class OpenApiRoutes:
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return native_error(err, request_id)
 
-    async def _serve_document(self, request: Request, send: Send) -> int:
+    async def _serve_document(self, request: Request, send: Send, call: Call) -> int:
         path = request.path.rstrip("/") or "/"
         allowed = ("OPTIONS",) if path == "/" else ("GET", "HEAD")
         if request.method not in allowed:
             err = MethodNotAllowed(f"{request.method} is not allowed on {path}; use GET")
             err.allow = allowed  # type: ignore[attr-defined]
             raise err
-        document = self.document(_base_url(request))
+        document = self.document(_base_url(request), call)
         if path == "/docs":
             page = render_docs(document).encode()
             await send_bytes(
@@ -268,32 +269,32 @@ class OpenApiRoutes:
 
             self._probes = [
                 a
-                for a in default_adapters(self.registry, self.log)
+                for a in default_adapters(self.plane, self.log)
                 if not isinstance(a, OpenApiRoutes)
             ]
         return self._probes
 
-    def is_served(self, method: str, path: str) -> bool:
+    def is_served(self, method: str, path: str, call: Call) -> bool:
         """True when an adapter claims `method path` (its handler may still answer 4xx)."""
         request = probe_request(method, path)
         for adapter in self.probes():
             try:
-                if adapter.route(request) is not None:
+                if adapter.route(request, call) is not None:
                     return True
             except KilnError:
                 return True  # claimed, and refused in that protocol's own shape
         return False
 
-    def operations(self) -> list[Operation]:
-        """Every concrete operation the inference port serves right now."""
+    def operations(self, call: Call) -> list[Operation]:
+        """Every concrete operation the inference port serves right now, to this caller."""
         found = []
-        for op in expand(self.registry):
-            if op.route.always or self.is_served(op.route.method.upper(), op.path):
+        for op in expand(call.view):
+            if op.route.always or self.is_served(op.route.method.upper(), op.path, call):
                 found.append(op)
         return found
 
-    def document(self, base_url: str = "") -> dict[str, Any]:
-        return build_document(self.operations(), base_url)
+    def document(self, base_url: str, call: Call) -> dict[str, Any]:
+        return build_document(self.operations(call), base_url)
 
 
 def probe_request(method: str, path: str) -> Request:
@@ -306,7 +307,7 @@ def probe_request(method: str, path: str) -> Request:
     return Request(scope, receive)
 
 
-def expand(registry: Registry) -> Iterator[Operation]:
+def expand(registry: Registry | RegistryView) -> Iterator[Operation]:
     """Every route shape made concrete for the APIs and versions in `registry`."""
     groups = sorted(registry.groups.values(), key=lambda g: g.name)
     for route in ROUTES:

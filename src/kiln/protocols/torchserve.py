@@ -24,7 +24,8 @@ from kiln.errors import KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.http import Request, Send, send_bytes, send_json
 from kiln.protocols.multipart import MULTIPART, read_multipart
 from kiln.protocols.streaming import stream_response, wants_sse
-from kiln.serving.router import ApiGroup, Registry, ServedApi
+from kiln.serving.data_plane import Call, DataPlane
+from kiln.serving.router import ApiGroup, Registry, RegistryView, ServedApi
 from kiln.serving.types import InferenceRequest, InferenceResponse
 
 _SYSTEM = "kiln"
@@ -64,7 +65,7 @@ def render_torchserve_error(err: KilnError, request_id: str = "") -> dict[str, A
     return {"code": err.status, "type": torchserve_type(err), "message": err.message}
 
 
-def find_group(registry: Registry, name: str) -> ApiGroup | None:
+def find_group(registry: Registry | RegistryView, name: str) -> ApiGroup | None:
     """The API a TorchServe-style model name means: exact, else with `_` read as `-`."""
     group = registry.groups.get(name)
     if group is None:
@@ -74,12 +75,12 @@ def find_group(registry: Registry, name: str) -> ApiGroup | None:
     return group
 
 
-def model_not_found(registry: Registry, name: str) -> NotFound:
+def model_not_found(registry: Registry | RegistryView, name: str) -> NotFound:
     known = ", ".join(sorted(registry.groups)) or "none"
     return NotFound(f"Model not found: {name} (models served here: {known})")
 
 
-def resolve(registry: Registry, name: str, version: str | None) -> ServedApi:
+def resolve(registry: Registry | RegistryView, name: str, version: str | None) -> ServedApi:
     """The API version a TorchServe path names; 404 in TorchServe's terms otherwise."""
     group = find_group(registry, name)
     if group is None:
@@ -174,14 +175,14 @@ async def send_response(send: Send, response: InferenceResponse, request_id: str
 class TorchServeInference:
     """`/ping`, `/predictions/...` and `/explanations/...` in TorchServe's shapes."""
 
-    def __init__(self, registry: Registry, log: Any) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, log: Any) -> None:
+        self.plane = plane
         self.log = log
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return render_torchserve_error(err, request_id)
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         path = request.path.rstrip("/")
         if path == "/ping":
             return self._ping, _SYSTEM
@@ -193,59 +194,68 @@ class TorchServeInference:
             return self._bad_path, _SYSTEM
         name = segments[0]
         version = segments[1] if len(segments) == 2 else None
-        group = find_group(self.registry, name)
+        group = find_group(call.view, name)
         api_name = group.name if group is not None else _SYSTEM
 
-        async def handler(req: Request, send: Send) -> int:
-            served = resolve(self.registry, name, version)
+        async def handler(req: Request, send: Send, call: Call) -> int:
+            served = resolve(call.view, name, version)
             if head == "explanations":
-                return await self._explain(req, send, served)
-            return await self._predict(req, send, served, name)
+                return await self._explain(req, send, call, served)
+            return await self._predict(req, send, call, served, name)
 
         return handler, api_name
 
-    async def _bad_path(self, request: Request, send: Send) -> int:
+    async def _bad_path(self, request: Request, send: Send, call: Call) -> int:
         raise NotFound(
             f"no route {request.path}; use /predictions/{{model}}[/{{version}}] or "
             f"/explanations/{{model}}[/{{version}}]"
         )
 
-    async def _ping(self, request: Request, send: Send) -> int:
+    async def _ping(self, request: Request, send: Send, call: Call) -> int:
         if request.method not in ("GET", "HEAD", "POST"):
             raise method_not_allowed(request, ("GET",))
-        healthy = all(served.healthy() for served in self.registry.all())
+        # Like TorchServe: Unhealthy (500) until every model has loaded, then while one fails.
+        apis = self.plane.registry.all()
+        healthy = all(s.healthy() and s.state != "loading" for s in apis)
         status = 200 if healthy else 500
         await send_json(
             send, status, {"status": "Healthy" if healthy else "Unhealthy"}, request.request_id
         )
         return status
 
-    async def _predict(self, request: Request, send: Send, served: ServedApi, name: str) -> int:
+    async def _predict(
+        self, request: Request, send: Send, call: Call, served: ServedApi, name: str
+    ) -> int:
         if request.method == "OPTIONS":
-            group = find_group(self.registry, name)
+            group = find_group(call.view, name)
             versions = sorted(str(v) for v in (group.versions if group else {}) if v is not None)
             await send_json(send, 200, describe(served, name, versions), request.request_id)
             return 200
         if request.method not in _PREDICT_METHODS:
             raise method_not_allowed(request, (*_PREDICT_METHODS, "OPTIONS"))
+        plane = self.plane
+        plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         inference = await build_request(request, served, body)
         if streams(served, request):
             return await stream_response(
                 request,
                 send,
-                served.stream(inference),
+                plane.stream(call, served, inference),
                 sse=wants_sse(request),
                 error_body=render_torchserve_error,
             )
-        return await send_response(send, await served.predict(inference), request.request_id)
+        response = await plane.predict(call, served, inference)
+        return await send_response(send, response, request.request_id)
 
-    async def _explain(self, request: Request, send: Send, served: ServedApi) -> int:
+    async def _explain(self, request: Request, send: Send, call: Call, served: ServedApi) -> int:
         if request.method not in _PREDICT_METHODS:
             raise method_not_allowed(request, _PREDICT_METHODS)
+        self.plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         inference = await build_request(request, served, body)
-        return await send_response(send, await served.explain(inference), request.request_id)
+        response = await self.plane.explain(call, served, inference)
+        return await send_response(send, response, request.request_id)
 
 
 def describe(served: ServedApi, name: str, versions: list[str]) -> dict[str, Any]:

@@ -52,7 +52,8 @@ from kiln.protocols.v2_codec import (
     encode_infer_response,
     parse_infer_body,
 )
-from kiln.serving.router import ApiGroup, Registry, ServedApi
+from kiln.serving.data_plane import Call, DataPlane
+from kiln.serving.router import ApiGroup, ServedApi
 from kiln.serving.types import InferenceRequest
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
@@ -96,8 +97,8 @@ class OpenInferenceV2:
 
     protocol = "v2"
 
-    def __init__(self, registry: Registry, log: Any) -> None:
-        self.registry = registry
+    def __init__(self, plane: DataPlane, log: Any) -> None:
+        self.plane = plane
         self.log = log
         # The last signature seen per API version: a worker that is restarting has none
         # to report, but requests may still be checked while they wait for it.
@@ -107,17 +108,18 @@ class OpenInferenceV2:
         # The `/v2/models/{m}/infer` handler per model name (names come from the registry).
         self._infer_handlers: dict[str, Any] = {}
 
-    def route(self, request: Request) -> tuple[Any, str] | None:
+    def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         path = request.path.rstrip("/")
         if path != "/v2" and not path.startswith("/v2/"):
             return None
         parts = path[3:].split("/")[1:]
         api = _SYSTEM
+        groups = call.view.groups
         # Only a known name becomes a log name: it names a file.
-        if len(parts) >= 2 and parts[0] == "models" and parts[1] in self.registry.groups:
+        if len(parts) >= 2 and parts[0] == "models" and parts[1] in groups:
             api = parts[1]
         elif len(parts) == 4 and parts[:2] == ["repository", "models"]:
-            api = parts[2] if parts[2] in self.registry.groups else _SYSTEM
+            api = parts[2] if parts[2] in groups else _SYSTEM
         if api != _SYSTEM and parts[0] == "models" and parts[-1] == "infer":
             # The hot path goes straight to `_infer`, one coroutine less per request.
             if len(parts) == 3:
@@ -128,8 +130,8 @@ class OpenInferenceV2:
             if len(parts) == 5 and parts[2] == "versions":
                 return self._infer_handler(parts[1], parts[3]), api
 
-        async def handler(req: Request, send: Send) -> int:
-            return await self.dispatch(req, send, parts)
+        async def handler(req: Request, send: Send, call: Call) -> int:
+            return await self.dispatch(req, send, call, parts)
 
         return handler, api
 
@@ -139,17 +141,17 @@ class OpenInferenceV2:
         return "manage" if request.path.rstrip("/").startswith("/v2/repository") else "invoke"
 
     def _infer_handler(self, name: str, version: str | None) -> Any:
-        async def infer(req: Request, send: Send) -> int:
+        async def infer(req: Request, send: Send, call: Call) -> int:
             if req.method != "POST":
                 raise _method_not_allowed("POST", req)
-            return await self._infer(req, send, name, version)
+            return await self._infer(req, send, call, name, version)
 
         return infer
 
     def render_error(self, err: KilnError, request_id: str) -> dict[str, Any]:
         return kserve_error(err, request_id)
 
-    async def dispatch(self, request: Request, send: Send, parts: list[str]) -> int:
+    async def dispatch(self, request: Request, send: Send, call: Call, parts: list[str]) -> int:
         match parts:
             case []:
                 self._only(request, "GET")
@@ -164,25 +166,26 @@ class OpenInferenceV2:
                 return await self._json(request, send, 200 if ready else 503, {"ready": ready})
             case ["models"]:
                 self._only(request, "GET")
-                return await self._json(request, send, 200, {"models": list(self.registry.groups)})
+                models = list(call.view.groups)
+                return await self._json(request, send, 200, {"models": models})
             case ["models", name] | ["models", name, "versions", _]:
                 self._only(request, "GET")
                 version = parts[3] if len(parts) == 4 else None
-                return await self._metadata(request, send, name, version)
+                return await self._metadata(request, send, call, name, version)
             case ["models", name, "ready"] | ["models", name, "versions", _, "ready"]:
                 self._only(request, "GET")
                 version = parts[3] if len(parts) == 5 else None
-                return await self._model_ready(request, send, name, version)
+                return await self._model_ready(request, send, call, name, version)
             case ["models", name, "infer"] | ["models", name, "versions", _, "infer"]:
                 self._only(request, "POST")
                 version = parts[3] if len(parts) == 5 else None
-                return await self._infer(request, send, name, version)
+                return await self._infer(request, send, call, name, version)
             case ["repository", "index"]:
                 self._only(request, "POST")
-                return await self._index(request, send)
+                return await self._index(request, send, call)
             case ["repository", "models", name, ("load" | "unload") as action]:
                 self._only(request, "POST")
-                return await self._load_or_unload(request, send, name, action)
+                return await self._load_or_unload(request, send, call, name, action)
         raise NotFound(
             f"no V2 route at {request.path}; the routes are /v2, /v2/health/live, "
             f"/v2/health/ready, /v2/models, /v2/models/{{model}}[/versions/{{version}}]"
@@ -200,14 +203,15 @@ class OpenInferenceV2:
         await send_json(send, status, body, request.request_id)
         return status
 
-    def _group(self, name: str) -> ApiGroup:
-        group = self.registry.groups.get(name)
+    @staticmethod
+    def _group(call: Call, name: str) -> ApiGroup:
+        group = call.view.groups.get(name)
         if group is None:
             raise NotFound(f"no model named '{name}'; GET /v2/models lists the models")
         return group
 
-    def _served(self, name: str, version: str | None) -> ServedApi:
-        group = self._group(name)
+    def _served(self, call: Call, name: str, version: str | None) -> ServedApi:
+        group = self._group(call, name)
         if version is not None and version not in group.versions:
             known = sorted((str(v) for v in group.versions if v is not None), key=_version_key)
             listed = ", ".join(known) if known else f"none; use /v2/models/{name}"
@@ -251,14 +255,16 @@ class OpenInferenceV2:
 
     def _server_ready(self) -> bool:
         # An API unloaded on purpose (repository unload) does not make the server unready.
-        return all(s.state in _READY for s in self.registry.all() if s.state != "unloaded")
+        return all(s.state in _READY for s in self.plane.registry.all() if s.state != "unloaded")
 
     # ----- metadata and health -----------------------------------------------------
-    async def _metadata(self, request: Request, send: Send, name: str, version: str | None) -> int:
-        served = self._served(name, version)
+    async def _metadata(
+        self, request: Request, send: Send, call: Call, name: str, version: str | None
+    ) -> int:
+        served = self._served(call, name, version)
         signature = await self._loaded_signature(served)
         versions = sorted(
-            (v for v in self.registry.groups[name].versions if v is not None), key=_version_key
+            (v for v in call.view.groups[name].versions if v is not None), key=_version_key
         )
         body = {
             "name": name,
@@ -270,17 +276,20 @@ class OpenInferenceV2:
         return await self._json(request, send, 200, body)
 
     async def _model_ready(
-        self, request: Request, send: Send, name: str, version: str | None
+        self, request: Request, send: Send, call: Call, name: str, version: str | None
     ) -> int:
-        served = self._served(name, version)
+        served = self._served(call, name, version)
         ready = served.state in _READY
         return await self._json(
             request, send, 200 if ready else 503, {"name": name, "ready": ready}
         )
 
     # ----- inference ---------------------------------------------------------------
-    async def _infer(self, request: Request, send: Send, name: str, version: str | None) -> int:
-        served = self._served(name, version)
+    async def _infer(
+        self, request: Request, send: Send, call: Call, name: str, version: str | None
+    ) -> int:
+        served = self._served(call, name, version)
+        self.plane.admit(call, served.name)
         limit = served.api.serving.max_request_bytes
         raw = await request.body(limit)
         encoding = request.headers.get("content-encoding")
@@ -289,7 +298,7 @@ class OpenInferenceV2:
         headers = request.headers
         header_length = headers.get("inference-header-content-length")
         if header_length is None and b"binary_data" not in raw and b"timeout" not in raw:
-            return await self._infer_in_worker(request, send, served, raw)
+            return await self._infer_in_worker(request, send, call, served, raw)
         body = parse_infer_body(raw, header_length)
         self._refuse_unavailable(served)
         signature = served.signature
@@ -317,7 +326,7 @@ class OpenInferenceV2:
             want_tensors=True,
             outputs=body.outputs,
         )
-        response = await served.predict(inference)
+        response = await self.plane.predict(call, served, inference)
         if response.tensors is None:
             raise InferenceError(f"model '{name}' answered without output tensors")
         head: dict[str, Any] = {"model_name": served.name}
@@ -335,7 +344,7 @@ class OpenInferenceV2:
         return 200
 
     async def _infer_in_worker(
-        self, request: Request, send: Send, served: ServedApi, raw: bytes
+        self, request: Request, send: Send, call: Call, served: ServedApi, raw: bytes
     ) -> int:
         """A JSON-only request: the worker parses, checks and answers it (`kind="v2json"`).
 
@@ -354,7 +363,7 @@ class OpenInferenceV2:
             kind="v2json",
             want_tensors=True,
         )
-        response = await served.predict(inference)
+        response = await self.plane.predict(call, served, inference)
         await send_bytes(
             send,
             200,
@@ -366,11 +375,11 @@ class OpenInferenceV2:
         return 200
 
     # ----- repository extension ----------------------------------------------------
-    async def _index(self, request: Request, send: Send) -> int:
+    async def _index(self, request: Request, send: Send, call: Call) -> int:
         options = _small_json(await request.body(_SMALL_BODY))
         only_ready = options.get("ready") is True
         entries = []
-        for group in self.registry.groups.values():
+        for group in call.view.groups.values():
             for served in sorted(group.versions.values(), key=lambda s: _version_key(s.version)):
                 state = served.state
                 if only_ready and state not in _READY:
@@ -384,12 +393,14 @@ class OpenInferenceV2:
                 elif state == "scaled to zero":
                     entry["reason"] = "scaled to zero: the next request starts a worker"
                 elif state == "failed":
-                    entry["reason"] = served.error or "failed to load"
+                    entry["reason"] = self.plane.shown_error(call, served) or "failed to load"
                 entries.append(entry)
         return await self._json(request, send, 200, entries)
 
-    async def _load_or_unload(self, request: Request, send: Send, name: str, action: str) -> int:
-        group = self._group(name)
+    async def _load_or_unload(
+        self, request: Request, send: Send, call: Call, name: str, action: str
+    ) -> int:
+        group = self._group(call, name)
         options = _small_json(await request.body(_SMALL_BODY))
         params = options.get("parameters") or {}
         if action == "load" and isinstance(params, dict):

@@ -1,19 +1,20 @@
 """Which API version answers a request: APIs by endpoint and name, and their versions.
 
 A `Registry` maps endpoints and names to the versions behind them and picks
-the default version (the one marked `default: true`, else the highest).
+the default version (the one marked `default: true`, else the highest). What
+one caller may see of it is a `RegistryView`, asked for explicitly with
+`Registry.view(caller)`: no ambient state says who is asking.
 """
 
 from __future__ import annotations
 
 import re
-from contextvars import ContextVar
 from typing import Any, Protocol
 
 from kiln.errors import NotFound
 from kiln.serving.served import ServedApi
 
-__all__ = ["ApiGroup", "Registry", "ServedApi"]
+__all__ = ["ApiGroup", "Caller", "Registry", "RegistryView", "ServedApi"]
 
 
 def _version_key(version: str | None) -> tuple[Any, ...]:
@@ -33,8 +34,7 @@ class Caller(Protocol):
 
     def sees(self, name: str) -> bool: ...
 
-
-CALLER: ContextVar[Caller | None] = ContextVar("kiln_caller", default=None)
+    def owns(self, name: str) -> bool: ...
 
 
 class ApiGroup:
@@ -90,32 +90,32 @@ class ApiGroup:
 
 
 class Registry:
-    """The APIs this server answers for, as the current caller may see them.
+    """Every API this server answers for, whoever asks (the server's own bookkeeping).
 
-    With API keys on, the HTTP layer sets `CALLER` for each request to a
-    principal whose `sees(name)` says which APIs it may see: another user's API,
-    or one the key is not scoped to, is then absent from every lookup and
-    listing, so every protocol answers for it exactly as for an API that does
-    not exist. Without a caller (auth off, health routes, the server's own
-    tasks) everything is visible. Views are cached per principal scope and
-    dropped whenever the registry changes.
+    Requests see it through `view(caller)`: with API keys on, a caller's view
+    leaves out another user's API and one its key is not scoped to, so every
+    protocol answers for it exactly as for an API that does not exist. Without
+    a caller (auth off, health routes) the view is the registry itself. Views
+    are cached per principal scope and dropped whenever the registry changes.
     """
 
     def __init__(self) -> None:
         self._groups: dict[str, ApiGroup] = {}
         self._by_endpoint: dict[str, ApiGroup] = {}
-        self._views: dict[Any, dict[str, ApiGroup]] = {}
+        self._views: dict[Any, RegistryView] = {}
 
     @property
     def groups(self) -> dict[str, ApiGroup]:
-        """Name -> versions, filtered to what the current caller may see (read-only use)."""
-        caller = CALLER.get()
+        """Name -> versions, every API (read-only use)."""
+        return self._groups
+
+    def view(self, caller: Caller | None) -> Registry | RegistryView:
+        """What `caller` may see: the registry itself for no caller or one that sees all."""
         if caller is None or caller.sees_all:
-            return self._groups
+            return self
         view = self._views.get(caller.scope_key)
         if view is None:
-            view = {n: g for n, g in self._groups.items() if caller.sees(n)}
-            self._views[caller.scope_key] = view
+            view = self._views[caller.scope_key] = RegistryView(self, caller)
         return view
 
     def _changed(self) -> None:
@@ -168,13 +168,7 @@ class Registry:
         return served
 
     def by_endpoint(self, path: str) -> ApiGroup | None:
-        group = self._by_endpoint.get(path.rstrip("/") or "/")
-        if group is None:
-            return None
-        caller = CALLER.get()
-        if caller is not None and not caller.sees_all and not caller.sees(group.name):
-            return None
-        return group
+        return self._by_endpoint.get(path.rstrip("/") or "/")
 
     def by_name(self, name: str) -> ApiGroup:
         group = self.groups.get(name)
@@ -186,5 +180,37 @@ class Registry:
         return [served for group in self.groups.values() for served in group.versions.values()]
 
     def all_unfiltered(self) -> list[ServedApi]:
-        """Every API whoever asks (the server's own bookkeeping: shutdown, metrics)."""
-        return [served for group in self._groups.values() for served in group.versions.values()]
+        """Every API whoever asks (kept for callers that say so explicitly)."""
+        return self.all()
+
+
+class RegistryView:
+    """The registry as one caller sees it: the same lookups, limited to `caller.sees`.
+
+    Built once per principal scope (cached by the registry until it changes), so a
+    request pays one dictionary lookup for it.
+    """
+
+    __slots__ = ("_registry", "_caller", "groups")
+
+    def __init__(self, registry: Registry, caller: Caller) -> None:
+        self._registry = registry
+        self._caller = caller
+        self.groups: dict[str, ApiGroup] = {
+            n: g for n, g in registry.groups.items() if caller.sees(n)
+        }
+
+    def by_endpoint(self, path: str) -> ApiGroup | None:
+        group = self._registry.by_endpoint(path)
+        if group is None or not self._caller.sees(group.name):
+            return None
+        return group
+
+    def by_name(self, name: str) -> ApiGroup:
+        group = self.groups.get(name)
+        if group is None:
+            raise NotFound(f"no API named '{name}'; GET /apis lists the APIs this server has")
+        return group
+
+    def all(self) -> list[ServedApi]:
+        return [served for group in self.groups.values() for served in group.versions.values()]

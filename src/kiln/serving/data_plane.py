@@ -1,0 +1,190 @@
+"""The data plane: the one layer between the protocol adapters and the served APIs.
+
+Every adapter (native, TorchServe, KServe V1, Open Inference V2, streaming,
+explanations, Batch API submissions) decodes its wire format, then hands the
+rest to this layer with an explicit `Call`: who asks (the authenticated
+principal, or None with auth off) and what it may see. The layer
+
+- resolves the API and version the caller named, in the caller's view of the
+  registry (another user's API answers like a missing one);
+- admits the call (quota and rate limit, through the `authority` the server
+  hands in: `control/quotas.py`'s QuotaGate) before any body is read;
+- enqueues it on the version that is live (a version a rollout replaced hands
+  the call to its successor, and the successor's version is what is reported);
+- turns API state into the caller's error: a load error reaches only those who
+  may read it (`public_error`);
+- meters the call once, at the end, and only when admission succeeded
+  (`finish`): a call refused with 429 is never recorded, so it is neither billed
+  nor counted again when the quota counters are rebuilt after a restart.
+
+Nothing here travels in a ContextVar: the caller and the version that
+answered live on the `Call` the adapter was given, which is how MLServer's
+DataPlane sits between its REST/gRPC servers and the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kiln.errors import KilnError, NotFound, Unavailable
+from kiln.serving.router import ApiGroup, Caller, Registry, RegistryView, ServedApi
+from kiln.serving.types import InferenceRequest, InferenceResponse
+
+__all__ = ["Call", "DataPlane"]
+
+
+class Call:
+    """One HTTP request's business with the data plane (one small object per request).
+
+    `caller` and `view` are fixed when the request is authenticated; `api` and
+    `version` say which API version answered (for metering, metrics and logs);
+    `admitted` is set only when the quota and rate limit let the call in, and is
+    what `DataPlane.finish` meters; `rate_headers` are the X-RateLimit-* headers
+    the response carries.
+    """
+
+    __slots__ = ("caller", "view", "api", "version", "admitted", "rate_headers")
+
+    def __init__(self, caller: Caller | None, view: Registry | RegistryView) -> None:
+        self.caller = caller
+        self.view = view
+        self.api = ""
+        self.version = ""
+        self.admitted = False
+        self.rate_headers: list[tuple[bytes, bytes]] | None = None
+
+
+def _live(served: ServedApi) -> ServedApi:
+    """The version that takes a call now: a version a rollout replaced and that is
+    draining hands new calls to its successor (served.py does the same inside)."""
+    while served.successor is not None and served.state == "stopped":
+        served = served.successor
+    return served
+
+
+class DataPlane:
+    """Resolve, admit, enqueue, await, map errors and meter: once, for every protocol."""
+
+    def __init__(self, registry: Registry, authority: Any = None) -> None:
+        self.registry = registry
+        # API keys, quotas and metering (control/quotas.py QuotaGate), or None: auth off.
+        self.authority = authority
+
+    # ----- who asks ------------------------------------------------------------------
+    def call(self, caller: Caller | None = None) -> Call:
+        """A new call for `caller` (None: auth off, or an open route)."""
+        return Call(caller, self.registry.view(caller))
+
+    # ----- resolve -------------------------------------------------------------------
+    def group(self, call: Call, name: str) -> ApiGroup | None:
+        """The API `name` as the caller sees it (None: missing, or not the caller's)."""
+        return call.view.groups.get(name)
+
+    def resolve(self, call: Call, name: str, version: str | None) -> ServedApi:
+        """The version of `name` a request means (its default when `version` is None)."""
+        group = call.view.groups.get(name)
+        if group is None:
+            raise NotFound(f"no API named '{name}'; GET /apis lists the APIs this server has")
+        served = group.get(version)
+        call.api = served.name
+        return served
+
+    # ----- admit ---------------------------------------------------------------------
+    def admit(self, call: Call, api: str) -> None:
+        """Let one inference call of `api` in, or raise 429 (quota or rate limit).
+
+        Called by the adapters before they read a body, once per HTTP call (a V1
+        request of many instances is one call). Admission checks and counts in one
+        synchronous step (control/quotas.py), so concurrent callers never overshoot.
+        """
+        call.api = api
+        caller = call.caller
+        if caller is None or self.authority is None:
+            return
+        headers = self.authority.admit(caller)  # TooManyRequests: never admitted, never metered
+        call.admitted = True
+        if headers:
+            call.rate_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    # ----- enqueue and await ---------------------------------------------------------
+    async def predict(
+        self, call: Call, served: ServedApi, request: InferenceRequest
+    ) -> InferenceResponse:
+        """Queue one request on the live version and wait for its answer."""
+        target = served if served.successor is None else _live(served)
+        call.version = target.version or ""
+        return await target.predict(request)
+
+    async def explain(
+        self, call: Call, served: ServedApi, request: InferenceRequest
+    ) -> InferenceResponse:
+        target = served if served.successor is None else _live(served)
+        call.version = target.version or ""
+        return await target.explain(request)
+
+    def stream(
+        self, call: Call, served: ServedApi, request: InferenceRequest
+    ) -> AsyncIterator[tuple[bytes, str]]:
+        """The handler's chunks as it yields them (never batched)."""
+        target = served if served.successor is None else _live(served)
+        call.version = target.version or ""
+        return target.stream(request)
+
+    async def wait_ready(self, call: Call, served: ServedApi) -> None:
+        """Wait for a ready replica (a GET loads a model scaled to zero); 503 otherwise."""
+        call.version = served.version or ""
+        await served.wait_ready(served.api.serving.startup_timeout_s)
+
+    # ----- errors --------------------------------------------------------------------
+    def exposes(self, call: Call, served: ServedApi) -> bool:
+        """Whether this caller may read the API's load error as it is.
+
+        On `kiln serve` (the developer's own server) and for APIs that set
+        `serving.expose_errors: true`, always (the server sets
+        `worker_spec.expose_errors` for both). On `kiln server`, only its owner
+        and the admin: the message may name files, hosts or secrets of the owner.
+        """
+        if served.worker_spec.expose_errors:
+            return True
+        caller = call.caller
+        return caller is not None and caller.owns(served.name)
+
+    def shown_error(self, call: Call, served: ServedApi) -> str | None:
+        """The API's load error as this caller may read it (None: no error)."""
+        error = served.error
+        if error is None or self.exposes(call, served):
+            return error
+        return _hidden(served.name)
+
+    def public_error(self, call: Call, err: KilnError) -> KilnError:
+        """The error the caller gets: a 503 that carries an API's load error is rewritten
+        for callers who may not read it (see `exposes`); every other error is as raised."""
+        if err.status != 503 or not call.api:
+            return err
+        group = self.registry.groups.get(call.api)
+        if group is None:
+            return err
+        for served in group.versions.values():
+            error = served.error
+            if error and error in err.message and not self.exposes(call, served):
+                hidden = Unavailable(
+                    f"API '{served.name}' failed to load; {_hidden(served.name)}",
+                    retry_after=getattr(err, "retry_after", None),
+                )
+                return hidden
+        return err
+
+    # ----- meter ---------------------------------------------------------------------
+    def finish(self, call: Call, status: int) -> None:
+        """Meter an admitted call once, with the status it was answered with."""
+        if call.admitted and self.authority is not None:
+            call.admitted = False  # once, whatever calls finish again
+            self.authority.record(call.caller, call.api, call.version, status)
+
+
+def _hidden(name: str) -> str:
+    return (
+        f"its owner can see why with `kiln get {name}` or `kiln logs {name}` "
+        f"(or set serving.expose_errors: true to show load errors to callers)"
+    )
