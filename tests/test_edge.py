@@ -13,6 +13,7 @@ unfinished header to the management port is cut off before it costs memory.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import select
@@ -573,3 +574,55 @@ def test_edge_limits_validate() -> None:
         EdgeLimits.from_mapping({"header_timeout": 5})
     with pytest.raises(ValueError, match="positive"):
         EdgeLimits(max_connections=0)
+
+
+def test_kiln_serve_max_connections_flag_caps_the_inference_port(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    write(
+        project / "echo.py",
+        "import kiln\n\n@kiln.handler\ndef echo(payload, context):\n    return payload\n",
+    )
+    write(project / "kiln.yaml", "- kind: api\n  name: echo\n  python:\n    handler: echo.py\n")
+    server = KilnServer(project, tmp_path / "home", extra_args=["--max-connections", "5"])
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(5):  # five requests with their body in flight: none may be evicted
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b'POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\n{"a"')
+            held.append(sock)
+        time.sleep(0.3)
+        with socket.create_connection((host, int(port)), timeout=10) as sixth:
+            data, took = read_until_closed(sixth)
+        assert status_of(data) == 503 and b"retry-after: 1" in data.lower() and took < 2
+        for sock in held:  # the five finish normally
+            sock.sendall(b": 1}")
+            response = read_response(sock)
+            assert status_of(response) == 200, response
+            assert json.loads(response.partition(b"\r\n\r\n")[2]) == {"a": 1}
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_kiln_serve_edge_flag_errors_name_the_flag(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    write(project / "echo.py", "def echo(payload, context):\n    return payload\n")
+    write(project / "kiln.yaml", "- kind: api\n  name: echo\n  python:\n    handler: echo.py\n")
+    cases = [
+        (["--max-connections", "0"], "--max-connections must be a positive number, not 0"),
+        (["--max-header-bytes", "100"], "--max-header-bytes must be at least 1024, not 100"),
+        (["--header-timeout-s", "-1"], "--header-timeout-s must be a positive number"),
+    ]
+    for args, message in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "kiln.cli.main", "serve", str(project), "--port", "0", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "KILN_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert message in " ".join((done.stdout + done.stderr).split())
+        assert "Traceback" not in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,65 @@ def test_server_yaml_values_are_checked(tmp_path: Path, content: str, words: lis
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
     save(tmp_path, {"port": 0, "edge": {"max_connections": 50}, "pass_env": ["HF_*"]})
     assert load(tmp_path) == {"port": 0, "pass_env": ["HF_*"], "edge": {"max_connections": 50}}
+
+
+def test_edge_flags_are_saved_under_edge_and_take_effect(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "home")
+    d.start("--max-connections", "5", "--header-timeout-s", "4", "--max-header-bytes", "4096")
+    try:
+        saved = yaml.safe_load((d.home / "server.yaml").read_text())
+        assert saved["edge"] == {
+            "max_connections": 5,
+            "header_timeout_s": 4.0,
+            "max_header_bytes": 4096,
+        }
+        host, port = d.url.removeprefix("http://").rsplit(":", 1)
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(5)]
+        try:
+            for sock in held:  # a body in flight: never the one that makes room
+                sock.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 8\r\n\r\nxx")
+            time.sleep(0.3)
+            with socket.create_connection((host, int(port)), timeout=10) as sixth:
+                sixth.settimeout(5)
+                data = sixth.recv(4096)
+            assert data.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in data.lower()
+        finally:
+            for sock in held:
+                sock.close()
+        with socket.create_connection((host, int(port)), timeout=10) as big:
+            big.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"a" * 5000 + b"\r\n\r\n")
+            big.settimeout(5)
+            assert big.recv(4096).startswith(b"HTTP/1.1 431")  # --max-header-bytes 4096
+    finally:
+        d.stop()
+    # A later flag changes its own key; the others stay as saved.
+    d.start("--keepalive-timeout-s", "2")
+    try:
+        saved = yaml.safe_load((d.home / "server.yaml").read_text())
+        assert saved["edge"] == {
+            "max_connections": 5,
+            "header_timeout_s": 4.0,
+            "max_header_bytes": 4096,
+            "keepalive_timeout_s": 2.0,
+        }
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-connections", "0"], "--max-connections must be a positive number, not 0"),
+        (["--body-idle-timeout-s", "0"], "--body-idle-timeout-s must be a positive number"),
+        (["--max-header-bytes", "10"], "--max-header-bytes must be at least 1024, not 10"),
+    ],
+)
+def test_a_bad_edge_flag_names_the_flag_and_saves_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    d = Daemon(tmp_path / "home")
+    done = d.kiln("server", "start", *args)
+    assert done.returncode == 2
+    assert message in " ".join((done.stdout + done.stderr).split())
+    assert "Traceback" not in done.stderr
+    assert not (d.home / "server.yaml").exists() and not (d.home / "server.json").exists()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
 from kiln.cli.common import console, err_console, kiln_home
+from kiln.cli.server_cmd_edge import EdgeFlagError, edge_limits
 from kiln.cli.tables import api_table
 from kiln.control.server import InferenceServer, RunningServer, ServerError, ServerOptions
 
@@ -35,10 +37,19 @@ def run_serve(
     model_store: Path | None = None,
     auth: bool = False,
     sandbox: bool = False,
+    edge: Mapping[str, Any] | None = None,
 ) -> int:
-    """Serve `project` until Ctrl-C or SIGTERM; returns the exit code."""
+    """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
+
+    `edge`: the edge flags given (--max-connections ...); used for this run, never saved.
+    """
+    try:
+        limits = edge_limits(edge or {})
+    except EdgeFlagError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        return 2
     temporary = home is None
-    state_home = Path(tempfile.mkdtemp(prefix="kiln-serve-")) if temporary else home
+    state_home = Path(tempfile.mkdtemp(prefix="kiln-serve-")) if home is None else home
     pointers = [kiln_home() / "serve.json"] if temporary else []
     options = ServerOptions(
         host=host,
@@ -51,12 +62,18 @@ def run_serve(
         pointer_files=pointers,
         auth=auth,
         sandbox=sandbox,
+        edge=limits,
     )
     server = InferenceServer(project, options)
 
     def on_loading(count: int) -> None:
+        running = server.running
+        where = f" (listening on {running.url}: /healthz answers now)" if running else ""
         console.print(
-            f"Loading {count} API(s) from {escape(str(project.config_file))} ...", highlight=False
+            f"Loading {count} API(s) from {escape(str(project.config_file))}{where}; requests "
+            f"wait for their API to load ...",
+            highlight=False,
+            soft_wrap=True,
         )
 
     def on_ready(running: RunningServer) -> None:

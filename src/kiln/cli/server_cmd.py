@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import orjson
@@ -24,6 +24,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from kiln.cli.common import _alive, console, err_console, kiln_home
+from kiln.cli.server_cmd_edge import (
+    EDGE_FLAGS,
+    BodyIdleTimeoutOption,
+    EdgeFlagError,
+    HeaderTimeoutOption,
+    KeepaliveTimeoutOption,
+    MaxConnectionsOption,
+    MaxHeaderBytesOption,
+    check_edge,
+    given_edge,
+)
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 45.0
@@ -258,24 +269,36 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
     """Flags given now over KILN_HOME/server.yaml over the defaults; saves flags given now.
 
     So `kiln server start` after a stop comes back on the same ports, with the
-    same --pass-env patterns and edge limits.
+    same --pass-env patterns and edge limits. Edge flags (--max-connections ...)
+    update the keys they name inside `edge:` and leave the others as saved.
     """
     from kiln.control.server_file import ServerFileError, load, save
 
     try:
         saved = load(home)
     except ServerFileError as exc:
-        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    now = {k: v for k, v in given.items() if v is not None}
+        _fail(str(exc))
+    edge = given_edge(given)
+    try:
+        check_edge(edge)  # before anything is saved
+    except EdgeFlagError as exc:
+        _fail(str(exc))
+    now = {k: v for k, v in given.items() if k in DEFAULTS and v is not None}
+    if edge:
+        now["edge"] = {**saved.get("edge", {}), **edge}
     if now:
         save(home, {**saved, **now})
     return {**DEFAULTS, **saved, **now}
 
 
+def _fail(message: str) -> NoReturn:
+    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(2)
+
+
 def _flags(given: dict[str, Any]) -> dict[str, Any]:
     """The server options among a command's parameters (None: not given)."""
-    return {k: v for k, v in given.items() if k in DEFAULTS}
+    return {k: v for k, v in given.items() if k in DEFAULTS or k in EDGE_FLAGS}
 
 
 def _options(home: Path, settings: dict[str, Any]) -> Any:
@@ -344,6 +367,11 @@ def run_cmd(
     auth: AuthOption = None,
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
+    header_timeout_s: HeaderTimeoutOption = None,
+    body_idle_timeout_s: BodyIdleTimeoutOption = None,
+    keepalive_timeout_s: KeepaliveTimeoutOption = None,
+    max_connections: MaxConnectionsOption = None,
+    max_header_bytes: MaxHeaderBytesOption = None,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
@@ -361,6 +389,11 @@ def start_cmd(
     auth: AuthOption = None,
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
+    header_timeout_s: HeaderTimeoutOption = None,
+    body_idle_timeout_s: BodyIdleTimeoutOption = None,
+    keepalive_timeout_s: KeepaliveTimeoutOption = None,
+    max_connections: MaxConnectionsOption = None,
+    max_header_bytes: MaxHeaderBytesOption = None,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)

@@ -15,8 +15,10 @@ the background:
   revision is marked `error` with the worker's message, and the old revision
   keeps serving.
 
-After a restart `restore()` loads each deployment's current revision from the
-artifact store with the replica counts the autoscaler last asked for.
+A first revision (an API name nothing serves yet) is routed from the deploy on,
+so requests wait for its load instead of 404 (loading.py). After a restart
+`restore()` routes each deployment's current revision from the artifact store
+and `bring_up()` loads it with the replica counts the autoscaler last asked for.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import ConfigError, load_project
-from kiln.control.envstep import restore_environment
+from kiln.control.loading import LoadingMixin
 from kiln.control.ownership import OwnershipMixin, _in_namespace, user_of
-from kiln.control.packaging import read_dotenv, short_revision, unpack_project
-from kiln.control.rollout import DRAIN_GRACE_S, Rollout, RolloutMixin, api_key
+from kiln.control.packaging import short_revision, unpack_project
+from kiln.control.rollout import DRAIN_GRACE_S, Rollout
 from kiln.control.store import ApiSpec as StoredApi
 from kiln.control.store import NotFoundError, Store
 from kiln.control.tenancy import config_scope
@@ -58,7 +60,7 @@ class ConfigRejected(InvalidInput):
         self.issues = [str(issue) for issue in error.issues]
 
 
-class DeploymentManager(RolloutMixin, OwnershipMixin):
+class DeploymentManager(LoadingMixin, OwnershipMixin):
     """Owns deploy, rollout, rollback, refresh, delete and restore for one server."""
 
     def __init__(self, server: Any, store: Store, home: Path) -> None:
@@ -71,6 +73,9 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         self.errors: dict[str, deque[dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # First revisions of API names routed while they load: (name, version) -> API.
+        self._first: dict[tuple[str, str | None], ServedApi] = {}
+        self._claimed: set[int] = set()  # ids of those a rollout has taken to start
 
     # ---- loading a revision -------------------------------------------------------
     def _load(self, folder: Path, deployment: str | None = None, tenant: str | None = None) -> Any:
@@ -162,7 +167,8 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
             names = {a.name for a in project.apis} | {b.name for b in project.batch_apis}
             rollout = Rollout(deployment, digest, apis=sorted(names))
             self.rollouts[deployment] = rollout
-        self._spawn(self._roll_out(rollout, project))
+            first = self._route_first_revision(deployment, digest, project)
+        self._spawn(self._roll_out_first(rollout, project, first))
         return {**rollout.to_json(), "apis": self._api_urls(project)}
 
     def _record_revision(self, deployment: str, digest: str, folder: Path, project: Any) -> None:
@@ -216,60 +222,6 @@ class DeploymentManager(RolloutMixin, OwnershipMixin):
         return [
             {"name": a.name, "version": a.version, "endpoint": a.endpoint} for a in project.apis
         ]
-
-    # ---- restore ------------------------------------------------------------------
-    async def restore(self) -> list[tuple[ServedApi, int]]:
-        """Register every deployment's current revision (after a start or a crash).
-
-        Returns each API with the replica count to start it at (the autoscaler's
-        last decision; 0 for an API that was scaled to zero); the server starts them.
-        """
-        # Uploads and unpacks a stopped or killed server left half done (one server per home).
-        await asyncio.to_thread(shutil.rmtree, self.artifacts / ".incoming", True)
-        restored: list[tuple[ServedApi, int]] = []
-        for dep in await asyncio.to_thread(self.store.list_deployments):
-            if not dep.current_revision:
-                continue
-            revision = await asyncio.to_thread(
-                self.store.get_revision, dep.name, dep.current_revision
-            )
-            folder = Path(revision.artifact_path) if revision else None
-            if folder is None or not folder.is_dir():
-                self._record_error(dep.name, f"revision {dep.current_revision} is missing")
-                continue
-            try:
-                project = await asyncio.to_thread(self._load, folder, dep.name)
-            except ConfigRejected as exc:  # e.g. a `${VAR}` the server no longer passes
-                self._record_error(dep.name, f"deployment '{dep.name}' was not restored: {exc}")
-                continue
-            if not await restore_environment(self, dep.name, folder):
-                continue  # its requirements.txt cannot be installed here (recorded)
-            records = await asyncio.to_thread(self.store.list_apis, dep.name)
-            requested = {(r.name, r.version or None): r.requested_replicas for r in records}
-            env = read_dotenv(folder)
-            prints = self._fingerprints(project)
-            for api in project.apis:
-                if (api.name, api.version) not in requested:
-                    continue  # deleted with `kiln delete`
-                if api.name in self.server.registry.groups and self.owner.get(api.name) != dep.name:
-                    self._record_error(
-                        api.name,
-                        f"deployment '{dep.name}' was not restored: API '{api.name}' is "
-                        f"already served from the folder `kiln serve` started with",
-                    )
-                    continue
-                served = self._served(api, project, dep.current_revision, env)
-                count = min(requested[(api.name, api.version)], served.max_replicas)
-                self.server.registry.add(served)
-                self.owner[api.name] = dep.name
-                self.fingerprints[api_key(api)] = prints[api_key(api)]
-                restored.append((served, count))
-            jobs = self.server.jobs
-            for batch in project.batch_apis if jobs is not None else []:
-                if (batch.name, None) in requested and batch.name not in jobs.apis:
-                    jobs.register(batch, project.root, dep.current_revision)
-                    self.owner[batch.name] = dep.name
-        return restored
 
     # ---- lifecycle operations -----------------------------------------------------
     def deployment_of(self, api: str) -> str:

@@ -141,7 +141,8 @@ class RolloutMixin:
                 return
             old_ones = []
             for served in fresh:
-                old = registry.swap(served)
+                # A first revision is routed while it loads (loading.py): nothing to swap.
+                old = None if served in registry.all_unfiltered() else registry.swap(served)
                 self.owner[served.name] = deployment
                 self.fingerprints[api_key(served.api)] = prints[api_key(served.api)]
                 self.server.start_autoscaler(served)

@@ -1,27 +1,28 @@
-"""Running the inference server in the foreground: bind, load, announce, serve, drain.
+"""Running the inference server in the foreground: bind, answer, load, announce, serve, drain.
 
-Order matters: the port is bound first (so port 0 is resolved and a busy port
-fails before anything loads), workers load next, then the table of APIs is
-printed and `server.json` written, and only then do requests flow. On SIGINT
-or SIGTERM the HTTP server stops accepting, requests in flight finish, then
-workers are stopped and reaped, so nothing is left behind.
+Order matters: the ports are bound first (so port 0 is resolved and a busy port
+fails before anything loads), every API is routed in state `loading`, and the
+ports answer at once: liveness (`/healthz`, `/v2/health/live`) from the first
+instant, readiness (`/ping`, `/v2/health/ready`) only once every API has
+loaded, and a request to an API still loading waits for it within
+`serving.startup_timeout_s` (then 503 with Retry-After), never 404. Once
+everything is loaded the table of APIs is printed and `server.json` written.
+On SIGINT or SIGTERM the HTTP servers stop accepting, requests in flight
+finish, then workers are stopped and reaped, so nothing is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from kiln.control.envstep import prepare_served_folder, site_dirs_for
 from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports them from here
@@ -33,60 +34,21 @@ from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports the
     remove_server_json,
     write_server_json,
 )
+from kiln.control.listeners import (
+    SHUTDOWN_GRACE_S,
+    Ports,
+    _Uvicorn,
+    bind_ports,
+    inference_server,
+    side_server,
+)
 from kiln.control.logs import LogSink
 from kiln.protocols.app import InferenceApp
 from kiln.sandbox import SandboxUnavailable
 from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving.router import Registry, ServedApi
 
-SHUTDOWN_GRACE_S = 30.0
 LOG_FLUSH_S = 0.2
-DEFAULT_HTTP = "kiln"  # the inference port's HTTP layer unless KILN_HTTP says otherwise
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn, minus its signal handling: the Kiln server owns SIGINT/SIGTERM.
-
-    On httptools (the management and metrics ports) its connections get the edge
-    limits (protocols/edge.py: head deadline and size, body idle time, keep-alive,
-    a connection cap) before the app, and so the API key check, sees a request.
-    """
-
-    def __init__(self, config: uvicorn.Config, edge: Any = None) -> None:
-        if config.http == "httptools":
-            from kiln.protocols.edge_uvicorn import guard_uvicorn
-
-            guard_uvicorn(config, edge)  # edge: an EdgeLimits, None for the defaults
-        super().__init__(config)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def _inference_server(app: InferenceApp, edge: Any = None) -> Any:
-    """The inference port's HTTP server: Kiln's own (`KILN_HTTP=kiln`) or uvicorn's.
-
-    Kiln's writes each answer in one system call and skips uvicorn's generic
-    per-request work (docs/performance.md); `KILN_HTTP=httptools` (or `h11`)
-    keeps uvicorn for comparison. Both expose `serve(sockets=...)` and `should_exit`.
-    """
-    http = os.environ.get("KILN_HTTP", DEFAULT_HTTP)
-    if http == "kiln":
-        from kiln.protocols.fast_http_server import FastHttpServer
-
-        return FastHttpServer(app, grace_s=SHUTDOWN_GRACE_S, limits=edge)
-    config = uvicorn.Config(
-        app,
-        http=http,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,  # no X-Forwarded-* rewriting on the hot path
-        server_header=False,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
-    return _Uvicorn(config, edge)
 
 
 @dataclass
@@ -282,60 +244,39 @@ class InferenceServer:
         on_loading: Callable[[int], None] | None = None,
         on_ready: Callable[[RunningServer], None] | None = None,
     ) -> None:
+        """Bind, open the state, answer on every port, load every API, serve, drain.
+
+        The ports answer from before the first model loads: liveness at once,
+        readiness (`/ping`, `/v2/health/ready`) once every API is loaded, and a
+        request to an API still loading waits for it (`serving.startup_timeout_s`).
+        `server.json` and `on_ready` come once everything has loaded.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
         self.sandbox = await asyncio.to_thread(self._sandbox_policy)
         self._announce_sandbox()
-        sock = bind_socket(self.options.host, self.options.port)
-        host, port = sock.getsockname()[:2]
-        management_sock = None
-        if self.options.management_port is not None:
-            try:
-                management_sock = bind_socket(self.options.host, self.options.management_port)
-            except ServerError as exc:
-                sock.close()
-                raise ServerError(str(exc).replace("--port", "--management-port", 1)) from None
-        metrics_sock = None
-        if self.options.metrics_port is not None:
-            try:
-                metrics_sock = bind_socket(self.options.host, self.options.metrics_port)
-            except ServerError as exc:
-                sock.close()
-                if management_sock is not None:
-                    management_sock.close()
-                raise ServerError(str(exc).replace("--port", "--metrics-port", 1)) from None
+        options = self.options
+        ports = bind_ports(
+            options.host, options.port, options.management_port, options.metrics_port
+        )
         try:
-            await prepare_served_folder(self.project)  # `kiln serve DIR`: its requirements.txt
             self._open_state()
         except ServerError:
-            for extra in (sock, management_sock, metrics_sock):
-                if extra is not None:
-                    extra.close()
+            ports.close()
             raise
         flusher = asyncio.create_task(self._flush_logs())
         counters_task = asyncio.create_task(self.counters.run())
         quota_task = asyncio.create_task(self.quotas.run()) if self.quotas else None
+        serving: asyncio.Future[Any] | None = None
         try:
-            starts = []
-            if self.project is not None:
-                for api in self.project.apis:
-                    served_api = self.served_api(api, self.project.root)
-                    served_api.worker_spec.site_dirs = site_dirs_for(self.project.root)
-                    self.registry.add(served_api)
-                    starts.append(served_api.start())
-            for served_api, count in await self.deployments.restore():
-                starts.append(served_api.start(count))
-            served = self.registry.all()
+            loads = await self._register_apis()  # routed now, in state "loading"
+            self.running = self._running(ports)
+            serving = asyncio.ensure_future(asyncio.gather(*self._listen(ports)))
             if on_loading:
-                on_loading(len(served))
-            loading = asyncio.gather(*starts)
-            stop_wait = asyncio.ensure_future(self._stop_requested.wait())
-            await asyncio.wait([loading, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-            if self._stop_requested.is_set():
-                loading.cancel()
+                on_loading(len(self.registry.all()))
+            if not await self._load(loads, serving):
                 return
-            stop_wait.cancel()
             self._start_autoscalers()
             if os.environ.get("KILN_GC_TUNING", "1") != "0":
                 # Everything loaded so far lives as long as the server: keep it out of the
@@ -344,92 +285,124 @@ class InferenceServer:
                 gc.collect()
                 gc.freeze()
                 gc.set_threshold(20_000, 20, 50)
-            url_host = f"[{host}]" if ":" in host else host
-            running = RunningServer(f"http://{url_host}:{port}", host, port, served)
-            if management_sock is not None:
-                running.management_port = management_sock.getsockname()[1]
-                running.management_url = f"http://{url_host}:{running.management_port}"
-            if metrics_sock is not None:
-                running.metrics_port = metrics_sock.getsockname()[1]
-                running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
-            self.running = running
-            self._write_server_json(running)
+            self.running.apis = self.registry.all()
+            self._write_server_json(self.running)
             if on_ready:
-                on_ready(running)
-            self._server = _inference_server(
-                InferenceApp(
-                    self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
-                ),
-                self.options.edge,
-            )
-            servers = [self._server.serve(sockets=[sock])]
-            if management_sock is not None:
-                from kiln.control.rest import control_routes
-                from kiln.protocols.management import build_management_app
-
-                management_app: Any = build_management_app(
-                    self.registry, self.log, self, extra_routes=control_routes(self)
-                )
-                if self.quotas is not None:
-                    from kiln.protocols.auth import ManagementGate
-
-                    management_app = ManagementGate(management_app, self.quotas)
-                self._management = _Uvicorn(
-                    uvicorn.Config(
-                        management_app,
-                        http="httptools",
-                        lifespan="off",
-                        log_level="warning",
-                        access_log=False,
-                        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                    ),
-                    self.options.edge,
-                )
-                servers.append(self._management.serve(sockets=[management_sock]))
-            if metrics_sock is not None:
-                from kiln.control.metrics import metrics_app
-
-                metrics: Any = metrics_app(self.metrics)
-                if self.quotas is not None:  # API keys on: a scrape needs a `manage` key
-                    from kiln.protocols.auth import ManagementGate
-
-                    metrics = ManagementGate(metrics, self.quotas)
-                self._metrics_server = _Uvicorn(
-                    uvicorn.Config(
-                        metrics,
-                        http="httptools",
-                        lifespan="off",
-                        log_level="warning",
-                        access_log=False,
-                    ),
-                    self.options.edge,
-                )
-                servers.append(self._metrics_server.serve(sockets=[metrics_sock]))
-            if self._stop_requested.is_set():
-                return
-            await asyncio.gather(*servers)
+                on_ready(self.running)
+            await serving
         finally:
+            stopping = asyncio.gather(
+                *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all_unfiltered()),
+                return_exceptions=True,
+            )
+            if serving is not None and not serving.done():
+                # Stopped (or failed) while loading: the APIs stop first, so requests
+                # waiting for a load are answered, then the ports drain and close.
+                self.request_stop()
+                await stopping
+                await asyncio.gather(serving, return_exceptions=True)
+            else:
+                await stopping
             flusher.cancel()
             counters_task.cancel()
             if quota_task is not None:
                 quota_task.cancel()
             for task in self._autoscalers.values():
                 task.cancel()
-            await asyncio.gather(
-                *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all()), return_exceptions=True
-            )
             await asyncio.to_thread(self.counters.flush)
             if self.quotas is not None:
                 await asyncio.to_thread(self.quotas.flush)
             if self.jobs is not None:
                 await self.jobs.close()
             self.store.close()
-            sock.close()
-            for extra in (management_sock, metrics_sock):
-                if extra is not None:
-                    extra.close()
+            ports.close()
             self._remove_server_json()
             self.log.close()
+
+    async def _register_apis(self) -> list[Awaitable[Any]]:
+        """Route every API before the ports open (state `loading`); return what loads them.
+
+        Registering first is what lets readiness say "not yet" (not "nothing to
+        serve, so ready") and lets an early request wait for its API instead of 404.
+        """
+        loads: list[Awaitable[Any]] = []
+        if self.project is not None:
+            served = [self.served_api(api, self.project.root) for api in self.project.apis]
+            for served_api in served:
+                self.registry.add(served_api)
+            loads.append(self._load_served_folder(served))
+        for restored in await self.deployments.restore():
+            loads.append(self.deployments.bring_up(restored))
+        return loads
+
+    async def _load_served_folder(self, served: list[ServedApi]) -> None:
+        """`kiln serve DIR`: its requirements.txt first, then its APIs' workers."""
+        await prepare_served_folder(self.project)
+        site_dirs = site_dirs_for(self.project.root)
+        for served_api in served:
+            served_api.worker_spec.site_dirs = site_dirs
+        await asyncio.gather(*(s.start() for s in served))
+
+    async def _load(self, loads: list[Awaitable[Any]], serving: asyncio.Future[Any]) -> bool:
+        """Wait for every load; False when a stop came first. A port that fails ends it too."""
+        loading = asyncio.ensure_future(asyncio.gather(*loads))
+        stop_wait = asyncio.ensure_future(self._stop_requested.wait())
+        await asyncio.wait([loading, stop_wait, serving], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        if serving.done() and not loading.done():
+            loading.cancel()
+            serving.result()  # raises what stopped the port
+            return False
+        if self._stop_requested.is_set() and not loading.done():
+            loading.cancel()
+            return False
+        loading.result()  # raises ServerError (e.g. requirements.txt failed) after cleanup
+        return not self._stop_requested.is_set()
+
+    def _running(self, ports: Ports) -> RunningServer:
+        host, port = ports.inference.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        running = RunningServer(f"http://{url_host}:{port}", host, port, self.registry.all())
+        if ports.management is not None:
+            running.management_port = ports.management.getsockname()[1]
+            running.management_url = f"http://{url_host}:{running.management_port}"
+        if ports.metrics is not None:
+            running.metrics_port = ports.metrics.getsockname()[1]
+            running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
+        return running
+
+    def _listen(self, ports: Ports) -> list[Awaitable[None]]:
+        """The HTTP servers of the three ports, as coroutines that serve until `should_exit`."""
+        edge = self.options.edge
+        app = InferenceApp(
+            self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
+        )
+        self._server = inference_server(app, edge)
+        servers = [self._server.serve(sockets=[ports.inference])]
+        if ports.management is not None:
+            from kiln.control.rest import control_routes
+            from kiln.protocols.management import build_management_app
+
+            management_app: Any = build_management_app(
+                self.registry, self.log, self, extra_routes=control_routes(self)
+            )
+            if self.quotas is not None:
+                from kiln.protocols.auth import ManagementGate
+
+                management_app = ManagementGate(management_app, self.quotas)
+            self._management = side_server(management_app, edge)
+            servers.append(self._management.serve(sockets=[ports.management]))
+        if ports.metrics is not None:
+            from kiln.control.metrics import metrics_app
+
+            metrics: Any = metrics_app(self.metrics)
+            if self.quotas is not None:  # API keys on: a scrape needs a `manage` key
+                from kiln.protocols.auth import ManagementGate
+
+                metrics = ManagementGate(metrics, self.quotas)
+            self._metrics_server = side_server(metrics, edge, grace=None)
+            servers.append(self._metrics_server.serve(sockets=[ports.metrics]))
+        return servers
 
     def _start_autoscalers(self) -> None:
         for served in self.registry.all():
@@ -442,6 +415,9 @@ class InferenceServer:
         """
         from kiln.control.scaling import AutoscaleLoop
 
+        running = self._autoscalers.get(id(served))
+        if running is not None and not running.done():
+            return  # deployed while the server was still loading: it has its loop already
         on_scale = self.deployments.persist_scale if self.deployments is not None else None
         loop = AutoscaleLoop(served, self.log, on_scale=on_scale)
         self._autoscalers[id(served)] = asyncio.create_task(loop.run())

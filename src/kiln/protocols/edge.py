@@ -1,6 +1,7 @@
 """The HTTP edge's limits: how long a client may take, how many may be connected, how big a head.
 
-These are server options (`kiln serve` / `kiln server run`), never kiln.yaml:
+These are server options (`kiln serve` / `kiln server start|run` flags such as
+`--max-connections`, and server.yaml's `edge:`), never kiln.yaml:
 they protect the process from its clients before any API, key or quota is
 known. Kiln's HTTP layer (`fast_http*.py`, the inference port) enforces them
 itself; `guard_uvicorn` puts the same limits on a uvicorn port (management,
@@ -56,9 +57,13 @@ class EdgeLimits:
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"edge.{f.name} must be a positive number, not {value!r}")
         if self.max_connections != int(self.max_connections):
-            raise ValueError("edge.max_connections must be a whole number")
+            raise ValueError(
+                f"edge.max_connections must be a whole number, not {self.max_connections!r}"
+            )
         if self.max_header_bytes < 1024:
-            raise ValueError("edge.max_header_bytes must be at least 1024")
+            raise ValueError(
+                f"edge.max_header_bytes must be at least 1024, not {self.max_header_bytes!r}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> EdgeLimits:

@@ -1,0 +1,95 @@
+"""The edge flags shared by `kiln serve` and `kiln server start|run`.
+
+One flag per `edge:` key of `KILN_HOME/server.yaml` (kiln.protocols.edge.EdgeLimits):
+`kiln server start|run` saves what it is given under `edge:`, `kiln serve` uses
+them for its run only. A bad value stops the command with the flag's name and
+what it accepts, before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import typer
+
+from kiln.protocols.edge import EdgeLimits
+
+# edge: key -> its flag
+EDGE_FLAGS: dict[str, str] = {
+    "header_timeout_s": "--header-timeout-s",
+    "body_idle_timeout_s": "--body-idle-timeout-s",
+    "keepalive_timeout_s": "--keepalive-timeout-s",
+    "max_connections": "--max-connections",
+    "max_header_bytes": "--max-header-bytes",
+}
+
+_PANEL = "Edge limits (per port, before any API or key is known)"
+
+HeaderTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--header-timeout-s",
+        help="Seconds a request line and headers may take to arrive (default 10); else 408.",
+        rich_help_panel=_PANEL,
+    ),
+]
+BodyIdleTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--body-idle-timeout-s",
+        help="Seconds a request body may stop arriving before it is cut (default 30).",
+        rich_help_panel=_PANEL,
+    ),
+]
+KeepaliveTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--keepalive-timeout-s",
+        help="Seconds an idle keep-alive connection stays open (default 5).",
+        rich_help_panel=_PANEL,
+    ),
+]
+MaxConnectionsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-connections",
+        help="Open connections per port (default 1000); over it, the longest-idle one makes "
+        "room, else the newcomer gets 503 with Retry-After: 1.",
+        rich_help_panel=_PANEL,
+    ),
+]
+MaxHeaderBytesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-header-bytes",
+        help="Largest request line plus headers, in bytes (default 65536, at least 1024); "
+        "larger gets 431.",
+        rich_help_panel=_PANEL,
+    ),
+]
+
+
+class EdgeFlagError(ValueError):
+    """An edge flag has a value the edge cannot use; the message names the flag."""
+
+
+def given_edge(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The edge flags among a command's parameters that were given (not None)."""
+    return {key: params[key] for key in EDGE_FLAGS if params.get(key) is not None}
+
+
+def check_edge(given: Mapping[str, Any]) -> None:
+    """Each given value on its own, so the error names the flag that is wrong."""
+    for key, value in given.items():
+        try:
+            EdgeLimits.from_mapping({key: value})
+        except (TypeError, ValueError) as exc:
+            message = str(exc).replace(f"edge.{key}", EDGE_FLAGS[key])
+            raise EdgeFlagError(message) from None
+
+
+def edge_limits(given: Mapping[str, Any], saved: Mapping[str, Any] | None = None) -> EdgeLimits:
+    """The limits to run with: flags given now over the saved `edge:` over the defaults."""
+    check_edge(given)
+    return EdgeLimits.from_mapping({**(saved or {}), **given})
