@@ -87,3 +87,13 @@ def test_scale_to_zero_after_idle_timeout_and_back_on_demand() -> None:
 def test_without_min_zero_an_idle_api_keeps_one_replica() -> None:
     r = rec(Policy(min_replicas=1, idle_timeout_s=30, **FAST))
     assert r.recommend(0, current=1, avg_in_flight=0, idle_for=1000).replicas == 1
+
+
+def test_cpu_over_target_scales_up_even_when_concurrency_is_within_tolerance() -> None:
+    """The tolerance band applies to the signal that decided: one request in flight
+    against a target of one is on target, but 100% CPU against 50% is not."""
+    r = rec(Policy(target_replica_concurrency=1, target_cpu_utilization=50, **FAST))
+    decision = r.recommend(0, current=1, avg_in_flight=1, cpu_utilization=100)
+    assert decision.replicas == 2, decision
+    assert decision.reason == "cpu 100% against target 50%"
+    assert r.recommend(1, current=2, avg_in_flight=2, cpu_utilization=51).replicas == 2
