@@ -155,7 +155,7 @@ class DataPlane:
         error = served.error
         if error is None or self.exposes(call, served):
             return error
-        return _hidden(served.name)
+        return f"the load error is not shown to callers; {_hidden(served.name)}"
 
     def public_error(self, call: Call, err: KilnError) -> KilnError:
         """The error the caller gets: a 503 that carries an API's load error is rewritten
