@@ -160,12 +160,26 @@ def serve(
     project_dir: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
     file: Annotated[str | None, typer.Option("-f", "--file", help="Config file.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Inference port; 0 picks a free one.")] = 8080,
+    port: Annotated[
+        int,
+        typer.Option(
+            envvar="KILN_PORT",
+            help="Inference port; 0 picks a free one (default: $KILN_PORT, else 8080).",
+        ),
+    ] = 8080,
     management_port: Annotated[
-        int, typer.Option(help="Management port (TorchServe management API); 0 picks a free one.")
+        int,
+        typer.Option(
+            envvar="KILN_MANAGEMENT_PORT",
+            help="Management port (TorchServe management API); 0 picks a free one "
+            "(default: $KILN_MANAGEMENT_PORT, else 8081).",
+        ),
     ] = 8081,
     metrics_port: Annotated[
-        int, typer.Option(help="Prometheus metrics port; 0 picks a free one.")
+        int,
+        typer.Option(
+            envvar="KILN_METRICS_PORT", help="Prometheus metrics port; 0 picks a free one."
+        ),
     ] = 8082,
     model_store: Annotated[
         Path | None,
