@@ -10,6 +10,7 @@ call (once, only if it was admitted) and to map the error the caller sees.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 import traceback
@@ -101,6 +102,7 @@ class InferenceApp:
         protocol = "native"
         call = self.plane.call(None)
         started_response = _ResponseTracker(send, call)
+        cancelled = False
         try:
             routed, adapter = self._route(request, call)
             if routed is not None:
@@ -142,6 +144,8 @@ class InferenceApp:
             if not started_response.started:
                 err = KilnError("internal server error; the details are in the server log")
                 await send_json(send, 500, renderer(err, request.request_id), request.request_id)
+        except asyncio.CancelledError:  # the client left and the HTTP layer cancelled this
+            status, cancelled = 499, True  # nginx's "client closed request": logged, then gone
         self.plane.finish(call, status)
         if self.metrics is not None and api_name != _SYSTEM:
             self.metrics.request(
@@ -159,6 +163,8 @@ class InferenceApp:
                     "request_id": request.request_id,
                 },
             )
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _route(self, request: Request, call: Call) -> tuple[tuple[Handler, str] | None, Any]:
         for adapter in self.adapters:
