@@ -120,6 +120,7 @@ class ServedApi(ReplicaPool, Dispatcher):
         """
         self._stopping = True
         self._capacity.set()
+        self._changed.set()  # requests waiting for a load get their 503 now (wait_ready)
         deadline = time.monotonic() + grace
         while (len(self.queue) or self._running) and time.monotonic() < deadline:
             if not any(s.state in ("ready", "restarting") for s in self.slots):
