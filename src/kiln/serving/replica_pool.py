@@ -17,6 +17,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ class ReplicaPool:
     _changed: asyncio.Event
     _capacity: asyncio.Event
     _stopping: bool
+    _dispatch_loop: Callable[[], Coroutine[Any, Any, None]]  # Dispatcher's (dispatch.py)
     _dispatcher: asyncio.Task[None] | None
     _cold_start: asyncio.Task[None] | None
     tracker_warning: str | None = None

@@ -122,7 +122,7 @@ class ServedApi(ReplicaPool, Dispatcher):
         self._capacity.set()
         self._changed.set()  # requests waiting for a load get their 503 now (wait_ready)
         deadline = time.monotonic() + grace
-        while (len(self.queue) or self._running) and time.monotonic() < deadline:
+        while self._draining() and time.monotonic() < deadline:
             if not any(s.state in ("ready", "restarting") for s in self.slots):
                 break
             await asyncio.sleep(0.02)
@@ -133,6 +133,12 @@ class ServedApi(ReplicaPool, Dispatcher):
             self._dispatcher.cancel()
         await self._stop_slots(self.slots, grace)
         self.queue.fail_all(shutting_down)  # requeued by a worker that stopped meanwhile
+
+    def _draining(self) -> bool:
+        """Work left: queued requests, batches in workers, explanations or streams running."""
+        if len(self.queue) or self._running:
+            return True
+        return any(s.replica is not None and s.replica.in_flight for s in self.slots)
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for a ready replica (the first GET loads the model); 503 if it cannot load."""
@@ -166,13 +172,14 @@ class ServedApi(ReplicaPool, Dispatcher):
         self.last_request_at = arrived
         if self.state != "ready":
             deadline = await self._until_ready(deadline)
-        if len(self.queue) + self._running >= self._admission_limit():
+        queue = self.queue
+        if len(queue) + self._running >= max(1, len(self.slots)) * self.max_replica_concurrency:
             self.stats["rejected"] += 1
             raise self._over_concurrency()
         # While a worker restarts, requests wait in the bounded queue like any other.
         pending = Pending(request, deadline)
         try:
-            self.queue.put(pending)
+            queue.put(pending)
         except Unavailable:
             self.stats["rejected"] += 1
             raise
@@ -225,9 +232,6 @@ class ServedApi(ReplicaPool, Dispatcher):
             self.last_request_at = now = time.monotonic()
             deadline = now + serving.response_timeout_s
         return deadline
-
-    def _admission_limit(self) -> int:
-        return max(1, len(self.slots)) * self.max_replica_concurrency
 
     def _over_concurrency(self) -> Unavailable:
         replicas = max(1, len(self.slots))
