@@ -10,6 +10,7 @@ blocking goes through `asyncio.to_thread`: the event loop serves predictions.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -291,7 +292,7 @@ class JobManager:
             log,
             max_restarts=entry.spec.jobs.max_worker_restarts,
             mem_limit=entry.spec.compute.mem,
-            on_end=lambda final, job_id=job.id: self._ended(job_id, final),
+            on_end=functools.partial(self._ended, job.id),
             env=getattr(entry.spec, "worker_env", None),  # env: over .env (kiln.config)
             sandbox=self.sandbox,
             network=getattr(entry.spec, "network", None) or "none",

@@ -96,8 +96,8 @@ def job_output_folder(job_id: str, output: dict[str, str]) -> str:
 def _parquet(item_start: int, results: list[Any]) -> bytes:
     import io
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type hints
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # no type hints
 
     table = pa.table(
         {

@@ -20,19 +20,19 @@ MIB = 1024 * KIB
 class JobsBlock(_Block):
     """Per-API limits for submitted jobs and the durable queue that runs them."""
 
-    max_batch_bytes: int = Field(256 * KIB, ge=1)
+    max_batch_bytes: int = Field(default=256 * KIB, ge=1)
     """A batch (its items as JSON) must be smaller than this (Cortex: 256 KiB)."""
-    max_request_bytes: int = Field(10 * MIB, ge=1)
+    max_request_bytes: int = Field(default=10 * MIB, ge=1)
     """A job submission body must be smaller than this (Cortex: 10 MiB)."""
-    max_workers: int = Field(32, ge=1)
+    max_workers: int = Field(default=32, ge=1)
     """The most workers one job may ask for."""
-    visibility_timeout: float = Field(60.0, gt=0)
+    visibility_timeout: float = Field(default=60.0, gt=0)
     """Seconds a claimed batch stays invisible; workers extend it while they run the batch,
     so it only matters when a worker dies: its batch is redelivered after this long."""
-    max_receive_count: int = Field(3, ge=1)
+    max_receive_count: int = Field(default=3, ge=1)
     """Deliveries before a failing batch goes to the dead-letter set, unless the job's
     ``dead_letter`` (Cortex ``sqs_dead_letter_queue``) says otherwise."""
-    max_worker_restarts: int = Field(5, ge=0)
+    max_worker_restarts: int = Field(default=5, ge=0)
     """Crashed workers restarted per job before the job ends in ``worker error``."""
 
     _bytes = field_validator("max_batch_bytes", "max_request_bytes", mode="before")(

@@ -244,10 +244,10 @@ class Tracker(_Block):
 
 
 class Compute(_Block):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(100, ge=1)
-    init_replicas: int | None = Field(None, ge=0)
-    target_cpu_utilization: int = Field(80, ge=1, le=100)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=100, ge=1)
+    init_replicas: int | None = Field(default=None, ge=0)
+    target_cpu_utilization: int = Field(default=80, ge=1, le=100)
     cpu: float = 0.2
     gpu: int = 0
     mem: int | None = None
@@ -296,15 +296,15 @@ class Compute(_Block):
 class Autoscaling(_Block):
     """Concurrency autoscaler knobs; durations are stored in seconds."""
 
-    target_replica_concurrency: float | None = Field(None, gt=0)
-    max_replica_concurrency: int = Field(1024, ge=1)
+    target_replica_concurrency: float | None = Field(default=None, gt=0)
+    max_replica_concurrency: int = Field(default=1024, ge=1)
     window: float = 60.0
     downscale_stabilization_period: float = 300.0
     upscale_stabilization_period: float = 60.0
-    max_downscale_factor: float = Field(0.75, gt=0, le=1)
-    max_upscale_factor: float = Field(1.5, gt=1)
-    downscale_tolerance: float = Field(0.05, ge=0)
-    upscale_tolerance: float = Field(0.05, ge=0)
+    max_downscale_factor: float = Field(default=0.75, gt=0, le=1)
+    max_upscale_factor: float = Field(default=1.5, gt=1)
+    downscale_tolerance: float = Field(default=0.05, ge=0)
+    upscale_tolerance: float = Field(default=0.05, ge=0)
     idle_timeout: float | None = None
     cold_start_timeout: float = 60.0
 
@@ -335,15 +335,15 @@ class Autoscaling(_Block):
 class Batching(_Block):
     """Dynamic batching, counted in rows."""
 
-    max_batch_size: int = Field(1, ge=1)
-    max_batch_delay_ms: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(default=1, ge=1)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0)
 
 
 class ServingOptions(_Block):
-    startup_timeout_s: float = Field(120.0, gt=0)
-    response_timeout_s: float = Field(120.0, gt=0)
-    max_retry_timeout_s: float = Field(300.0, ge=0)
-    max_queue_size: int = Field(100, ge=1)
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+    response_timeout_s: float = Field(default=120.0, gt=0)
+    max_retry_timeout_s: float = Field(default=300.0, ge=0)
+    max_queue_size: int = Field(default=100, ge=1)
     max_request_bytes: int = 32 * 1024 * 1024
     # On `kiln server`, a 500 from the API's code names the exception's type and the
     # request id only; true also sends its message (`kiln serve` always does).

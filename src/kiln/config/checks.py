@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from kiln.config.blocks import OnnxBlock, PythonBlock, TensorflowBlock, TorchBlock
 from kiln.config.schema import ApiSpec, BatchApiSpec, parse_handler_ref
 from kiln.storage.errors import ModelUriError
 from kiln.storage.uri import is_remote, parse_uri
@@ -166,10 +167,10 @@ def resolve_paths(
         block.model = pc.path(f"{rt}.model", model, kind="model") or model
     elif rt != "python":
         report(index, f"{rt}.model", "model path is empty", "set model: <path to the model>")
-    if rt in ("onnx", "tensorflow") and block.request_handler:
+    if isinstance(block, OnnxBlock | TensorflowBlock) and block.request_handler:
         rh = block.request_handler
         block.request_handler = pc.path(f"{rt}.request_handler", rh, kind="file") or rh
-    if rt in ("python", "torch") and block.handler:
+    if isinstance(block, PythonBlock | TorchBlock) and block.handler:
         block.handler = pc.handler(f"{rt}.handler", block.handler)
 
 

@@ -154,6 +154,8 @@ class _Builder:
                 self.doc.lines[path + (i,)] = item.start_mark.line + 1
                 out.append(self.build(item, path + (i,)))
             return out
+        if not isinstance(node, yaml.ScalarNode):  # composed YAML has no other kind
+            raise TypeError(f"unexpected YAML node {node!r}")
         return self._scalar(node, path)
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[Any, Any]:
@@ -181,7 +183,7 @@ class _Builder:
             out[key] = self.build(value_node, path + (key,))
         return out
 
-    def _scalar(self, node: yaml.Node, path: Path_) -> Any:
+    def _scalar(self, node: yaml.ScalarNode, path: Path_) -> Any:
         value = self.loader.construct_object(node, deep=True)
         if _is_env_value(path):
             value = _env_text(node)

@@ -71,10 +71,10 @@ class PythonHandler:
 
 
 def _construct(cls: type, spec: WorkerSpec, values: dict[str, Any]) -> Any:
-    init = cls.__init__
-    if init is object.__init__:
+    # The class's own signature (its __init__ without `self`); none for a bare class.
+    params = list(inspect.signature(cls).parameters.values())
+    if not params:
         return cls()
-    params = [p for p in inspect.signature(init).parameters.values()][1:]
     kwargs = {}
     for param in params:
         if param.name in values:

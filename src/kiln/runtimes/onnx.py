@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime as ort  # type: ignore[import-untyped]  # onnxruntime ships no type hints
 
 from kiln.errors import InferenceError, InvalidInput
 from kiln.runtimes.base import TensorRuntime, TensorSignature, TensorSpec

@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import joblib
+import joblib  # type: ignore[import-untyped]  # joblib ships no type hints
 import numpy as np
-import sklearn  # noqa: F401 - the registry checks this import; estimators need it loaded
+import sklearn  # type: ignore[import-untyped]  # noqa: F401 - the registry checks it; untyped
 
 from kiln.config.blocks import SKLEARN_METHODS
 from kiln.errors import InferenceError, InvalidInput
@@ -53,7 +53,7 @@ def _model_file(spec: WorkerSpec) -> Path:
 
 
 def _load_skops(path: Path, spec: WorkerSpec) -> Any:
-    import skops.io as sio
+    import skops.io as sio  # type: ignore[import-untyped]  # skops ships no type hints
 
     try:
         untrusted = sio.get_untrusted_types(file=path)
@@ -114,13 +114,14 @@ class SklearnRuntime(TensorRuntime):
         loader = _load_skops if path.suffix in _SKOPS else _load_pickle
         self.estimator = loader(path, spec)
         self.method = spec.method or "predict"
-        self._call = getattr(self.estimator, self.method, None)
-        if not callable(self._call):
+        call = getattr(self.estimator, self.method, None)
+        if not callable(call):
             offered = [m for m in SKLEARN_METHODS if callable(getattr(self.estimator, m, None))]
             raise ModelLoadError(
                 f"{type(self.estimator).__name__} has no {self.method}() (sklearn.method); "
                 f"it offers: {', '.join(offered) or 'none of the inference methods'}"
             )
+        self._call = call
         features = getattr(self.estimator, "n_features_in_", None)
         self.signature = TensorSignature(
             [TensorSpec("input", np.dtype(np.float64), (None, features))],

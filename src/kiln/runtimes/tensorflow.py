@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of logs
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # type: ignore[import-untyped]  # noqa: E402 - no stubs installed
 
 from kiln.errors import InferenceError, InvalidInput  # noqa: E402
 from kiln.runtimes.base import ModelLoadError, TensorRuntime, TensorSignature, TensorSpec  # noqa: E402

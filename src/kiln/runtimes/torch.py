@@ -279,7 +279,7 @@ class TorchRuntime(TensorRuntime):
                     f"cannot load the TorchScript file {path}: {_first_line(exc)}"
                 ) from None
             self.kind = "TorchScript"
-        elif kind == "eager":
+        elif kind == "eager" or path is None:  # no model file is always "eager"
             self.module = _eager_module(spec, path, self.device).to(self.device)
             self.kind = "eager"
         else:

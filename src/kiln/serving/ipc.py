@@ -13,6 +13,7 @@ import select
 import socket
 import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -21,7 +22,7 @@ _PREFIX = struct.Struct("!II")
 MAX_FRAME = 1 << 31
 
 
-def encode_frame(header: dict[str, Any], buffers: list[bytes] = ()) -> list[bytes]:
+def encode_frame(header: dict[str, Any], buffers: Sequence[bytes] = ()) -> list[bytes]:
     """Return the frame as a list of chunks, so large buffers are written without a copy."""
     header = dict(header)
     header["b"] = [len(b) for b in buffers]
@@ -30,7 +31,9 @@ def encode_frame(header: dict[str, Any], buffers: list[bytes] = ()) -> list[byte
     return [_PREFIX.pack(total, len(packed)), packed, *buffers]
 
 
-def decode_frame(payload: bytes | memoryview) -> tuple[dict[str, Any], list[memoryview]]:
+def decode_frame(
+    payload: bytes | bytearray | memoryview,
+) -> tuple[dict[str, Any], list[memoryview]]:
     """Split a frame body (everything after the total length) into header and buffers."""
     view = memoryview(payload)
     (header_len,) = struct.unpack_from("!I", view, 0)
@@ -105,7 +108,7 @@ class BlockingChannel:
             return None
         return decode_frame(body)
 
-    def send(self, header: dict[str, Any], buffers: list[bytes] = ()) -> None:
+    def send(self, header: dict[str, Any], buffers: Sequence[bytes] = ()) -> None:
         chunks = encode_frame(header, list(buffers))
         total = sum(len(c) for c in chunks)
         sent = self._sock.sendmsg(chunks) if len(chunks) <= 64 else 0

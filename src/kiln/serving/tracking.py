@@ -69,11 +69,11 @@ def tracked_values(
             _warn_once(api, "classification tracking needs string or integer classes")
             return None
         return [str(v) for v in good]
-    good = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if len(good) != len(values):
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(numbers) != len(values):
         _warn_once(api, "regression tracking needs numbers")
         return None
-    return [float(v) for v in good]
+    return [float(v) for v in numbers]
 
 
 def check_tracker_at_load(spec: Any, pipeline: Any, signature: dict[str, Any]) -> None:

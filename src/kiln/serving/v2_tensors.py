@@ -147,7 +147,7 @@ def _input_header(raw: Any, index: int) -> InputHeader:
     return InputHeader(name, datatype, shape, raw["data"], None)
 
 
-def parse_infer_body(body: bytes, header_length: str | None) -> InferBody:
+def parse_infer_body(body: bytes | memoryview, header_length: str | None) -> InferBody:
     """The request's JSON header, checked; tensor data stays undecoded until `decode_inputs`."""
     if header_length is not None:
         if not header_length.strip().isdigit() or int(header_length) > len(body):

@@ -18,7 +18,7 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 from kiln.storage.errors import UnsafeArchive
 
@@ -95,7 +95,7 @@ def unpack_zip(archive: Path, dest: Path) -> None:
                 _copy_capped(src, out, info.file_size, info.filename)
 
 
-def _copy_capped(src: BinaryIO, out: BinaryIO, declared: int, name: str) -> None:
+def _copy_capped(src: IO[bytes], out: IO[bytes], declared: int, name: str) -> None:
     written = 0
     while block := src.read(1 << 20):
         written += len(block)

@@ -24,6 +24,7 @@ eviction (LRU by last use, down to `KILN_CACHE_MAX_BYTES`, default 20 GiB) and
 
 from __future__ import annotations
 
+import builtins  # `Cache.list` shadows the builtin inside the class body
 import contextlib
 import fcntl
 import hashlib
@@ -225,7 +226,7 @@ class Cache:
         *,
         older_than: float | None = None,
         everything: bool = False,
-    ) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    ) -> tuple[builtins.list[CacheEntry], builtins.list[CacheEntry]]:
         """Remove least recently used entries until the rule holds; (removed, kept in use).
 
         Rules: down to `max_bytes` in total, every entry unused for `older_than`

@@ -72,14 +72,14 @@ def filesystem(uri: ModelUri) -> Any:
             fix=f"install it with: pip install 'kiln-serve[{extra}]'",
         ) from None
     if scheme == "s3":
-        import s3fs
+        import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
 
         # Bounded retries: an unreachable endpoint fails in seconds, not minutes.
         config = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
         return s3fs.S3FileSystem(config_kwargs=config, skip_instance_cache=True)
     if scheme == "gs":
         return _gcs_filesystem()
-    from fsspec.implementations.http import HTTPFileSystem
+    from fsspec.implementations.http import HTTPFileSystem  # type: ignore[import-untyped]  # untyped
 
     return HTTPFileSystem(skip_instance_cache=True)
 
@@ -89,11 +89,11 @@ def _gcs_filesystem() -> Any:
     if emulator:
         # Emulators speak only the JSON API: use gcsfs's core class, whose newer
         # subclass first probes the bucket type over gRPC (a 60 s wait on an emulator).
-        from gcsfs.core import GCSFileSystem
+        from gcsfs.core import GCSFileSystem  # type: ignore[import-untyped]  # untyped
 
         token = None if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") else "anon"
         return GCSFileSystem(token=token, skip_instance_cache=True)
-    import gcsfs
+    import gcsfs  # type: ignore[import-untyped]  # gcsfs ships no type hints
 
     return gcsfs.GCSFileSystem(skip_instance_cache=True)
 

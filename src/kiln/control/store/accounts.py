@@ -223,7 +223,13 @@ class AccountsMixin(StoreBase):
         with self._read() as conn:
             return [
                 KeyUsage(
-                    r.user_name, r.key_id, r.api, r.version, r.period_start, r.status_class, r.count
+                    r.user_name,
+                    r.key_id,
+                    r.api,
+                    r.version,
+                    r.period_start,
+                    r.status_class,
+                    r._mapping["count"],  # `r.count` is also the tuple method, to a type checker
                 )
                 for r in conn.execute(query)
             ]

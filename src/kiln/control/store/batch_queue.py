@@ -124,12 +124,12 @@ class QueueMixin(StoreBase):
         cache: dict[str, tuple[int, float]] = self.__dict__.setdefault("_job_consts", {})
         consts = cache.get(job_id)
         if consts is None:
-            row = conn.execute(
+            job = conn.execute(
                 sa.select(_J.max_receive_count, _J.visibility_timeout).where(_J.id == job_id)
             ).first()
-            if row is None:
+            if job is None:
                 return Claim("stop")
-            consts = cache[job_id] = (int(row.max_receive_count), float(row.visibility_timeout))
+            consts = cache[job_id] = (int(job.max_receive_count), float(job.visibility_timeout))
         max_receive_count, visibility_timeout = consts
         while True:
             row = conn.execute(_NEXT, {"j": job_id, "now": now}).first()

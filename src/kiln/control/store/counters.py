@@ -122,7 +122,7 @@ class CountersMixin(StoreBase):
         kept = [float(v) for v in values if math.isfinite(v)]
         if not kept:
             return 0
-        key = {"api": api, "version": version}
+        key: dict[str, Any] = {"api": api, "version": version}
         key["bucket_start"] = bucket_start(self._now(at), TRACKER_BUCKET_S)
         stats = {
             **key,

@@ -154,7 +154,7 @@ class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin):
                     config_text=config_text,
                 )
             )
-            revision_id = result.inserted_primary_key[0]
+            revision_id = _new_id(result)
             if apis:
                 conn.execute(
                     t.apis.insert(),
@@ -379,4 +379,12 @@ class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin):
             "reason": reason,
         }
         result = conn.execute(t.scaling_events.insert().values(**values))
-        return ScalingEvent(id=result.inserted_primary_key[0], **values)
+        return ScalingEvent(_new_id(result), at, api, version, from_replicas, to_replicas, reason)
+
+
+def _new_id(result: sa.CursorResult[Any]) -> int:
+    """The primary key an INSERT of one row just made (SQLAlchemy types it optional)."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no primary key for a new row")
+    return int(key[0])
