@@ -167,13 +167,13 @@ def api_detail(server: Any, name: str, window_s: float, viewer: Any = None) -> d
     group = server.registry.view(viewer).groups.get(name)
     manager = server.deployments
     if group is None and name in _visible_batch_apis(server, viewer):
-        detail = {**_batch_entry(server, name), "versions": []}
-        detail["recent_errors"] = list(manager.errors.get(name, ()))
-        detail["scaling_events"] = []
-        detail["curl"] = (
-            f"curl -X POST '{detail['url']}' -H 'Content-Type: application/json' -d @job.json"
+        batch: dict[str, Any] = {**_batch_entry(server, name), "versions": []}
+        batch["recent_errors"] = list(manager.errors.get(name, ()))
+        batch["scaling_events"] = []
+        batch["curl"] = (
+            f"curl -X POST '{batch['url']}' -H 'Content-Type: application/json' -d @job.json"
         )
-        return detail
+        return batch
     if group is None:
         raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
     latency = server.metrics.latency_percentiles()

@@ -123,10 +123,10 @@ class OpenInferenceV2:
         if api != _SYSTEM and parts[0] == "models" and parts[-1] == "infer":
             # The hot path goes straight to `_infer`, one coroutine less per request.
             if len(parts) == 3:
-                handler = self._infer_handlers.get(api)
-                if handler is None:
-                    handler = self._infer_handlers[api] = self._infer_handler(api, None)
-                return handler, api
+                infer = self._infer_handlers.get(api)
+                if infer is None:
+                    infer = self._infer_handlers[api] = self._infer_handler(api, None)
+                return infer, api
             if len(parts) == 5 and parts[2] == "versions":
                 return self._infer_handler(parts[1], parts[3]), api
 
@@ -333,11 +333,11 @@ class OpenInferenceV2:
         if served.version is not None:
             head["model_version"] = served.version
         head["id"] = body.id if body.id is not None else request.request_id
-        payload, header_length = encode_infer_response(head, response.tensors, body.wants_binary)
-        if header_length is None:
+        payload, binary_at = encode_infer_response(head, response.tensors, body.wants_binary)
+        if binary_at is None:
             await send_bytes(send, 200, payload, "application/json", request.request_id)
         else:
-            extra = {"Inference-Header-Content-Length": str(header_length)}
+            extra = {"Inference-Header-Content-Length": str(binary_at)}
             await send_bytes(
                 send, 200, payload, "application/octet-stream", request.request_id, extra
             )

@@ -24,7 +24,7 @@ DataPlane sits between its REST/gRPC servers and the models.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from kiln.errors import KilnError, NotFound, Unavailable
@@ -108,20 +108,23 @@ class DataPlane:
             call.rate_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
     # ----- enqueue and await ---------------------------------------------------------
-    async def predict(
+    # These return the served version's own coroutine rather than awaiting it in a
+    # wrapper: the hot path gets no extra coroutine or await (docs/performance.md).
+    def predict(
         self, call: Call, served: ServedApi, request: InferenceRequest
-    ) -> InferenceResponse:
-        """Queue one request on the live version and wait for its answer."""
+    ) -> Awaitable[InferenceResponse]:
+        """Queue one request on the live version; await the result for its answer."""
         target = served if served.successor is None else _live(served)
         call.version = target.version or ""
-        return await target.predict(request)
+        return target.predict(request)
 
-    async def explain(
+    def explain(
         self, call: Call, served: ServedApi, request: InferenceRequest
-    ) -> InferenceResponse:
+    ) -> Awaitable[InferenceResponse]:
+        """One explanation from the live version (never batched)."""
         target = served if served.successor is None else _live(served)
         call.version = target.version or ""
-        return await target.explain(request)
+        return target.explain(request)
 
     def stream(
         self, call: Call, served: ServedApi, request: InferenceRequest
@@ -131,10 +134,10 @@ class DataPlane:
         call.version = target.version or ""
         return target.stream(request)
 
-    async def wait_ready(self, call: Call, served: ServedApi) -> None:
+    def wait_ready(self, call: Call, served: ServedApi) -> Awaitable[None]:
         """Wait for a ready replica (a GET loads a model scaled to zero); 503 otherwise."""
         call.version = served.version or ""
-        await served.wait_ready(served.api.serving.startup_timeout_s)
+        return served.wait_ready(served.api.serving.startup_timeout_s)
 
     # ----- errors --------------------------------------------------------------------
     def exposes(self, call: Call, served: ServedApi) -> bool:
