@@ -6,18 +6,45 @@ This module decides what each operation's parameters, bodies and responses
 *look like*: JSON schemas and examples derived from a version's real tensor
 signature (input names, V2 datatypes, shapes), per protocol body family
 (native / TorchServe JSON, KServe V1 `instances`, Open Inference Protocol V2),
-plus the three error shapes. It knows nothing about routing, so it only needs
-the `Operation` type from `openapi.py` for annotations.
+plus the three error shapes. It knows nothing about routing: it reads an operation
+through the `Operation` protocol below (which `openapi.py`'s dataclasses satisfy),
+so it never imports `openapi.py`, which imports it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from kiln.serving.router import ServedApi
+from kiln.serving.router import ApiGroup, ServedApi
 
-if TYPE_CHECKING:
-    from kiln.protocols.openapi import Operation
+
+class Route(Protocol):
+    """What a schema needs of a route shape (openapi.RouteSpec)."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def template(self) -> str: ...
+    @property
+    def body(self) -> str | None: ...
+    @property
+    def errors(self) -> str: ...
+
+
+class Operation(Protocol):
+    """What a schema needs of one operation of the document (openapi.Operation)."""
+
+    @property
+    def route(self) -> Route: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def group(self) -> ApiGroup | None: ...
+    @property
+    def served(self) -> ServedApi | None: ...
+
 
 _COMPONENTS: dict[str, Any] = {
     "NativeError": {
