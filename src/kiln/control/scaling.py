@@ -10,7 +10,9 @@ CPU (`compute.target_cpu_utilization`, as Cortex documented it): each replica's
 CPU time (its cgroup's usage, else its process tree's utime + stime, see
 `WorkerProcess.cpu_seconds`) over the tick, as a percent of `compute.cpu` (one
 core when unset), averaged over the replicas; the recommender takes it as a
-floor for the concurrency count.
+floor for the concurrency count. Only when kiln.yaml sets it: `compute.cpu`
+defaults to 0.2, so one busy single-threaded worker reads ~500% of it, and a
+default target would add replicas to every API that has any load at all.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ def policy_for(served: Any) -> Policy:
         min_replicas=low,
         max_replicas=high,
         target_replica_concurrency=target,
-        target_cpu_utilization=api.compute.target_cpu_utilization,
+        target_cpu_utilization=(
+            api.compute.target_cpu_utilization
+            if "target_cpu_utilization" in api.compute.model_fields_set
+            else None
+        ),
         downscale_stabilization_s=scaling.downscale_stabilization_period,
         upscale_stabilization_s=scaling.upscale_stabilization_period,
         max_downscale_factor=scaling.max_downscale_factor,
