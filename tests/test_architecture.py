@@ -349,7 +349,7 @@ def test_protocols_never_import_the_control_plane_or_batch() -> None:
 # The errors `mypy src/kiln` (default settings) still reports, all in files other changes
 # own (see the report of issue 13, part 10). Lower it as they go; at 0, scripts/test.sh
 # runs mypy itself and this test can go.
-MYPY_ERRORS_AT_MOST = 5
+MYPY_ERRORS_AT_MOST = 1  # control/rollout.py:139, RolloutMixin._record_error undeclared
 
 
 def test_mypy_finds_no_more_errors_than_today() -> None:
