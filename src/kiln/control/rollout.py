@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -65,6 +65,10 @@ class RolloutMixin:
     owner: dict[str, str]
     fingerprints: dict[tuple[str, str | None], str]
     _lock: asyncio.Lock
+
+    if TYPE_CHECKING:  # DeploymentManager's
+
+        def _record_error(self, api: str, message: str) -> None: ...
 
     def _fingerprints(self, project: Any) -> dict[tuple[str, str | None], str]:
         """Per API: a hash of its own config and of every file but the config file.
