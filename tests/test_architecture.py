@@ -124,12 +124,7 @@ def documented_graph() -> dict[str, set[str]]:
 
 # Imports that break the graph today, in files other changes own; each names its fix.
 # Remove an entry when the import is gone (test_graph_exceptions_are_still_needed says so).
-TEMPORARY_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # pipeline.py:27 `from kiln.serving.types import TensorPayload, WorkerSpec`: import
-    # them from kiln.handlers.context and kiln.worker_spec (serving.types re-exports both
-    # only for it), then drop the re-export of TensorPayload from serving/types.py.
-    ("handlers/pipeline.py", "serving"): "handlers/pipeline.py imports serving.types",
-}
+TEMPORARY_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _violations() -> tuple[list[Import], set[tuple[str, str]]]:

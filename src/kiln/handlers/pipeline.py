@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import InferenceError, NotImplementedByApi
-from kiln.handlers.context import RequestContext
+from kiln.handlers.context import RequestContext, TensorPayload
 from kiln.handlers.explain import feature_ablation
 from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.request_hooks import RequestHooks
 from kiln.runtimes import TENSOR_RUNTIMES, load_runtime
-from kiln.serving.types import TensorPayload, WorkerSpec
+from kiln.worker_spec import WorkerSpec
 
 Stages = list[tuple[str, Any]] | None
 

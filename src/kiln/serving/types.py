@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Re-exported: serving's modules (and pipeline.py, until it imports them from their homes)
-# read these two names here.
-from kiln.handlers.context import TensorPayload
+# Re-exported: serving's modules read WorkerSpec here (its home is the leaf kiln.worker_spec).
 from kiln.worker_spec import WorkerSpec
 
 
@@ -80,4 +78,4 @@ class InferenceResponse:
     tracked: list[Any] | None = None  # prediction-monitoring values (tracker:)
 
 
-__all__ = ["InferenceRequest", "InferenceResponse", "Part", "Tensor", "TensorPayload", "WorkerSpec"]
+__all__ = ["InferenceRequest", "InferenceResponse", "Part", "Tensor", "WorkerSpec"]
