@@ -59,5 +59,6 @@ stop_postgres() {
 trap stop_postgres EXIT
 
 .venv/bin/ruff check src tests examples bench
+.venv/bin/mypy src/kiln  # at its default settings, no errors allowed (pyproject [tool.mypy])
 # pytest exits 5 when it collects no tests; set -e turns that into a failure.
 .venv/bin/pytest -q "$@"
