@@ -99,8 +99,15 @@ def validate(
     file: Annotated[
         str | None, typer.Option("-f", "--file", help="Config file (default kiln.yaml).")
     ] = None,
+    load: Annotated[
+        bool,
+        typer.Option(
+            "--load",
+            help="Also load each API in a worker, as kiln serve does, and report what fails.",
+        ),
+    ] = False,
 ) -> None:
-    """Check kiln.yaml (or cortex.yaml) and report every problem, without starting anything."""
+    """Check kiln.yaml (or cortex.yaml) and report every problem; --load also loads each API."""
     project = _load(project_dir, file)
     from kiln.cli.tables import api_table
 
@@ -110,6 +117,10 @@ def validate(
     )
     if project.apis or project.batch_apis:
         console.print(api_table([*project.apis, *project.batch_apis]))
+    if load:
+        from kiln.cli.validate_cmd import report_loads
+
+        raise typer.Exit(report_loads(project))
 
 
 def describe_apis(project: Any) -> str:
