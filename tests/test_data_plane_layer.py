@@ -20,7 +20,8 @@ import pytest
 from daemon import Daemon
 from support import write
 
-from kiln.errors import KilnError, TooManyRequests, Unavailable
+from kiln.errors import KilnError, TooManyRequests
+from kiln.serving.availability import unavailable
 from kiln.serving.data_plane import DataPlane
 from kiln.serving.router import Registry
 
@@ -214,7 +215,8 @@ def test_a_load_error_is_shown_to_its_owner_and_hidden_from_others() -> None:
     served = _Served("alice.echo", None, "")
     served.state, served.error = "failed", f"RuntimeError: {SECRET}"
     plane = DataPlane(_registry(served))
-    raised = Unavailable(f"API 'alice.echo' failed to load: {served.error}", retry_after=5)
+    raised = unavailable(served)  # the 503 every path raises for a failed API
+    assert raised is not None and SECRET in raised.message
 
     anonymous = plane.call(None)
     anonymous.api = "alice.echo"

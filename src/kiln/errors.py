@@ -115,10 +115,18 @@ class Unavailable(KilnError):
     type = "Unavailable"
 
     def __init__(
-        self, message: str = "", *, status: int | None = None, retry_after: int | None = None
+        self,
+        message: str = "",
+        *,
+        status: int | None = None,
+        retry_after: int | None = None,
+        load_error_of: str | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+        # The API whose load error this message carries: the data plane hides it from
+        # callers who may not read it (multi-user servers), by this mark, not by its text.
+        self.load_error_of = load_error_of
 
 
 class Timeout(KilnError):

@@ -41,7 +41,6 @@ from kiln.errors import (
     KilnError,
     MethodNotAllowed,
     NotFound,
-    Unavailable,
 )
 from kiln.protocols.errors import kserve_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
@@ -52,6 +51,7 @@ from kiln.protocols.v2_codec import (
     encode_infer_response,
     parse_infer_body,
 )
+from kiln.serving.availability import unavailable
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ApiGroup, ServedApi
 from kiln.serving.types import InferenceRequest
@@ -237,21 +237,13 @@ class OpenInferenceV2:
     @staticmethod
     def _refuse_unavailable(served: ServedApi) -> None:
         """503 at once for an API that cannot answer until someone acts."""
-        state = served.state
-        if state in _READY:
-            return
-        if state == "unloaded":
-            raise Unavailable(
-                f"model '{served.name}' is unloaded: POST "
-                f"/v2/repository/models/{served.name}/load to load it",
-                retry_after=5,
-            )
-        if state == "failed":
-            raise Unavailable(
-                f"model '{served.name}' failed to load: {served.error}", retry_after=5
-            )
-        if state == "stopped":
-            raise Unavailable(f"model '{served.name}' is shutting down", retry_after=5)
+        error = unavailable(
+            served,
+            noun="model",
+            load_hint=f"POST /v2/repository/models/{served.name}/load to load it",
+        )
+        if error is not None:
+            raise error
 
     def _server_ready(self) -> bool:
         # An API unloaded on purpose (repository unload) does not make the server unready.

@@ -16,25 +16,35 @@ from kiln.errors import Unavailable
 WAITABLE = frozenset({"ready", "loading", "restarting", "scaled to zero"})
 
 
-def unavailable(served: Any, state: str | None = None) -> Unavailable | None:
+def unavailable(
+    served: Any, state: str | None = None, *, noun: str = "API", load_hint: str = "load it first"
+) -> Unavailable | None:
     """The 503 for `served` in `state` (default: its current one), or None if it can answer
-    now or soon (ready, loading, restarting, scaled to zero: the caller waits instead)."""
+    now or soon (ready, loading, restarting, scaled to zero: the caller waits instead).
+
+    `noun` and `load_hint` let a protocol speak its own words (V2 says "model" and names
+    its repository load route) while the states and Retry-After stay the same everywhere.
+    """
     state = served.state if state is None else state
     if state in WAITABLE:
         return None
-    name = served.name
+    what = f"{noun} '{served.name}'"
     if state == "failed":
-        return Unavailable(f"API '{name}' failed to load: {served.error}", retry_after=5)
+        return Unavailable(
+            f"{what} failed to load: {served.error}",
+            retry_after=5,
+            load_error_of=served.name,
+        )
     if state == "compute unavailable":
         return Unavailable(
-            f"API '{name}' has no replica: compute unavailable ({served.compute_unavailable})",
+            f"{what} has no replica: compute unavailable ({served.compute_unavailable})",
             retry_after=30,
         )
     if state == "unloaded":
-        return Unavailable(f"API '{name}' is unloaded; load it first", retry_after=5)
+        return Unavailable(f"{what} is unloaded; {load_hint}", retry_after=5)
     if state == "stopped":
-        return Unavailable(f"API '{name}' is shutting down; retry shortly", retry_after=5)
-    return Unavailable(f"API '{name}' is {state}; retry shortly", retry_after=5)
+        return Unavailable(f"{what} is shutting down; retry shortly", retry_after=5)
+    return Unavailable(f"{what} is {state}; retry shortly", retry_after=5)
 
 
 def not_ready_in_time(served: Any) -> Unavailable:

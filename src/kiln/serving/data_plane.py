@@ -161,22 +161,24 @@ class DataPlane:
         return f"the load error is not shown to callers; {_hidden(served.name)}"
 
     def public_error(self, call: Call, err: KilnError) -> KilnError:
-        """The error the caller gets: a 503 that carries an API's load error is rewritten
-        for callers who may not read it (see `exposes`); every other error is as raised."""
-        if err.status != 503 or not call.api:
+        """The error the caller gets: a 503 that carries an API's load error (marked with
+        `load_error_of` where it is made, serving/availability.py) is rewritten for callers
+        who may not read it (see `exposes`); every other error is as raised."""
+        name = getattr(err, "load_error_of", None)
+        if name is None or not call.api:
             return err
         group = self.registry.groups.get(call.api)
-        if group is None:
+        served = (
+            None
+            if group is None
+            else next((s for s in group.versions.values() if s.name == name), None)
+        )
+        if served is not None and self.exposes(call, served):
             return err
-        for served in group.versions.values():
-            error = served.error
-            if error and error in err.message and not self.exposes(call, served):
-                hidden = Unavailable(
-                    f"API '{served.name}' failed to load; {_hidden(served.name)}",
-                    retry_after=getattr(err, "retry_after", None),
-                )
-                return hidden
-        return err
+        return Unavailable(  # hidden also when the API is gone and its owner unknown
+            f"API '{name}' failed to load; {_hidden(name)}",
+            retry_after=getattr(err, "retry_after", None),
+        )
 
     # ----- meter ---------------------------------------------------------------------
     def finish(self, call: Call, status: int) -> None:
