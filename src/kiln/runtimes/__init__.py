@@ -2,7 +2,8 @@
 
 `load_runtime` is the registry: it maps the `runtime` of a worker spec to the
 module that serves it, so `import kiln` never pulls in onnxruntime, tensorflow
-or torch, and a missing framework is a clear "install kiln-serve[extra]".
+or torch, and a missing framework is a clear hint to install Kiln's extra for it
+(Kiln is installed from its repository, not PyPI: `install_hint`).
 """
 
 from __future__ import annotations
@@ -50,8 +51,20 @@ def load_runtime(spec: WorkerSpec) -> TensorRuntime:
     except ImportError as exc:
         raise MissingFramework(
             f"API '{spec.api}' uses the {spec.runtime} runtime, but {framework} is not "
-            f"installed or cannot be imported ({exc}). Install it with: "
-            f"pip install 'kiln-serve[{extra}]'"
+            f"installed or cannot be imported ({exc}). Install it with: {install_hint(extra)}"
         ) from None
     runtime_cls = getattr(module, class_name)
     return runtime_cls(spec)
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs Kiln's `extra`, as the README's Install section does it.
+
+    Kiln is not on PyPI (`pip install kiln-serve[...]` finds nothing): it is installed
+    from its repository, so the hint names that folder when Kiln runs from a checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    if (root / "pyproject.toml").is_file():
+        return f"pip install -e '{root}[{extra}]'"
+    return f"pip install -e '.[{extra}]' in Kiln's folder (see the README's Install section)"

@@ -1,4 +1,4 @@
-"""ONNX models through onnxruntime (the `kiln-serve[onnx]` extra)."""
+"""ONNX models through onnxruntime (the Kiln's `onnx` extra)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""scikit-learn estimators (the `kiln-serve[sklearn]` extra: scikit-learn and skops).
+"""scikit-learn estimators (the Kiln's `sklearn` extra: scikit-learn and skops).
 
 A `.skops` file is loaded with skops, which rebuilds only types it trusts and
 names the rest; those names are shown to the user, who may trust them with

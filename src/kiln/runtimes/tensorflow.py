@@ -1,4 +1,4 @@
-"""TensorFlow SavedModels (the `kiln-serve[tensorflow]` extra; TensorFlow's CPU build).
+"""TensorFlow SavedModels (the Kiln's `tensorflow` extra; TensorFlow's CPU build).
 
 This module is imported only when an API uses `tensorflow:`. `model` may be a
 SavedModel directory, a `.zip` / `.tar.gz` of one (unpacked safely by

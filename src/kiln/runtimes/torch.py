@@ -1,4 +1,4 @@
-"""PyTorch models (the `kiln-serve[torch]` extra, pinned to a CPU build of torch).
+"""PyTorch models (the Kiln's `torch` extra, pinned to a CPU build of torch).
 
 Three ways in, chosen by what the model file is rather than by its name:
 

@@ -31,7 +31,7 @@ def snapshot(uri: ModelUri) -> Path:
     except ImportError:
         raise MissingStorageExtra(
             f"reading hf:// model paths needs the 'huggingface_hub' package (model path: {uri})",
-            fix="install it with: pip install 'kiln-serve[hf]'",
+            fix="install Kiln's hf extra: pip install -e '.[hf]' in Kiln's folder",
         ) from None
     try:
         folder = snapshot_download(uri.path, revision=uri.revision, allow_patterns=_PATTERNS)

@@ -69,7 +69,7 @@ def filesystem(uri: ModelUri) -> Any:
         raise MissingStorageExtra(
             f"reading {uri.scheme}:// model paths needs the '{module}' package, which is not "
             f"installed (model path: {uri})",
-            fix=f"install it with: pip install 'kiln-serve[{extra}]'",
+            fix=f"install Kiln's {extra} extra: pip install -e '.[{extra}]' in Kiln's folder",
         ) from None
     if scheme == "s3":
         import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
