@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+from kiln.compat.shims import install as install_shims
 from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import BatchLengthMismatch, Pipeline, build_pipeline
@@ -347,6 +348,7 @@ def serve(channel: BlockingChannel) -> int:
     if spec.python_path and spec.python_path not in sys.path:
         sys.path.insert(0, spec.python_path)
     add_site_dirs(spec.site_dirs)
+    install_shims()  # `from hub import ...` etc., unless a real package has the name
     started = time.monotonic()
     fetched = False
     try:
