@@ -77,6 +77,40 @@ def test_regression_min_max_mean_and_percentiles(server: KilnServer) -> None:
     assert (summary["count"], summary["min"], summary["max"], summary["mean"]) == (3, 2, 12, 6)
     # Percentiles come from the store's log-scale histogram: within its relative error.
     assert summary["p50"] == pytest.approx(4, rel=RELATIVE_ERROR)
+    assert summary["p99"] == summary["max"] == 12  # nearest rank of 3 values: the max itself
+
+
+def test_p99_is_never_below_the_observed_max_of_few_values() -> None:
+    """Under 100 values the p99 is the largest one; read from its bin it printed up to 2%
+    below the max that `kiln get API` shows beside it."""
+    from kiln.control.store import histogram
+    from kiln.control.store.models import RegressionSummary
+
+    # A value near the top of its bin: the bin's representative value is below it.
+    top = next(
+        v / 100 for v in range(500, 600) if histogram.bin_value(histogram.bin_of(v / 100)) < v / 100
+    )
+    values = [1.0] * 9 + [top]
+    stats = RegressionSummary(
+        count=len(values),
+        minimum=min(values),
+        maximum=max(values),
+        total=sum(values),
+        bins=histogram.bin_counts(values),
+    )
+    assert stats.percentile(99) == top
+    assert stats.percentile(90) == pytest.approx(1.0, rel=RELATIVE_ERROR)
+    assert stats.percentile(1) == 1.0
+    many = [float(v) for v in range(1, 1001)]
+    spread = RegressionSummary(
+        count=len(many),
+        minimum=1.0,
+        maximum=1000.0,
+        total=sum(many),
+        bins=histogram.bin_counts(many),
+    )
+    assert spread.percentile(99) == pytest.approx(990, rel=RELATIVE_ERROR)
+    assert spread.percentile(99) <= spread.maximum
 
 
 def test_metrics_carry_the_tracked_values(server: KilnServer) -> None:

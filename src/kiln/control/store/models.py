@@ -137,5 +137,13 @@ class RegressionSummary:
             return self.minimum
         if q >= 100:
             return self.maximum
+        # Nearest rank: with fewer than 100 values the p99 *is* the largest one (and a low
+        # percentile of few values the smallest). A bin only knows its value to 4%, which
+        # printed a p99 below the observed max: the exact extremes are known, use them.
+        rank = max(1, math.ceil(q / 100.0 * self.count))
+        if rank >= self.count:
+            return self.maximum
+        if rank <= 1:
+            return self.minimum
         value = histogram.percentile(self.bins, q)
         return min(max(value, self.minimum), self.maximum)
