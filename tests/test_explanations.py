@@ -1,4 +1,9 @@
-"""Explanations on `/explanations/{model}[/{version}]` and V1 `:explain`, on a real `kiln serve`."""
+"""Explanations on `/explanations/{model}[/{version}]` and V1 `:explain`, on a real `kiln serve`.
+
+These check Kiln's explanation object (`?format=kiln`, and the native
+`POST {endpoint}/explain`); TorchServe's bare attribution lists, the default
+on those routes, are tests/test_explanation_shapes.py.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def test_single_output_attributions_are_x_times_w(server: KilnServer) -> None:
     x = np.array([[2, 1, -1, 4], [1, 1, 1, 1]], dtype=np.float32)
-    response = server.client.post("/explanations/single", json=x.tolist())
+    response = server.client.post("/explanations/single?format=kiln", json=x.tolist())
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["method"] == "feature_ablation"
@@ -69,7 +74,7 @@ def test_single_output_attributions_are_x_times_w(server: KilnServer) -> None:
 def test_argmax_class_attributions_are_x_times_w_of_that_class(server: KilnServer) -> None:
     x = np.array([[1, 2, 3, 4], [4, 0, 1, 0]], dtype=np.float32)
     target = (x @ W_CLASSES).argmax(axis=1)
-    for path in ("/explanations/classes", "/explanations/classes/1"):
+    for path in ("/explanations/classes?format=kiln", "/explanations/classes/1?format=kiln"):
         body = server.client.post(path, json=x.tolist()).json()
         assert body["target"] == target.tolist()
         expected = x * W_CLASSES[:, target].T
@@ -78,7 +83,7 @@ def test_argmax_class_attributions_are_x_times_w_of_that_class(server: KilnServe
 
 def test_v1_explain_gives_one_explanation_per_instance(server: KilnServer) -> None:
     x = [[1, 2, 3, 4], [4, 0, 1, 0]]
-    response = server.client.post("/v1/models/single:explain", json={"instances": x})
+    response = server.client.post("/v1/models/single:explain?format=kiln", json={"instances": x})
     explanations = response.json()["explanations"]
     assert len(explanations) == 2
     for row, explanation in zip(x, explanations, strict=True):
@@ -109,3 +114,26 @@ def test_explanations_need_post_or_put(server: KilnServer) -> None:
     response = server.client.get("/explanations/single")
     assert response.status_code == 405
     assert response.json()["type"] == "MethodNotAllowedException"
+
+
+def test_native_explain_route_answers_the_kiln_object(server: KilnServer) -> None:
+    x = np.array([[2, 1, -1, 4]], dtype=np.float32)
+    body = server.client.post("/single/explain", json=x.tolist()).json()
+    assert body["method"] == "feature_ablation"
+    assert body["attributions"]["x"] == (x * W_SINGLE[:, 0]).tolist()
+    assert body["output"] == (x @ W_SINGLE).tolist()
+    handler = server.client.post("/explained/explain", json={"a": 1}).json()
+    assert handler == {"explained_by": "handler", "payload": {"a": 1}, "protocol": "native"}
+    refused = server.client.get("/single/explain")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "POST"
+
+
+def test_an_unknown_explanation_format_is_a_400_naming_the_known_ones(server: KilnServer) -> None:
+    response = server.client.post("/explanations/single?format=captum", json=[[1, 2, 3, 4]])
+    assert response.status_code == 400
+    assert response.json()["type"] == "BadRequestException"
+    assert "format=kiln" in response.json()["message"]
+    v1 = server.client.post("/v1/models/single:explain?format=x", json={"instances": [[1, 2]]})
+    assert v1.status_code == 400
+    assert "format=kiln" in v1.json()["error"]

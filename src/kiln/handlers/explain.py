@@ -78,3 +78,44 @@ def feature_ablation(
     if targets is not None:
         explanation["target"] = np.asarray(targets).tolist()
     return explanation
+
+
+# ----- the answer's shape per protocol -------------------------------------------------
+# TorchServe's /explanations/{m} and KServe V1's :explain answer what Captum returns
+# through a TorchServe handler: bare nested lists of attributions. Kiln's own object
+# (method, baseline, output, target, attributions by input name) is the native route's
+# answer, and the TorchServe and V1 routes give it with `?format=kiln`.
+BARE_PROTOCOLS = frozenset({"torchserve", "v1"})
+KILN_FORMAT = "kiln"
+
+
+def wants_bare(protocol: str, query: dict[str, str]) -> bool:
+    """Whether the explanation goes out as TorchServe's bare attribution lists."""
+    return protocol in BARE_PROTOCOLS and query.get("format") != KILN_FORMAT
+
+
+def bare_attributions(explanation: dict[str, Any], input_names: list[str], unbatched: bool) -> Any:
+    """TorchServe's shape: one nested list per input, in signature order.
+
+    A model with one input answers that input's list itself (shaped exactly like the
+    input as sent: an instance sent without its batch axis gets its attributions
+    without it too); several inputs answer a list of them. An input the explainer
+    cannot attribute (strings) holds `null`, so positions still match the signature.
+    """
+    attributions = explanation.get("attributions") or {}
+    lists = []
+    for name in input_names:
+        values = attributions.get(name)
+        if values is not None and unbatched:
+            values = values[0]
+        lists.append(values)
+    return lists[0] if len(lists) == 1 else lists
+
+
+def shaped_for(
+    explanation: dict[str, Any], context: Any, input_names: list[str], unbatched: bool
+) -> Any:
+    """The built-in explanation in the shape the request's protocol promises."""
+    if wants_bare(context.protocol, context.query):
+        return bare_attributions(explanation, input_names, unbatched)
+    return explanation

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from kiln.errors import InferenceError, NotImplementedByApi
 from kiln.handlers.context import RequestContext, TensorPayload
-from kiln.handlers.explain import feature_ablation
+from kiln.handlers.explain import feature_ablation, shaped_for
 from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.request_hooks import RequestHooks
 from kiln.runtimes import TENSOR_RUNTIMES, load_runtime
@@ -189,8 +189,9 @@ class TensorPipeline(Pipeline):
         ]
 
     def explain(self, payload: Any, context: RequestContext) -> Any:
-        tensors, _ = self._prepare(payload, None)
-        return feature_ablation(self.runtime.run, tensors)
+        tensors, unbatched = self._prepare(payload, None)
+        names = [spec.name for spec in self.runtime.signature.inputs]
+        return shaped_for(feature_ablation(self.runtime.run, tensors), context, names, unbatched)
 
 
 def _rows(tensors: dict[str, np.ndarray]) -> int:
@@ -271,9 +272,14 @@ class PythonPipeline(Pipeline):
 
 
 def build_pipeline(spec: WorkerSpec) -> Pipeline:
-    """Tensor runtimes (onnx, tensorflow, torch, sklearn) share one pipeline; python has its own."""
+    """Tensor runtimes (onnx, tensorflow, torch, sklearn) share one pipeline; python and
+    torchserve have their own."""
     if spec.runtime in TENSOR_RUNTIMES:
         return TensorPipeline(spec)
     if spec.runtime == "python":
         return PythonPipeline(spec)
+    if spec.runtime == "torchserve":  # duck-typed: it does not import this module
+        from kiln.handlers.torchserve_handler import TorchServePipeline
+
+        return cast(Pipeline, TorchServePipeline(spec))
     raise InferenceError(f"API '{spec.api}' names an unknown runtime '{spec.runtime}'")

@@ -5,6 +5,10 @@
     POST /v1/models/{m}:predict  {"instances": [...]} or {"inputs": ...} -> {"predictions": [...]}
     POST /v1/models/{m}:explain  same body -> {"explanations": [...]}
 
+Each instance's explanation is TorchServe's: the handler's `explain()` answer
+as it is, or the built-in explainer's bare attribution lists (one per input,
+shaped like the instance); `?format=kiln` gives Kiln's explanation objects.
+
 Every instance is its own request to the API, as TorchServe's KServe envelope
 does: the instances are submitted together, so the dynamic batcher groups
 them (with `batching:` on, into one model call), and their answers come back
@@ -24,7 +28,7 @@ import orjson
 from kiln.errors import InvalidInput, KilnError, NotFound, Unavailable
 from kiln.protocols.errors import kserve_error
 from kiln.protocols.http import Request, Send, send_bytes, send_json
-from kiln.protocols.torchserve import find_group, method_not_allowed
+from kiln.protocols.torchserve import check_explanation_format, find_group, method_not_allowed
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ServedApi
 from kiln.serving.types import InferenceRequest, InferenceResponse
@@ -145,6 +149,8 @@ class KServeV1:
     ) -> int:
         if request.method != "POST":
             raise method_not_allowed(request, ("POST",))
+        if action == "explain":
+            check_explanation_format(request)
         plane = self.plane
         plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)

@@ -1,5 +1,9 @@
 """Kiln's native JSON API: `POST {endpoint}` predicts, `GET {endpoint}` pings and loads.
 
+`POST {endpoint}/explain` answers Kiln's explanation object (handlers/explain.py):
+the handler's `explain()`, or the built-in explainer's method, baseline, output,
+target and attributions by input name.
+
 Success bodies carry only the result, so the same request gives the same body;
 the request id travels in `X-Request-ID`. Errors use the native shape
 `{"error": {"type", "message"}, "request_id"}`.
@@ -56,10 +60,11 @@ class NativeApi:
         group = view.by_endpoint(path)
         if group is not None:
             return group, "predict"
-        if path.endswith("/signature"):
-            group = view.by_endpoint(path[: -len("/signature")])
-            if group is not None:
-                return group, "signature"
+        for action in ("signature", "explain"):
+            if path.endswith("/" + action):
+                group = view.by_endpoint(path[: -len(action) - 1])
+                if group is not None:
+                    return group, action
         return None
 
     async def handle(
@@ -72,6 +77,10 @@ class NativeApi:
             await self.plane.wait_ready(call, served)
             await send_json(send, 200, _signature_body(served), request.request_id)
             return 200
+        if action == "explain":
+            if request.method != "POST":
+                raise _method_not_allowed(("POST",), request.path, request.method)
+            return await self._predict(request, send, call, served, explain=True)
         if request.method == "GET":
             await self.plane.wait_ready(call, served)
             await send_json(send, 200, _status_body(served), request.request_id)
@@ -80,7 +89,9 @@ class NativeApi:
             raise _method_not_allowed(("GET", "POST"), request.path, request.method)
         return await self._predict(request, send, call, served)
 
-    async def _predict(self, request: Request, send: Send, call: Call, served: ServedApi) -> int:
+    async def _predict(
+        self, request: Request, send: Send, call: Call, served: ServedApi, explain: bool = False
+    ) -> int:
         self.plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         debug = request.flag("debug")
@@ -97,8 +108,9 @@ class NativeApi:
             query=query,
             debug=debug,
         )
+        run = self.plane.explain if explain else self.plane.predict
         try:
-            response = await self.plane.predict(call, served, inference)
+            response = await run(call, served, inference)
         except KilnError as err:
             self._log_debug(served.name, request.request_id, getattr(err, "debug_stages", ()))
             raise

@@ -7,6 +7,11 @@ Routes (the model name is the API name, `{version}` the API's `version:`):
     OPTIONS /predictions/{model}[/{version}]    that model's description (OpenAPI 3.0.1)
     POST /explanations/{model}[/{version}]      the handler's explain() or the built-in one
 
+Explanations answer TorchServe's shape: the handler's own `explain()` answer as
+it is, or the built-in explainer's attributions as bare nested lists, one per
+input in signature order (what Captum returns through TorchServe); Kiln's
+richer object with `?format=kiln` (handlers/explain.py).
+
 Bodies reach the handler as TorchServe's do: JSON decoded, `text/*` as str,
 anything else as bytes; `multipart/form-data` as parts in order (a multi-input
 API gets them all, a single-input one the last). Errors use TorchServe's shape
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.errors import KilnError, MethodNotAllowed, NotFound
+from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.http import Request, Send, send_bytes, send_json
 from kiln.protocols.multipart import MULTIPART, read_multipart
 from kiln.protocols.streaming import stream_response, wants_sse
@@ -96,6 +101,19 @@ def resolve(registry: Registry | RegistryView, name: str, version: str | None) -
         err.torchserve_type = "ModelVersionNotFoundException"  # type: ignore[attr-defined]
         raise err
     return served
+
+
+EXPLANATION_FORMATS = ("torchserve", "kiln")
+
+
+def check_explanation_format(request: Request) -> None:
+    """`?format=` on an explanation route names a shape Kiln answers in, or it is a 400."""
+    wanted = request.query.get("format")
+    if wanted is not None and wanted not in EXPLANATION_FORMATS:
+        raise InvalidInput(
+            f"unknown explanation format {wanted!r}: leave format out for TorchServe's "
+            f"attribution lists, or send ?format=kiln for Kiln's explanation object"
+        )
 
 
 def method_not_allowed(request: Request, allowed: tuple[str, ...]) -> MethodNotAllowed:
@@ -251,6 +269,7 @@ class TorchServeInference:
     async def _explain(self, request: Request, send: Send, call: Call, served: ServedApi) -> int:
         if request.method not in _PREDICT_METHODS:
             raise method_not_allowed(request, _PREDICT_METHODS)
+        check_explanation_format(request)
         self.plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         inference = await build_request(request, served, body)
