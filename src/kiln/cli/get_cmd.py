@@ -173,6 +173,12 @@ def _details(detail: dict, key_header: str = "") -> list[Any]:
             out.append(
                 f"  {stamp} {event['from']} -> {event['to']}: {escape(str(event['reason']))}"
             )
+    if not detail.get("curl"):  # a first deploy that failed: nothing answers yet
+        out.append(
+            f"\n[red]not serving[/]: {escape(str(detail.get('error') or 'its deploy failed'))}\n"
+            "Fix it and run `kiln deploy` again (or `kiln delete` it)."
+        )
+        return out
     out.append("")
     # One line however narrow the terminal: a wrapped command would not paste.
     out.append(Text(debug_curl(detail["curl"], key_header), no_wrap=True, overflow="ignore"))

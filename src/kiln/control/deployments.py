@@ -76,6 +76,9 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
         # First revisions of API names routed while they load: (name, version) -> API.
         self._first: dict[tuple[str, str | None], ServedApi] = {}
         self._claimed: set[int] = set()  # ids of those a rollout has taken to start
+        # APIs whose first deploy failed: nothing serves them, yet `kiln get` lists them
+        # as `error` with the reason until a deploy brings them up or `kiln delete`.
+        self.failed_first: dict[str, dict[str, Any]] = {}
 
     # ---- loading a revision -------------------------------------------------------
     def _load(self, folder: Path, deployment: str | None = None, tenant: str | None = None) -> Any:
@@ -168,8 +171,33 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
             rollout = Rollout(deployment, digest, apis=sorted(names))
             self.rollouts[deployment] = rollout
             first = self._route_first_revision(deployment, digest, project)
-        self._spawn(self._roll_out_first(rollout, project, first))
+        self._spawn(self._first_deploy(rollout, project, first))
         return {**rollout.to_json(), "apis": self._api_urls(project)}
+
+    async def _first_deploy(self, rollout: Rollout, project: Any, first: list[ServedApi]) -> None:
+        """The rollout, then what `kiln get` keeps of it: a failed first revision's APIs are
+        unrouted (loading.py), so they are remembered here with the reason."""
+        try:
+            await self._roll_out_first(rollout, project, first)
+        finally:
+            names = [a.name for a in project.apis] + [b.name for b in project.batch_apis]
+            if rollout.status == "live":
+                for name in names:
+                    self.failed_first.pop(name, None)
+            elif rollout.status == "error":
+                served_now = self.server.registry.groups
+                specs = [s.api for s in first] + [
+                    b for b in project.batch_apis if b.name not in self.owner
+                ]
+                for api in specs:
+                    if api.name not in served_now:
+                        self.failed_first[api.name] = {
+                            "deployment": rollout.deployment,
+                            "revision": rollout.revision,
+                            "error": rollout.error or "the deploy failed",
+                            "time": rollout.finished or time.time(),
+                            "api": api,
+                        }
 
     def _record_revision(self, deployment: str, digest: str, folder: Path, project: Any) -> None:
         specs = [
@@ -236,6 +264,9 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
         return owner
 
     async def delete_api(self, name: str) -> dict[str, Any]:
+        failed = self.failed_first.get(name) if name not in self.owner else None
+        if failed is not None:  # a first deploy that failed: nothing runs, only records
+            return await self._forget_failed_first(name, failed["deployment"])
         deployment = self.deployment_of(name)
         async with self._lock:
             jobs = self.server.jobs
@@ -259,6 +290,18 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
             self.server.log.write(name, {"event": "deploy", "message": f"API '{name}' deleted"})
         await asyncio.gather(*(s.stop(DRAIN_GRACE_S) for s in removed), return_exceptions=True)
         return {"deleted": name, "deployment": deployment, "deployment_deleted": not remaining}
+
+    async def _forget_failed_first(self, name: str, deployment: str) -> dict[str, Any]:
+        async with self._lock:
+            self.failed_first.pop(name, None)
+            self.errors.pop(name, None)
+            others = [a for a, d in self.owner.items() if d == deployment]
+            others += [a for a, f in self.failed_first.items() if f["deployment"] == deployment]
+            if not others:
+                await asyncio.to_thread(self.store.delete_deployment, deployment)
+                self.rollouts.pop(deployment, None)
+            self.server.log.write(name, {"event": "deploy", "message": f"API '{name}' deleted"})
+        return {"deleted": name, "deployment": deployment, "deployment_deleted": not others}
 
     async def refresh(self, name: str) -> dict[str, Any]:
         """Restart an API's replicas without downtime: a rollout of the same revision."""

@@ -127,7 +127,45 @@ def list_apis(server: Any, viewer: Any = None) -> list[dict[str, Any]]:
     latency = server.metrics.latency_percentiles()
     shown = server.registry.view(viewer).all()
     realtime = [_entry(server, served, latency) for served in shown]
-    return realtime + [_batch_entry(server, name) for name in _visible_batch_apis(server, viewer)]
+    batch = [_batch_entry(server, name) for name in _visible_batch_apis(server, viewer)]
+    return realtime + batch + [_failed_entry(server, n) for n in _failed_first(server, viewer)]
+
+
+def _failed_first(server: Any, viewer: Any) -> list[str]:
+    """APIs whose first deploy failed (nothing serves the name): shown as `error`."""
+    failed = getattr(server.deployments, "failed_first", {})
+    served = server.registry.groups
+    jobs = server.jobs.apis if server.jobs is not None else {}
+    return [
+        n
+        for n in sorted(failed)
+        if n not in served and n not in jobs and (viewer is None or viewer.sees(n))
+    ]
+
+
+def _failed_entry(server: Any, name: str) -> dict[str, Any]:
+    """An API whose first deploy failed: its reason, no replicas, the URL it will have."""
+    failed = server.deployments.failed_first[name]
+    api = failed["api"]
+    base = server.running.url if server.running else ""
+    entry: dict[str, Any] = {
+        "name": name,
+        "version": getattr(api, "version", None),
+        "deployment": failed["deployment"],
+        "revision": short_revision(failed["revision"]),
+        "status": "error",
+        "replicas": {"ready": 0, "requested": 0, "min": 0, "max": 0, "restarts": 0},
+        "requests": server.counters.usage_totals(name) if server.counters else {},
+        "latency_ms": {"p50": None, "p99": None},
+        "last_update": failed["time"],
+        "url": f"{base}{api.endpoint}",
+        "endpoint": api.endpoint,
+        "runtime": api.runtime,
+        "error": failed["error"],
+    }
+    if api.runtime == "predictor" or not hasattr(api, "serving"):
+        entry["kind"] = "BatchAPI"
+    return entry
 
 
 def _visible_batch_apis(server: Any, viewer: Any) -> list[str]:
@@ -174,6 +212,12 @@ def api_detail(server: Any, name: str, window_s: float, viewer: Any = None) -> d
             f"curl -X POST '{batch['url']}' -H 'Content-Type: application/json' -d @job.json"
         )
         return batch
+    if group is None and name in _failed_first(server, viewer):
+        failed: dict[str, Any] = {**_failed_entry(server, name), "versions": []}
+        failed["recent_errors"] = list(manager.errors.get(name, ()))[-10:]
+        failed["scaling_events"] = []
+        failed["revisions"] = manager.status_of(failed["deployment"])["revisions"]
+        return failed
     if group is None:
         raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
     latency = server.metrics.latency_percentiles()
