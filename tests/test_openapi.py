@@ -11,6 +11,7 @@ from openapi_spec_validator import validate
 from support import KilnServer, build_linear_onnx, build_two_input_onnx, write
 
 from kiln.protocols.openapi import ROUTES
+from kiln.protocols.openapi_templates import TEMPLATES
 
 ECHO = """
 class Model:
@@ -65,9 +66,21 @@ def document(server: KilnServer) -> dict:
     return response.json()
 
 
+# TorchServe's inference_open_api.json lists these, with the model as a path parameter.
+TORCHSERVE_TEMPLATES = {
+    ("post", "/predictions/{model_name}"),
+    ("post", "/predictions/{model_name}/{model_version}"),
+    ("post", "/explanations/{model_name}"),
+    ("post", "/v1/models/{model_name}:predict"),
+    ("post", "/v1/models/{model_name}:explain"),
+    ("post", "/v2/models/{model_name}/infer"),
+}
+
+
 def expected_operations() -> set[tuple[str, str]]:
-    """Every route shape of the table made concrete for this project's APIs."""
-    found = set()
+    """Every route shape of the table made concrete for this project's APIs, and the
+    templated paths."""
+    found = {(t.method, t.path) for t in TEMPLATES}
     for route in ROUTES:
         if route.scope == "server":
             found.add((route.method, route.template))
@@ -111,7 +124,54 @@ def test_document_lists_every_served_route_once_per_api(document: dict) -> None:
     assert ("post", "/team/two") in listed
     assert ("post", "/v1/models/two:predict") in listed
     assert ("post", "/v2/models/echo/versions/1/infer") in listed
-    assert not [path for _, path in listed if "{" in path]
+    assert ("post", "/team/two/explain") in listed
+    # Templated paths: TorchServe's, and no others.
+    templated = {(method, path) for method, path in listed if "{" in path}
+    assert TORCHSERVE_TEMPLATES <= templated
+    assert templated == {(t.method, t.path) for t in TEMPLATES}
+
+
+def test_templated_paths_are_described_as_torchserve_does(document: dict) -> None:
+    paths = document["paths"]
+    predict = paths["/predictions/{model_name}"]["post"]
+    assert predict["operationId"] == "predictions"
+    assert [(p["in"], p["name"], p["required"]) for p in predict["parameters"]] == [
+        ("path", "model_name", True)
+    ]
+    assert "*/*" in predict["requestBody"]["content"]
+    assert predict["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/TorchServeError"
+    )
+    versioned = paths["/predictions/{model_name}/{model_version}"]["post"]
+    assert versioned["operationId"] == "version_predictions"
+    assert [p["name"] for p in versioned["parameters"]] == ["model_name", "model_version"]
+    explain = paths["/explanations/{model_name}"]["post"]
+    formats = {p["name"]: p for p in explain["parameters"]}["format"]
+    assert formats["schema"]["enum"] == ["torchserve", "kiln"]
+    assert "501" in explain["responses"]
+    v1 = paths["/v1/models/{model_name}:predict"]["post"]
+    assert v1["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/KServeError"
+    )
+    ids = [op["operationId"] for item in paths.values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+
+
+def test_templated_paths_answer_for_every_model(server: KilnServer, document: dict) -> None:
+    # What a client generated from the templates sends: the names filled in.
+    for path, item in document["paths"].items():
+        if "{model_name}" not in path:
+            continue
+        for method in item:
+            url = path.replace("{model_name}", "echo").replace("{model_version}", "2")
+            body = {"instances": [{}]} if path.startswith("/v1/") else {}
+            response = server.client.request(method.upper(), url, json=body)
+            assert response.status_code not in (404, 405), (method, path, response.text)
+            assert response.status_code < 500 or response.status_code == 501
+    assert server.client.post("/predictions/echo/1", json={}).json() == {"version": "1"}
+    assert server.client.post("/predictions/echo", json={}).json() == {"version": "2"}
+    v1 = server.client.post("/v1/models/echo:predict", json={"instances": [{}]}).json()
+    assert v1 == {"predictions": [{"version": "2"}]}
 
 
 def test_every_documented_operation_is_really_served(server: KilnServer, document: dict) -> None:
@@ -119,6 +179,8 @@ def test_every_documented_operation_is_really_served(server: KilnServer, documen
     items = sorted(operations(document), key=lambda op: ("unload" in op[1], op[1]))
     for method, path in items:
         op = document["paths"][path][method]
+        if "{" in path:
+            continue  # templated: test_templated_paths_answer_for_every_model
         body = op.get("requestBody", {}).get("content", {}).get("application/json")
         kwargs = {"json": body["example"]} if body is not None else {}
         response = client.request(method.upper(), path, **kwargs)

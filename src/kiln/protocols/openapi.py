@@ -8,7 +8,9 @@ Nothing here is written per API. `ROUTES` is the table of every route shape the
 inference port knows; the document expands each shape for every API and version
 in the registry (`/predictions/{model}` becomes `/predictions/iris`) and keeps
 only the paths one of the live adapters actually claims, so a protocol that is
-switched off, or a route an adapter does not serve, never appears.
+switched off, or a route an adapter does not serve, never appears. TorchServe's
+templated paths (`/predictions/{model_name}`, ...; `openapi_templates.py`) are
+listed too, as TorchServe's own description lists them, for generated clients.
 
 This module decides *which* operations exist and assembles the document. What
 each operation's parameters, request bodies and responses look like (schemas and
@@ -35,6 +37,7 @@ from kiln.protocols.openapi_schemas import (
     _responses,
     _signature_text,
 )
+from kiln.protocols.openapi_templates import templated_paths
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ApiGroup, Registry, RegistryView, ServedApi
 
@@ -75,6 +78,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("native", "post", "{endpoint}", "api", "Predict", body="native"),
     RouteSpec("native", "get", "{endpoint}", "api", "Status; the first call loads the model"),
     RouteSpec("native", "get", "{endpoint}/signature", "api", "Input and output tensors"),
+    RouteSpec("native", "post", "{endpoint}/explain", "api", "Explain", body="native"),
     # TorchServe inference API.
     RouteSpec("torchserve", "get", "/ping", "server", "Health of every model", errors="torchserve"),
     RouteSpec(
@@ -294,7 +298,10 @@ class OpenApiRoutes:
         return found
 
     def document(self, base_url: str, call: Call) -> dict[str, Any]:
-        return build_document(self.operations(call), base_url)
+        templated = templated_paths(
+            lambda method, path: self.is_served(method, path, call), sorted(call.view.groups)
+        )
+        return build_document(self.operations(call), base_url, templated)
 
 
 def probe_request(method: str, path: str) -> Request:
@@ -327,12 +334,19 @@ def expand(registry: Registry | RegistryView) -> Iterator[Operation]:
 
 
 # ----- the document -------------------------------------------------------------------
-def build_document(operations: list[Operation], base_url: str = "") -> dict[str, Any]:
+def build_document(
+    operations: list[Operation],
+    base_url: str = "",
+    templated: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
-    used_ids: set[str] = set()
+    # Templated operations keep TorchServe's operationIds; concrete ones avoid them.
+    used_ids = {op["operationId"] for item in (templated or {}).values() for op in item.values()}
     for op in operations:
         item = paths.setdefault(op.path, {})
         item[op.route.method] = _operation(op, used_ids)
+    for path, methods in (templated or {}).items():
+        paths.setdefault(path, {}).update(methods)
     document: dict[str, Any] = {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -341,7 +355,9 @@ def build_document(operations: list[Operation], base_url: str = "") -> dict[str,
             "description": (
                 "Every route this Kiln server answers on its inference port: the native "
                 "API at each endpoint, the TorchServe inference API, KServe V1 and the Open "
-                "Inference Protocol (V2). Generated from the running server."
+                "Inference Protocol (V2), once per model with its input schema, and "
+                "TorchServe's templated paths ({model_name}). Generated from the running "
+                "server."
             ),
         },
         "tags": [{"name": name} for name in _TAGS.values()],
