@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from kiln.cli.client import CliError, Management, resolve
 from kiln.cli.common import console
+from kiln.cli.scaffold import stale_template_sample
 
 WAIT_TIMEOUT_S = 900.0
 
@@ -133,8 +134,21 @@ def _print_urls(client: Management, apis: list[dict], project_dir: Path | None =
     if apis:
         first = f"{base}{apis[0]['endpoint']}"
         console.print("\nTry it:", highlight=False)
+        key = client.target.curl_key_header()
+        if project_dir is not None and stale_template_sample(project_dir):
+            header = f" {key}" if key else ""
+            console.print(f"  curl {first}{header}", markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                "  (its status and signature. sample.json is still kiln init's iris example, "
+                "which your handler no longer takes: put one of its requests there to send "
+                "it with -d @sample.json)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            return
         console.print(
-            f"  {try_it_curl(first, client.target.curl_key_header(), project_dir)}",
+            f"  {try_it_curl(first, key, project_dir)}",
             markup=False,
             highlight=False,
             soft_wrap=True,

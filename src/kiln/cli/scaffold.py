@@ -17,6 +17,9 @@ from pathlib import Path
 from kiln.config.blocks import RESERVED_NAMES
 
 TEMPLATES = ("python", "onnx")
+# Other platforms' layouts, written as their own `init` writes them (no kiln.yaml, no
+# _common files): `hub` is a CellStrat Hub project, which Kiln serves as it is.
+LAYOUTS = ("hub",)
 
 TEMPLATE_ROOT = Path(__file__).resolve().parent / "templates"
 COMMON = "_common"
@@ -58,10 +61,12 @@ def template_files(template: str) -> dict[Path, Path]:
 
     Files of the template itself win over `_common` ones with the same path.
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    if template not in TEMPLATES + LAYOUTS:
+        choices = ", ".join(TEMPLATES + LAYOUTS)
+        raise ValueError(f"unknown template {template!r}; choose one of: {choices}")
     files: dict[Path, Path] = {}
-    for folder in (TEMPLATE_ROOT / COMMON, TEMPLATE_ROOT / template):
+    common = () if template in LAYOUTS else (TEMPLATE_ROOT / COMMON,)
+    for folder in (*common, TEMPLATE_ROOT / template):
         for src in sorted(folder.rglob("*")):
             rel = src.relative_to(folder)
             if src.is_dir() or SKIPPED.intersection(rel.parts) or src.suffix == ".pyc":
@@ -106,3 +111,35 @@ def create_project(dest: Path, template: str = "python", name: str | None = None
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return sorted(files)
+
+
+def stale_template_sample(root: Path) -> bool:
+    """Whether `root`'s sample.json is a template's example left beside another handler.
+
+    `kiln init` writes an iris request that fits the template's iris handler; once the
+    user replaces src/handler.py, that sample no longer fits, and a hint that sends it
+    would answer 400. True when sample.json is byte for byte a template's and the
+    project's src/handler.py is none of the templates' handlers (as rendered)."""
+    sample = root / "sample.json"
+    if not sample.is_file():
+        return False
+    data = sample.read_bytes()
+    try:
+        handler = (root / "src" / "handler.py").read_bytes()
+    except OSError:
+        handler = b""  # the template's handler is gone
+    matched = False
+    for template in TEMPLATES:
+        folder = TEMPLATE_ROOT / template
+        if (folder / "sample.json").is_file() and (folder / "sample.json").read_bytes() == data:
+            matched = True
+            src = folder / "src" / "handler.py"
+            if src.is_file() and _same_template(src.read_bytes(), handler):
+                return False
+    return matched
+
+
+def _same_template(template: bytes, file: bytes) -> bool:
+    """`file` is `template` rendered with some project name (the folder may be renamed)."""
+    parts = [re.escape(p) for p in template.split(b"{{name}}")]
+    return re.fullmatch(b"[a-z0-9-]+".join(parts), file) is not None

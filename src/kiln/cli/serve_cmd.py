@@ -76,14 +76,20 @@ def run_serve(
             soft_wrap=True,
         )
 
+    logs = escape(str((state_home / "logs").resolve()))
+    logs_note = (
+        f"Logs: {logs} (temporary: removed when Kiln stops; --home DIR keeps them). "
+        if temporary
+        else f"Logs: {logs} (kept after Kiln stops). "
+    )
+
     def on_ready(running: RunningServer) -> None:
         states = {(s.name, s.version): (s.state, s.error) for s in running.apis}
         console.print(api_table([s.api for s in running.apis], running.url, states))
         console.print(
             f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}, "
             f"management {running.management_url or 'off'}, "
-            f"metrics {running.metrics_url or 'off'}). "
-            f"Logs: {escape(str(state_home / 'logs'))}. Press Ctrl-C to stop.",
+            f"metrics {running.metrics_url or 'off'}). {logs_note}Press Ctrl-C to stop.",
             highlight=False,
             soft_wrap=True,
         )
@@ -98,8 +104,7 @@ def run_serve(
         first = next((s for s in running.apis if s.state == "ready"), None)
         if first is not None:
             console.print(
-                f"Try: curl -X POST {running.url}{first.api.endpoint} "
-                f"-H 'Content-Type: application/json' -d @sample.json",
+                try_line(running.url, first.api.endpoint, Path(project.root)),
                 highlight=False,
                 markup=False,
                 soft_wrap=True,
@@ -115,3 +120,28 @@ def run_serve(
             shutil.rmtree(state_home, ignore_errors=True)
     console.print("Kiln stopped: every request in flight was answered and all workers exited.")
     return 0
+
+
+def try_line(url: str, endpoint: str, root: Path) -> str:
+    """The banner's hint: a curl with the project's sample.json only when the project has
+    one (by a path from the current folder); else the API's status, which always answers.
+
+    A project without a sample (examples/torchserve-compat takes images) was told to send
+    a file it does not have."""
+    import os
+    import shlex
+
+    from kiln.cli.scaffold import stale_template_sample
+
+    sample = root / "sample.json"
+    if sample.is_file() and not stale_template_sample(root):
+        return (
+            f"Try: curl -X POST {url}{endpoint} -H 'Content-Type: application/json' "
+            f"-d @{shlex.quote(os.path.relpath(sample))}"
+        )
+    why = (
+        "sample.json is still kiln init's iris example, which the handler no longer takes"
+        if sample.is_file()
+        else "the project has no sample.json to send"
+    )
+    return f"Try: curl {url}{endpoint}   (the API's status and signature; {why})"
