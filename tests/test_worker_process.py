@@ -17,10 +17,10 @@ from kiln.handlers.pipeline import build_pipeline
 from kiln.sandbox import LaunchSpec, probe
 from kiln.sandbox.policy import SandboxPolicy, base_env
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
-from kiln.serving.ipc import BlockingChannel
+from kiln.serving.messages import Batch, RequestItem
 from kiln.serving.process import MAX_LINE_BYTES, WorkerProcess
 from kiln.serving.types import WorkerSpec
-from kiln.serving.worker import Worker
+from kiln.serving.worker import Worker, worker_channel
 
 LIST_FDS = (
     "import os\n"
@@ -177,10 +177,9 @@ def test_a_memory_error_in_user_code_ends_the_realtime_worker(tmp_path) -> None:
     pipeline = build_pipeline(spec)
     parent, child = socket.socketpair()
     try:
-        worker = Worker(BlockingChannel(child), spec, pipeline)
-        item = {"rid": "r1", "ct": "application/json"}
+        worker = Worker(worker_channel(child), spec, pipeline)
         with pytest.raises(MemoryError):
-            worker.handle_batch({"id": 1, "items": [item]}, [memoryview(b"0")])
+            worker.handle_batch(Batch(1, [RequestItem("r1")]), [memoryview(b"0")])
     finally:
         parent.close()
         child.close()
@@ -213,19 +212,19 @@ def test_predict_batch_with_the_wrong_count_fails_each_request_and_says_why_in_t
     )
     parent, child = socket.socketpair()
     try:
-        worker = Worker(BlockingChannel(child), spec, build_pipeline(spec))
-        items = [{"rid": f"req-{n}", "ct": "application/json", "nb": 1} for n in range(3)]
+        worker = Worker(worker_channel(child), spec, build_pipeline(spec))
+        items = [RequestItem(f"req-{n}") for n in range(3)]
         bodies = [f'"{first}"'.encode(), b'"b"', b'"c"']
-        reply, _ = worker.handle_batch(
-            {"id": 7, "items": items}, [memoryview(body) for body in bodies]
-        )
+        reply, _ = worker.handle_batch(Batch(7, items), [memoryview(body) for body in bodies])
     finally:
         parent.close()
         child.close()
-    errors = [item["err"] for item in reply["items"]]
-    assert [e["status"] for e in errors] == [500, 500, 500]
+    errors = [item.error for item in reply.items]
+    assert [e.status if e else None for e in errors] == [500, 500, 500]
     assert all(
-        e["message"] == f"predict_batch returned {returned} for 3 requests; it must return a "
+        e is not None
+        and e.message
+        == f"predict_batch returned {returned} for 3 requests; it must return a "
         f"list with one result per request, in order"
         for e in errors
     )

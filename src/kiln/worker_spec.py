@@ -25,6 +25,8 @@ class WorkerSpec:
     method: str = "predict"
     trusted: bool = False
     signature: dict[str, Any] | None = None
+    serialized_file: str | None = None  # torchserve: the archive's --serialized-file
+    model_file: str | None = None  # torchserve: the archive's --model-file
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     python_path: str | None = None

@@ -34,6 +34,22 @@ from kiln.batch.output import OutputSink
 from kiln.control.store import Store
 from kiln.control.store.jobs import Claim, QueuedBatch
 from kiln.serving.ipc import BlockingChannel
+from kiln.serving.messages import (
+    TO_LINK,
+    AckBatch,
+    ClaimBatch,
+    ClaimCompletion,
+    ClaimReply,
+    CompletionReply,
+    FailBatch,
+    FinishJob,
+    FinishReply,
+    FromLink,
+    JobHello,
+    ToLink,
+)
+
+Channel = BlockingChannel[ToLink]
 
 
 class QueueLink(threading.Thread):
@@ -71,15 +87,14 @@ class QueueLink(threading.Thread):
     # ---- the thread ---------------------------------------------------------------
 
     def run(self) -> None:
-        channel = BlockingChannel(self.sock)
+        channel = BlockingChannel(self.sock, TO_LINK)
         try:
-            channel.send({"op": "job"}, [self._hello])
+            channel.send(JobHello(), [self._hello])
             while (frame := self._next(channel)) is not None:
-                header, buffers = frame
-                reply, out = self._answer(header, buffers)
+                reply, out = self._answer(*frame)
                 channel.send(reply, out)
         except OSError:
-            pass  # the worker is gone
+            pass  # the worker is gone (a malformed frame is a FrameError: logged below)
         except Exception as exc:  # noqa: BLE001 - the store failed: the worker restarts
             if self.log is not None:
                 trace = "".join(traceback.format_exception(exc)).rstrip()
@@ -88,7 +103,7 @@ class QueueLink(threading.Thread):
             self.held, self.completing = None, False
             channel.close()
 
-    def _next(self, channel: BlockingChannel) -> tuple[dict[str, Any], list[memoryview]] | None:
+    def _next(self, channel: Channel) -> tuple[ToLink, list[memoryview]] | None:
         """The worker's next request; extends what it holds while waiting for it."""
         while True:
             wait = None
@@ -110,14 +125,11 @@ class QueueLink(threading.Thread):
         except Exception:  # noqa: BLE001 - a missed beat only risks a redelivery
             pass
 
-    def _answer(
-        self, header: dict[str, Any], buffers: list[memoryview]
-    ) -> tuple[dict[str, Any], list[bytes]]:
-        op = header.get("op")
+    def _answer(self, message: ToLink, buffers: list[memoryview]) -> tuple[FromLink, list[bytes]]:
         store, job_id = self.store, self.job_id
-        if op == "claim":
+        if isinstance(message, ClaimBatch):
             return self._claim(store.claim_batch(job_id))
-        if op == "ack":
+        if isinstance(message, AckBatch):
             batch = self._take()
             if batch is None:
                 return self._claim(store.claim_batch(job_id))
@@ -128,39 +140,36 @@ class QueueLink(threading.Thread):
                     error = f"cannot write the output to {self.sink.name(batch.idx)}: {exc}"
                     dead = store.fail_batch(job_id, batch, error)
                     reply, out = self._claim(store.claim_batch(job_id))
-                    return {**reply, "error": error, "dead": dead}, out
-            return self._claim(store.ack_batch(job_id, batch, float(header.get("s", 0.0))))
-        if op == "fail":
+                    reply.error, reply.dead = error, dead
+                    return reply, out
+            return self._claim(store.ack_batch(job_id, batch, message.seconds))
+        if isinstance(message, FailBatch):
             batch = self._take()
-            dead = batch is not None and store.fail_batch(job_id, batch, str(header["error"]))
+            dead = batch is not None and store.fail_batch(job_id, batch, message.error)
             reply, out = self._claim(store.claim_batch(job_id))
-            return {**reply, "dead": dead}, out
-        if op == "complete":
+            reply.dead = dead
+            return reply, out
+        if isinstance(message, ClaimCompletion):
             if store.claim_completion(job_id, self.lease_s):
                 self.completing, self._beat_at = True, time.monotonic()
-                return {"won": True, "done": False}, []
+                return CompletionReply(won=True, done=False), []
             job = store.get_job(job_id)
             done = job is None or not job.active or job.completion == "done"
-            return {"won": False, "done": done}, []
-        if op == "finish":
-            self.completing = False
-            return {"status": store.finish_job(job_id, error=header.get("error"))}, []
-        raise ValueError(f"unknown operation {op!r} from a batch worker")
+            return CompletionReply(won=False, done=done), []
+        assert isinstance(message, FinishJob)  # the decoder admits no other kind
+        self.completing = False
+        return FinishReply(store.finish_job(job_id, error=message.error)), []
 
     def _take(self) -> QueuedBatch | None:
         batch, self.held = self.held, None
         return batch
 
-    def _claim(self, claim: Claim | None) -> tuple[dict[str, Any], list[bytes]]:
+    def _claim(self, claim: Claim | None) -> tuple[ClaimReply, list[bytes]]:
         if claim is None or claim.state != "batch" or claim.batch is None:
-            return {"state": claim.state if claim is not None else "wait"}, []
+            return ClaimReply(claim.state if claim is not None else "wait"), []
         batch = claim.batch
         self.held, self._beat_at = batch, time.monotonic()
-        reply = {
-            "state": "batch",
-            "idx": batch.idx,
-            "start": batch.item_start,
-            "n": batch.item_count,
-            "rc": batch.receive_count,
-        }
+        reply = ClaimReply(
+            "batch", batch.idx, batch.item_start, batch.item_count, batch.receive_count
+        )
         return reply, [batch.payload]

@@ -4,7 +4,7 @@ Started by the server for one job as ``python -m kiln.batch.worker FD``, where F
 is the worker's end of a socketpair (the only descriptor it inherits besides
 stdio; see `kiln.batch.job.spawn_worker`). The worker never opens the state store
 and needs no network: everything it asks of the queue goes over that channel, in
-`kiln.serving.ipc` frames (msgpack headers, raw buffers, no pickle), and the
+`kiln.serving.ipc` frames (typed `kiln.serving.messages`, raw buffers, no pickle), and the
 server's `kiln.batch.link.QueueLink` answers with the same store calls the worker
 used to make. One request, one answer:
 
@@ -62,6 +62,20 @@ from kiln.batch.runner import Runner, load_runner
 from kiln.errors import KilnError
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY as EXIT_OOM
 from kiln.serving.ipc import BlockingChannel
+from kiln.serving.messages import (
+    FROM_LINK,
+    AckBatch,
+    ClaimBatch,
+    ClaimCompletion,
+    ClaimReply,
+    CompletionReply,
+    FailBatch,
+    FinishJob,
+    FinishReply,
+    FromLink,
+    JobHello,
+    ToLink,
+)
 from kiln.serving.worker import _die_with_parent
 
 MARK = "\x1ekiln-batch:"
@@ -105,40 +119,45 @@ class Claim:
 class QueueClient:
     """The worker's end of the channel: each queue operation is one request and one answer."""
 
-    def __init__(self, channel: BlockingChannel) -> None:
+    def __init__(self, channel: BlockingChannel[FromLink]) -> None:
         self.channel = channel
 
-    def _recv(self) -> tuple[dict[str, Any], list[memoryview]]:
+    def _recv(self) -> tuple[FromLink, list[memoryview]]:
         frame = self.channel.recv()
         if frame is None:
             raise ServerGone
         return frame
 
     def _call(
-        self, header: dict[str, Any], buffers: Sequence[bytes] = ()
-    ) -> tuple[dict[str, Any], list[memoryview]]:
+        self, message: ToLink, buffers: Sequence[bytes] = ()
+    ) -> tuple[FromLink, list[memoryview]]:
         try:
-            self.channel.send(header, list(buffers))
+            self.channel.send(message, buffers)
         except OSError:
             raise ServerGone from None
         return self._recv()
 
     def hello(self) -> dict[str, Any]:
         """The job, as the server sends it first: job_spec, plan, batch_size, output."""
-        header, buffers = self._recv()
-        if header.get("op") != "job" or not buffers:
-            raise KilnError(f"the server sent {header.get('op')!r} instead of the job")
+        message, buffers = self._recv()
+        if not isinstance(message, JobHello) or not buffers:
+            raise KilnError(f"the server sent {type(message).__name__} instead of the job")
         return orjson.loads(buffers[0])  # type: ignore[no-any-return]
 
-    @staticmethod
-    def _claim(header: dict[str, Any], buffers: list[memoryview]) -> Claim:
-        if header["state"] != "batch":
-            return Claim(header["state"])
-        batch = Batch(header["idx"], header["start"], header["n"], header["rc"], buffers[0])
-        return Claim("batch", batch)
+    def _claim(self, message: ToLink, buffers: Sequence[bytes] = ()) -> tuple[Claim, ClaimReply]:
+        """Send `message`, whose answer is a claim: (the claim, the reply it came in)."""
+        reply, received = self._call(message, buffers)
+        if not isinstance(reply, ClaimReply):
+            raise KilnError(f"the server answered a claim with {type(reply).__name__}")
+        if reply.state != "batch":
+            return Claim(reply.state), reply
+        batch = Batch(
+            reply.index, reply.item_start, reply.item_count, reply.receive_count, received[0]
+        )
+        return Claim("batch", batch), reply
 
     def claim(self) -> Claim:
-        return self._claim(*self._call({"op": "claim"}))
+        return self._claim(ClaimBatch())[0]
 
     def ack(self, seconds: float, output: bytes | None = None) -> tuple[Claim, str | None]:
         """Acknowledge the batch held (with its encoded output when the server writes it).
@@ -146,24 +165,26 @@ class QueueClient:
         Returns the next claim, and the server's error when it could not write the
         output (the batch then counts as failed, as if it had raised).
         """
-        header, buffers = self._call(
-            {"op": "ack", "s": seconds}, [output] if output is not None else []
-        )
-        return self._claim(header, buffers), header.get("error")
+        claim, reply = self._claim(AckBatch(seconds), [output] if output is not None else [])
+        return claim, reply.error
 
     def fail(self, error: str) -> tuple[Claim, bool]:
         """Report the batch held as failed; (next claim, whether it was dead-lettered)."""
-        header, buffers = self._call({"op": "fail", "error": error})
-        return self._claim(header, buffers), bool(header.get("dead"))
+        claim, reply = self._claim(FailBatch(error))
+        return claim, reply.dead
 
     def complete(self) -> tuple[bool, bool]:
         """(this worker runs on_job_complete, the job is already finished)."""
-        header, _ = self._call({"op": "complete"})
-        return bool(header.get("won")), bool(header.get("done"))
+        reply, _ = self._call(ClaimCompletion())
+        if not isinstance(reply, CompletionReply):
+            raise KilnError(f"the server answered complete with {type(reply).__name__}")
+        return reply.won, reply.done
 
     def finish(self, error: str | None) -> str | None:
-        header, _ = self._call({"op": "finish", "error": error})
-        return header.get("status")  # type: ignore[no-any-return]
+        reply, _ = self._call(FinishJob(error))
+        if not isinstance(reply, FinishReply):
+            raise KilnError(f"the server answered finish with {type(reply).__name__}")
+        return reply.status
 
 
 class BatchWorker:
@@ -265,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     # (it closes our channel), so a job is not cut off before the server has drained.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    channel = BlockingChannel(socket.socket(fileno=int(argv[0])))
+    channel = BlockingChannel(socket.socket(fileno=int(argv[0])), FROM_LINK)
     mark("initializing")
     try:
         client = QueueClient(channel)

@@ -37,7 +37,7 @@ RESERVED_NAMES: frozenset[str] = frozenset(
         "batch",
     }
 )
-RUNTIMES: tuple[str, ...] = ("onnx", "tensorflow", "torch", "sklearn", "python")
+RUNTIMES: tuple[str, ...] = ("onnx", "tensorflow", "torch", "sklearn", "python", "torchserve")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

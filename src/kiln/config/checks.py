@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kiln.config.blocks import OnnxBlock, PythonBlock, TensorflowBlock, TorchBlock
 from kiln.config.schema import ApiSpec, BatchApiSpec, parse_handler_ref
+from kiln.config.torchserve import TorchServeBlock
 from kiln.storage.errors import ModelUriError
 from kiln.storage.uri import is_remote, parse_uri
 
@@ -165,12 +166,12 @@ def resolve_paths(
     model = getattr(block, "model", None)
     if model:
         block.model = pc.path(f"{rt}.model", model, kind="model") or model
-    elif rt != "python":
+    elif rt not in ("python", "torchserve"):
         report(index, f"{rt}.model", "model path is empty", "set model: <path to the model>")
     if isinstance(block, OnnxBlock | TensorflowBlock) and block.request_handler:
         rh = block.request_handler
         block.request_handler = pc.path(f"{rt}.request_handler", rh, kind="file") or rh
-    if isinstance(block, PythonBlock | TorchBlock) and block.handler:
+    if isinstance(block, PythonBlock | TorchBlock | TorchServeBlock) and block.handler:
         block.handler = pc.handler(f"{rt}.handler", block.handler)
 
 

@@ -21,6 +21,7 @@ from kiln.config.policy import LOCAL, ConfigPolicy, env_name_problem
 from kiln.config.project import Project
 from kiln.config.schema import ApiSpec, BatchApiSpec, Deployment
 from kiln.config.source import Document, read_file, read_yaml
+from kiln.config.torchserve import apply_torchserve
 from kiln.quantities import type_name
 
 CONFIG_NAMES: tuple[str, ...] = ("kiln.yaml", "cortex.yaml", "kiln.yml", "cortex.yml")
@@ -341,6 +342,7 @@ def load_project(
     root = path.parent
     for i, spec in entries:
         resolve_paths(i, spec, root, check_files, report, confine=policy.confine_paths)
+        apply_torchserve(i, spec, report)
     resolve_endpoints(entries, deployment_name)
     cross_check(entries, report, lambda i: doc.lines.get((i,)))
     issues = col.issues()

@@ -40,6 +40,7 @@ from kiln.config.blocks import (
 )
 from kiln.config.errors import FieldProblem
 from kiln.config.policy import check_env
+from kiln.config.torchserve import TorchServeBlock
 
 __all__ = [
     "RESERVED_NAMES",
@@ -136,6 +137,7 @@ class ApiSpec(_Resource):
     torch: TorchBlock | None = None
     sklearn: SklearnBlock | None = None
     python: PythonBlock | None = None
+    torchserve: TorchServeBlock | None = None
     predictor: PredictorBlock | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     tracker: Tracker | None = None
@@ -178,7 +180,7 @@ class ApiSpec(_Resource):
         if not given:
             raise FieldProblem(
                 "no runtime block: the API does not say how to run its model",
-                "add exactly one of: onnx, tensorflow, torch, sklearn, python "
+                "add exactly one of: onnx, tensorflow, torch, sklearn, python, torchserve "
                 "(or a Cortex predictor block)",
             )
         if len(given) > 1:
@@ -232,7 +234,7 @@ class ApiSpec(_Resource):
     @property
     def runtime_block(
         self,
-    ) -> OnnxBlock | TensorflowBlock | TorchBlock | SklearnBlock | PythonBlock:
+    ) -> OnnxBlock | TensorflowBlock | TorchBlock | SklearnBlock | PythonBlock | TorchServeBlock:
         """The one runtime block that is set."""
         return getattr(self, self.runtime)
 

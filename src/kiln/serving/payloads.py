@@ -17,9 +17,11 @@ import orjson
 from kiln.errors import InvalidInput
 from kiln.handlers.context import RequestContext, TensorPayload
 from kiln.serving.encoding import encode_result
+from kiln.serving.messages import ReplyItem, RequestItem
 from kiln.serving.types import Tensor
 from kiln.serving.v2_response import encode_infer_response
 from kiln.serving.v2_tensors import (
+    InferBody,
     check_signature,
     decode_inputs,
     parse_infer_body,
@@ -66,23 +68,29 @@ def _tensor_payload(tensors: list[Tensor]) -> TensorPayload:
 
 
 def decode_payload(
-    item: dict[str, Any],
+    item: RequestItem,
     buffers: list[memoryview],
     input_names: list[str],
     tensor_api: bool,
     signature: dict[str, Any] | None = None,
-) -> Any:
-    kind = item.get("k", "json")
-    if kind == "json":
-        return _json(buffers[0]) if buffers else None
-    if kind == "v2json":
-        # The parsed request stays with the item: its id and outputs shape the answer.
+) -> tuple[Any, InferBody | None]:
+    """The handler's payload, and for a `v2json` item its parsed request, whose id and
+    outputs shape the answer (`encode_reply`)."""
+    if item.kind == "v2json":
         body = parse_infer_body(buffers[0], None)
         check_signature(body, signature or {})
-        item["v2"] = body
-        return _tensor_payload(decode_inputs(body))
+        return _tensor_payload(decode_inputs(body)), body
+    return _payload(item, buffers, input_names, tensor_api), None
+
+
+def _payload(
+    item: RequestItem, buffers: list[memoryview], input_names: list[str], tensor_api: bool
+) -> Any:
+    kind = item.kind
+    if kind == "json":
+        return _json(buffers[0]) if buffers else None
     if kind == "raw":
-        return decode_raw(bytes(buffers[0]), item.get("ct", ""), tensor_api)
+        return decode_raw(bytes(buffers[0]), item.content_type, tensor_api)
     if kind == "parts":
         values = [decode_raw(p.data, p.content_type, tensor_api) for p in item_parts(item, buffers)]
         if len(input_names) > 1 and len(values) > 1:
@@ -90,25 +98,24 @@ def decode_payload(
             return dict(zip(input_names, values, strict=False)) if tensor_api else values
         return values[-1] if values else None  # single-input APIs take the last part
     if kind == "tensors":
-        return _tensor_payload(decode_tensors(item["t"], buffers))
+        return _tensor_payload(decode_tensors(item.tensors or [], buffers))
     raise InvalidInput(f"unknown request kind {kind!r}")
 
 
 def _v2_response(
-    result: Any, context: RequestContext, item: dict[str, Any], output_names: list[str]
-) -> tuple[dict[str, Any], list[Any]]:
+    result: Any, context: RequestContext, body: InferBody, output_names: list[str]
+) -> tuple[ReplyItem, list[Any]]:
     """The finished V2 response body of a `v2json` item, as the V2 adapter would build it."""
-    body = item["v2"]
     tensors = _wanted(to_output_tensors(result, output_names), body.outputs)
     head: dict[str, Any] = {"model_name": context.api}
     if context.version is not None:
         head["model_version"] = context.version
     head["id"] = body.id if body.id is not None else context.request_id
     payload, header_length = encode_infer_response(head, tensors, body.wants_binary)
-    reply: dict[str, Any] = {"ok": True, "ct": "application/json", "nb": 1}
+    reply = ReplyItem(buffers=1)
     if header_length is not None:
-        reply["ct"] = "application/octet-stream"
-        reply["hd"] = {"Inference-Header-Content-Length": str(header_length)}
+        reply.content_type = "application/octet-stream"
+        reply.headers = {"Inference-Header-Content-Length": str(header_length)}
     return reply, [payload]
 
 
@@ -127,32 +134,34 @@ def encode_reply(
     result: Any,
     context: RequestContext,
     envelope: str,
-    item: dict[str, Any],
+    item: RequestItem,
     output_names: list[str],
-) -> tuple[dict[str, Any], list[Any]]:
-    """The reply header and buffers of one successful item."""
-    if item.get("k") == "v2json":
-        return _v2_response(result, context, item, output_names)
-    reply: dict[str, Any] = {"ok": True}
-    if item.get("wt"):
-        tensors = _wanted(to_output_tensors(result, output_names), item.get("o"))
-        reply["t"], buffers = encode_tensors(tensors)
+    v2_body: InferBody | None = None,
+) -> tuple[ReplyItem, list[Any]]:
+    """The reply item and buffers of one successful item (`v2_body`: from `decode_payload`)."""
+    if v2_body is not None:
+        return _v2_response(result, context, v2_body, output_names)
+    reply = ReplyItem()
+    buffers: list[Any]
+    if item.want_tensors:
+        tensors = _wanted(to_output_tensors(result, output_names), item.outputs)
+        reply.tensors, buffers = encode_tensors(tensors)
     else:
         if envelope == "hub" and context.protocol == "native":
             result = {"statusCode": context.status or 200, "body": {"output": result}}
-        body, reply["ct"] = encode_result(result)
+        body, reply.content_type = encode_result(result)
         buffers = [body]
     if context.status:
-        reply["st"] = context.status
+        reply.status = context.status
     if context.response_headers:
         headers = dict(context.response_headers)
         for name in [n for n in headers if n.lower() in ("content-type", "content-length")]:
             value = headers.pop(name)
             if name.lower() == "content-type":
-                reply["ct"] = value  # the one Content-Type of the answer
+                reply.content_type = value  # the one Content-Type of the answer
         if headers:
-            reply["hd"] = headers
-    reply["nb"] = len(buffers)
+            reply.headers = headers
+    reply.buffers = len(buffers)
     return reply, buffers
 
 

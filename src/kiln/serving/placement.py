@@ -25,7 +25,8 @@ def worker_spec_for(api: Any) -> WorkerSpec:
     batching, tracker or envelope, so those keep their defaults.
     """
     block = api.runtime_block
-    handler = getattr(block, "handler", None) if api.runtime in ("python", "torch") else None
+    with_handler = ("python", "torch", "torchserve")
+    handler = getattr(block, "handler", None) if api.runtime in with_handler else None
     batching = getattr(api, "batching", None)
     tracker = getattr(api, "tracker", None)
     return WorkerSpec(
@@ -39,6 +40,8 @@ def worker_spec_for(api: Any) -> WorkerSpec:
         method=getattr(block, "method", "predict"),
         trusted=bool(getattr(block, "trusted", False)),
         signature=getattr(block, "signature", None),
+        serialized_file=getattr(block, "serialized_file", None),
+        model_file=getattr(block, "model_file", None),
         config=dict(api.config or {}),
         metadata=dict(api.metadata or {}),
         python_path=api.python_path,
@@ -90,7 +93,7 @@ def worker_env(spec: WorkerSpec, inherit: bool = False) -> dict[str, str]:
     env["KILN_CACHE_DIR"] = str(cache_dir())  # every replica and API shares one model cache
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(spec.threads)
-    if spec.gpu == 0 and spec.runtime in ("tensorflow", "torch"):
+    if spec.gpu == 0 and spec.runtime in ("tensorflow", "torch", "torchserve"):
         # A replica that asked for no GPU must not take one: TensorFlow would reserve all
         # of its memory, and probing CUDA on a machine without it only fills the log.
         env.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -22,12 +22,29 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
+from kiln.errors import InvalidInput, KilnError, Timeout, Unavailable
 from kiln.sandbox.spec import LaunchSpec
-from kiln.serving.ipc import encode_frame, read_frame
+from kiln.serving.ipc import FrameError, encode_frame, read_frame
+from kiln.serving.messages import (
+    FROM_WORKER,
+    Batch,
+    BatchReply,
+    Cancel,
+    Explain,
+    Failed,
+    Init,
+    Ready,
+    RequestItem,
+    Stream,
+    StreamChunk,
+    StreamEnd,
+)
 from kiln.serving.process import WorkerProcess, describe_exit
 from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
-from kiln.serving.wire import decode_outcomes, encode_request
+from kiln.serving.wire import decode_outcomes, encode_request, from_wire_error
+
+# What a stream's queue carries: the worker's messages, or None when the worker died.
+_StreamEvent = tuple[StreamChunk | StreamEnd, bytes] | None
 
 LaunchFactory = Callable[[list[str], tuple[int, ...]], LaunchSpec]
 """(argv, descriptors to pass) -> how to start the worker (sandbox, env, limits)."""
@@ -80,7 +97,7 @@ class Replica:
         self._on_exit = on_exit
         self._ids = itertools.count(1)
         self._pending: dict[int, _Sent] = {}
-        self._streams: dict[int, asyncio.Queue[tuple[dict[str, Any], bytes]]] = {}
+        self._streams: dict[int, asyncio.Queue[_StreamEvent]] = {}
         self._process: WorkerProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -136,9 +153,9 @@ class Replica:
             child.close()
         self.pid = self._process.pid
         reader, self._writer = await asyncio.open_connection(sock=parent)
-        self._writer.writelines(encode_frame({"op": "init", "spec": self.spec.to_wire()}))
+        self._writer.writelines(encode_frame(Init(self.spec)))
         try:
-            header, _ = await asyncio.wait_for(read_frame(reader), timeout)
+            message, _ = await asyncio.wait_for(read_frame(reader, FROM_WORKER), timeout)
         except TimeoutError:
             await self.kill()
             self._close_channel()
@@ -152,17 +169,21 @@ class Replica:
             raise LoadFailed(
                 f"the worker exited while loading (exit code {code}); see the log"
             ) from None
-        if header.get("op") != "ready":
+        except FrameError as exc:
+            message = Failed(f"the worker answered its start with a malformed frame ({exc})")
+            await self.kill()
+        if not isinstance(message, Ready):
+            if not isinstance(message, Failed):
+                message = Failed(f"the worker sent {type(message).__name__} instead of ready")
+                await self.kill()
             self._close_channel()
             await self._process.wait()
             await self._drain_output()
-            raise LoadFailed(
-                header.get("error", "the worker failed to load"), bool(header.get("permanent"))
-            )
-        self.signature = header.get("signature") or {}
-        self.can_explain = bool(header.get("explain"))
+            raise LoadFailed(message.error, message.permanent)
+        self.signature = message.signature
+        self.can_explain = message.explain
         self._tasks.append(asyncio.create_task(self._read_replies(reader)))
-        self._log_line(f"worker {self.pid} ready: model loaded in load_s={header.get('load_s')} s")
+        self._log_line(f"worker {self.pid} ready: model loaded in load_s={message.load_s} s")
 
     async def _drain_output(self) -> None:
         if self._process is not None:
@@ -171,18 +192,41 @@ class Replica:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                header, buffers = await read_frame(reader)
-                stream = self._streams.get(header["id"])
-                if stream is not None:
-                    stream.put_nowait((header, bytes(buffers[0]) if buffers else b""))
+                message, buffers = await read_frame(reader, FROM_WORKER)
+                if isinstance(message, StreamChunk | StreamEnd):
+                    stream = self._streams.get(message.id)
+                    if stream is not None:
+                        stream.put_nowait((message, bytes(buffers[0]) if buffers else b""))
                     continue
-                sent = self._settle(header["id"])
+                if not isinstance(message, BatchReply):
+                    raise FrameError(f"{type(message).__name__} after the worker was ready")
+                sent = self._settle(message.id)
                 if self._pending:  # the worker starts on the next batch now
                     self.batch_sent_at = time.monotonic()
                 if sent is not None and not sent.future.done():
-                    sent.future.set_result(decode_outcomes(header, buffers))
+                    try:
+                        outcomes = decode_outcomes(message, sent.size, buffers)
+                    except (FrameError, InvalidInput, ValueError) as exc:
+                        # It ran, but what came back is unusable: 503 for it, like a crash.
+                        sent.future.set_exception(
+                            Unavailable(
+                                f"the worker of API '{self.spec.api}' sent an answer that does "
+                                f"not fit the request; it is being restarted, retry shortly",
+                                retry_after=1,
+                            )
+                        )
+                        raise FrameError(f"a reply that does not fit its batch: {exc}") from None
+                    sent.future.set_result(outcomes)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except FrameError as exc:
+            # A worker that breaks the protocol is not trusted with more work: it is
+            # replaced, and what it had in flight fails as if it had crashed.
+            self.exit_reason = "sent a malformed message"
+            self._log_line(f"worker {self.pid} sent a malformed frame ({exc}); restarting it")
+            self.doomed = True
+            if self._process is not None:
+                self._process.kill()
         finally:
             await self._handle_exit()
 
@@ -219,7 +263,7 @@ class Replica:
             else:
                 sent.future.set_exception(self._not_started())
         for stream in self._streams.values():
-            stream.put_nowait(({"dead": True}, b""))
+            stream.put_nowait(None)
         self.exited.set()
         if self._on_exit is not None and not self.stopping:
             await self._on_exit(self)
@@ -252,7 +296,8 @@ class Replica:
         self._pending[batch_id] = sent
         items, buffers = self._encode(requests)
         self.in_flight += len(requests)
-        self._writer.writelines(encode_frame({"op": op, "id": batch_id, "items": items}, buffers))
+        kind = Explain if op == "explain" else Batch
+        self._writer.writelines(encode_frame(kind(batch_id, items), buffers))
         if timeout is not None:
             sent.timer = loop.call_later(timeout, self._overrun, batch_id, len(requests))
         return future
@@ -264,8 +309,8 @@ class Replica:
         return await self.send_batch(requests, timeout, op)
 
     @staticmethod
-    def _encode(requests: list[InferenceRequest]) -> tuple[list[dict[str, Any]], list[Any]]:
-        items: list[dict[str, Any]] = []
+    def _encode(requests: list[InferenceRequest]) -> tuple[list[RequestItem], list[Any]]:
+        items: list[RequestItem] = []
         buffers: list[Any] = []
         for request in requests:
             item, owned = encode_request(request)
@@ -282,34 +327,32 @@ class Replica:
         if self._writer is None or self.exited.is_set():
             raise Unavailable(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
         stream_id = next(self._ids)
-        queue: asyncio.Queue[tuple[dict[str, Any], bytes]] = asyncio.Queue()
+        queue: asyncio.Queue[_StreamEvent] = asyncio.Queue()
         self._streams[stream_id] = queue
         items, buffers = self._encode([request])
         self.in_flight += 1
-        self._writer.writelines(
-            encode_frame({"op": "stream", "id": stream_id, "items": items}, buffers)
-        )
+        self._writer.writelines(encode_frame(Stream(stream_id, items), buffers))
         finished = False
         try:
             while True:
-                header, data = await queue.get()
-                if header.get("dead"):
+                event = await queue.get()
+                if event is None:
                     raise Unavailable(
                         f"the worker of API '{self.spec.api}' {self.exit_reason} mid-stream",
                         retry_after=1,
                     )
-                if header.get("end"):
+                message, data = event
+                if isinstance(message, StreamEnd):
                     finished = True
-                    if not header.get("ok", True):
-                        err = header["err"]
-                        raise error_from_wire(err["type"], err["message"], err["status"])
+                    if message.error is not None:
+                        raise from_wire_error(message.error)
                     return
-                yield data, header.get("ct", "application/octet-stream")
+                yield data, message.content_type
         finally:
             self.in_flight -= 1
             self._streams.pop(stream_id, None)
             if not finished and self._writer is not None and not self.exited.is_set():
-                self._writer.writelines(encode_frame({"op": "cancel", "id": stream_id}))
+                self._writer.writelines(encode_frame(Cancel(stream_id)))
 
     def _overrun(self, batch_id: int, size: int) -> None:
         """A batch outlived every deadline in it: answer 504 and replace the wedged worker.

@@ -1,20 +1,31 @@
 """What a request and its answer look like inside a batch frame.
 
-Each item of a batch has a small msgpack header and owns `nb` consecutive
-buffers of the frame: the body, the multipart parts, or one buffer per
-numeric tensor (BYTES tensors travel as lists inside the header). Tensors
+Each item of a batch is a `RequestItem` (a `ReplyItem` on the way back) and
+owns `buffers` consecutive buffers of the frame: the body, the multipart
+parts, or one buffer per numeric tensor (BYTES tensors travel as lists inside
+the header). Tensors
 are sent as their raw memory and read back with `np.frombuffer`, so no
 tensor is copied into JSON or pickled on its way to or from a worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kiln.datatypes import V2_BY_DTYPE_STR, V2_TO_NUMPY, v2_name
 from kiln.errors import InvalidInput, KilnError, error_from_wire
+from kiln.serving.ipc import FrameError
+from kiln.serving.messages import (
+    BatchReply,
+    PartDesc,
+    ReplyItem,
+    RequestItem,
+    TensorDesc,
+    WireError,
+)
 from kiln.serving.types import InferenceRequest, InferenceResponse, Part, Tensor
 
 
@@ -22,120 +33,135 @@ def _raw(array: np.ndarray) -> memoryview:
     return np.ascontiguousarray(array).data.cast("B")
 
 
-def encode_tensors(tensors: list[Tensor]) -> tuple[list[dict[str, Any]], list[Any]]:
+def encode_tensors(tensors: list[Tensor]) -> tuple[list[TensorDesc], list[Any]]:
     """Descriptors and buffers for tensors; BYTES data rides in the descriptor."""
-    descs: list[dict[str, Any]] = []
+    descs: list[TensorDesc] = []
     buffers: list[Any] = []
     for tensor in tensors:
-        desc: dict[str, Any] = {"n": tensor.name, "dt": tensor.datatype, "s": list(tensor.shape)}
+        desc = TensorDesc(tensor.name, tensor.datatype, list(tensor.shape))
         if tensor.datatype == "BYTES":
-            desc["v"] = [v if isinstance(v, bytes) else str(v).encode() for v in tensor.data]
+            desc.values = [v if isinstance(v, bytes) else str(v).encode() for v in tensor.data]
         else:
             buffers.append(_raw(tensor.data))
         descs.append(desc)
     return descs, buffers
 
 
-def decode_tensors(descs: list[dict[str, Any]], buffers: list[memoryview]) -> list[Tensor]:
+def decode_tensors(descs: list[TensorDesc], buffers: list[memoryview]) -> list[Tensor]:
     tensors: list[Tensor] = []
     numeric = iter(buffers)
     for desc in descs:
-        if desc["dt"] == "BYTES":
-            tensors.append(Tensor(desc["n"], "BYTES", desc["s"], list(desc["v"])))
+        if desc.datatype == "BYTES":
+            tensors.append(Tensor(desc.name, "BYTES", desc.shape, list(desc.values or ())))
         else:
-            dtype = V2_TO_NUMPY[desc["dt"]]
-            array = np.frombuffer(next(numeric), dtype=dtype).reshape(desc["s"])
-            tensors.append(Tensor(desc["n"], desc["dt"], desc["s"], array))
+            dtype = V2_TO_NUMPY.get(desc.datatype)
+            if dtype is None:
+                raise InvalidInput(f"unknown tensor datatype {desc.datatype!r}")
+            data = next(numeric, None)
+            if data is None:
+                raise FrameError(f"tensor {desc.name!r} has no buffer in the frame")
+            array = np.frombuffer(data, dtype=dtype).reshape(desc.shape)
+            tensors.append(Tensor(desc.name, desc.datatype, desc.shape, array))
     return tensors
-
-
-def tensor_count(descs: list[dict[str, Any]]) -> int:
-    return sum(1 for d in descs if d["dt"] != "BYTES")
 
 
 # ----- server -> worker --------------------------------------------------------------
 
 
-def encode_request(request: InferenceRequest) -> tuple[dict[str, Any], list[Any]]:
-    item: dict[str, Any] = {"rid": request.request_id}
+def encode_request(request: InferenceRequest) -> tuple[RequestItem, list[Any]]:
+    """The item and buffers of one request; only what differs from the defaults is set."""
+    item = RequestItem(request.request_id)
     if request.debug:
-        item["dbg"] = True
+        item.debug = True
     if request.protocol != "native":
-        item["proto"] = request.protocol
+        item.protocol = request.protocol
     if request.headers:
-        item["hdr"] = request.headers
+        item.headers = request.headers
     if request.query:
-        item["q"] = request.query
+        item.query = request.query
     if request.want_tensors:
-        item["wt"] = True
+        item.want_tensors = True
         if request.outputs:
-            item["o"] = request.outputs
+            item.outputs = request.outputs
     kind = request.kind
+    buffers: list[Any]
     if kind == "tensors":
-        item["k"] = kind
-        item["t"], buffers = encode_tensors(request.tensors or [])
+        item.kind = "tensors"
+        item.tensors, buffers = encode_tensors(request.tensors or [])
+        item.buffers = len(buffers)
     elif kind == "parts":
-        item["k"] = kind
+        item.kind = "parts"
         parts = request.parts or []
-        item["p"] = [{"n": p.name, "ct": p.content_type, "f": p.filename} for p in parts]
+        item.parts = [PartDesc(p.name, p.content_type, p.filename) for p in parts]
         buffers = [p.data for p in parts]
+        item.buffers = len(buffers)
     else:
         if kind == "raw":
-            item["k"] = kind
-            item["ct"] = request.content_type
+            item.kind = "raw"
+            item.content_type = request.content_type
         elif kind == "v2json":
-            item["k"] = kind
+            item.kind = "v2json"
         buffers = [request.body]
-    item["nb"] = len(buffers)
     return item, buffers
 
 
-def split_items(items: list[dict[str, Any]], buffers: list[Any]) -> list[list[Any]]:
-    """The buffers of each item, in order."""
+def split_items(items: Sequence[RequestItem | ReplyItem], buffers: list[Any]) -> list[list[Any]]:
+    """The buffers of each item, in order; a count that does not add up is a `FrameError`."""
     out: list[list[Any]] = []
     offset = 0
     for item in items:
-        count = item.get("nb", 1)
+        count = item.buffers
         out.append(buffers[offset : offset + count])
         offset += count
+    if offset != len(buffers):
+        raise FrameError(f"the items account for {offset} buffers; the frame has {len(buffers)}")
     return out
 
 
-def item_parts(item: dict[str, Any], buffers: list[memoryview]) -> list[Part]:
+def item_parts(item: RequestItem, buffers: list[memoryview]) -> list[Part]:
     return [
-        Part(p["n"], bytes(b), p.get("ct") or "", p.get("f"))
-        for p, b in zip(item.get("p", ()), buffers, strict=True)
+        Part(p.name, bytes(b), p.content_type, p.filename)
+        for p, b in zip(item.parts or (), buffers, strict=True)
     ]
+
+
+def wire_error(error: KilnError) -> WireError:
+    return WireError(error.type, error.message, error.status)
+
+
+def from_wire_error(error: WireError) -> KilnError:
+    return error_from_wire(error.type, error.message, error.status)
 
 
 # ----- worker -> server --------------------------------------------------------------
 
 
 def decode_outcomes(
-    header: dict[str, Any], buffers: list[memoryview]
+    reply: BatchReply, expected: int, buffers: list[memoryview]
 ) -> list[InferenceResponse | KilnError]:
-    """One outcome per item of a batch reply."""
-    items = header["items"]
+    """One outcome per item of a batch reply; `FrameError` when it does not fit the batch."""
+    items = reply.items
+    if len(items) != expected:
+        raise FrameError(f"a reply has {len(items)} outcomes for a batch of {expected}")
     outcomes: list[InferenceResponse | KilnError] = []
     for item, owned in zip(items, split_items(items, buffers), strict=True):
-        stages = [tuple(s) for s in item.get("dbg", ())]
-        if item.get("ok"):
-            tensors = decode_tensors(item["t"], owned) if "t" in item else None
+        stages = list(item.debug) if item.debug else []
+        if item.error is None:
+            tensors = decode_tensors(item.tensors, owned) if item.tensors is not None else None
             outcomes.append(
                 InferenceResponse(
                     body=bytes(owned[0]) if owned and tensors is None else b"",
-                    content_type=item.get("ct", "application/json"),
-                    status=item.get("st", 200),
-                    headers=item.get("hd") or {},
+                    content_type=item.content_type,
+                    status=item.status,
+                    headers=item.headers or {},
                     debug_stages=stages,
-                    batch_size=header.get("n", 1),
+                    batch_size=reply.batch_size,
                     tensors=tensors,
-                    tracked=item.get("tv"),
+                    tracked=item.tracked,
                 )
             )
         else:
-            err = item["err"]
-            error = error_from_wire(err["type"], err["message"], err["status"])
+            error = from_wire_error(item.error)
             error.debug_stages = stages  # type: ignore[attr-defined]
             outcomes.append(error)
     return outcomes

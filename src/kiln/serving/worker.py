@@ -28,10 +28,27 @@ from kiln.handlers.pipeline import BatchLengthMismatch, Pipeline, build_pipeline
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
+from kiln.serving.messages import (
+    TO_WORKER,
+    Batch,
+    BatchReply,
+    Explain,
+    Failed,
+    Init,
+    Ready,
+    ReplyItem,
+    RequestItem,
+    Stop,
+    Stream,
+    StreamChunk,
+    StreamEnd,
+    ToWorker,
+)
 from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
 from kiln.serving.tracking import check_tracker_at_load, tracked_values
 from kiln.serving.types import WorkerSpec
-from kiln.serving.wire import split_items
+from kiln.serving.v2_tensors import InferBody
+from kiln.serving.wire import split_items, wire_error
 
 _PR_SET_PDEATHSIG = 1
 
@@ -93,18 +110,18 @@ def _log(text: str) -> None:
     sys.stderr.flush()
 
 
-def _error_reply(error: KilnError) -> dict[str, Any]:
-    return {
-        "ok": False,
-        "err": {"type": error.type, "message": error.message, "status": error.status},
-        "nb": 0,
-    }
+Channel = BlockingChannel[ToWorker]
+
+
+def worker_channel(sock: socket.socket) -> Channel:
+    """The worker's end of its socket: it reads the messages the server sends workers."""
+    return BlockingChannel(sock, TO_WORKER)
 
 
 class Worker:
     """The request loop of one worker process."""
 
-    def __init__(self, channel: BlockingChannel, spec: WorkerSpec, pipeline: Pipeline) -> None:
+    def __init__(self, channel: Channel, spec: WorkerSpec, pipeline: Pipeline) -> None:
         self.channel = channel
         self.spec = spec
         self.pipeline = pipeline
@@ -113,59 +130,61 @@ class Worker:
         self.output_names = [o["name"] for o in signature.get("outputs", [])]
         self.tensor_api = pipeline.is_tensor
 
-    def _context(self, item: dict[str, Any]) -> RequestContext:
+    def _context(self, item: RequestItem) -> RequestContext:
         return RequestContext(
-            request_id=item.get("rid", ""),
+            request_id=item.request_id,
             api=self.spec.api,
             version=self.spec.version,
-            protocol=item.get("proto", "native"),
-            headers=item.get("hdr") or {},
-            query=item.get("q") or {},
+            protocol=item.protocol,
+            headers=item.headers or {},
+            query=item.query or {},
             metadata=self.spec.metadata,
             config=self.spec.config,
-            wants_tensors=bool(item.get("wt")),
+            wants_tensors=item.want_tensors,
         )
 
     def _error(self, exc: BaseException, context: RequestContext, logged: bool = False) -> Any:
         spec = self.spec
         return to_kiln_error(exc, spec.api, context.request_id, spec.expose_errors, logged)
 
-    def _decode(self, item: dict[str, Any], owned: list[memoryview]) -> Any:
+    def _decode(self, item: RequestItem, owned: list[memoryview]) -> tuple[Any, InferBody | None]:
         return decode_payload(item, owned, self.input_names, self.tensor_api, self.signature)
 
     def run(self) -> int:
+        """Answer frames in order until the server closes the channel or says `Stop`
+        (a `Cancel` for a stream already over, or a second `Init`, is ignored)."""
         while True:
             frame = self.channel.recv()
             if frame is None:
                 return 0
-            header, buffers = frame
-            op = header.get("op")
-            if op == "batch":
-                self.channel.send(*self.handle_batch(header, buffers))
-            elif op == "explain":
-                self.channel.send(*self.handle_explain(header, buffers))
-            elif op == "stream":
-                self.handle_stream(header, buffers)
-            elif op == "stop":
+            message, buffers = frame
+            if isinstance(message, Batch):
+                self.channel.send(*self.handle_batch(message, buffers))
+            elif isinstance(message, Explain):
+                self.channel.send(*self.handle_explain(message, buffers))
+            elif isinstance(message, Stream):
+                self.handle_stream(message, buffers)
+            elif isinstance(message, Stop):
                 return 0
 
     def handle_batch(
-        self, header: dict[str, Any], buffers: list[memoryview]
-    ) -> tuple[dict[str, Any], list[Any]]:
+        self, message: Batch, buffers: list[memoryview]
+    ) -> tuple[BatchReply, list[Any]]:
         """Answer one batch frame; every item keeps its own outcome.
 
         A body that does not decode, an exception returned for one item, or an
         answer that cannot be encoded fails that item alone; a `predict_batch`
         that raises fails this batch and no other.
         """
-        items: list[dict[str, Any]] = header["items"]
+        items = message.items
         contexts = [self._context(item) for item in items]
-        stages: list[list[tuple[str, Any]] | None] = [[] if i.get("dbg") else None for i in items]
+        stages: list[list[tuple[str, Any]] | None] = [[] if i.debug else None for i in items]
         outcomes: list[Any] = [None] * len(items)
+        v2_bodies: list[InferBody | None] = [None] * len(items)
         runnable: list[int] = []
         for index, (item, owned) in enumerate(zip(items, split_items(items, buffers), strict=True)):
             try:
-                outcomes[index] = self._decode(item, owned)
+                outcomes[index], v2_bodies[index] = self._decode(item, owned)
                 runnable.append(index)
             except Exception as exc:  # noqa: BLE001 - decoding client data
                 _reraise_out_of_memory(exc)
@@ -190,72 +209,73 @@ class Worker:
                 results = [self._error(exc, contexts[i], logged=True) for i in runnable]
             for index, result in zip(runnable, results, strict=True):
                 outcomes[index] = result
-        replies: list[dict[str, Any]] = []
+        replies: list[ReplyItem] = []
         out: list[Any] = []
         for index, outcome in enumerate(outcomes):
-            reply, owned = self._reply(outcome, contexts[index], items[index])
+            reply, owned = self._reply(outcome, contexts[index], items[index], v2_bodies[index])
             stage = stages[index]
             if stage is not None:
-                reply["dbg"] = [[name, preview(value)] for name, value in stage]
+                reply.debug = [(name, preview(value)) for name, value in stage]
             replies.append(reply)
             out.extend(owned)
-        return {"id": header["id"], "items": replies, "n": len(items)}, out
+        return BatchReply(message.id, replies, len(items)), out
 
     def _reply(
-        self, outcome: Any, context: RequestContext, item: dict[str, Any]
-    ) -> tuple[dict[str, Any], list[Any]]:
+        self, outcome: Any, context: RequestContext, item: RequestItem, v2: InferBody | None
+    ) -> tuple[ReplyItem, list[Any]]:
         if isinstance(outcome, BaseException):
             _reraise_out_of_memory(outcome)
-            return _error_reply(self._error(outcome, context)), []
+            return ReplyItem(wire_error(self._error(outcome, context))), []
         try:
             reply, buffers = encode_reply(
-                outcome, context, self.spec.response_envelope, item, self.output_names
+                outcome, context, self.spec.response_envelope, item, self.output_names, v2
             )
         except Exception as exc:  # noqa: BLE001 - encoding user values may fail
             _reraise_out_of_memory(exc)
-            return _error_reply(self._error(exc, context)), []
+            return ReplyItem(wire_error(self._error(exc, context))), []
         if self.spec.tracker_type:
             values = tracked_values(
                 self.spec.api, outcome, self.spec.tracker_key, self.spec.tracker_type
             )
             if values:
-                reply["tv"] = values
+                reply.tracked = values
         return reply, buffers
 
     def handle_explain(
-        self, header: dict[str, Any], buffers: list[memoryview]
-    ) -> tuple[dict[str, Any], list[Any]]:
-        item = header["items"][0]
+        self, message: Explain, buffers: list[memoryview]
+    ) -> tuple[BatchReply, list[Any]]:
+        item = message.items[0]
         context = self._context(item)
         try:
-            result = self.pipeline.explain(self._decode(item, buffers), context)
-            reply, out = self._reply(result, context, item)
+            payload, v2 = self._decode(item, buffers)
+            result = self.pipeline.explain(payload, context)
+            reply, out = self._reply(result, context, item, v2)
         except Exception as exc:  # noqa: BLE001 - user code
-            reply, out = self._reply(exc, context, item)
-        return {"id": header["id"], "items": [reply], "n": 1}, out
+            reply, out = self._reply(exc, context, item, None)
+        return BatchReply(message.id, [reply], 1), out
 
-    def handle_stream(self, header: dict[str, Any], buffers: list[memoryview]) -> None:
+    def handle_stream(self, message: Stream, buffers: list[memoryview]) -> None:
         """Send each item the handler yields as its own frame, as soon as it exists.
 
         Between items the worker looks for a `cancel` from the server (the client
         went away) and closes the generator, so user code stops working for nobody.
         """
-        stream_id = header["id"]
-        item = header["items"][0]
+        stream_id = message.id
+        item = message.items[0]
         context = self._context(item)
         chunks: Iterator[Any] | None = None
         try:
-            chunks = self.pipeline.stream(self._decode(item, buffers), context)
+            chunks = self.pipeline.stream(self._decode(item, buffers)[0], context)
             for value in chunks:
                 data, content_type = encode_chunk(value)
-                self.channel.send({"id": stream_id, "c": 1, "ct": content_type}, [data])
+                self.channel.send(StreamChunk(stream_id, content_type), [data])
                 if self.channel.cancelled(stream_id):
                     break
-            self.channel.send({"id": stream_id, "end": 1, "st": context.status or 200})
+            self.channel.send(StreamEnd(stream_id, context.status or 200))
         except Exception as exc:  # noqa: BLE001 - user code
             _reraise_out_of_memory(exc)
             error = self._error(exc, context)
-            self.channel.send({"id": stream_id, "end": 1, **_error_reply(error)})
+            self.channel.send(StreamEnd(stream_id, error.status, wire_error(error)))
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -335,11 +355,11 @@ def add_site_dirs(site_dirs: list[str]) -> None:
             site.addsitedir(folder)
 
 
-def serve(channel: BlockingChannel) -> int:
+def serve(channel: Channel) -> int:
     first = channel.recv()
-    if first is None or first[0].get("op") != "init":
+    if first is None or not isinstance(first[0], Init):
         return 2
-    spec = WorkerSpec.from_wire(first[0]["spec"])
+    spec = first[0].spec
     if spec.cpus and hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, spec.cpus)
@@ -362,20 +382,13 @@ def serve(channel: BlockingChannel) -> int:
         if not isinstance(exc, KilnError | MemoryError):
             traceback.print_exc()
         permanent = fetched and permanent_load_failure(exc, spec)
-        channel.send({"op": "failed", "error": load_error(exc), "permanent": permanent})
+        channel.send(Failed(load_error(exc), permanent))
         return 1
     # The model and user code live as long as the worker: keep them out of GC scans.
     gc.collect()
     gc.freeze()
-    channel.send(
-        {
-            "op": "ready",
-            "pid": os.getpid(),
-            "signature": signature,
-            "explain": pipeline.can_explain,
-            "load_s": round(time.monotonic() - started, 3),
-        }
-    )
+    load_s = round(time.monotonic() - started, 3)
+    channel.send(Ready(os.getpid(), signature, pipeline.can_explain, load_s))
     return Worker(channel, spec, pipeline).run()
 
 
@@ -387,15 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     # the channel (we exit on EOF) and SIGKILLs us only past its grace period.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(argv[0]))
-    channel = BlockingChannel(sock)
+    ends = worker_channel(socket.socket(fileno=int(argv[0])))
     try:
-        return serve(channel)
+        return serve(ends)
     except MemoryError:
         sys.stderr.write("kiln worker: out of memory (compute.mem); exiting\n")
         return EXIT_OUT_OF_MEMORY
     finally:
-        channel.close()
+        ends.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Part of Kiln's `ts` shim (see ts/__init__.py)."""
