@@ -72,3 +72,22 @@ def test_a_failed_first_deploy_can_be_deleted(daemon: Daemon, tmp_path: Path) ->
     deleted = daemon.kiln("delete", "gone", "-f")
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
     assert "gone" not in daemon.apis()
+
+
+def test_deploy_does_not_send_the_template_sample_to_another_handler(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    from kiln.cli.scaffold import create_project
+
+    project = tmp_path / "mine"
+    create_project(project, "python", name="mine")
+    write(
+        project / "src" / "handler.py",
+        "class Model:\n    def predict(self, payload, context):\n        return payload['text']\n",
+    )
+    deployed = daemon.kiln("deploy", str(project))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    hint = deployed.stdout.split("Try it:")[1]
+    assert "iris example" in hint
+    curl = next(line.strip() for line in hint.splitlines() if line.strip().startswith("curl "))
+    assert curl.startswith(f"curl {daemon.url}/mine") and "-d" not in curl
