@@ -73,7 +73,12 @@ def version() -> None:
 def init(
     name: Annotated[str, typer.Argument(help="Folder (and API name) to create.")],
     template: Annotated[
-        str, typer.Option("--template", "-t", help="Starting point: python or onnx.")
+        str,
+        typer.Option(
+            "--template",
+            "-t",
+            help="Starting point: python, onnx or hub (a CellStrat Hub project).",
+        ),
     ] = "python",
 ) -> None:
     """Create a new project folder with kiln.yaml, a handler, a model folder and a Dockerfile."""
@@ -87,9 +92,10 @@ def init(
     console.print(f"Created [bold]{dest}[/] from the {template} template:")
     for file in files:
         console.print(f"  {dest / file}")
+    sample = "--file sample.json" if template != "hub" else "'\"hello\"'"
     console.print(
         f"\nNext:\n  cd {dest}\n  kiln serve\n"
-        f"  kiln predict {dest.name} --file sample.json   (in another terminal)"
+        f"  kiln predict {dest.name} {sample}   (in another terminal)"
     )
 
 

@@ -18,8 +18,9 @@ Adding a shim for another platform (e.g. TorchServe's `ts`):
 
 1. Create `shim_packages/<name>/__init__.py` (the folder name is the import name).
    Subpackages and modules go beside it as usual (`ts/torch_handler/base_handler.py`
-   imports as `ts.torch_handler.base_handler`); relative imports resolve under
-   `<name>`, not under `kiln.compat`.
+   imports as `ts.torch_handler.base_handler`). Between a shim's own modules use
+   relative imports (`from ..utils import x`): they resolve under `<name>` in workers
+   and under `kiln.compat.shim_packages.<name>` for mypy, which cannot see `<name>`.
 2. Reach Kiln with absolute imports of packages below `serving` in
    docs/architecture.md's import graph (`kiln`, `kiln.handlers`, `kiln.runtimes`,
    `kiln.errors`, ...): the worker imports this package, so a shim that imported

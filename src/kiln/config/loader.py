@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from kiln.config.checks import Entry, cross_check, resolve_endpoints, resolve_paths
 from kiln.config.errors import ConfigError, ConfigIssue, FieldProblem
+from kiln.config.hub_project import hub_config_file, hub_document, is_hub_config
 from kiln.config.policy import LOCAL, ConfigPolicy, env_name_problem
 from kiln.config.project import Project
 from kiln.config.schema import ApiSpec, BatchApiSpec, Deployment
@@ -77,6 +78,9 @@ def find_config_file(project_dir: str | Path, config_file: str | None = None) ->
     for name in CONFIG_NAMES:
         if (project_dir / name).is_file():
             return (project_dir / name).absolute()
+    hub = hub_config_file(project_dir)  # a CellStrat Hub project folder, deployed as it is
+    if hub is not None:
+        return hub
     raise ConfigError(
         [
             ConfigIssue(
@@ -84,7 +88,8 @@ def find_config_file(project_dir: str | Path, config_file: str | None = None) ->
                 None,
                 "",
                 f"no kiln.yaml or cortex.yaml in {project_dir.absolute()}",
-                "create one (`kiln init` writes a starter) or name the file with -f FILE",
+                "create one (`kiln init` writes a starter; a CellStrat Hub project has "
+                "hub_config.json) or name the file with -f FILE",
             )
         ]
     )
@@ -259,7 +264,7 @@ def load_project(
                 )
             ]
         ) from None
-    doc = read_yaml(text, env, policy.unset)
+    doc = hub_document(path, text) if is_hub_config(path) else read_yaml(text, env, policy.unset)
     col = _Collector(display, doc)
     if doc.data is None:
         for raw in doc.issues:
