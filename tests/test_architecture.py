@@ -204,11 +204,6 @@ def test_the_graph_check_sees_lazy_typing_and_relative_imports(tmp_path: Path) -
 # Imports that close a cycle between two modules of one package, in files other changes
 # own; each names its fix. (file, the module it imports) -> why it must go.
 CYCLE_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # TYPE_CHECKING import of FastHttpProtocol: annotate with a Protocol of the few
-    # methods the exchange calls (as openapi_schemas.Operation does), or move them.
-    ("protocols/fast_http_exchange.py", "kiln.protocols.fast_http"): "fast_http cycle",
-    # TYPE_CHECKING import of FastHttpServer: the same, for what the connection calls.
-    ("protocols/fast_http.py", "kiln.protocols.fast_http_server"): "fast_http cycle",
     # Lazy `default_adapters` import: let default_adapters (app.py) hand OpenApiRoutes
     # the other adapters it builds, instead of openapi.py importing app.py to build them.
     ("protocols/openapi.py", "kiln.protocols.app"): "app <-> openapi",

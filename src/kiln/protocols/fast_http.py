@@ -27,12 +27,12 @@ import asyncio
 import sys
 import traceback
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import httptools
 
-from kiln.protocols.edge import error_body
+from kiln.protocols.edge import EdgeLimits, error_body
 from kiln.protocols.fast_http_exchange import HIGH_WATER, LINGER_S, STATUS_LINES, Exchange
 
 _MALFORMED = error_body("InvalidInput", "malformed HTTP request")
@@ -40,14 +40,25 @@ _HEAD_TOO_LARGE = error_body("HeadersTooLarge", "request line and headers are to
 _TOO_SLOW = error_body("RequestTimeout", "the request did not arrive in time")
 _TOO_MANY = error_body("Unavailable", "too many connections; retry shortly")
 
-if TYPE_CHECKING:
-    from kiln.protocols.fast_http_server import FastHttpServer
+
+class ConnectionHost(Protocol):
+    """What a connection needs of its server (fast_http_server.FastHttpServer), named here
+    so this module need not import the server that imports it."""
+
+    app: Any
+    loop: asyncio.AbstractEventLoop
+    limits: EdgeLimits
+    connections: set[FastHttpProtocol]
+    tasks: set[asyncio.Task[None]]
+    date_line: bytes
+
+    def admit(self, conn: FastHttpProtocol) -> bool: ...
 
 
 class FastHttpProtocol(asyncio.Protocol):
     """One client connection: parses requests, runs them one at a time, writes answers."""
 
-    def __init__(self, server: FastHttpServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self.server = server
         self.app = server.app
         self.loop = server.loop

@@ -10,10 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import http
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from kiln.protocols.fast_http import FastHttpProtocol
+
+class _Server(Protocol):
+    date_line: bytes
+
+
+class Connection(Protocol):
+    """What an exchange needs of its connection (fast_http.FastHttpProtocol), named here
+    so this module need not import the connection module that imports it."""
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    write_paused: bool
+    closing: bool
+
+    @property
+    def server(self) -> _Server: ...
+
+    def resume_reading(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def response_done(self, ex: Exchange) -> None: ...
+
 
 HIGH_WATER = 65536  # request-body bytes buffered before reading pauses (uvicorn's value)
 DISCARD_LIMIT = 1 << 20  # unread body drained to keep a connection after an early answer
@@ -61,7 +82,7 @@ class Exchange:
 
     def __init__(
         self,
-        conn: FastHttpProtocol,
+        conn: Connection,
         scope: dict[str, Any],
         keep_alive: bool,
         expect_continue: bool,
