@@ -9,14 +9,16 @@ archives built here with zipfile go through `kiln import`.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import requests
-from support import KilnServer, write
+from support import KILN, KilnServer, write
 
 torch = pytest.importorskip("torch")
 
@@ -238,3 +240,82 @@ def test_prediction_exception_answers_its_status(server: KilnServer) -> None:
     fine = httpx.post(url, json={"ok": True}, timeout=30)
     assert fine.status_code == 201  # context.set_response_status
     assert fine.text == "fine"
+
+
+# ----- kiln import model.mar ---------------------------------------------------------
+
+MODEL_PY = """
+import torch
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(x)
+"""
+
+
+def build_mar(path: Path, weights: Path, model_file: bool) -> Path:
+    """A .mar as torch-model-archiver lays it out: every file at the root, plus the manifest."""
+    model: dict[str, Any] = {
+        "modelName": "tiny_classifier",
+        "serializedFile": weights.name,
+        "handler": "handler.py",
+        "modelVersion": "1.0",
+    }
+    if model_file:
+        model["modelFile"] = "model.py"
+    manifest = {"createdOn": "01/01/2026 00:00:00", "runtime": "python", "model": model}
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
+        zf.writestr("handler.py", CLASSIFIER)
+        zf.writestr("index_to_name.json", json.dumps(LABELS))
+        if model_file:
+            zf.writestr("model.py", MODEL_PY)
+        zf.write(weights, weights.name)
+    return path
+
+
+def kiln_import(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*KILN, "import", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_mar_with_state_dict_is_imported_and_served(tmp_path: Path) -> None:
+    weights = tmp_path / "model.pth"
+    torch.save(TinyNet().state_dict(), weights)
+    mar = build_mar(tmp_path / "tiny_classifier.mar", weights, model_file=True)
+    project = tmp_path / "project"
+    done = kiln_import(str(mar), str(project))
+    assert done.returncode == 0, done.stderr
+    config = (project / "kiln.yaml").read_text()
+    assert "name: tiny-classifier" in config and 'version: "1.0"' in config
+    assert "trusted" not in config
+    assert (project / "model" / "MAR-INF" / "MANIFEST.json").is_file()
+    srv = KilnServer(project, tmp_path / "home")
+    try:
+        r = httpx.post(
+            f"{srv.url}/predictions/tiny_classifier", content=bytes([0, 255, 0, 0]), timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert list(r.json()) == ["dog"]
+    finally:
+        srv.stop()
+
+
+def test_pickled_mar_is_refused_without_trusted(tmp_path: Path) -> None:
+    weights = tmp_path / "model.pt"
+    torch.save(TinyNet(), weights)  # the whole module: a full pickle
+    mar = build_mar(tmp_path / "pickled.mar", weights, model_file=False)
+    refused = kiln_import(str(mar), str(tmp_path / "refused"))
+    assert refused.returncode == 1
+    assert "full pickle" in refused.stderr and "--trusted" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    accepted = kiln_import(str(mar), str(tmp_path / "accepted"), "--trusted")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "trusted: true" in (tmp_path / "accepted" / "kiln.yaml").read_text()

@@ -409,6 +409,9 @@ app.add_typer(cache_app, name="cache")
 from kiln.cli.jobs_cmd import jobs_app  # noqa: E402
 
 app.add_typer(jobs_app, name="jobs")
+from kiln.cli.import_cmd import import_mar  # noqa: E402
+
+app.command("import")(import_mar)
 
 
 def main() -> None:
