@@ -20,6 +20,7 @@ import numpy as np
 
 from kiln.errors import InferenceError, NotImplementedByApi
 from kiln.handlers.context import RequestContext, TensorPayload
+from kiln.handlers.cortex_predictor import CortexPredictorHandler, predictor_class_name
 from kiln.handlers.explain import feature_ablation, shaped_for
 from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.request_hooks import RequestHooks
@@ -200,8 +201,8 @@ def _rows(tensors: dict[str, np.ndarray]) -> int:
 
 
 class PythonPipeline(Pipeline):
-    def __init__(self, spec: WorkerSpec) -> None:
-        self.handler = PythonHandler(spec)
+    def __init__(self, spec: WorkerSpec, handler: PythonHandler | None = None) -> None:
+        self.handler = handler or PythonHandler(spec)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.can_explain = self.handler.has_explain
 
@@ -275,6 +276,9 @@ def build_pipeline(spec: WorkerSpec) -> Pipeline:
     """Tensor runtimes (onnx, tensorflow, torch, sklearn) share one pipeline; python and
     torchserve have their own."""
     if spec.runtime in TENSOR_RUNTIMES:
+        predictor = predictor_class_name(spec)  # Cortex's ONNXPredictor / TensorFlowPredictor
+        if predictor is not None:
+            return PythonPipeline(spec, CortexPredictorHandler(spec, predictor))
         return TensorPipeline(spec)
     if spec.runtime == "python":
         return PythonPipeline(spec)
