@@ -319,3 +319,28 @@ def test_pickled_mar_is_refused_without_trusted(tmp_path: Path) -> None:
     accepted = kiln_import(str(mar), str(tmp_path / "accepted"), "--trusted")
     assert accepted.returncode == 0, accepted.stderr
     assert "trusted: true" in (tmp_path / "accepted" / "kiln.yaml").read_text()
+
+
+def test_context_metrics_reach_prometheus(server: KilnServer) -> None:
+    url = f"{server.url}/predictions/classifier"
+    for _ in range(2):
+        assert httpx.post(url, content=bytes([0, 255, 0, 0]), timeout=30).status_code == 200
+    assert server.metrics_url
+    text = httpx.get(server.metrics_url, timeout=30).text
+    counted = [
+        line
+        for line in text.splitlines()
+        if line.startswith("kiln_handler_counter_total{")
+        and 'api="classifier"' in line
+        and 'name="ImagesClassified"' in line
+    ]
+    assert len(counted) == 1, text[-2000:]
+    assert float(counted[0].rsplit(" ", 1)[1]) >= 2  # the handler's add_counter, summed
+    timed = [
+        line
+        for line in text.splitlines()
+        if line.startswith("kiln_handler_metric{")
+        and 'name="HandlerTime"' in line
+        and 'unit="ms"' in line
+    ]
+    assert len(timed) == 1 and float(timed[0].rsplit(" ", 1)[1]) >= 0  # BaseHandler's

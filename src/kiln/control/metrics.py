@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -166,6 +173,20 @@ class Metrics:
             ["api", "version", "class_name"],
             registry=r,
         )
+        # What TorchServe handlers record with context.metrics (handlers/torchserve_context.py).
+        self.handler_counters = Counter(
+            "kiln_handler_counter",
+            "Counts a TorchServe handler added with context.metrics.add_counter",
+            ["api", "version", "name"],
+            registry=r,
+        )
+        self.handler_values = Gauge(
+            "kiln_handler_metric",
+            "Latest value a TorchServe handler recorded with context.metrics "
+            "(add_time, add_size, add_percent, add_metric)",
+            ["api", "version", "name", "unit"],
+            registry=r,
+        )
         self.tracked_values = Summary(
             "kiln_tracked_value",
             "Predicted values (tracker: regression)",
@@ -225,6 +246,15 @@ class Metrics:
     def cancelled(self, served: Any, where: str) -> None:
         """A request's client left; `where` is "queued" or "running" (served.py calls it)."""
         self.cancellations.labels(served.name, where).inc()
+
+    def handler_metrics(self, served: Any, recorded: list[Any]) -> None:
+        """`context.metrics` of a TorchServe handler, [name, kind, value, unit] each."""
+        version = served.version or ""
+        for name, kind, value, unit in recorded:
+            if kind == "counter":
+                self.handler_counters.labels(served.name, version, name).inc(max(0.0, value))
+            else:
+                self.handler_values.labels(served.name, version, name, unit).set(value)
 
     def tracked(self, served: Any, values: list[Any]) -> None:
         """Values the worker pulled out of answers for the API's `tracker:`."""

@@ -173,6 +173,14 @@ class Dispatcher:
             ]
             if tracked:
                 self.observer.tracked(self, tracked)
+            recorded = [
+                metric
+                for outcome in outcomes
+                if not isinstance(outcome, BaseException) and outcome.handler_metrics
+                for metric in outcome.handler_metrics
+            ]
+            if recorded:
+                self.observer.handler_metrics(self, recorded)
 
     @staticmethod
     def _answer(batch: list[Pending], outcomes: list[Any]) -> None:

@@ -95,6 +95,8 @@ class ReplyItem(msgspec.Struct, array_like=True):
     tensors: list[TensorDesc] | None = None
     tracked: list[str | float] | None = None  # prediction-monitoring values (tracker:)
     debug: list[tuple[str, str]] | None = None  # (stage, preview) with X-Kiln-Debug
+    # [name, kind, value, unit] a TorchServe handler recorded with context.metrics
+    handler_metrics: list[tuple[str, str, float, str]] | None = None
 
 
 # ----- server -> worker ----------------------------------------------------------------

@@ -76,6 +76,7 @@ class InferenceResponse:
     batch_size: int = 1  # how many requests shared the model call (observability)
     tensors: list[Tensor] | None = None  # when the request asked for typed tensors
     tracked: list[Any] | None = None  # prediction-monitoring values (tracker:)
+    handler_metrics: list[Any] | None = None  # [name, kind, value, unit]: context.metrics
 
 
 __all__ = ["InferenceRequest", "InferenceResponse", "Part", "Tensor", "WorkerSpec"]

@@ -158,6 +158,7 @@ def decode_outcomes(
                     batch_size=reply.batch_size,
                     tensors=tensors,
                     tracked=item.tracked,
+                    handler_metrics=item.handler_metrics,
                 )
             )
         else:

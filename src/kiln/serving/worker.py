@@ -218,6 +218,9 @@ class Worker:
                 reply.debug = [(name, preview(value)) for name, value in stage]
             replies.append(reply)
             out.extend(owned)
+        drain = getattr(self.pipeline, "drain_metrics", None)  # torchserve's context.metrics
+        if drain is not None and replies and (recorded := drain()):
+            replies[0].handler_metrics = recorded
         return BatchReply(message.id, replies, len(items)), out
 
     def _reply(
