@@ -37,6 +37,7 @@ from kiln.handlers.python_handler import PythonHandler
 from kiln.handlers.user_code import adapt_call
 from kiln.runtimes import load_runtime
 from kiln.runtimes.base import TensorRuntime, TensorSignature
+from kiln.user_calls import keyword_args
 from kiln.user_modules import import_file
 from kiln.worker_spec import WorkerSpec
 
@@ -180,18 +181,10 @@ class CortexPredictorHandler(PythonHandler):
 
 def _constructor_args(cls: type, values: dict[str, Any], client_name: str) -> dict[str, Any]:
     """Cortex passes the client and `config` by name; a first argument named otherwise
-    (`client`) still gets the client."""
-    kwargs: dict[str, Any] = {}
-    for index, param in enumerate(inspect.signature(cls).parameters.values()):
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if param.name in values:
-            kwargs[param.name] = values[param.name]
-        elif index == 0:
-            kwargs[param.name] = values[client_name]
-        elif param.default is param.empty:
-            raise TypeError(
-                f"{cls.__name__}.__init__ asks for '{param.name}', which Kiln cannot supply; "
-                f"Cortex's signature is __init__(self, {client_name}, config)"
-            )
-    return kwargs
+    (`client`) still gets the client (kiln/user_calls.py's constructor rule)."""
+    return keyword_args(
+        cls,
+        values,
+        first=client_name,
+        hint=f"Cortex's signature is __init__(self, {client_name}, config)",
+    )

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from kiln.handlers.user_code import adapt_call, find_entry
+from kiln.user_calls import keyword_args
 from kiln.user_modules import import_target, split_handler
 from kiln.worker_spec import WorkerSpec
 
@@ -71,14 +72,6 @@ class PythonHandler:
 
 
 def _construct(cls: type, spec: WorkerSpec, values: dict[str, Any]) -> Any:
-    # The class's own signature (its __init__ without `self`); none for a bare class.
-    params = list(inspect.signature(cls).parameters.values())
-    if not params:
-        return cls()
-    kwargs = {}
-    for param in params:
-        if param.name in values:
-            kwargs[param.name] = values[param.name]
-        elif param.name in ("model_dir", "model_path"):
-            kwargs[param.name] = spec.model_path
-    return cls(**kwargs)
+    """The handler class, given what its constructor names (kiln/user_calls.py rules)."""
+    offered = {"model_dir": spec.model_path, "model_path": spec.model_path, **values}
+    return cls(**keyword_args(cls, offered))

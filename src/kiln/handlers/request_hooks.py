@@ -8,26 +8,13 @@ declares once, at load time, and call it accordingly.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
+from kiln.user_calls import positional_hook
 from kiln.user_modules import import_file
 
 Hook = Callable[[Any], Any]
-
-
-def _bind(func: Callable[..., Any], signature: Any, metadata: dict[str, Any]) -> Hook:
-    params = [
-        p
-        for p in inspect.signature(func).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    if len(params) >= 3:
-        return lambda value: func(value, signature, metadata)
-    if len(params) == 2:
-        return lambda value: func(value, signature)
-    return lambda value: func(value)
 
 
 class RequestHooks:
@@ -40,6 +27,6 @@ class RequestHooks:
             return
         module = import_file(path)
         if callable(getattr(module, "pre_inference", None)):
-            self.pre = _bind(module.pre_inference, signature, metadata)
+            self.pre = positional_hook(module.pre_inference, signature, metadata)
         if callable(getattr(module, "post_inference", None)):
-            self.post = _bind(module.post_inference, signature, metadata)
+            self.post = positional_hook(module.post_inference, signature, metadata)

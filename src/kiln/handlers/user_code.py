@@ -12,11 +12,13 @@ them rewrite, we look at what a callable declares and pass exactly that.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from kiln.handlers.decorator import HANDLER_MARK
+from kiln.user_calls import adapt_call
+
+__all__ = ["adapt_call", "find_entry"]
 
 
 def find_entry(module: ModuleType, name: str | None) -> Any:
@@ -49,42 +51,3 @@ def find_entry(module: ModuleType, name: str | None) -> Any:
         f"{module.__file__} defines no handler: add a class with load() and predict(), "
         f"or decorate a function with @kiln.handler, or name it as file.py:Name"
     )
-
-
-_PAYLOAD = {"payload", "inputs", "input", "sample", "data", "request", "body", "event"}
-
-
-def adapt_call(func: Callable[..., Any], values: dict[str, Any]) -> Callable[[dict[str, Any]], Any]:
-    """Build `call(values)` that passes `func` the arguments it declares.
-
-    Parameters are matched by name (payload/inputs/sample, context, query_params,
-    headers, metadata, config, batch_id, ...); the first unnamed one gets the
-    payload and the second the context, as in `inference_handler(inputs, _)`.
-    """
-    params = [
-        p
-        for p in inspect.signature(func).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    order: list[str] = []
-    positional = ["payload", "context"]
-    for index, param in enumerate(params):
-        if param.name in _PAYLOAD:
-            order.append("payload")
-        elif param.name in values or param.name in ("context", "query_params", "headers"):
-            order.append(param.name)
-        elif index < len(positional):
-            order.append(positional[index])
-        elif param.default is not param.empty:
-            break
-        else:
-            raise TypeError(
-                f"{func.__qualname__}() asks for '{param.name}', which Kiln cannot supply; "
-                f"use (payload, context)"
-            )
-
-    def call(request_values: dict[str, Any]) -> Any:
-        merged = {**values, **request_values}
-        return func(*(merged.get(name) for name in order))
-
-    return call

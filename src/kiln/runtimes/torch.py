@@ -35,6 +35,7 @@ from kiln.runtimes.base import (
     TensorSpec,
     declared_signature,
 )
+from kiln.user_calls import keyword_args
 from kiln.user_modules import import_target, split_handler
 from kiln.worker_spec import WorkerSpec
 
@@ -138,15 +139,7 @@ def load_checkpoint(path: Path, spec: WorkerSpec, device: torch.device) -> Any:
 
 def _call_with(target: Any, values: dict[str, Any]) -> Any:
     """Call a user class or function with the arguments it names (config, model_dir, ...)."""
-    func = target.__init__ if inspect.isclass(target) else target
-    try:
-        params = list(inspect.signature(func).parameters.values())
-    except (TypeError, ValueError):
-        return target()
-    if inspect.isclass(target):
-        params = params[1:]
-    kwargs = {p.name: values[p.name] for p in params if p.name in values}
-    return target(**kwargs)
+    return target(**keyword_args(target, values))
 
 
 def _eager_module(spec: WorkerSpec, weights: Path | None, device: torch.device) -> Any:
