@@ -17,12 +17,12 @@ never unpickles anything.
 from __future__ import annotations
 
 import json
-import pickletools
 import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from pickletools import genops
 from typing import Annotated, Any
 
 import typer
@@ -166,7 +166,7 @@ def _globals(blob: bytes) -> list[str]:
     found: list[str] = []
     strings: list[str] = []
     try:
-        for opcode, arg, _ in pickletools.genops(blob):
+        for opcode, arg, _ in genops(blob):
             if opcode.name == "GLOBAL" and isinstance(arg, str):
                 found.append(arg.replace(" ", "."))
             elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:

@@ -1,5 +1,5 @@
 """`ts.protocol.otf_message_handler`: where TorchServe's docs import streaming from."""
 
-from ts.handler_utils.utils import send_intermediate_predict_response
+from ..handler_utils.utils import send_intermediate_predict_response
 
 __all__ = ["send_intermediate_predict_response"]

@@ -7,6 +7,9 @@ or an ONNX file through onnxruntime. A serialized file that is a full pickle
 (`torch.save(model)`) runs code when loaded, so it loads only when the API's
 `torchserve:` block says `trusted: true`; otherwise loading fails saying so.
 
+Torch (and onnxruntime) come through Kiln's runtime modules, the one place each
+framework is imported (tests/test_architecture.py).
+
 `handle` runs preprocess -> inference -> postprocess on the batch (a list of request
 dicts), or `explain_handle` when the request header `explain` is "True" (Kiln's
 /explanations routes set it), or `describe_handle` for `describe`; it records
@@ -18,12 +21,11 @@ from __future__ import annotations
 import abc
 import importlib
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
 
-from ts.utils.util import PredictionException, list_classes_from_module, load_label_mapping
+from ..utils.util import PredictionException, list_classes_from_module, load_label_mapping
 
 _UNTRUSTED = (
     "{path} is a full pickle (torch.save(model)), which runs code when it is loaded; "
@@ -53,7 +55,7 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
 
     def initialize(self, context: Any) -> None:
         """Pick the device, load the model the manifest names, read index_to_name.json."""
-        import torch
+        from kiln.runtimes.torch import torch
 
         self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
         properties = context.system_properties
@@ -76,7 +78,7 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
             self.model.to(self.device)
             self.model.eval()
         elif self.model_pt_path and self.model_pt_path.endswith(".onnx"):
-            import onnxruntime as ort
+            from kiln.runtimes.onnx import ort
 
             self.model = ort.InferenceSession(self.model_pt_path)
         elif self.model_pt_path:
@@ -91,7 +93,7 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
         self.initialized = True
 
     def _load_torchscript_model(self, model_pt_path: str) -> Any:
-        import torch
+        from kiln.runtimes.torch import torch
 
         try:
             return torch.jit.load(model_pt_path, map_location=self.device)
@@ -110,7 +112,7 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
         self, model_dir: str, model_file: str, model_pt_path: str | None
     ) -> Any:
         """The one class `model_file` defines, with the state_dict in `model_pt_path`."""
-        import torch
+        from kiln.runtimes.torch import torch
 
         if not os.path.isfile(os.path.join(model_dir, model_file)):
             raise RuntimeError(f"Missing the model file {model_file} in {model_dir}")
@@ -128,7 +130,9 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
                 state = torch.load(
                     model_pt_path, map_location=self.device, weights_only=not trusted
                 )
-            except pickle.UnpicklingError:
+            except Exception as exc:
+                if type(exc).__name__ != "UnpicklingError":  # weights_only refused a global
+                    raise
                 raise RuntimeError(_UNTRUSTED.format(path=model_pt_path)) from None
             if isinstance(state, torch.nn.Module):
                 state = state.state_dict()
@@ -138,12 +142,12 @@ class BaseHandler(abc.ABC):  # noqa: B024 - TorchServe's class is abstract witho
     # ----- the stages a subclass overrides ---------------------------------------------
 
     def preprocess(self, data: Any) -> Any:
-        import torch
+        from kiln.runtimes.torch import torch
 
         return torch.as_tensor(data, device=self.device)
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
+        from kiln.runtimes.torch import torch
 
         with torch.inference_mode():
             return self.model(data.to(self.device), *args, **kwargs)
