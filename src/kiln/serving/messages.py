@@ -5,8 +5,9 @@ the raw buffers the message accounts for (request bodies, tensor memory, a
 chunk of a stream). Messages are `msgspec.Struct`s: attributes with readable
 names in code, checked by mypy, and a compact wire form: `array_like=True`
 encodes a message as a MessagePack array `[tag, field, field, ...]`, so no key
-names travel at all, and decoding validates the whole header (types, tags,
-literals) in C before any of it is read. bench/ipc_cost.py measured it against
+names travel at all; the sparse items of a batch and its reply are maps with
+one-letter keys that omit defaults. Decoding validates the whole header (types,
+tags, literals) in C before any of it is read. bench/ipc_cost.py measured it against
 the msgpack dicts with two-letter keys it replaced (docs/performance.md).
 
 Each direction has its own union, decoded with its own `Decoder`: a worker that
@@ -58,12 +59,32 @@ class PartDesc(msgspec.Struct, array_like=True):
 RequestKind = Literal["json", "raw", "parts", "tensors", "v2json"]
 
 
-class RequestItem(msgspec.Struct, array_like=True):
+# Items are sparse (most fields keep their defaults), so they travel as maps with
+# one-letter keys and without the defaults: a native JSON request is `{"r": id}`.
+_KEYS = {
+    "request_id": "r",
+    "kind": "k",
+    "buffers": "b",
+    "content_type": "c",
+    "protocol": "p",
+    "debug": "d",
+    "want_tensors": "w",
+    "outputs": "o",
+    "headers": "h",
+    "query": "q",
+    "tensors": "t",
+    "parts": "s",
+    "error": "e",
+    "status": "x",
+    "tracked": "v",
+}
+
+
+class RequestItem(msgspec.Struct, omit_defaults=True, rename=_KEYS):
     """One request of a batch (`kiln.serving.types.InferenceRequest` without the bytes).
 
     It owns `buffers` consecutive buffers of the frame: the body, one per part, or
-    one per numeric tensor. Fields are ordered by how often they are set: the
-    common native JSON request is `[rid, "json", 1, "", ...defaults]`.
+    one per numeric tensor.
     """
 
     request_id: str
@@ -80,7 +101,7 @@ class RequestItem(msgspec.Struct, array_like=True):
     parts: list[PartDesc] | None = None
 
 
-class ReplyItem(msgspec.Struct, array_like=True):
+class ReplyItem(msgspec.Struct, omit_defaults=True, rename=_KEYS):
     """The outcome of one request: an answer (`error` is None) or an error.
 
     An answer owns `buffers` buffers: its body, or one per numeric output tensor
