@@ -55,6 +55,11 @@ class TinyImageClassifier(BaseHandler):
         top = probs.topk(1, dim=1)
         self.context.metrics.add_counter("ImagesClassified", len(probs))
         return map_class_to_label(top.values.tolist(), self.mapping, top.indices.tolist())
+
+    def get_insights(self, tensor_data, raw_data, target):
+        # pixel x the weight of the target class: one list per request, as Captum's would be
+        weights = self.model.fc.weight[int(target)]
+        return (tensor_data * weights).tolist()
 """
 
 BATCHED = """
@@ -206,6 +211,15 @@ def test_base_handler_classifier_over_raw_bytes(server: KilnServer) -> None:
     bird = httpx.post(url, files={"data": bytes([0, 0, 255, 255])}, timeout=30)
     assert bird.status_code == 200, bird.text
     assert list(bird.json()) == ["bird"]
+
+
+def test_base_handler_explanations_pass_through(server: KilnServer) -> None:
+    r = httpx.post(
+        f"{server.url}/explanations/classifier", content=bytes([255, 0, 0, 255]), timeout=30
+    )
+    assert r.status_code == 200, r.text
+    # explain_handle -> get_insights; like TorchServe, request i gets element i of the list
+    assert r.json() == [8.0, 0.0, 0.0, 0.0]
 
 
 def test_function_handler_gets_batches_of_request_dicts(server: KilnServer) -> None:
