@@ -18,17 +18,9 @@ from typing import Any
 import httpx
 import orjson
 
-from kiln.cli.common import find_server_info, kiln_home
+from kiln.cli.common import CliError, find_server_info, kiln_home
 
 LOCAL = "local"
-
-
-class CliError(Exception):
-    """A problem the CLI reports in one sentence (what happened, what to do)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _env_file() -> Path:

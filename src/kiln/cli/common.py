@@ -82,12 +82,18 @@ def _alive(pid: object) -> bool:
         return True
 
 
+class CliError(Exception):
+    """A problem the CLI reports in one sentence (what happened, what to do)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def run_cli(action: Callable[[], int | None]) -> None:
     """Run a command body: a CliError becomes one clear message and its exit code."""
     import typer
     from rich.markup import escape
-
-    from kiln.cli.client import CliError
 
     try:
         code = action()

@@ -51,13 +51,13 @@ def default_adapters(plane: DataPlane, log: Any, jobs: Any = None) -> list[Adapt
 
     # Native first: it is an exact dictionary lookup, and config validation keeps API
     # endpoints off the protocol prefixes, so no other adapter can claim its paths.
-    adapters: list[Adapter] = [
+    protocols: list[Adapter] = [
         NativeApi(plane, log),
         TorchServeInference(plane, log),
         KServeV1(plane, log),
         OpenInferenceV2(plane, log),
-        OpenApiRoutes(plane, log),
     ]
+    adapters: list[Adapter] = [*protocols, OpenApiRoutes(plane, log, probes=protocols)]
     if jobs is not None:  # Batch APIs (kiln.batch.manager.JobManager): right after native
         from kiln.protocols.batch import BatchRoutes
 

@@ -225,10 +225,12 @@ class Operation:
 class OpenApiRoutes:
     """`OPTIONS /`, `/api-description`, `/openapi.json` and `/docs` on the inference port."""
 
-    def __init__(self, plane: DataPlane, log: Any) -> None:
+    def __init__(self, plane: DataPlane, log: Any, probes: list[Any] | None = None) -> None:
+        """`probes`: the port's protocol adapters, asked which concrete paths they serve
+        (app.default_adapters hands them over, so this module never imports app.py)."""
         self.plane = plane
         self.log = log
-        self._probes: list[Any] | None = None
+        self._probes: list[Any] = list(probes or [])
 
     def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
         path = request.path.rstrip("/") or "/"
@@ -268,14 +270,6 @@ class OpenApiRoutes:
     # ----- generation ----------------------------------------------------------------
     def probes(self) -> list[Any]:
         """The inference port's other adapters, asked which concrete paths they serve."""
-        if self._probes is None:
-            from kiln.protocols.app import default_adapters
-
-            self._probes = [
-                a
-                for a in default_adapters(self.plane, self.log)
-                if not isinstance(a, OpenApiRoutes)
-            ]
         return self._probes
 
     def is_served(self, method: str, path: str, call: Call) -> bool:
