@@ -4,8 +4,8 @@
   (b) bare app      bench/bare_app.py: /fixed (HTTP stack alone), /tiny and /mlp (the model run
                     inline in the request handler): what a hand-written server gets
   (c) kiln tiny     `kiln serve` of tiny.onnx, (d) kiln mlp: the same for mlp.onnx, each with
-                    batching off/on x 1/2 replicas, on the native route and the V2 (Open
-                    Inference Protocol) route when the server answers it
+                    batching off/on x 1/2 replicas, on the native route, the KServe V1 route
+                    and the V2 (Open Inference Protocol) route
 
 Load: bench/loadgen.c, closed loop, C keep-alive connections, per-request latency.
 Writes bench/results/data_plane-<timestamp>.json.
@@ -22,7 +22,7 @@ time its server and worker processes used per request. Cgroup limits apply to bo
 server is root; the sandbox adds bubblewrap, setpriv and the namespaces.
 
 Run: .venv/bin/python bench/data_plane.py [--duration 5] [--concurrency 1,8,64] [--quick]
-     [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v2] [--no-baselines]
+     [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v1,v2] [--no-baselines]
      [--sandbox-compare]
 """
 
@@ -58,7 +58,8 @@ import models  # noqa: E402
 MODELS = ("tiny", "mlp")
 BATCH_SIZES = (1, 8, 32, 64)
 # (name, batching block or None, replicas)
-BATCHING = {"max_batch_size": 32, "max_batch_delay_ms": 2}
+# The reference harness of issue 13: batches of up to 64 rows, 2 ms, one intra-op thread.
+BATCHING = {"max_batch_size": 64, "max_batch_delay_ms": 2}
 CONFIGS = [
     ("b0-r1", None, 1),
     ("b1-r1", BATCHING, 1),
@@ -67,9 +68,11 @@ CONFIGS = [
 ]
 NA_V2 = "n/a (not served yet)"
 # Targets (see bench/README.md)
-TINY_VS_BARE = 1.0  # at c=64 with batching: tiny req/s >= 1.0x bare /tiny
-MLP_VS_BARE = 1.8  # at c=64 with batching: mlp req/s >= 1.8x bare /mlp, p99 <= bare p99
-P50_DELTA_MS = 0.3  # at c=1: Kiln p50 within 0.3 ms of the bare app's for the same model
+ROUTES = ("native", "v1", "v2")
+# Issue 13's targets, on every route:
+TINY_VS_BARE = 1.4  # at c=64 with batching: tiny req/s >= 1.4x bare /tiny
+MLP_VS_BARE = 2.5  # at c=64 with batching: mlp req/s >= 2.5x bare /mlp, p99 <= bare p99
+P50_DELTA_MS = 0.15  # at c=1: Kiln p50 within 0.15 ms of the bare app's for the same model
 SANDBOX_MIN_RATIO = 0.95  # at c=64: sandboxed req/s >= 0.95x plain `kiln serve`
 SANDBOX_TAG = " sbx"  # suffix of a sandboxed row's scenario
 
@@ -298,6 +301,14 @@ def same_answer(got: bytes, expected: bytes) -> bool:
         return False
 
 
+def v1_output(got: bytes) -> bytes:
+    """The first prediction of a V1 answer, as a JSON list, to compare with the bare one."""
+    try:
+        return orjson.dumps(orjson.loads(got)["predictions"][0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return b"null"
+
+
 def v2_output(got: bytes) -> bytes:
     """The data of a V2 answer's first output, as a JSON list, to compare with the bare one."""
     try:
@@ -351,27 +362,38 @@ def sandbox_line(server: Server) -> str | None:
     return None
 
 
-def check_routes(name: str, base: str, bodies, v2_bodies, expected, scenario, notes) -> tuple:
-    """([(route, path, body)] this server answers, native first, V2 when served; V2 status)."""
+def check_routes(name: str, base: str, bodies, typed_bodies, expected, scenario, notes) -> tuple:
+    """([(route, path, body)] this server answers, native first, V1 and V2 when served; V2
+    status). `typed_bodies` maps a model to its (V1 body, V2 body)."""
     status, answer = post(f"{base}/{name}", bodies[name])
     if status != 200:
         raise RuntimeError(f"POST /{name} answered {status}: {answer[:300]!r}")
     if not same_answer(answer, expected[name]):
         notes.append(f"{scenario}: native answer differs from the bare app's")
     routes = [("native", f"/{name}", bodies[name])]
+    v1_body, v2_body = typed_bodies[name]
+    v1_path = f"/v1/models/{name}:predict"
+    try:
+        v1_status, v1_answer = post(base + v1_path, v1_body)
+    except OSError:
+        v1_status, v1_answer = 0, b""
+    if v1_status == 200:
+        if not same_answer(v1_output(v1_answer), expected[name]):
+            notes.append(f"{scenario}: V1 answer's prediction differs from the bare app's")
+        routes.append(("v1", v1_path, v1_body))
     v2_path = f"/v2/models/{name}/infer"
     try:
-        v2_status, v2_answer = post(base + v2_path, v2_bodies[name])
+        v2_status, v2_answer = post(base + v2_path, v2_body)
     except OSError:
         v2_status, v2_answer = 0, b""
     if v2_status == 200:
         if not same_answer(v2_output(v2_answer), expected[name]):
             notes.append(f"{scenario}: V2 answer's data differs from the bare app's")
-        routes.append(("v2", v2_path, v2_bodies[name]))
+        routes.append(("v2", v2_path, v2_body))
     return routes, v2_status
 
 
-def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows, notes) -> None:
+def run_kiln(folder: Path, model_paths, bodies, typed_bodies, expected, args, rows, notes) -> None:
     """Each configuration once (`kiln serve`), or, with --sandbox-compare, twice side by side.
 
     In the comparison both servers are up together and every (route, concurrency) is loaded
@@ -413,7 +435,7 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
                         if sandbox:
                             meta["sandbox_line"] = sandbox_line(server)
                         served[sandbox], meta["v2_probe_status"] = check_routes(
-                            name, base, bodies, v2_bodies, expected, scenario, notes
+                            name, base, bodies, typed_bodies, expected, scenario, notes
                         )
                     except Exception as exc:  # one broken configuration must not lose others
                         notes.append(f"{scenario}: FAILED: {exc}")
@@ -422,7 +444,7 @@ def run_kiln(folder: Path, model_paths, bodies, v2_bodies, expected, args, rows,
                             rows.append(
                                 meta | {"route": "native", "concurrency": c, "status": "failed"}
                             )
-                route_names = [r for r in ("native", "v2") if r in args.routes]
+                route_names = [r for r in ROUTES if r in args.routes]
                 for route in route_names:
                     for c in args.concurrency:
                         for rnd in range(args.rounds):  # A B, then B A, ...
@@ -512,7 +534,7 @@ def targets(rows: list[dict], concurrency: list[int], names=MODELS, configs=None
         out.append({"target": name, "held": held, "detail": detail})
 
     batching = [cfg for cfg, b, _ in CONFIGS if b and cfg in configs]
-    for route in ("native", "v2"):
+    for route in ROUTES:
         for cfg in batching:
             for name, factor in (("tiny", TINY_VS_BARE), ("mlp", MLP_VS_BARE)):
                 if name not in names:
@@ -807,7 +829,7 @@ def main() -> None:
         default=",".join(c for c, _, _ in CONFIGS),
         help="Kiln configurations to run: b0-r1,b1-r1,b0-r2,b1-r2 (b: batching, r: replicas)",
     )
-    parser.add_argument("--routes", default="native,v2", help="Kiln routes: native,v2")
+    parser.add_argument("--routes", default="native,v1,v2", help="Kiln routes: native,v1,v2")
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip (a) in-process and (b) the bare app"
     )
@@ -830,7 +852,7 @@ def main() -> None:
     for value, allowed, flag in (
         (args.models, MODELS, "--models"),
         (args.configs, known, "--configs"),
-        (args.routes, ("native", "v2"), "--routes"),
+        (args.routes, ROUTES, "--routes"),
     ):
         if not value or any(v not in allowed for v in value):
             parser.error(f"{flag}: choose among {','.join(allowed)}")
@@ -857,7 +879,7 @@ def main() -> None:
         folder = Path(tmp)
         model_paths = models.build_all(folder)
         bodies = {name: models.sample_body(name) for name in MODELS}
-        v2_bodies = {name: models.v2_body(name) for name in MODELS}
+        typed_bodies = {name: (models.v1_body(name), models.v2_body(name)) for name in MODELS}
         expected = {}
         for name in MODELS:
             x = np.asarray(orjson.loads(bodies[name]), dtype=np.float32)[None]
@@ -876,7 +898,7 @@ def main() -> None:
             + " ...",
             flush=True,
         )
-        run_kiln(folder, model_paths, bodies, v2_bodies, expected, args, rows, notes)
+        run_kiln(folder, model_paths, bodies, typed_bodies, expected, args, rows, notes)
 
     annotate(rows)
     pairs = sandbox_pairs(rows) if args.sandbox_compare else None

@@ -91,6 +91,13 @@ def sample_body(name: str) -> bytes:
     return orjson.dumps([round(float(v), 4) for v in sample_input(name)[0]])
 
 
+def v1_body(name: str) -> bytes:
+    """The same instance as a KServe V1 request (`/v1/models/<m>:predict`)."""
+    import orjson
+
+    return orjson.dumps({"instances": [[round(float(v), 4) for v in sample_input(name)[0]]]})
+
+
 def v2_body(name: str) -> bytes:
     """The same instance as an Open Inference Protocol (V2) request."""
     import orjson
