@@ -182,3 +182,17 @@ class FieldProblem(ValueError):
         self.message = message
         self.fix = fix
         self.field = field
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs Kiln's `extra`, as the README's Install section does it.
+
+    Kiln is not on PyPI (`pip install kiln-serve[...]` finds nothing): it is installed
+    from its repository, so the hint names that folder when Kiln runs from a checkout.
+    One place, because runtimes, storage and config checks all give this hint."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file():
+        return f"pip install -e '{root}[{extra}]'"
+    return f"pip install -e '.[{extra}]' in Kiln's folder (see the README's Install section)"

@@ -18,6 +18,7 @@ from pathlib import Path
 from kiln.config.blocks import OnnxBlock, PythonBlock, TensorflowBlock, TorchBlock
 from kiln.config.schema import ApiSpec, BatchApiSpec, parse_handler_ref
 from kiln.config.torchserve import TorchServeBlock
+from kiln.errors import install_hint
 from kiln.storage.errors import ModelUriError
 from kiln.storage.uri import is_remote, parse_uri
 
@@ -128,7 +129,7 @@ class _PathChecker:
                     field,
                     f"{uri.scheme}:// model paths need the '{module}' package, "
                     f"which is not installed",
-                    f"pip install 'kiln-serve[{extra}]'",
+                    install_hint(extra),
                 )
         return value
 

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, install_hint
 
 if TYPE_CHECKING:
     from kiln.runtimes.base import TensorRuntime
@@ -55,16 +55,3 @@ def load_runtime(spec: WorkerSpec) -> TensorRuntime:
         ) from None
     runtime_cls = getattr(module, class_name)
     return runtime_cls(spec)
-
-
-def install_hint(extra: str) -> str:
-    """The command that installs Kiln's `extra`, as the README's Install section does it.
-
-    Kiln is not on PyPI (`pip install kiln-serve[...]` finds nothing): it is installed
-    from its repository, so the hint names that folder when Kiln runs from a checkout."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3]
-    if (root / "pyproject.toml").is_file():
-        return f"pip install -e '{root}[{extra}]'"
-    return f"pip install -e '.[{extra}]' in Kiln's folder (see the README's Install section)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kiln.errors import install_hint
 from kiln.storage.errors import MissingStorageExtra, ModelNotFound, StorageUnreachable
 from kiln.storage.uri import ModelUri
 
@@ -31,7 +32,7 @@ def snapshot(uri: ModelUri) -> Path:
     except ImportError:
         raise MissingStorageExtra(
             f"reading hf:// model paths needs the 'huggingface_hub' package (model path: {uri})",
-            fix="install Kiln's hf extra: pip install -e '.[hf]' in Kiln's folder",
+            fix=f"install Kiln's hf extra: {install_hint('hf')}",
         ) from None
     try:
         folder = snapshot_download(uri.path, revision=uri.revision, allow_patterns=_PATTERNS)

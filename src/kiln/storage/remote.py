@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import install_hint
 from kiln.storage.errors import (
     MissingStorageExtra,
     ModelIntegrityError,
@@ -69,7 +70,7 @@ def filesystem(uri: ModelUri) -> Any:
         raise MissingStorageExtra(
             f"reading {uri.scheme}:// model paths needs the '{module}' package, which is not "
             f"installed (model path: {uri})",
-            fix=f"install Kiln's {extra} extra: pip install -e '.[{extra}]' in Kiln's folder",
+            fix=f"install Kiln's {extra} extra: {install_hint(extra)}",
         ) from None
     if scheme == "s3":
         import s3fs  # type: ignore[import-untyped]  # s3fs ships no type hints
