@@ -33,6 +33,8 @@ def handle(data, context):
 """  # noqa: E501 - the seed's handler as written
 
 CLASSIFIER = """
+import json
+
 import torch
 import torch.nn.functional as F
 from ts.torch_handler.base_handler import BaseHandler
@@ -60,6 +62,9 @@ class TinyImageClassifier(BaseHandler):
         # pixel x the weight of the target class: one list per request, as Captum's would be
         weights = self.model.fc.weight[int(target)]
         return (tensor_data * weights).tolist()
+
+    def describe_handle(self):
+        return json.dumps({"classes": len(self.mapping), "input": "2x2 grey, 4 raw bytes"})
 """
 
 BATCHED = """
@@ -220,6 +225,17 @@ def test_base_handler_explanations_pass_through(server: KilnServer) -> None:
     assert r.status_code == 200, r.text
     # explain_handle -> get_insights; like TorchServe, request i gets element i of the list
     assert r.json() == [8.0, 0.0, 0.0, 0.0]
+
+
+def test_describe_handle_answers_customized_metadata(server: KilnServer) -> None:
+    """TorchServe's `GET /models/{m}?customized=true`: the handler's describe_handle()."""
+    assert server.management_url
+    url = f"{server.management_url}/models/classifier"
+    plain = httpx.get(url, timeout=30).json()[0]
+    assert plain["modelName"] == "classifier" and "customizedMetadata" not in plain
+    described = httpx.get(url, params={"customized": "true"}, timeout=30).json()[0]
+    expected = {"classes": len(LABELS), "input": "2x2 grey, 4 raw bytes"}
+    assert json.loads(described["customizedMetadata"]) == expected
 
 
 def test_function_handler_gets_batches_of_request_dicts(server: KilnServer) -> None:

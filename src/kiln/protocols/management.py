@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.errors import Conflict, InvalidInput, KilnError, MethodNotAllowed
+from kiln.protocols.management_describe import customized_metadata, describe
 from kiln.protocols.management_doc import ROUTES, management_document
 from kiln.protocols.management_http import (
     _flag,
@@ -45,7 +46,6 @@ from kiln.protocols.management_http import (
     _kiln_error,
     _load_apis,
     _unexpected,
-    _worker,
 )
 from kiln.protocols.model_store import prepare_project
 from kiln.serving.caps import check_replicas, replica_caps
@@ -126,33 +126,7 @@ class Management:
 
     # ----- describe ------------------------------------------------------------------
     def describe(self, served: ServedApi, group: ApiGroup) -> dict[str, Any]:
-        record = self.record(served)
-        api = served.api
-        configured = max(1, api.compute.init_replicas or api.compute.min_replicas or 1)
-        minimum = record.min_workers if record.min_workers is not None else configured
-        maximum = record.max_workers
-        if maximum is None:
-            maximum = max(minimum, getattr(served, "max_replicas", api.compute.max_replicas))
-        queue = served.queue
-        return {
-            "modelName": served.name,
-            "modelVersion": served.version,
-            "modelUrl": record.url,
-            "runtime": api.runtime,
-            "minWorkers": minimum,
-            "maxWorkers": maximum,
-            "batchSize": served.max_batch_size,
-            "maxBatchDelay": round(served.batch_delay_s * 1000),
-            "loadedAtStartup": record.loaded_at_startup,
-            "endpoint": api.endpoint,
-            "status": served.state,
-            "isDefault": group.default is served,
-            "workers": [_worker(slot) for slot in served.slots],
-            "jobQueueStatus": {
-                "remainingCapacity": max(0, queue.max_size - len(queue)),
-                "pendingRequests": len(queue),
-            },
-        }
+        return describe(served, group, self.record(served))
 
     async def list_models(self, request: Request) -> Response:
         limit = _int_param(request, "limit", 100)
@@ -176,12 +150,21 @@ class Management:
         name = request.path_params["model"]
         version = request.path_params.get("version")
         group, served = self.lookup(request, name, version)
-        return JSONResponse([self.describe(served, group)])
+        return JSONResponse([await self.describe_asked(request, served, group)])
 
     async def describe_all(self, request: Request) -> Response:
         group = self.visible(request).by_name(request.path_params["model"])
         ordered = sorted(group.versions.values(), key=lambda s: str(s.version or ""))
-        return JSONResponse([self.describe(s, group) for s in ordered])
+        return JSONResponse([await self.describe_asked(request, s, group) for s in ordered])
+
+    async def describe_asked(
+        self, request: Request, served: ServedApi, group: ApiGroup
+    ) -> dict[str, Any]:
+        """`describe`, plus TorchServe's `customizedMetadata` with `?customized=true`."""
+        entry = self.describe(served, group)
+        if request.query_params.get("customized", "").lower() == "true":
+            entry["customizedMetadata"] = await customized_metadata(served)
+        return entry
 
     # ----- scale ---------------------------------------------------------------------
     async def scale(self, request: Request) -> Response:
