@@ -19,7 +19,9 @@ import itertools
 import socket
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from kiln.errors import InvalidInput, KilnError, Timeout, Unavailable
@@ -72,12 +74,27 @@ class NotStarted(Unavailable):
 class _Sent:
     """A batch written to the worker and not answered yet."""
 
-    __slots__ = ("future", "size", "timer")
+    __slots__ = ("future", "size", "timer", "on_done")
 
-    def __init__(self, future: asyncio.Future[list[Any]], size: int) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[list[Any]],
+        size: int,
+        on_done: Callable[[asyncio.Future[list[Any]]], None] | None,
+    ) -> None:
         self.future = future
         self.size = size
         self.timer: asyncio.TimerHandle | None = None
+        self.on_done = on_done
+
+
+def _late_done(sent: _Sent, future: asyncio.Future[list[Any]]) -> None:
+    """`on_done` for a batch the worker's answer did not settle (an error, a timeout, an
+    exit): called as the future's done callback, as before `on_done` existed."""
+    on_done = sent.on_done
+    if on_done is not None:
+        sent.on_done = None
+        on_done(future)
 
 
 class Replica:
@@ -111,6 +128,7 @@ class Replica:
         self.doomed = False  # killed on purpose; no new work goes here
         self.in_flight = 0  # requests (streams included) sent and not answered yet
         self.batch_sent_at = 0.0  # when the oldest batch in flight was sent
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, on first send
 
     @property
     def batches_in_flight(self) -> int:
@@ -217,6 +235,13 @@ class Replica:
                         )
                         raise FrameError(f"a reply that does not fit its batch: {exc}") from None
                     sent.future.set_result(outcomes)
+                    on_done = sent.on_done
+                    if on_done is not None:  # now, not a loop turn later (see send_batch)
+                        sent.on_done = None
+                        try:
+                            on_done(sent.future)
+                        except Exception:  # noqa: BLE001 - as the loop treats a callback's
+                            traceback.print_exc(file=sys.stderr)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except FrameError as exc:
@@ -276,7 +301,11 @@ class Replica:
         )
 
     def send_batch(
-        self, requests: list[InferenceRequest], timeout: float | None, op: str = "batch"
+        self,
+        requests: list[InferenceRequest],
+        timeout: float | None,
+        op: str = "batch",
+        on_done: Callable[[asyncio.Future[list[Any]]], None] | None = None,
     ) -> asyncio.Future[list[InferenceResponse | KilnError]]:
         """Write requests as one frame now; the future gets one outcome per request, in order.
 
@@ -284,15 +313,22 @@ class Replica:
         decision. The future fails with `NotStarted` when the worker dies before
         starting the batch, `Unavailable` when it dies running it, and `Timeout`
         (after killing the worker, which would otherwise stay wedged) on overrun.
+        `on_done(future)` runs once the future is done: for the worker's answer in the
+        same loop turn that decoded it (a done callback would run one turn later), for
+        every other outcome as a done callback.
         """
         if self._writer is None or self.exited.is_set() or self.doomed:
             raise NotStarted(f"the worker of API '{self.spec.api}' is restarting", retry_after=1)
         batch_id = next(self._ids)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         if not self._pending:
             self.batch_sent_at = time.monotonic()
-        sent = _Sent(future, len(requests))
+        sent = _Sent(future, len(requests), on_done)
+        if on_done is not None:
+            future.add_done_callback(partial(_late_done, sent))
         self._pending[batch_id] = sent
         items, buffers = self._encode(requests)
         self.in_flight += len(requests)

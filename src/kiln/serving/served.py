@@ -86,6 +86,7 @@ class ServedApi(ReplicaPool, Dispatcher):
         self.slots: list[ReplicaSlot] = []
         self._changed = asyncio.Event()
         self._capacity = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's, on first request
         self._stopping = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._below_min_since: float | None = None
@@ -172,23 +173,28 @@ class ServedApi(ReplicaPool, Dispatcher):
         self.last_request_at = arrived
         if self.state != "ready":
             deadline = await self._until_ready(deadline)
+            arrived = time.monotonic()  # queued from now (queue time counts from here)
         queue = self.queue
         if len(queue) + self._running >= max(1, len(self.slots)) * self.max_replica_concurrency:
             self.stats["rejected"] += 1
             raise self._over_concurrency()
-        # While a worker restarts, requests wait in the bounded queue like any other.
-        pending = Pending(request, deadline)
-        try:
-            queue.put(pending)
-        except Unavailable:
-            self.stats["rejected"] += 1
-            raise
+        # One loop per server: looked up once (each lookup is a getpid() system call).
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        pending = Pending(request, deadline, arrived, loop.create_future())
+        # Nothing queued and a replica free: written to it from this task. Otherwise (and
+        # while a worker restarts) requests wait in the bounded queue like any other.
+        if not self._dispatch_now(pending):
+            try:
+                queue.put(pending)
+            except Unavailable:
+                self.stats["rejected"] += 1
+                raise
+            self._capacity.set()
         self.stats["requests"] += 1
-        self._capacity.set()
         # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
-        timer = asyncio.get_running_loop().call_later(
-            max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending
-        )
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending)
         try:
             return await pending.future
         except asyncio.CancelledError:
