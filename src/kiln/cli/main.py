@@ -216,7 +216,10 @@ def serve(
     ] = None,
     auth: Annotated[
         bool,
-        typer.Option(help="Require API keys (the admin key is written to <home>/admin.key)."),
+        typer.Option(
+            help="Require API keys. The admin key: $KILN_API_KEY_FILE's content, else "
+            "$KILN_API_KEY, else a new one written to <home>/admin.key."
+        ),
     ] = False,
     allow_unauthenticated: Annotated[
         bool,
@@ -253,6 +256,9 @@ def serve(
             f"--allow-unauthenticated if a gateway in front of Kiln checks callers",
             2,
         )
+    from kiln.cli.serve_cmd import given_admin_key
+
+    admin_key = given_admin_key() if auth else None
     project = _load(project_dir, file)
     raise typer.Exit(
         run_serve(
@@ -267,6 +273,7 @@ def serve(
             auth,
             sandbox,
             edge,
+            admin_key,
         )
     )
 
@@ -393,6 +400,58 @@ def rollback(
     from kiln.cli.deploy_cmd import run_rollback
 
     _cli(lambda: run_rollback(api, revision, env, not no_wait))
+
+
+@app.command()
+def build(
+    project_dir: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+    tag: Annotated[
+        str | None,
+        typer.Option(
+            "-t",
+            "--tag",
+            help="NAME[:TAG] (default: the folder's name and the "
+            "APIs' version, else the revision).",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="PATH.tar: an OCI archive; else an OCI layout "
+            "folder (default ./NAME-TAG.oci.tar).",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base image: an OCI layout or archive path, or a registry "
+            "reference (skopeo); default: Debian with Python from mmdebstrap."
+        ),
+    ] = None,
+    suite: Annotated[
+        str | None, typer.Option(help="Debian suite of the default base (default: the host's).")
+    ] = None,
+    context: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a Docker build context (Dockerfile, project/, model/, "
+            "wheels/) to this folder instead, and stop."
+        ),
+    ] = None,
+    deploy: Annotated[
+        bool, typer.Option("--deploy", help="Then deploy the same revision (kiln deploy).")
+    ] = False,
+    push: Annotated[
+        str | None, typer.Option(help="Then copy the image to this registry reference (skopeo).")
+    ] = None,
+    env: EnvOption = None,
+) -> None:
+    """Build the project as a runnable, reproducible OCI image (no container daemon needed)."""
+    from kiln.cli.build_cmd import run_build
+
+    _cli(lambda: run_build(project_dir, None, tag, output, base, suite, context, deploy, push, env))
 
 
 from kiln.cli.accounts_cmd import keys_app, usage, users_app  # noqa: E402

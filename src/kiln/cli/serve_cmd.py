@@ -38,6 +38,7 @@ def run_serve(
     auth: bool = False,
     sandbox: bool = False,
     edge: Mapping[str, Any] | None = None,
+    admin_key: str | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
 
@@ -63,6 +64,7 @@ def run_serve(
         auth=auth,
         sandbox=sandbox,
         edge=limits,
+        admin_key=admin_key,
     )
     server = InferenceServer(project, options)
 
@@ -101,6 +103,13 @@ def run_serve(
                 highlight=False,
                 soft_wrap=True,
             )
+        elif admin_key is not None:
+            console.print(
+                "API keys are on: every route but /ping, /healthz and /v2/health needs one. "
+                "The admin key is the one given in $KILN_API_KEY_FILE or $KILN_API_KEY.",
+                highlight=False,
+                soft_wrap=True,
+            )
         first = next((s for s in running.apis if s.state == "ready"), None)
         if first is not None:
             console.print(
@@ -120,6 +129,44 @@ def run_serve(
             shutil.rmtree(state_home, ignore_errors=True)
     console.print("Kiln stopped: every request in flight was answered and all workers exited.")
     return 0
+
+
+MIN_KEY_CHARS = 16
+
+
+def given_admin_key() -> str | None:
+    """The admin key chosen outside Kiln: the file named by $KILN_API_KEY_FILE (a mounted
+    secret) first, else $KILN_API_KEY; None when neither is set (Kiln makes one).
+
+    Why here: a container image starts `kiln serve --auth` and must know its key
+    before anyone can read a generated file inside it."""
+    import os
+
+    from kiln.cli.common import fail
+
+    path = os.environ.get("KILN_API_KEY_FILE")
+    if path:
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as exc:
+            fail(
+                f"KILN_API_KEY_FILE names {path}, which cannot be read ({exc.strerror}); "
+                f"mount the secret there or unset KILN_API_KEY_FILE",
+                2,
+            )
+        where = f"the file {path} (KILN_API_KEY_FILE)"
+    else:
+        key = os.environ.get("KILN_API_KEY", "").strip()
+        where = "KILN_API_KEY"
+    if not path and not key:
+        return None
+    if len(key) < MIN_KEY_CHARS or any(c.isspace() for c in key):
+        fail(
+            f"the admin key in {where} must be at least {MIN_KEY_CHARS} characters without "
+            f"spaces; make one with `openssl rand -hex 24`",
+            2,
+        )
+    return key
 
 
 def try_line(url: str, endpoint: str, root: Path) -> str:

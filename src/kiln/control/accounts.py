@@ -122,9 +122,15 @@ def new_key() -> tuple[str, str]:
 
 def key_id_of(key: str) -> str | None:
     if not key.startswith(KEY_PREFIX):
-        return None
+        return given_key_id(key)
     parts = key[len(KEY_PREFIX) :].split("_", 1)
     return parts[0] if len(parts) == 2 and parts[0] else None
+
+
+def given_key_id(key: str) -> str:
+    """The id of a key chosen outside Kiln ($KILN_API_KEY): "x" (never a hex digit, so
+    never a generated id) and 7 hex digits of its hash."""
+    return "x" + hashlib.sha256(key.encode()).hexdigest()[:7]
 
 
 class Accounts:
@@ -191,6 +197,30 @@ class Accounts:
         self.store.create_user(ADMIN, plan="unlimited", is_admin=True)
         self.reload()
         return self.create_key(ADMIN, name="admin (created at first start)", scopes=SCOPES)[1]
+
+    def ensure_admin_key(self, key: str) -> None:
+        """The admin (created if missing) has exactly this key among its given keys: a
+        key chosen outside Kiln (kiln serve --auth with $KILN_API_KEY, as in an image)."""
+        if ADMIN not in self.users:
+            self.store.create_user(ADMIN, plan="unlimited", is_admin=True)
+            self.reload()
+        key_id = key_id_of(key) or given_key_id(key)
+        existing = self.keys.get(key_id)
+        if existing is not None and hmac.compare_digest(existing.hash, hash_key(key)):
+            return
+        if existing is not None:
+            self.store.delete_key(key_id)
+        record = KeyRecord(
+            id=key_id,
+            user=ADMIN,
+            name="admin (from $KILN_API_KEY)",
+            hash=hash_key(key),
+            scopes=frozenset(SCOPES),
+            apis=None,
+            created_at=self._clock(),
+        )
+        self.store.create_key(record)
+        self.reload()
 
     def create_user(self, name: str, plan: str) -> User:
         if name in self.users:

@@ -70,6 +70,8 @@ class ServerOptions:
     # Server variables the admin's ${VAR} may read (glob patterns, --pass-env).
     pass_env: list[str] = field(default_factory=list)
     edge: Any = None  # kiln.protocols.edge.EdgeLimits (server.yaml's `edge:`); None: defaults
+    # With auth: the admin key to use instead of a generated one ($KILN_API_KEY in an image).
+    admin_key: str | None = None
 
 
 @dataclass
@@ -197,6 +199,10 @@ class InferenceServer:
         self.accounts = Accounts(self.store)
         self.quotas = QuotaGate(self.store, self.accounts, load_plans(home))
         key_file = home / "admin.key"
+        if self.options.admin_key:
+            self.accounts.ensure_admin_key(self.options.admin_key)
+            self.metrics.key_totals = self.quotas.key_totals
+            return
         new_key = self.accounts.ensure_admin()
         if new_key is not None:
             fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

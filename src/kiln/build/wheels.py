@@ -1,0 +1,205 @@
+"""The wheels an image's environment is installed from, resolved on the host.
+
+Kiln is not on PyPI, so its own wheel is built here (`pip wheel --no-deps` of the
+source tree the running Kiln comes from) and cached by the source's content hash.
+Everything else is resolved by pip on the host *for the base's* Python version and
+platform (`--python-version X.Y --platform manylinux_2_N_<arch> --only-binary=:all:`),
+so nothing is compiled and nothing is fetched inside the image. Downloads go to
+KILN_HOME/build/wheels/pypi/, and a build first resolves from that folder alone
+(`--no-index`), which makes a warm build need no network at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from kiln.build.base import BuildError
+
+# Which kiln-serve extra each runtime block needs (python/predictor: none).
+RUNTIME_EXTRAS = {
+    "onnx": "onnx",
+    "tensorflow": "tensorflow",
+    "torch": "torch",
+    "torchserve": "torch",
+    "sklearn": "sklearn",
+}
+SCHEME_EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
+
+
+def project_extras(project: Any) -> list[str]:
+    """The kiln-serve extras the project's runtime blocks (and remote model paths) need."""
+    extras: set[str] = set()
+    for api in [*project.apis, *project.batch_apis]:
+        runtime = getattr(api, "runtime", "")
+        if runtime in RUNTIME_EXTRAS:
+            extras.add(RUNTIME_EXTRAS[runtime])
+        model = getattr(getattr(api, "runtime_block", None), "model", None) or ""
+        scheme = model.split("://", 1)[0] if "://" in model else ""
+        if scheme in SCHEME_EXTRAS:
+            extras.add(SCHEME_EXTRAS[scheme])
+    return sorted(extras)
+
+
+def kiln_source() -> Path | None:
+    """The source tree of the running Kiln (an editable or source checkout), if any."""
+    import kiln
+
+    root = Path(kiln.__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "kiln-serve"' in pyproject.read_text():
+        return root
+    return None
+
+
+def _source_hash(root: Path) -> str:
+    digest = hashlib.sha256(b"kiln-wheel-v1\0")
+    paths = [root / "pyproject.toml", root / "README.md"]
+    for path in sorted((root / "src" / "kiln").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            paths.append(path)
+    for path in paths:
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def kiln_wheel(home: Path, say: Callable[[str], None]) -> Path:
+    """The kiln-serve wheel of the running Kiln, built once per source content."""
+    root = kiln_source()
+    if root is None:
+        raise BuildError(
+            "kiln build needs Kiln's source tree to build the kiln-serve wheel (Kiln is not "
+            "on PyPI), and this Kiln was installed from a wheel: install Kiln from its "
+            "source (pip install -e /path/to/kiln), then build again"
+        )
+    folder = home / "build" / "wheels" / "kiln" / _source_hash(root)
+    found = sorted(folder.glob("kiln_serve-*.whl"))
+    if found:
+        say(f"kiln-serve wheel: cached {found[0].name}")
+        return found[0]
+    say(f"kiln-serve wheel: building from {root} (pip wheel --no-deps) ...")
+    with tempfile.TemporaryDirectory(prefix="kiln-wheel-") as tmp:
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(root)]
+        if importlib.util.find_spec("setuptools") is not None:
+            command.insert(5, "--no-build-isolation")  # no download of setuptools
+        result = subprocess.run(command, capture_output=True, text=True)
+        built = sorted(Path(tmp).glob("kiln_serve-*.whl"))
+        if result.returncode != 0 or not built:
+            raise BuildError(
+                f"pip wheel could not build kiln-serve from {root}:\n"
+                + "\n".join(result.stderr.strip().splitlines()[-6:])
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built[0], folder / built[0].name)
+    wheel = folder / built[0].name
+    say(f"kiln-serve wheel: {wheel.name} ({wheel.stat().st_size / 1e3:.0f} kB)")
+    return wheel
+
+
+def platform_tags(glibc: str | None) -> list[str]:
+    """manylinux tags the base can load: 2_17 up to its glibc (2_28 when unknown)."""
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    top = int(glibc.split(".")[1]) if glibc and glibc.startswith("2.") else 28
+    tags = [f"manylinux_2_{minor}_{machine}" for minor in range(top, 16, -1)]
+    return [*tags, f"manylinux2014_{machine}"]
+
+
+def requirement_lines(kiln_whl: Path, extras: list[str], requirements: Path | None) -> list[str]:
+    """What the environment installs: kiln-serve with its extras, then requirements.txt."""
+    kiln_req = f"kiln-serve[{','.join(extras)}]" if extras else "kiln-serve"
+    lines = [kiln_req]
+    if requirements is not None and requirements.is_file():
+        for raw in requirements.read_text().splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def download(
+    home: Path,
+    kiln_whl: Path,
+    lines: Iterable[str],
+    python_version: str,
+    glibc: str | None,
+    dest: Path,
+    say: Callable[[str], None],
+) -> list[Path]:
+    """Resolve `lines` for the base into `dest` (one file per distribution); the wheels.
+
+    The cache alone first (`--no-index`); with something missing, PyPI too.
+    """
+    cache = home / "build" / "wheels" / "pypi"
+    cache.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as req:
+        req.write("\n".join(lines) + "\n")
+    common = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        *[arg for tag in platform_tags(glibc) for arg in ("--platform", tag)],
+        "--find-links",
+        str(kiln_whl.parent),
+        "--find-links",
+        str(cache),
+        "-d",
+        str(dest),
+        "-r",
+        req.name,
+    ]
+    try:
+        offline = subprocess.run([*common, "--no-index"], capture_output=True, text=True)
+        if offline.returncode == 0:
+            say(f"wheels: resolved from the cache for Python {python_version} (no network)")
+        else:
+            say(f"wheels: resolving for Python {python_version} on PyPI (pip download) ...")
+            online = subprocess.Popen(
+                common, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            output: list[str] = []
+            assert online.stdout is not None
+            for line in online.stdout:
+                output.append(line.rstrip())
+                if line.lstrip().startswith(("Downloading", "Saved")):
+                    say(f"  {line.strip()}")
+            if online.wait() != 0:
+                tail = "\n".join(x for x in output if "ERROR" in x or "error" in x)[-1500:]
+                raise BuildError(
+                    f"the image's Python packages could not be resolved for Python "
+                    f"{python_version} ({', '.join(lines)}):\n{tail or output[-1]}\n"
+                    f"Every package needs a wheel for that Python and platform "
+                    f"(--only-binary=:all:); pin a version that has one"
+                )
+    finally:
+        Path(req.name).unlink(missing_ok=True)
+    wheels = sorted(dest.glob("*.whl"))
+    for wheel in wheels:
+        if not wheel.name.startswith("kiln_serve-") and not (cache / wheel.name).exists():
+            shutil.copyfile(wheel, cache / wheel.name)
+    others = [p.name for p in dest.iterdir() if p.suffix != ".whl"]
+    if others:
+        raise BuildError(f"pip left files that are not wheels: {', '.join(others)}")
+    size = sum(w.stat().st_size for w in wheels)
+    say(f"wheels: {len(wheels)} wheels, {size / 1e6:.1f} MB")
+    return wheels
