@@ -87,6 +87,109 @@ async def read_frame(reader: asyncio.StreamReader, decoder: msgspec.msgpack.Deco
     return decode_frame(await reader.readexactly(total), decoder)
 
 
+class FrameProtocol(asyncio.Protocol, Generic[M]):
+    """The server's side of a worker's socket: each frame is decoded and handed on in the
+    event-loop turn its last byte arrived in.
+
+    A StreamReader needs a task that reads it, so every answer woke that task one loop
+    turn before anything could use it; here `on_frame(message, buffers)` runs from
+    `data_received` itself (one event-loop turn less per batch at c=1,
+    docs/performance.md). The first frame (the worker's `Ready` or `Failed`) is
+    awaited with `first()`; frames after it wait until `start` names the handler.
+    A frame that does not parse, or that `on_frame` rejects with `FrameError`, goes to
+    `on_broken` and nothing more is read. `closed` is done when the socket is.
+    """
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder[M]) -> None:
+        self._decoder = decoder
+        self._buf = bytearray()
+        self._first: asyncio.Future[Frame[M]] = asyncio.get_running_loop().create_future()
+        self._early: deque[Frame[M]] = deque()
+        self._on_frame: Any = None
+        self._on_broken: Any = None
+        self.broken = False
+        self._error: FrameError | None = None  # broke before `start`: reported by it
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = self._first.get_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def first(self) -> asyncio.Future[Frame[M]]:
+        """The first frame; ConnectionError when the socket closes before it, FrameError
+        when it does not parse."""
+        return self._first
+
+    def start(self, on_frame: Any, on_broken: Any) -> None:
+        """From now on frames go to `on_frame(message, buffers)` (any that came early first);
+        a bad one goes to `on_broken(FrameError)`."""
+        self._on_frame, self._on_broken = on_frame, on_broken
+        while self._early and not self.broken:
+            self._deliver(self._early.popleft())
+        if self._error is not None:  # broke before there was anyone to tell
+            on_broken(self._error)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
+        size = len(buf)
+        offset = 0
+        while size - offset >= 4:
+            (total,) = _TOTAL.unpack_from(buf, offset)
+            end = offset + 4 + total
+            if total > MAX_FRAME or end > size:
+                if total > MAX_FRAME:
+                    self._fail(FrameError(f"a frame declares {total} bytes, over the limit"))
+                    return
+                break
+            body = buf[offset + 4 : end]  # a copy: the frame's buffers outlive this read
+            offset = end
+            try:
+                frame = decode_frame(body, self._decoder)
+            except FrameError as exc:
+                self._fail(exc)
+                return
+            self._deliver(frame)
+            if self.broken:
+                return
+        if buf is self._buf:
+            if offset:
+                del self._buf[:offset]
+        elif offset < size:
+            self._buf = bytearray(memoryview(buf)[offset:])
+
+    def _deliver(self, frame: Frame[M]) -> None:
+        if not self._first.done():
+            self._first.set_result(frame)
+        elif self._on_frame is None:
+            self._early.append(frame)
+        else:
+            try:
+                self._on_frame(*frame)
+            except FrameError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: FrameError) -> None:
+        self.broken = True
+        self._buf = bytearray()
+        if not self._first.done():
+            self._first.set_exception(exc)
+        elif self._on_broken is not None:
+            self._on_broken(exc)
+        else:
+            self._error = exc
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._first.done():
+            self._first.set_exception(ConnectionError("the worker closed its socket"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 class BlockingChannel(Generic[M]):
     """One process's side of the socket, with plain blocking reads and writes.
 

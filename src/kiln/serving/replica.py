@@ -26,7 +26,7 @@ from typing import Any
 
 from kiln.errors import InvalidInput, KilnError, Timeout, Unavailable
 from kiln.sandbox.spec import LaunchSpec
-from kiln.serving.ipc import FrameError, encode_frame, read_frame
+from kiln.serving.ipc import FrameError, FrameProtocol, encode_frame
 from kiln.serving.messages import (
     FROM_WORKER,
     Batch,
@@ -34,6 +34,7 @@ from kiln.serving.messages import (
     Cancel,
     Explain,
     Failed,
+    FromWorker,
     Init,
     Ready,
     RequestItem,
@@ -116,7 +117,7 @@ class Replica:
         self._pending: dict[int, _Sent] = {}
         self._streams: dict[int, asyncio.Queue[_StreamEvent]] = {}
         self._process: WorkerProcess | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._writer: asyncio.Transport | None = None  # the worker's socket (FrameProtocol's)
         self._tasks: list[asyncio.Task[Any]] = []
         self.signature: dict[str, Any] = {}
         self.can_explain = False
@@ -170,17 +171,21 @@ class Replica:
         finally:
             child.close()
         self.pid = self._process.pid
-        reader, self._writer = await asyncio.open_connection(sock=parent)
-        self._writer.writelines(encode_frame(Init(self.spec)))
+        loop = asyncio.get_running_loop()
+        transport, channel = await loop.create_connection(
+            lambda: FrameProtocol(FROM_WORKER), sock=parent
+        )
+        self._writer = transport
+        transport.writelines(encode_frame(Init(self.spec)))
         try:
-            message, _ = await asyncio.wait_for(read_frame(reader, FROM_WORKER), timeout)
+            message, _ = await asyncio.wait_for(channel.first(), timeout)
         except TimeoutError:
             await self.kill()
             self._close_channel()
             raise LoadFailed(
                 f"the model did not load within {timeout:g}s (startup_timeout_s)"
             ) from None
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             self._close_channel()
             code = await self._process.wait()
             await self._drain_output()
@@ -200,60 +205,66 @@ class Replica:
             raise LoadFailed(message.error, message.permanent)
         self.signature = message.signature
         self.can_explain = message.explain
-        self._tasks.append(asyncio.create_task(self._read_replies(reader)))
+        channel.start(self._on_frame, self._on_broken)
+        self._tasks.append(asyncio.create_task(self._watch_channel(channel)))
         self._log_line(f"worker {self.pid} ready: model loaded in load_s={message.load_s} s")
 
     async def _drain_output(self) -> None:
         if self._process is not None:
             await self._process.drain_output()
 
-    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+    async def _watch_channel(self, channel: FrameProtocol[FromWorker]) -> None:
+        """Wait until the worker's socket closes (it crashed, exited, was killed or sent
+        a malformed frame), then fail what it had in flight."""
         try:
-            while True:
-                message, buffers = await read_frame(reader, FROM_WORKER)
-                if isinstance(message, StreamChunk | StreamEnd):
-                    stream = self._streams.get(message.id)
-                    if stream is not None:
-                        stream.put_nowait((message, bytes(buffers[0]) if buffers else b""))
-                    continue
-                if not isinstance(message, BatchReply):
-                    raise FrameError(f"{type(message).__name__} after the worker was ready")
-                sent = self._settle(message.id)
-                if self._pending:  # the worker starts on the next batch now
-                    self.batch_sent_at = time.monotonic()
-                if sent is not None and not sent.future.done():
-                    try:
-                        outcomes = decode_outcomes(message, sent.size, buffers)
-                    except (FrameError, InvalidInput, ValueError) as exc:
-                        # It ran, but what came back is unusable: 503 for it, like a crash.
-                        sent.future.set_exception(
-                            Unavailable(
-                                f"the worker of API '{self.spec.api}' sent an answer that does "
-                                f"not fit the request; it is being restarted, retry shortly",
-                                retry_after=1,
-                            )
-                        )
-                        raise FrameError(f"a reply that does not fit its batch: {exc}") from None
-                    sent.future.set_result(outcomes)
-                    on_done = sent.on_done
-                    if on_done is not None:  # now, not a loop turn later (see send_batch)
-                        sent.on_done = None
-                        try:
-                            on_done(sent.future)
-                        except Exception:  # noqa: BLE001 - as the loop treats a callback's
-                            traceback.print_exc(file=sys.stderr)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except FrameError as exc:
-            # A worker that breaks the protocol is not trusted with more work: it is
-            # replaced, and what it had in flight fails as if it had crashed.
-            self.exit_reason = "sent a malformed message"
-            self._log_line(f"worker {self.pid} sent a malformed frame ({exc}); restarting it")
-            self.doomed = True
-            if self._process is not None:
-                self._process.kill()
+            await channel.closed
         finally:
             await self._handle_exit()
+
+    def _on_frame(self, message: FromWorker, buffers: list[memoryview]) -> None:
+        """One frame from the worker, in the loop turn it arrived in (ipc.FrameProtocol)."""
+        if isinstance(message, StreamChunk | StreamEnd):
+            stream = self._streams.get(message.id)
+            if stream is not None:
+                stream.put_nowait((message, bytes(buffers[0]) if buffers else b""))
+            return
+        if not isinstance(message, BatchReply):
+            raise FrameError(f"{type(message).__name__} after the worker was ready")
+        sent = self._settle(message.id)
+        if self._pending:  # the worker starts on the next batch now
+            self.batch_sent_at = time.monotonic()
+        if sent is None or sent.future.done():
+            return
+        try:
+            outcomes = decode_outcomes(message, sent.size, buffers)
+        except (FrameError, InvalidInput, ValueError) as exc:
+            # It ran, but what came back is unusable: 503 for it, like a crash.
+            sent.future.set_exception(
+                Unavailable(
+                    f"the worker of API '{self.spec.api}' sent an answer that does "
+                    f"not fit the request; it is being restarted, retry shortly",
+                    retry_after=1,
+                )
+            )
+            raise FrameError(f"a reply that does not fit its batch: {exc}") from None
+        sent.future.set_result(outcomes)
+        on_done = sent.on_done
+        if on_done is not None:  # now, not a loop turn later (see send_batch)
+            sent.on_done = None
+            try:
+                on_done(sent.future)
+            except Exception:  # noqa: BLE001 - as the loop treats a callback's
+                traceback.print_exc(file=sys.stderr)
+
+    def _on_broken(self, exc: FrameError) -> None:
+        """A worker that breaks the protocol is not trusted with more work: it is replaced,
+        and what it had in flight fails as if it had crashed (`_watch_channel`)."""
+        self.exit_reason = "sent a malformed message"
+        self._log_line(f"worker {self.pid} sent a malformed frame ({exc}); restarting it")
+        self.doomed = True
+        if self._process is not None:
+            self._process.kill()
+        self._close_channel()
 
     def _close_channel(self) -> None:
         """Close our end of the socketpair explicitly.
