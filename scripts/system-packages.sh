@@ -3,15 +3,24 @@
 #   postgresql  the state store's PostgreSQL tests (scripts/postgres-for-tests.sh starts one)
 #   bubblewrap  the sandbox every `kiln server` worker runs in (docs/architecture.md)
 #   curl        tests run the curl commands the CLI prints, as a user pastes them
+#   mmdebstrap  kiln build's default base image (a minimal Debian with Python)
+#   podman      tests load and run the images kiln build writes (with runc)
+#   skopeo      tests inspect them; kiln build --push copies with it
+#   runc uidmap podman's runtime here (crun fails on these machines' cgroups), user ids
 # Tests that need a missing package skip and name this script (with CI=true they fail).
 # Usage: sudo ./scripts/system-packages.sh        (--check: list what is missing, install nothing)
 set -euo pipefail
-PACKAGES=(postgresql bubblewrap curl)
+PACKAGES=(postgresql bubblewrap curl mmdebstrap podman skopeo runc uidmap)
 
 present() {
   case "$1" in
     postgresql) command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 ;;
     bubblewrap) command -v bwrap >/dev/null 2>&1 ;;
+    mmdebstrap) command -v mmdebstrap >/dev/null 2>&1 ;;
+    podman) command -v podman >/dev/null 2>&1 ;;
+    skopeo) command -v skopeo >/dev/null 2>&1 ;;
+    runc) command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] ;;
+    uidmap) command -v newuidmap >/dev/null 2>&1 ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

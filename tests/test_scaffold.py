@@ -182,7 +182,7 @@ def test_dockerfile_serves_on_all_interfaces_explicitly(tmp_path: Path, template
     create_project(tmp_path / "app", template)
     dockerfile = (tmp_path / "app" / "Dockerfile").read_text()
     # kiln build --context writes this same file (tests/test_build.py builds it).
-    assert "ARG BASE=python:3.11-slim\nFROM ${BASE}\n" in dockerfile
+    assert "ARG BASE=python:3.11-slim\n" in dockerfile and "\nFROM ${BASE}\n" in dockerfile
     assert "pip install --no-index" in dockerfile and "--find-links /tmp/wheels" in dockerfile
     assert "--allow-unauthenticated" not in dockerfile
     assert '"--host", "0.0.0.0"' in dockerfile and '"--auth"]' in dockerfile
