@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from kiln.serving import messages as m
-from kiln.serving.ipc import FrameError, FrameProtocol, encode_frame
+from kiln.serving.ipc import BlockingChannel, FrameError, FrameProtocol, encode_frame
 
 FRAMES = [
     (m.Ready(1, {"inputs": []}, False, 0.1), []),
@@ -99,3 +99,40 @@ def test_the_socket_closing_before_the_first_frame_is_a_connection_error() -> No
         return type(None)
 
     assert asyncio.run(go()) is ConnectionError
+
+
+def test_the_blocking_channel_reads_frames_that_came_in_one_read() -> None:
+    """The worker's side reads ahead (one recv for a frame's prefix and body): frames that
+    arrived together are all handed out, in order, large ones included."""
+    left, right = socket.socketpair()
+    try:
+        channel = BlockingChannel(left, m.TO_WORKER)
+        big = b"y" * 200_000
+        frames = [
+            (m.Batch(1, [m.RequestItem("a")]), [b"[1]"]),
+            (m.Batch(2, [m.RequestItem("b")]), [big]),
+            (m.Stop(), []),
+        ]
+        right.sendall(_wire(frames))
+        got = [channel.recv() for _ in frames]
+        assert [g[0] for g in got if g is not None] == [msg for msg, _ in frames]
+        assert [bytes(g[1][0]) for g in got[:2] if g is not None] == [b"[1]", big]
+        right.close()
+        assert channel.recv() is None
+    finally:
+        left.close()
+
+
+def test_a_cancel_read_ahead_with_the_stream_is_still_seen() -> None:
+    """A `Cancel` that arrived in the same read as the frame before it sits in the read-ahead
+    buffer, where select() cannot see it: `cancelled` must look there too."""
+    left, right = socket.socketpair()
+    try:
+        channel = BlockingChannel(left, m.TO_WORKER)
+        right.sendall(_wire([(m.Stream(5, [m.RequestItem("s")]), [b"{}"]), (m.Cancel(5), [])]))
+        first = channel.recv()
+        assert first is not None and first[0] == m.Stream(5, [m.RequestItem("s")])
+        assert channel.cancelled(5) is True
+    finally:
+        left.close()
+        right.close()

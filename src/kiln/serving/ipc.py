@@ -28,6 +28,7 @@ from kiln.serving.messages import Cancel, Message
 _TOTAL = struct.Struct("!I")
 _HEAD = struct.Struct("!II")  # header length, buffer count
 MAX_FRAME = 1 << 31
+_READ_AHEAD = 65536  # a blocking reader's read size (BlockingChannel)
 _ENCODER = msgspec.msgpack.Encoder()
 
 M = TypeVar("M")
@@ -202,11 +203,12 @@ class BlockingChannel(Generic[M]):
         self._sock = sock
         self._decoder = decoder
         self._parked: deque[Frame[M]] = deque()
+        self._ahead = bytearray()  # bytes read past the last frame handed out
 
     def cancelled(self, stream_id: int) -> bool:
         """Read whatever has arrived without blocking; True if it cancels `stream_id`."""
         found = False
-        while select.select([self._sock], [], [], 0)[0]:
+        while self._ahead or select.select([self._sock], [], [], 0)[0]:
             frame = self._recv_frame()
             if frame is None:
                 return True  # the server is gone: nobody is listening
@@ -217,16 +219,37 @@ class BlockingChannel(Generic[M]):
                 self._parked.append(frame)
         return found
 
-    def _read_exactly(self, n: int) -> bytearray | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            count = self._sock.recv_into(view[got:], n - got)
-            if count == 0:
+    def _read_exactly(self, n: int) -> bytes | bytearray | None:
+        """`n` bytes: from what an earlier read brought along, else from the socket.
+
+        One `recv` of up to `_READ_AHEAD` bytes usually brings a frame's prefix and body
+        together (a worker made two reads per request before: 4 bytes, then the rest).
+        """
+        ahead = self._ahead
+        if len(ahead) >= n:
+            chunk = bytes(ahead[:n])
+            del ahead[:n]
+            return chunk
+        if n - len(ahead) > _READ_AHEAD:  # a large frame: read it straight into its buffer
+            buf = bytearray(n)
+            view = memoryview(buf)
+            got = len(ahead)
+            view[:got] = ahead
+            ahead.clear()
+            while got < n:
+                count = self._sock.recv_into(view[got:], n - got)
+                if count == 0:
+                    return None
+                got += count
+            return buf
+        while len(ahead) < n:
+            data = self._sock.recv(_READ_AHEAD)
+            if not data:
                 return None
-            got += count
-        return buf
+            ahead += data
+        chunk = bytes(ahead[:n])
+        del ahead[:n]
+        return chunk
 
     def recv(self) -> Frame[M] | None:
         """Next frame (a `Cancel` for a stream already over is skipped), or None at EOF."""
