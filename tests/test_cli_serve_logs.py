@@ -102,7 +102,9 @@ def test_on_a_terminal_requests_and_tracebacks_are_text_and_home_keeps_logs(
         url = _url(text)
         assert _post(f"{url}/noisy", "hi") == 200
         assert _post(f"{url}/noisy", "boom") == 500
-        text = term.read_until("this handler failed on purpose")
+        term.read_until("this handler failed on purpose")
+        # The request line is written when the answer is, after the worker's traceback.
+        text = term.read_until("POST /noisy 500")
         lines = text.replace("\r\n", "\n").splitlines()
         assert any("POST /noisy 200" in line and "ms" in line for line in lines), text
         assert any("POST /noisy 500" in line for line in lines), text
