@@ -220,12 +220,27 @@ class _ResponseTracker:
     """Wraps `send` to know whether a response has started (then errors cannot be sent),
     and to add the call's X-RateLimit-* headers (set by the data plane's admission)."""
 
-    __slots__ = ("_send", "started", "call")
+    __slots__ = ("_send", "started", "call", "_respond")
 
     def __init__(self, send: Send, call: Call) -> None:
         self._send = send
         self.started = False
         self.call = call
+        # Kiln's HTTP layer answers a complete response in one call (Exchange.respond).
+        self._respond = getattr(getattr(send, "__self__", None), "respond", None)
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A complete answer without ASGI messages where the HTTP layer can take it (False:
+        send it as messages, `http.send_bytes` does). Same headers as `__call__` adds."""
+        respond = self._respond
+        if respond is None or self.started:
+            return False
+        extra = self.call.rate_headers
+        self.started = True  # as at `http.response.start`: a failure now cannot be answered
+        if not respond(status, [*headers, *extra] if extra else headers, body):
+            self.started = False
+            return False
+        return True
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":

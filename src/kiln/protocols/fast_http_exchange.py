@@ -157,6 +157,18 @@ class Exchange:
             raise RuntimeError(f"unexpected ASGI message {kind!r} for this response")
         self.write_body(message.get("body", b""), message.get("more_body", False))
 
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A complete answer in one call, without the two ASGI messages and their awaits
+        (`http.send_bytes` uses it). False when it must go the ASGI way: the transport is
+        paused for writing (that needs an await) or an answer was started."""
+        if self.status is not None or (self.conn.write_paused and not self.disconnected):
+            return False
+        if not self.disconnected:
+            self.status = status
+            self.headers = headers
+            self.write_body(body, False)
+        return True
+
     def write_body(self, body: bytes, more: bool) -> None:
         """Write a body piece; with the head when it is the first (one write when complete)."""
         transport = self.conn.transport

@@ -99,6 +99,9 @@ async def send_bytes(
     ]
     if extra:
         headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())
+    respond = getattr(send, "respond", None)  # protocols/app.py: one call, no ASGI messages
+    if respond is not None and respond(status, headers, body):
+        return
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
