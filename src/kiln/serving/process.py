@@ -130,14 +130,16 @@ class WorkerProcess:
             await asyncio.wait([self.pump], timeout=timeout)
 
     def memory_bytes(self) -> int | None:
-        """The worker's memory: its cgroup's charge, else the RSS of its process tree."""
+        """The worker's memory: its cgroup's charge, else the proportional set size (PSS)
+        of its process tree. Not RSS: forked children share their parent's pages, and a
+        sum of RSS counts each shared page once per process (a fork of 1,000 read as 6 GiB
+        of a 2 GiB limit), where PSS splits every page among the processes sharing it."""
         group = self._prepared.group if self._prepared else None
         if group is not None:
             return group.memory_bytes()
         if not self.pid:
             return None
-        pages = _tree_sum(self.pid, "statm", lambda text: int(text.split()[1]))
-        return None if pages is None else pages * os.sysconf("SC_PAGE_SIZE")
+        return _tree_sum(self.pid, "smaps_rollup", _pss_bytes)
 
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the worker has used so far: its cgroup's usage,
@@ -188,6 +190,14 @@ def _tree_sum(pid: int, name: str, read: Callable[[str], int]) -> int | None:
         except (OSError, ValueError, IndexError):
             continue
     return total if found else None
+
+
+def _pss_bytes(text: str) -> int:
+    """The `Pss:` line of /proc/<pid>/smaps_rollup (in kB), in bytes."""
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError("no Pss line")
 
 
 def _stat_cpu_ticks(text: str) -> int:
