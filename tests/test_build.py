@@ -469,3 +469,81 @@ def test_context_builds_with_podman_on_the_mmdebstrap_base(
         code, _ = container.stop()
         subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
     assert code == 0
+
+
+def test_a_base_without_python_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    from kiln.build.base import BuildError, open_base
+    from kiln.build.oci import Image
+
+    blobs = tmp_path / "blobs"
+    layer = write_layer([Entry("etc/hostname", "file", data=b"x\n")], blobs)
+    config = {"architecture": "amd64", "os": "linux", "config": {}}
+    Image(blobs, [layer], config, ref="nopython:1").write(tmp_path / "nopython.tar")
+    with pytest.raises(BuildError) as raised:
+        open_base(str(tmp_path / "nopython.tar"), None, tmp_path / "home", lambda _: None)
+    assert "has no Python 3" in str(raised.value) and "Python 3.11+" in str(raised.value)
+
+
+def test_base_given_as_an_archive_or_a_layout_gives_the_same_image(
+    iris: tuple[Path, Path], build_home: Path, tmp_path: Path
+) -> None:
+    project, default = iris
+    (base,) = (build_home / "build").glob("base-*.tar")
+    from_archive = tmp_path / "from-archive.tar"
+    kiln_build(
+        build_home, str(project), "-t", "iris:test", "--base", str(base), "-o", str(from_archive)
+    )
+    assert manifest_of(from_archive)[0] == manifest_of(default)[0]
+    layout = tmp_path / "base-layout"
+    subprocess.run(
+        ["skopeo", "copy", f"oci-archive:{base}", f"oci:{layout}"], check=True, capture_output=True
+    )
+    out_layout = tmp_path / "image-layout"  # not .tar: an OCI layout folder
+    kiln_build(
+        build_home, str(project), "-t", "iris:test", "--base", str(layout), "-o", str(out_layout)
+    )
+    index = json.loads((out_layout / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == manifest_of(default)[0]
+    assert (out_layout / "oci-layout").is_file()
+
+
+def test_push_without_a_reachable_registry_fails_clearly_after_building(
+    iris: tuple[Path, Path], build_home: Path, tmp_path: Path
+) -> None:
+    project, _ = iris
+    out = tmp_path / "pushed.tar"
+    result = subprocess.run(
+        [*KILN, "build", str(project), "-o", str(out), "--push", "127.0.0.1:9/kiln/iris:x"],
+        env={**os.environ, "KILN_HOME": str(build_home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "could not push to 127.0.0.1:9/kiln/iris:x" in result.stderr
+    assert "Traceback" not in result.stderr and out.is_file()
+
+
+def test_build_deploy_rolls_out_the_revision_it_built(
+    iris: tuple[Path, Path], build_home: Path, tmp_path: Path
+) -> None:
+    from tests.daemon import Daemon
+
+    project, _ = iris
+    home = tmp_path / "server-home"
+    home.mkdir()
+    (home / "build").symlink_to(build_home / "build")  # the session's base and wheels
+    daemon = Daemon(home)
+    daemon.start()
+    try:
+        done = daemon.kiln(
+            "build", str(project), "-o", str(tmp_path / "d.tar"), "--deploy", timeout=600
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        built = done.stdout.split("(revision ", 1)[1].split(")", 1)[0]
+        assert f"Deploying iris-onnx revision {built}" in done.stdout
+        sample = json.loads((project / "sample.json").read_text())
+        answer = daemon.http.post(f"{daemon.url}/iris", json=sample)
+        assert answer.status_code == 200 and answer.json()["label"] == "setosa"
+    finally:
+        daemon.stop()
