@@ -308,16 +308,12 @@ class JobRun:
 
     async def _check_memory(self, job: JobRow) -> None:
         for n, proc in list(self.procs.items()):
-            rss = proc.memory_bytes()
-            if rss is not None and self.mem_limit and rss > self.mem_limit:
+            why = proc.over_memory(self.mem_limit)
+            if why is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await asyncio.to_thread(
-                    self.store.end_job,
-                    job.id,
-                    st.WORKER_OOM,
-                    error=f"worker {n} used {rss >> 20} MiB, over compute.mem "
-                    f"({self.mem_limit >> 20} MiB)",
+                    self.store.end_job, job.id, st.WORKER_OOM, error=f"worker {n} {why}"
                 )
                 return
 

@@ -51,7 +51,7 @@ def _worker(slot: Any) -> dict[str, Any]:
     if slot.started_at:
         wall = time.time() - (time.monotonic() - slot.started_at)
         started = dt.datetime.fromtimestamp(wall, dt.UTC).isoformat(timespec="milliseconds")
-    memory = replica.rss_bytes() if replica is not None else None
+    memory = replica.memory_bytes() if replica is not None else None
     return {
         "id": str(slot.index),
         "startTime": started,

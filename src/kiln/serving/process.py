@@ -141,6 +141,17 @@ class WorkerProcess:
             return None
         return _tree_sum(self.pid, "smaps_rollup", _pss_bytes)
 
+    def over_memory(self, limit: int | None) -> str | None:
+        """Why the worker must go, when it uses more than `limit` bytes (compute.mem):
+        the watchdog behind the kernel's limit, shared by realtime replicas and batch
+        workers so both say it the same way; None when it is within the limit."""
+        if not limit:
+            return None
+        used = self.memory_bytes()
+        if used is None or used <= limit:
+            return None
+        return f"used {used / 2**20:.0f} MiB, over its compute.mem of {limit / 2**20:.0f} MiB"
+
     def cpu_seconds(self) -> float | None:
         """CPU time (user + system) the worker has used so far: its cgroup's usage,
         else the sum over its process tree (what `target_cpu_utilization` compares)."""

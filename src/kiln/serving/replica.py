@@ -461,11 +461,14 @@ class Replica:
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
 
-    def rss_bytes(self) -> int | None:
-        """Memory of the worker (its cgroup's charge, else its process tree's RSS).
-
-        For the `compute.mem` watchdog, a second line behind the kernel's limit."""
+    def memory_bytes(self) -> int | None:
+        """The worker's memory (its cgroup's charge, else its process tree's PSS)."""
         return self._process.memory_bytes() if self._process else None
+
+    def over_memory(self, limit: int | None) -> str | None:
+        """Why the worker is over `limit` (compute.mem), else None: the watchdog, a second
+        line behind the kernel's limit (see WorkerProcess.over_memory)."""
+        return self._process.over_memory(limit) if self._process else None
 
     def cpu_seconds(self) -> float | None:
         """CPU time the worker has used so far (for `target_cpu_utilization`)."""

@@ -163,13 +163,10 @@ class ReplicaSlot:
 
     async def _watch_memory(self, replica: Replica) -> None:
         while not replica.exited.is_set() and not self._stopping:
-            rss = replica.rss_bytes()
-            if rss is not None and self._mem_limit and rss > self._mem_limit:
-                mib = self._mem_limit / 2**20
+            why = replica.over_memory(self._mem_limit)
+            if why is not None:
                 self.oom_kills += 1
-                await replica.kill(
-                    f"used {rss / 2**20:.0f} MiB, over its compute.mem of {mib:.0f} MiB"
-                )
+                await replica.kill(why)
                 return
             await asyncio.sleep(MEMORY_CHECK_S)
 
