@@ -23,6 +23,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import orjson
 
 from kiln.errors import InvalidInput, KilnError, NotFound, Unavailable
@@ -68,6 +69,35 @@ def instances_of(document: Any) -> list[Any]:
             count = lengths.pop()
             return [{name: column[i] for name, column in inputs.items()} for i in range(count)]
     return [inputs]
+
+
+class _Instances(msgspec.Struct):
+    """`{"instances": [...]}` with each instance left as its JSON text (`instance_bodies`)."""
+
+    instances: list[msgspec.Raw]
+
+
+_INSTANCES = msgspec.json.Decoder(_Instances)
+
+
+def instance_bodies(body: bytes) -> list[bytes]:
+    """Each instance of a V1 body as JSON text, for the worker to parse (as native bodies).
+
+    The usual `{"instances": [...]}` is only scanned: each instance's bytes are cut out
+    as they came, never parsed into Python objects and encoded again (an mlp instance of
+    256 numbers: 13 us -> 2 us of the server's time). Anything else (columnar
+    `inputs`, a malformed body) is parsed in full by `instances_of`, which says what
+    is wrong.
+    """
+    try:
+        return [bytes(raw) for raw in _INSTANCES.decode(body).instances]
+    except msgspec.DecodeError:  # ValidationError included: not the plain form
+        pass
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    return [orjson.dumps(instance) for instance in instances_of(document)]
 
 
 def answer_json(response: InferenceResponse) -> bytes:
@@ -154,25 +184,20 @@ class KServeV1:
         plane = self.plane
         plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
-        instances = instances_of(document)
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
         requests = [
             InferenceRequest(
                 api=served.name,
                 version=served.version,
                 request_id=request.request_id,
-                body=orjson.dumps(instance),
+                body=instance,
                 content_type="application/json",
                 protocol="v1",
                 headers=headers,
                 query=dict(request.query),
                 kind="json",
             )
-            for instance in instances
+            for instance in instance_bodies(body)
         ]
         method = plane.predict if action == "predict" else plane.explain
         if len(requests) == 1:
