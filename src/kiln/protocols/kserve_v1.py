@@ -184,7 +184,8 @@ class KServeV1:
         plane = self.plane
         plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
-        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
+        given = request.headers
+        headers = {k: given[k] for k in _FORWARDED_HEADERS if k in given}
         requests = [
             InferenceRequest(
                 api=served.name,

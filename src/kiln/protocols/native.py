@@ -95,7 +95,8 @@ class NativeApi:
         self.plane.admit(call, served.name)
         body = await request.body(served.api.serving.max_request_bytes)
         debug = request.flag("debug")
-        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED_HEADERS}
+        given = request.headers
+        headers = {k: given[k] for k in _FORWARDED_HEADERS if k in given}
         query = {k: v for k, v in request.query.items() if k not in ("debug", "version")}
         inference = InferenceRequest(
             api=served.name,
