@@ -489,3 +489,27 @@ def test_the_admins_file_path_lister_job_reads_its_local_files_in_the_sandbox(
         for line in p.read_text().splitlines()
     ]
     assert sorted(rows) == ["line 0", "line 1", "line 2"]
+
+
+def test_a_project_only_its_owner_may_read_gets_a_fix_not_a_bare_permission_error(
+    tmp_path: Path,
+) -> None:
+    """`kiln serve --sandbox` as root runs the worker as the tenant's uid: a 0700 project
+    folder is unreadable to it, and the load error says so and how to fix it."""
+    need_sandbox()
+    if not probe().per_tenant_uids:
+        pytest.skip("workers run as the server's own uid here (not root)")
+    from support import KilnServer
+
+    project = tmp_path / "private"
+    write(project / "h.py", "class M:\n    def predict(self, payload):\n        return 1\n")
+    write(project / "kiln.yaml", "- kind: api\n  name: private\n  python: {handler: h.py:M}\n")
+    project.chmod(0o700)
+    server = KilnServer(project, tmp_path / "home", ["--sandbox"])
+    try:
+        answer = server.client.post("/private", json=1)
+        assert answer.status_code == 503, answer.text
+        message = answer.json()["error"]["message"]
+        assert "PermissionError" in message and "chmod -R o+rX" in message, message
+    finally:
+        server.stop()

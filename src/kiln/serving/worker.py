@@ -25,6 +25,7 @@ from kiln.compat.shims import install as install_shims
 from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import BatchLengthMismatch, Pipeline, build_pipeline
+from kiln.sandbox.identity import BASE_UID as TENANT_BASE_UID
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
@@ -302,6 +303,14 @@ def load_error(exc: BaseException) -> str:
     if isinstance(exc, SyntaxError) and exc.filename:
         where = f"{exc.filename}, line {exc.lineno}" if exc.lineno else exc.filename
         return f"{type(exc).__name__} in {where}: {exc.msg}"
+    if isinstance(exc, PermissionError) and os.getuid() >= TENANT_BASE_UID:
+        # A sandboxed worker runs as its tenant's uid (docs/architecture.md), which cannot
+        # read a project folder or file only its owner may (mode 0700/0600).
+        return (
+            f"{type(exc).__name__}: {exc}; the worker runs as uid {os.getuid()} (the "
+            f"sandbox's uid for this tenant), which cannot read it: make the project "
+            f"readable to others (chmod -R o+rX on its folder) or serve without --sandbox"
+        )
     return f"{type(exc).__name__}: {exc}"
 
 
