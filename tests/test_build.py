@@ -547,3 +547,41 @@ def test_build_deploy_rolls_out_the_revision_it_built(
         assert answer.status_code == 200 and answer.json()["label"] == "setosa"
     finally:
         daemon.stop()
+
+
+def test_an_installed_distribution_becomes_a_wheel_the_installer_takes(tmp_path: Path) -> None:
+    """Kiln installed from a wheel (no source tree): its wheel is made from the installed
+    files; shown on pathspec (pure Python, installed with Kiln)."""
+    from kiln.build.install import install
+    from kiln.build.wheels import wheel_from_installed
+
+    wheel = wheel_from_installed("pathspec", tmp_path / "wheels")
+    assert wheel.name.startswith("pathspec-") and wheel.name.endswith("-py3-none-any.whl")
+    install([wheel], tmp_path / "root", "/usr/bin/python3.11", "3.11", compile_pyc=False)
+    site = tmp_path / "root" / "opt/kiln/venv/lib/python3.11/site-packages"
+    import pathspec
+
+    assert (site / "pathspec" / "__init__.py").read_bytes() == (
+        Path(pathspec.__file__).read_bytes()
+    )
+    assert os.readlink(tmp_path / "root" / "opt/kiln/venv/bin/python") == "/usr/bin/python3.11"
+    cfg = (tmp_path / "root" / "opt/kiln/venv/pyvenv.cfg").read_text()
+    assert "home = /usr/bin\n" in cfg and "include-system-site-packages = false" in cfg
+
+
+def test_without_mmdebstrap_or_base_the_error_names_what_to_install(tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    shutil.copytree(REPO / "examples" / "hub-python", project)
+    (project / "model").mkdir(exist_ok=True)
+    result = subprocess.run(
+        [*KILN, "build", str(project)],
+        env={**os.environ, "KILN_HOME": str(tmp_path / "home"), "PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    error = " ".join(result.stderr.split())
+    assert "mmdebstrap, which is not installed" in error
+    assert "apt-get install mmdebstrap" in error and "--base PATH" in error
+    assert "Traceback" not in error

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -77,11 +78,7 @@ def kiln_wheel(home: Path, say: Callable[[str], None]) -> Path:
     """The kiln-serve wheel of the running Kiln, built once per source content."""
     root = kiln_source()
     if root is None:
-        raise BuildError(
-            "kiln build needs Kiln's source tree to build the kiln-serve wheel (Kiln is not "
-            "on PyPI), and this Kiln was installed from a wheel: install Kiln from its "
-            "source (pip install -e /path/to/kiln), then build again"
-        )
+        return _installed_kiln_wheel(home, say)
     folder = home / "build" / "wheels" / "kiln" / _source_hash(root)
     found = sorted(folder.glob("kiln_serve-*.whl"))
     if found:
@@ -104,6 +101,77 @@ def kiln_wheel(home: Path, say: Callable[[str], None]) -> Path:
     wheel = folder / built[0].name
     say(f"kiln-serve wheel: {wheel.name} ({wheel.stat().st_size / 1e3:.0f} kB)")
     return wheel
+
+
+def _installed_kiln_wheel(home: Path, say: Callable[[str], None]) -> Path:
+    """Kiln installed from a wheel (no source here): the wheel again, from its files."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("kiln-serve")
+    except importlib.metadata.PackageNotFoundError:
+        raise BuildError(
+            "kiln build needs the kiln-serve distribution or Kiln's source tree to make the "
+            "kiln-serve wheel (Kiln is not on PyPI): install Kiln with pip (pip install -e "
+            "/path/to/kiln), then build again"
+        ) from None
+    record = dist.read_text("RECORD") or ""
+    folder = (
+        home
+        / "build"
+        / "wheels"
+        / "kiln"
+        / ("dist-" + hashlib.sha256(record.encode()).hexdigest()[:16])
+    )
+    found = sorted(folder.glob("kiln_serve-*.whl"))
+    if found:
+        say(f"kiln-serve wheel: cached {found[0].name}")
+        return found[0]
+    wheel = wheel_from_installed("kiln-serve", folder)
+    say(f"kiln-serve wheel: {wheel.name} from the installed distribution")
+    return wheel
+
+
+def wheel_from_installed(name: str, folder: Path) -> Path:
+    """A wheel of an installed pure-Python distribution, rebuilt from its RECORD:
+    the package files and dist-info (scripts outside site-packages are left out: the
+    installer makes them again from entry_points.txt)."""
+    import base64
+    import importlib.metadata
+    import zipfile
+
+    dist = importlib.metadata.distribution(name)
+    normal = re.sub(r"[-_.]+", "_", dist.metadata["Name"]).lower()
+    dist_info = f"{normal}-{dist.version}.dist-info"
+    skip = {f"{dist_info}/{n}" for n in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")}
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{normal}-{dist.version}-py3-none-any.whl"
+    tmp = out.with_suffix(".partial")
+    records: list[str] = []
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        names = sorted(
+            f.as_posix()
+            for f in dist.files or []
+            if not f.as_posix().startswith("../") and "__pycache__" not in f.parts
+        )
+        for member in names:
+            if member in skip or member.endswith(".pyc"):
+                continue
+            data = Path(str(dist.locate_file(member))).read_bytes()
+            zf.writestr(member, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            records.append(f"{member},sha256={digest.decode()},{len(data)}")
+        if f"{dist_info}/WHEEL" not in names:
+            wheel = (
+                "Wheel-Version: 1.0\nGenerator: kiln build\nRoot-Is-Purelib: true\n"
+                "Tag: py3-none-any\n"
+            )
+            zf.writestr(f"{dist_info}/WHEEL", wheel)
+            records.append(f"{dist_info}/WHEEL,,")
+        records.append(f"{dist_info}/RECORD,,")
+        zf.writestr(f"{dist_info}/RECORD", "\n".join(records) + "\n")
+    tmp.replace(out)
+    return out
 
 
 def platform_tags(glibc: str | None) -> list[str]:
