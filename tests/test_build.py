@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ PODMAN_RUN = [
 ]
 KEY = "test-admin-key-0123456789abcdef"
 TOOLS = ("mmdebstrap", "podman", "skopeo")
+LOADED: list[str] = []  # images podman_load loaded, removed at the session's end
 # The first image test builds the base (about 40 s) and downloads the wheels.
 pytestmark = pytest.mark.timeout(900)
 
@@ -136,11 +138,13 @@ def _need_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def build_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One KILN_HOME for every build of the session: the base and wheels build once."""
     _need_tools()
     given = os.environ.get("KILN_TEST_BUILD_HOME")
-    return Path(given) if given else tmp_path_factory.mktemp("build-home")
+    yield Path(given) if given else tmp_path_factory.mktemp("build-home")
+    for image in LOADED:  # podman's storage outlives the session: leave nothing there
+        subprocess.run(["podman", "rmi", "-f", image], capture_output=True, timeout=120)
 
 
 def kiln_build(home: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -293,7 +297,9 @@ def podman_load(archive: Path) -> str:
         ["podman", "load", "-i", str(archive)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip().rsplit("Loaded image: ", 1)[-1].split()[0]
+    image = result.stdout.strip().rsplit("Loaded image: ", 1)[-1].split()[0]
+    LOADED.append(image)
+    return image
 
 
 def test_iris_image_is_what_skopeo_sees(iris: tuple[Path, Path]) -> None:
