@@ -197,6 +197,7 @@ class Metrics:
         # `record`/`summary`) so tracker counts and usage survive restarts.
         self.monitor: Any = PredictionMonitor()
         self.usage: Any = None  # DurableCounters, when the server has a state store
+        self.series: Any = None  # TimeSeries (per-minute history), with a state store
         r.register(_LiveState(apis))
         self.key_totals: Any = None  # QuotaGate.key_totals, with API keys on
         r.register(_KeyUsage(self))
@@ -219,6 +220,8 @@ class Metrics:
         children[1].observe(seconds)
         if self.usage is not None:
             self.usage.count_request(api, status)
+        if self.series is not None:
+            self.series.observe(api, status, seconds)
 
     def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
         key = (served.name, served.version or "")

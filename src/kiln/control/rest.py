@@ -11,6 +11,7 @@
 | `POST /apis/{name}/refresh` | restart its replicas without downtime |
 | `POST /apis/{name}/rollback?revision=` | roll its deployment back |
 | `GET /apis/{name}/logs?follow=&tail=` | its merged replica logs, JSON lines |
+| `GET /apis/{name}/timeseries?window=15m, 1h or 24h` | per-minute history (timeseries.py) |
 | `GET /docs`, `GET /openapi.json` | the management port's OpenAPI document |
 | `/apis/{name}/jobs...` | batch jobs: submit, list, status, stop, failed, logs (jobs_rest.py) |
 
@@ -53,6 +54,12 @@ CONTROL_ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("post", "/apis/{name}/refresh", "Restart an API's replicas without downtime", ()),
     ("post", "/apis/{name}/rollback", "Roll an API's deployment back", ("revision",)),
     ("get", "/apis/{name}/logs", "The API's logs as JSON lines", ("follow", "tail")),
+    (
+        "get",
+        "/apis/{name}/timeseries",
+        "Per-minute requests by status class, p50/p90/p99, replicas and queue",
+        ("window",),
+    ),
     ("get", "/docs", "This API, as a web page", ()),
     ("get", "/openapi.json", "This API, as an OpenAPI document", ()),
 )
@@ -73,6 +80,7 @@ def control_routes(server: Any) -> list[Route]:
         ("post", "/apis/{name}/refresh"): api.refresh,
         ("post", "/apis/{name}/rollback"): api.rollback,
         ("get", "/apis/{name}/logs"): api.logs,
+        ("get", "/apis/{name}/timeseries"): api.timeseries,
         ("get", "/docs"): api.docs,
         ("get", "/openapi.json"): api.openapi,
     }
@@ -218,6 +226,21 @@ class ControlApi:
             ),
             media_type="application/x-ndjson",
         )
+
+    async def timeseries(self, request: Request) -> Response:
+        from kiln.control.timeseries import WINDOWS
+
+        window = request.query_params.get("window", "1h")
+        if window not in WINDOWS:
+            raise InvalidInput(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
+        name = api_name(request)
+        viewer = principal_of(request)
+        jobs = self.server.jobs.apis if self.server.jobs is not None else {}
+        if name not in self.server.registry.view(viewer).groups and not (
+            name in jobs and (viewer is None or viewer.sees(name))
+        ):
+            raise NotFound(f"no API named '{name}'; `kiln get` lists the APIs")
+        return JSONResponse(await asyncio.to_thread(self.server.series.points, name, window))
 
     async def docs(self, request: Request) -> Response:
         from kiln.protocols.openapi_docs import render_docs

@@ -107,6 +107,7 @@ class InferenceServer:
         self.deployments: Any = None
         self.jobs: Any = None  # kiln.batch.manager.JobManager: Batch APIs and their jobs
         self.counters: Any = None
+        self.series: Any = None  # TimeSeries: per-minute history (issue 18)
         self.accounts: Any = None  # Accounts, with auth on
         self.quotas: Any = None  # QuotaGate, with auth on
         self.admin_key_file: Path | None = None
@@ -178,6 +179,11 @@ class InferenceServer:
             self._open_accounts(home)
         self.metrics.monitor = self.counters
         self.metrics.usage = self.counters
+        from kiln.control.metrics import LATENCY_BUCKETS
+        from kiln.control.timeseries import TimeSeries
+
+        self.series = TimeSeries(self.store, self.registry, LATENCY_BUCKETS)
+        self.metrics.series = self.series
         self.deployments = DeploymentManager(self, self.store, home)
         self._open_jobs(home)
 
@@ -273,6 +279,7 @@ class InferenceServer:
             raise
         flusher = asyncio.create_task(self._flush_logs())
         counters_task = asyncio.create_task(self.counters.run())
+        series_task = asyncio.create_task(self.series.run())
         quota_task = asyncio.create_task(self.quotas.run()) if self.quotas else None
         serving: asyncio.Future[Any] | None = None
         try:
@@ -311,11 +318,13 @@ class InferenceServer:
                 await stopping
             flusher.cancel()
             counters_task.cancel()
+            series_task.cancel()
             if quota_task is not None:
                 quota_task.cancel()
             for task in self._autoscalers.values():
                 task.cancel()
             await asyncio.to_thread(self.counters.flush)
+            await asyncio.to_thread(self.series.flush)
             if self.quotas is not None:
                 await asyncio.to_thread(self.quotas.flush)
             if self.jobs is not None:

@@ -53,6 +53,41 @@ ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 TORCHSERVE_TAG = "TorchServe management API"
 
 
+_COUNT = {"type": "integer"}
+_MS = {"type": "number", "nullable": True}
+_TIMESERIES = {
+    "type": "object",
+    "description": "One point per minute of the window, oldest first; missing minutes have "
+    "zero counts and null latency, replicas and queue",
+    "properties": {
+        "api": {"type": "string"},
+        "window": {"type": "string"},
+        "step_s": {"type": "integer", "enum": [60]},
+        "points": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "t": {"type": "integer", "description": "the minute's start, epoch seconds"},
+                    "2xx": _COUNT,
+                    "4xx": _COUNT,
+                    "5xx": _COUNT,
+                    "p50_ms": _MS,
+                    "p90_ms": _MS,
+                    "p99_ms": _MS,
+                    "replicas": {"type": "integer", "nullable": True},
+                    "queue": {"type": "integer", "nullable": True},
+                },
+            },
+        },
+    },
+}
+# (method, path) -> (the 200 answer's schema, {query parameter: allowed values})
+RESPONSE_SCHEMAS: dict[tuple[str, str], tuple[dict[str, Any], dict[str, list[str]]]] = {
+    ("get", "/apis/{name}/timeseries"): (_TIMESERIES, {"window": ["15m", "1h", "24h"]}),
+}
+
+
 def management_document(
     extra: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (), extra_tag: str = "Kiln"
 ) -> dict[str, Any]:
@@ -86,6 +121,12 @@ def management_document(
                 },
             },
         }
+        if (method, path) in RESPONSE_SCHEMAS:
+            schema, enums = RESPONSE_SCHEMAS[(method, path)]
+            operation["responses"]["200"]["content"]["application/json"]["schema"] = schema
+            for param in params:
+                if param["name"] in enums:
+                    param["schema"] = {"type": "string", "enum": enums[param["name"]]}
         if params:
             operation["parameters"] = params
         paths.setdefault(path, {})[method] = operation

@@ -22,9 +22,15 @@ from .models import (
     UsageIncrement,
     UsageRow,
 )
+from .series import MINUTE_S, AuditEntry, MinuteDelta, MinuteRow, percentile_bucket
 from .store import Store
 
 __all__ = [
+    "MINUTE_S",
+    "AuditEntry",
+    "MinuteDelta",
+    "MinuteRow",
+    "percentile_bucket",
     "MIGRATIONS",
     "TRACKER_BUCKET_S",
     "USAGE_PERIOD_S",

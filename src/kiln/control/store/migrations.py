@@ -271,10 +271,49 @@ def _v2(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _series(conn: Connection) -> None:
+    """Issue 18: per-API per-minute aggregates (kept 25 h) and the console's audit log."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "api_minutes",
+        md,
+        C("api", sa.String(128), primary_key=True),
+        C("minute", sa.BigInteger, primary_key=True, autoincrement=False),
+        C("c2xx", sa.BigInteger, nullable=False),
+        C("c4xx", sa.BigInteger, nullable=False),
+        C("c5xx", sa.BigInteger, nullable=False),
+        C("replicas", sa.Integer, nullable=True),
+        C("queue", sa.Integer, nullable=True),
+    )
+    sa.Table(
+        "api_minute_latency",
+        md,
+        C("api", sa.String(128), primary_key=True),
+        C("minute", sa.BigInteger, primary_key=True, autoincrement=False),
+        C("bucket", sa.Integer, primary_key=True, autoincrement=False),
+        C("count", sa.BigInteger, nullable=False),
+    )
+    sa.Table(
+        "audit_log",
+        md,
+        C("id", sa.Integer, primary_key=True),
+        C("at", sa.Double, nullable=False),
+        C("user_name", sa.String(63), nullable=True),
+        C("key_id", sa.String(32), nullable=True),
+        C("action", sa.String(63), nullable=False),
+        C("target", sa.String(255), nullable=False),
+        C("status", sa.Integer, nullable=False),
+        sa.Index("ix_audit_log_at", "at"),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "control plane: deployments, revisions, APIs, tracker, usage, scaling", _v1),
     Migration(2, "batch jobs: jobs, batches, dead letters", _v2),
     Migration(3, "accounts: users, API keys, metered usage per key", _accounts),
+    Migration(4, "console: per-minute API series, audit log", _series),
 )
 
 

@@ -235,3 +235,39 @@ batch_dead_letters = sa.Table(
     sa.Column("error", sa.Text, nullable=False),
     sa.Column("at", sa.Double, nullable=False),
 )
+
+# ---- issue 18: per-minute API series and the console's audit log (migration 4) ---------
+
+api_minutes = sa.Table(
+    "api_minutes",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("minute", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("c2xx", sa.BigInteger, nullable=False),
+    sa.Column("c4xx", sa.BigInteger, nullable=False),
+    sa.Column("c5xx", sa.BigInteger, nullable=False),
+    sa.Column("replicas", sa.Integer, nullable=True),
+    sa.Column("queue", sa.Integer, nullable=True),
+)
+
+api_minute_latency = sa.Table(
+    "api_minute_latency",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("minute", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("bucket", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("user_name", sa.String(63), nullable=True),
+    sa.Column("key_id", sa.String(32), nullable=True),
+    sa.Column("action", sa.String(63), nullable=False),
+    sa.Column("target", sa.String(255), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Index("ix_audit_log_at", "at"),
+)

@@ -28,6 +28,7 @@ from .models import (
     Revision,
     ScalingEvent,
 )
+from .series import SeriesMixin
 
 _D, _R, _A, _E = t.deployments.c, t.revisions.c, t.apis.c, t.scaling_events.c
 
@@ -76,7 +77,7 @@ _APIS = sa.select(t.apis, _R.content_hash, _D.name.label("deployment")).select_f
 )
 
 
-class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin):
+class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin, SeriesMixin):
     """Kiln's state store. Open one per process: `Store()` or `Store("postgresql+psycopg://...")`.
 
     Methods are synchronous, thread-safe and each one transaction; see `base.py` for
