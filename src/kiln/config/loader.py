@@ -20,7 +20,7 @@ from kiln.config.errors import ConfigError, ConfigIssue, FieldProblem
 from kiln.config.hub_project import hub_config_file, hub_document, is_hub_config
 from kiln.config.policy import LOCAL, ConfigPolicy, env_name_problem
 from kiln.config.project import Project
-from kiln.config.schema import ApiSpec, BatchApiSpec, Deployment
+from kiln.config.schema import ApiSpec, AsyncApiSpec, BatchApiSpec, Deployment
 from kiln.config.source import Document, read_file, read_yaml
 from kiln.config.torchserve import apply_torchserve
 from kiln.quantities import type_name
@@ -29,6 +29,7 @@ CONFIG_NAMES: tuple[str, ...] = ("kiln.yaml", "cortex.yaml", "kiln.yml", "cortex
 KINDS: dict[str, type[BaseModel]] = {
     "api": ApiSpec,
     "RealtimeAPI": ApiSpec,
+    "AsyncAPI": AsyncApiSpec,
     "BatchAPI": BatchApiSpec,
     "deployment": Deployment,
 }
@@ -298,7 +299,9 @@ def load_project(
         kind = item.get("kind")
         if kind is None:
             col.add(
-                (i,), "missing required field kind", "add `kind: api` (or BatchAPI, deployment)"
+                (i,),
+                "missing required field kind",
+                "add `kind: api` (or AsyncAPI, BatchAPI, deployment)",
             )
             continue
         cls = KINDS.get(kind) if isinstance(kind, str) else None

@@ -1,4 +1,5 @@
-"""The kiln.yaml resources: ``kind: api`` (``RealtimeAPI``), ``BatchAPI``, ``deployment``.
+"""The kiln.yaml resources: ``kind: api`` (``RealtimeAPI``), ``AsyncAPI``, ``BatchAPI``,
+``deployment``.
 
 Each resource is validated on its own here; the blocks it is made of live in
 :mod:`kiln.config.blocks`. Cortex aliases (``predictor``, ``networking``) are
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from kiln.config.asyncs import AsyncBlock
 from kiln.config.batch import JobsBlock
 from kiln.config.blocks import (
     _VERSION,
@@ -46,6 +48,7 @@ __all__ = [
     "RESERVED_NAMES",
     "RUNTIMES",
     "ApiSpec",
+    "AsyncApiSpec",
     "Auth",
     "Autoscaling",
     "BatchApiSpec",
@@ -252,6 +255,23 @@ class ApiSpec(_Resource):
     def display_version(self) -> str:
         """The version as shown to people; empty when the API is unversioned."""
         return self.version or ""
+
+
+class AsyncApiSpec(ApiSpec):
+    """Cortex's ``kind: AsyncAPI``: every field of ``kind: api`` plus ``async:``.
+
+    It is served like a realtime API (its replicas, handlers, runtimes, scaling), so
+    everything that takes an ``ApiSpec`` takes it; only its endpoint differs: ``POST``
+    answers 202 ``{"id"}`` and the request runs from the state store's durable queue
+    (kiln.control.asyncs), ``GET {endpoint}/{id}`` reads the status and result.
+    """
+
+    kind: Literal["AsyncAPI"] = "AsyncAPI"  # type: ignore[assignment]
+    async_: AsyncBlock = Field(default_factory=AsyncBlock, alias="async")
+
+    model_config = ConfigDict(**{**ApiSpec.model_config, "populate_by_name": True})
+
+    _async_block = field_validator("async_", mode="before")(lambda v: _empty_to_dict(v))
 
 
 class BatchApiSpec(_Resource):

@@ -309,11 +309,19 @@ def _series(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _async_requests(conn: Connection) -> None:
+    """Issue 19's AsyncAPI queue (its definition lives with its queries)."""
+    from .async_queue import migrate
+
+    migrate(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "control plane: deployments, revisions, APIs, tracker, usage, scaling", _v1),
     Migration(2, "batch jobs: jobs, batches, dead letters", _v2),
     Migration(3, "accounts: users, API keys, metered usage per key", _accounts),
     Migration(4, "console: per-minute API series, audit log", _series),
+    Migration(5, "async APIs: requests, their results and webhooks", _async_requests),
 )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from . import schema as t
 from .accounts import AccountsMixin
+from .async_queue import AsyncQueueMixin
 from .batch_queue import QueueMixin
 from .counters import CountersMixin
 from .jobs import JobsMixin
@@ -77,7 +78,7 @@ _APIS = sa.select(t.apis, _R.content_hash, _D.name.label("deployment")).select_f
 )
 
 
-class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin, SeriesMixin):
+class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin, SeriesMixin, AsyncQueueMixin):
     """Kiln's state store. Open one per process: `Store()` or `Store("postgresql+psycopg://...")`.
 
     Methods are synchronous, thread-safe and each one transaction; see `base.py` for
