@@ -72,6 +72,9 @@ class JobManager:
         self.api_log = api_log  # LogSink: one line per job event in the API's own log
         # How workers start (the server sets its own; without one: unsandboxed, as before).
         self.sandbox = SandboxPolicy(enabled=False, inherit_env=True)
+        # The server's AsyncAPI manager (kiln.control.asyncs), carried here so the inference
+        # app reaches it the way it reaches Batch APIs; None: no AsyncAPI routes.
+        self.asyncs: Any = None
         self.apis: dict[str, BatchApiEntry] = {}
         self.endpoints: dict[str, str] = {}
         self.runs: dict[str, JobRun] = {}

@@ -241,6 +241,14 @@ def serve(
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
     max_connections: MaxConnectionsOption = None,
     max_header_bytes: MaxHeaderBytesOption = None,
+    webhook_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--webhook-allow",
+            help="A network (CIDR) AsyncAPI webhooks may call although it is loopback, "
+            "link-local or private (repeatable): --webhook-allow 127.0.0.1/32.",
+        ),
+    ] = None,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
@@ -274,6 +282,7 @@ def serve(
             sandbox,
             edge,
             admin_key,
+            webhook_allow,
         )
     )
 

@@ -39,6 +39,7 @@ def run_serve(
     sandbox: bool = False,
     edge: Mapping[str, Any] | None = None,
     admin_key: str | None = None,
+    webhook_allow: list[str] | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
 
@@ -47,6 +48,13 @@ def run_serve(
     try:
         limits = edge_limits(edge or {})
     except EdgeFlagError as exc:
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+        return 2
+    from kiln.control.webhooks import parse_allow
+
+    try:
+        parse_allow(webhook_allow or [])
+    except ValueError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
         return 2
     temporary = home is None
@@ -65,6 +73,7 @@ def run_serve(
         sandbox=sandbox,
         edge=limits,
         admin_key=admin_key,
+        webhook_allow=list(webhook_allow or []),
     )
     server = InferenceServer(project, options)
 

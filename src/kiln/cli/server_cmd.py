@@ -262,6 +262,7 @@ DEFAULTS: dict[str, Any] = {
     "auth": True,
     "unsafe_no_sandbox": False,
     "pass_env": [],
+    "webhook_allow": [],
 }
 
 
@@ -283,6 +284,13 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
         check_edge(edge)  # before anything is saved
     except EdgeFlagError as exc:
         _fail(str(exc))
+    if given.get("webhook_allow"):
+        from kiln.control.webhooks import parse_allow
+
+        try:
+            parse_allow(given["webhook_allow"])  # before anything is saved
+        except ValueError as exc:
+            _fail(str(exc))
     now = {k: v for k, v in given.items() if k in DEFAULTS and v is not None}
     if edge:
         now["edge"] = {**saved.get("edge", {}), **edge}
@@ -325,6 +333,7 @@ def _options(home: Path, settings: dict[str, Any]) -> Any:
         auth=auth,
         sandbox=not settings["unsafe_no_sandbox"],
         pass_env=list(settings["pass_env"]),
+        webhook_allow=list(settings["webhook_allow"]),
         edge=EdgeLimits.from_mapping(settings.get("edge")),
     )
 
@@ -356,6 +365,16 @@ PassEnvOption = Annotated[
     ),
 ]
 
+WebhookAllowOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--webhook-allow",
+        help="A network (CIDR) AsyncAPI webhooks may call although it is loopback, "
+        "link-local or private (repeatable): --webhook-allow 10.0.0.0/8. Refused otherwise, "
+        "since tenants choose the URLs." + SAVED,
+    ),
+]
+
 
 @server_app.command("run")
 def run_cmd(
@@ -367,6 +386,7 @@ def run_cmd(
     auth: AuthOption = None,
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
+    webhook_allow: WebhookAllowOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
@@ -389,6 +409,7 @@ def start_cmd(
     auth: AuthOption = None,
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
+    webhook_allow: WebhookAllowOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,

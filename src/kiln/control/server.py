@@ -72,6 +72,8 @@ class ServerOptions:
     edge: Any = None  # kiln.protocols.edge.EdgeLimits (server.yaml's `edge:`); None: defaults
     # With auth: the admin key to use instead of a generated one ($KILN_API_KEY in an image).
     admin_key: str | None = None
+    # AsyncAPI webhooks may call these networks (CIDRs) though internal (--webhook-allow).
+    webhook_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +198,11 @@ class InferenceServer:
         if self.project is not None:
             for batch_api in self.project.batch_apis:
                 self.jobs.register(batch_api, self.project.root)
+        from kiln.control.asyncs import AsyncManager
+
+        self.jobs.asyncs = AsyncManager(
+            self.store, self.registry, self.log, self.options.webhook_allow
+        )
 
     def _open_accounts(self, home: Path) -> None:
         """Users, keys and quotas; on first start, the admin and its key (file mode 0600)."""
@@ -291,6 +298,7 @@ class InferenceServer:
             if not await self._load(loads, serving):
                 return
             self._start_autoscalers()
+            self.jobs.asyncs.start()  # AsyncAPIs: run the queue once the APIs are up
             if os.environ.get("KILN_GC_TUNING", "1") != "0":
                 # Everything loaded so far lives as long as the server: keep it out of the
                 # collector's scans, and collect young objects less often, so a request
@@ -304,6 +312,8 @@ class InferenceServer:
                 on_ready(self.running)
             await serving
         finally:
+            if self.jobs is not None and self.jobs.asyncs is not None:
+                await self.jobs.asyncs.close()  # stop claiming before the APIs drain
             stopping = asyncio.gather(
                 *(s.stop(SHUTDOWN_GRACE_S) for s in self.registry.all_unfiltered()),
                 return_exceptions=True,
@@ -405,6 +415,7 @@ class InferenceServer:
                 from kiln.protocols.auth import ManagementGate
 
                 management_app = ManagementGate(management_app, self.quotas)
+            management_app = self._with_console(management_app)
             self._management = side_server(management_app, edge)
             servers.append(self._management.serve(sockets=[ports.management]))
         if ports.metrics is not None:
@@ -418,6 +429,14 @@ class InferenceServer:
             self._metrics_server = side_server(metrics, edge, grace=None)
             servers.append(self._metrics_server.serve(sockets=[ports.metrics]))
         return servers
+
+    def _with_console(self, management_app: Any) -> Any:
+        """`/console` in front of the (gated) management app, reading and changing through it."""
+        from kiln.console.front import ConsoleFront, Rest
+        from kiln.console.pages import console_app
+
+        console = console_app(Rest(management_app), self.quotas, self.store, self.options.host)
+        return ConsoleFront(management_app, console)
 
     def _start_autoscalers(self) -> None:
         for served in self.registry.all():

@@ -26,6 +26,10 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "unsafe_no_sandbox": (bool, "true or false"),
     "pass_env": (list, "a list of glob patterns, e.g. ['AWS_*']"),
     "edge": (dict, "a mapping of edge limits (docs/config.md)"),
+    "webhook_allow": (
+        list,
+        "a list of CIDR blocks AsyncAPI webhooks may call, e.g. ['10.0.0.0/8']",
+    ),
 }
 
 
@@ -56,6 +60,13 @@ def load(home: Path) -> dict[str, Any]:
         kind, what = KEYS[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ServerFileError(f"{path}: '{key}' must be {what}, not {value!r}")
+    if "webhook_allow" in data:
+        from kiln.control.webhooks import parse_allow
+
+        try:
+            parse_allow([str(v) for v in data["webhook_allow"]])
+        except ValueError as exc:
+            raise ServerFileError(f"{path}: webhook_allow: {exc}") from None
     if "edge" in data:
         from kiln.protocols.edge import EdgeLimits
 

@@ -44,6 +44,7 @@ class Adapter(Protocol):
 
 
 def default_adapters(plane: DataPlane, log: Any, jobs: Any = None) -> list[Adapter]:
+    from kiln.protocols.async_api import async_routes
     from kiln.protocols.kserve_v1 import KServeV1
     from kiln.protocols.openapi import OpenApiRoutes
     from kiln.protocols.torchserve import TorchServeInference
@@ -62,6 +63,7 @@ def default_adapters(plane: DataPlane, log: Any, jobs: Any = None) -> list[Adapt
         from kiln.protocols.batch import BatchRoutes
 
         adapters.insert(1, BatchRoutes(plane, jobs))
+    adapters[:0] = async_routes(plane, jobs)  # AsyncAPIs: before native claims their endpoint
     return adapters
 
 

@@ -103,6 +103,9 @@ class Registry:
         self._groups: dict[str, ApiGroup] = {}
         self._by_endpoint: dict[str, ApiGroup] = {}
         self._views: dict[Any, RegistryView] = {}
+        # Bumped on every change: lets a route table derived from the registry (the
+        # AsyncAPI endpoints, kiln.control.asyncs) rebuild itself only when it must.
+        self.generation = 0
 
     @property
     def groups(self) -> dict[str, ApiGroup]:
@@ -120,6 +123,7 @@ class Registry:
 
     def _changed(self) -> None:
         self._views.clear()
+        self.generation += 1
 
     def add(self, served: ServedApi) -> None:
         group = self._groups.get(served.name)
