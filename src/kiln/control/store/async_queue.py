@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -36,44 +35,35 @@ IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED = "in_queue", "in_progress", "completed
 MAX_RECEIVE_COUNT = 3
 
 
-def _columns() -> list[Any]:
-    """The table as migration 5 made it: change it only with a new migration step."""
-    C = sa.Column
-    return [
-        C("id", sa.String(64), primary_key=True),
-        C("api", sa.String(128), nullable=False),
-        C("version", sa.String(63), nullable=False),  # "" : the API's default at run time
-        C("status", sa.String(16), nullable=False),
-        C("body", sa.LargeBinary, nullable=False),
-        C("content_type", sa.String(255), nullable=False),
-        C("created_at", sa.Double, nullable=False),
-        C("updated_at", sa.Double, nullable=False),
-        C("visible_at", sa.Double, nullable=False),
-        C("lease", sa.String(32), nullable=True),
-        C("receive_count", sa.Integer, nullable=False),
-        C("result_ttl", sa.Double, nullable=False),
-        C("expires_at", sa.Double, nullable=True),
-        C("result", sa.LargeBinary, nullable=True),
-        C("result_type", sa.String(255), nullable=True),
-        C("error", sa.Text, nullable=True),
-        C("webhook", sa.Text, nullable=True),
-        C("webhook_state", sa.String(16), nullable=True),  # pending sending sent refused failed
-        C("webhook_error", sa.Text, nullable=True),
-        sa.Index("ix_async_requests_visible", "status", "visible_at"),
-        sa.Index("ix_async_requests_expires", "expires_at"),
-    ]
-
-
-# The live definition (schema.py's convention: on the store's one MetaData).
-async_requests = sa.Table("async_requests", t.metadata, *_columns())
+# The live definition (schema.py's convention, kept here beside its queries: a change is
+# a new step in migrations.py AND an edit here, never one without the other).
+C = sa.Column
+async_requests = sa.Table(
+    "async_requests",
+    t.metadata,
+    C("id", sa.String(64), primary_key=True),
+    C("api", sa.String(128), nullable=False),
+    C("version", sa.String(63), nullable=False),  # "": the API's default at run time
+    C("status", sa.String(16), nullable=False),
+    C("body", sa.LargeBinary, nullable=False),
+    C("content_type", sa.String(255), nullable=False),
+    C("created_at", sa.Double, nullable=False),
+    C("updated_at", sa.Double, nullable=False),
+    C("visible_at", sa.Double, nullable=False),
+    C("lease", sa.String(32), nullable=True),
+    C("receive_count", sa.Integer, nullable=False),
+    C("result_ttl", sa.Double, nullable=False),
+    C("expires_at", sa.Double, nullable=True),
+    C("result", sa.LargeBinary, nullable=True),
+    C("result_type", sa.String(255), nullable=True),
+    C("error", sa.Text, nullable=True),
+    C("webhook", sa.Text, nullable=True),
+    C("webhook_state", sa.String(16), nullable=True),  # pending sending sent refused failed
+    C("webhook_error", sa.Text, nullable=True),
+    sa.Index("ix_async_requests_visible", "status", "visible_at"),
+    sa.Index("ix_async_requests_expires", "expires_at"),
+)
 _Q = async_requests.c
-
-
-def migrate(conn: Connection) -> None:
-    """Migration step: create `async_requests` (its own frozen copy of the columns)."""
-    md = sa.MetaData()
-    sa.Table("async_requests", md, *_columns())
-    md.create_all(conn)
 
 
 @dataclass(frozen=True)

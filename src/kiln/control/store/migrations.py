@@ -310,10 +310,35 @@ def _series(conn: Connection) -> None:
 
 
 def _async_requests(conn: Connection) -> None:
-    """Issue 19's AsyncAPI queue (its definition lives with its queries)."""
-    from .async_queue import migrate
-
-    migrate(conn)
+    """Issue 19's AsyncAPIs: accepted requests, their leases, results and webhook state."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "async_requests",
+        md,
+        C("id", sa.String(64), primary_key=True),
+        C("api", sa.String(128), nullable=False),
+        C("version", sa.String(63), nullable=False),
+        C("status", sa.String(16), nullable=False),
+        C("body", sa.LargeBinary, nullable=False),
+        C("content_type", sa.String(255), nullable=False),
+        C("created_at", sa.Double, nullable=False),
+        C("updated_at", sa.Double, nullable=False),
+        C("visible_at", sa.Double, nullable=False),
+        C("lease", sa.String(32), nullable=True),
+        C("receive_count", sa.Integer, nullable=False),
+        C("result_ttl", sa.Double, nullable=False),
+        C("expires_at", sa.Double, nullable=True),
+        C("result", sa.LargeBinary, nullable=True),
+        C("result_type", sa.String(255), nullable=True),
+        C("error", sa.Text, nullable=True),
+        C("webhook", sa.Text, nullable=True),
+        C("webhook_state", sa.String(16), nullable=True),
+        C("webhook_error", sa.Text, nullable=True),
+        sa.Index("ix_async_requests_visible", "status", "visible_at"),
+        sa.Index("ix_async_requests_expires", "expires_at"),
+    )
+    md.create_all(conn)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
