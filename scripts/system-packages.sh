@@ -7,10 +7,11 @@
 #   podman      tests load and run the images kiln build writes (with runc)
 #   skopeo      tests inspect them; kiln build --push copies with it
 #   runc uidmap podman's runtime here (crun fails on these machines' cgroups), user ids
+#   chromium    tests/test_console.py drives the web console in it (Playwright)
 # Tests that need a missing package skip and name this script (with CI=true they fail).
 # Usage: sudo ./scripts/system-packages.sh        (--check: list what is missing, install nothing)
 set -euo pipefail
-PACKAGES=(postgresql bubblewrap curl mmdebstrap podman skopeo runc uidmap)
+PACKAGES=(postgresql bubblewrap curl mmdebstrap podman skopeo runc uidmap chromium)
 
 present() {
   case "$1" in
@@ -21,6 +22,7 @@ present() {
     skopeo) command -v skopeo >/dev/null 2>&1 ;;
     runc) command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] ;;
     uidmap) command -v newuidmap >/dev/null 2>&1 ;;
+    chromium) [ -x /usr/bin/chromium ] ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

@@ -415,6 +415,7 @@ class InferenceServer:
                 from kiln.protocols.auth import ManagementGate
 
                 management_app = ManagementGate(management_app, self.quotas)
+            management_app = self._with_console(management_app)
             self._management = side_server(management_app, edge)
             servers.append(self._management.serve(sockets=[ports.management]))
         if ports.metrics is not None:
@@ -428,6 +429,14 @@ class InferenceServer:
             self._metrics_server = side_server(metrics, edge, grace=None)
             servers.append(self._metrics_server.serve(sockets=[ports.metrics]))
         return servers
+
+    def _with_console(self, management_app: Any) -> Any:
+        """`/console` in front of the (gated) management app, reading and changing through it."""
+        from kiln.console.front import ConsoleFront, Rest
+        from kiln.console.pages import console_app
+
+        console = console_app(Rest(management_app), self.quotas, self.store, self.options.host)
+        return ConsoleFront(management_app, console)
 
     def _start_autoscalers(self) -> None:
         for served in self.registry.all():

@@ -1,0 +1,73 @@
+"""One API's console page: charts over a window, revisions with rollback, errors, curl."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from kiln.console import views
+from kiln.console.views import esc
+
+
+def api_body(session: Any, api: dict[str, Any], points: list[dict[str, Any]], window: str) -> str:
+    name = api["name"]
+    link = f"/console/apis/{quote(name)}"
+    windows = " ".join(
+        f'<a href="{link}?window={w}"{" aria-current=page" if w == window else ""}>{w}</a>'
+        for w in ("15m", "1h", "24h")
+    )
+    reps = api.get("replicas", {})
+    summary = (
+        f"<p>{views.badge(api.get('status', ''))} replicas {reps.get('ready', 0)}/"
+        f"{reps.get('requested', 0)} · revision {esc(api.get('revision'))} · "
+        f"last deploy {views.when(api.get('last_update'))}</p>"
+    )
+    per_s = [{**p, **{c: round(p[c] / 60, 3) for c in ("2xx", "4xx", "5xx")}} for p in points]
+    charts = (
+        '<div class="charts">'
+        + views.chart(
+            "Requests per second",
+            per_s,
+            [("2xx", "2xx", "#1a7f37"), ("4xx", "4xx", "#9a6700"), ("5xx", "5xx", "#cf222e")],
+        )
+        + views.chart(
+            "Latency (ms)",
+            points,
+            [
+                ("p50_ms", "p50", "#0b5cad"),
+                ("p90_ms", "p90", "#8250df"),
+                ("p99_ms", "p99", "#cf222e"),
+            ],
+        )
+        + views.chart("Replicas ready", points, [("replicas", "replicas", "#1a7f37")])
+        + views.chart("Queue length", points, [("queue", "queue", "#9a6700")])
+        + "</div>"
+    )
+    revisions = ""
+    for rev in api.get("revisions", []) or []:
+        rid = esc(rev.get("revision") or rev.get("hash") or rev.get("id"))
+        current = rev.get("current")
+        action = (
+            "current"
+            if current
+            else f'<form class="inline" method="post" action="{link}/rollback" '
+            f"onsubmit=\"return confirm('Roll {esc(name)} back to {rid}?')\">{views.csrf(session)}"
+            f'<input type="hidden" name="revision" value="{rid}">'
+            f'<button class="act" type="submit">Roll back</button></form>'
+        )
+        revisions += (
+            f"<tr><td>{rid}</td><td>{esc(rev.get('status'))}</td>"
+            f"<td>{views.when(rev.get('created_at'))}</td><td>{action}</td></tr>"
+        )
+    errors = "".join(
+        f"<li>{esc(e.get('error') if isinstance(e, dict) else e)}</li>"
+        for e in api.get("recent_errors", [])
+    )
+    return (
+        f'{summary}<nav aria-label="Window">Window: {windows}</nav>{charts}'
+        '<h2>Revisions</h2><div class="scroll"><table><thead><tr><th scope=col>Revision</th>'
+        "<th scope=col>Status</th><th scope=col>Created</th><th scope=col>Action</th></tr>"
+        f"</thead><tbody>{revisions or '<tr><td colspan=4>none</td></tr>'}</tbody></table></div>"
+        f"<h2>Recent errors</h2><ul>{errors or '<li>none</li>'}</ul>"
+        f"<h2>Try it with curl</h2><pre>{esc(api.get('curl', ''))}</pre>"
+    )

@@ -1,0 +1,218 @@
+"""The web console (issue 18) in a real browser: Debian's chromium driven by Playwright.
+
+Sign-in with a user's key against `kiln server`, what a session sees, CSRF, Host
+checks, keys through the console, the audit log; `kiln serve` without sign-in.
+Screenshots go to a folder printed at the start (look at them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from daemon import Daemon
+from support import KilnServer, write
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(os.environ.get("KILN_CONSOLE_SHOTS") or tempfile.mkdtemp(prefix="kiln-console-"))
+
+HANDLER = """
+class Echo:
+    def predict(self, payload, context):
+        return {"owner": OWNER, "echo": payload}
+"""
+
+
+def _project(folder: Path, owner: str) -> Path:
+    write(folder / "h.py", f"OWNER = {owner!r}\n" + HANDLER)
+    write(
+        folder / "kiln.yaml",
+        "- kind: deployment\n  name: app\n"
+        f"- kind: api\n  name: {owner}-echo\n  python: {{handler: h.py:Echo}}\n",
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One chromium for the whole session (Debian's; Playwright's own download cannot work)."""
+    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        message = "chromium is missing: run scripts/system-packages.sh (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        message = "playwright is missing: pip install -e '.[test]'"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    print(f"\nconsole screenshots: {SHOTS}")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chrome
+        chrome.close()
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    root = tmp_path_factory.mktemp("console")
+    d = Daemon(root / "home")
+    d.start()
+    keys = {"admin": d.admin_key}
+    for user in ("alice", "bob"):
+        made = d.kiln("users", "create", user, "-o", "json")
+        assert made.returncode == 0, made.stderr
+        keys[user] = orjson.loads(made.stdout)["key"]
+        env = {**d.env, "KILN_API_KEY": keys[user]}
+        deployed = d.kiln_env(env, "deploy", str(_project(root / user, user)))
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    d.keys = keys  # type: ignore[attr-defined]
+    yield d
+    d.stop()
+
+
+def _sign_in(browser: Any, base: str, key: str) -> Any:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(f"{base}/console")
+    assert page.url.endswith("/console/login")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/console")
+    return page
+
+
+def test_a_user_signs_in_and_sees_only_their_apis(browser: Any, platform: Daemon) -> None:
+    base = platform.management_url
+    page = _sign_in(browser, base, platform.keys["alice"])  # type: ignore[attr-defined]
+    rows = page.locator("#api-rows tr")
+    names = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
+    assert names == ["alice.alice-echo"]
+    assert "bob" not in page.content()
+    assert page.locator("#api-rows .badge").first.inner_text() == "live"
+    cookie = next(c for c in page.context.cookies() if c["name"] == "kiln_console")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    page.screenshot(path=str(SHOTS / "overview-alice.png"), full_page=True)
+
+    # Traffic shows up in the live table without a reload (the 5 s fragment refresh).
+    alice = {"x-api-key": platform.keys["alice"]}  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert httpx.post(f"{platform.url}/alice/alice-echo", json="hi", headers=alice).is_success
+    from playwright.sync_api import expect
+
+    expect(page.locator("#api-rows td:nth-child(5)").first).to_have_text("3", timeout=15_000)
+
+    # Filtering hides rows in the page.
+    page.get_by_label("Filter").fill("nothing-matches")
+    assert page.locator("#api-rows tr:visible").count() == 0
+
+    # Another user's API page answers like a missing one (REST's 404).
+    other = page.goto(f"{base}/console/apis/bob.bob-echo")
+    assert other is not None and other.status == 404
+    mine = page.goto(f"{base}/console/apis/alice.alice-echo?window=15m")
+    assert mine is not None and mine.status == 200
+    assert page.locator("figure svg[role=img]").count() == 4
+    # The 3 answers of this minute, per second, are the requests chart's peak.
+    label = page.locator("figure svg[role=img]").first.get_attribute("aria-label")
+    assert label == "Requests per second: maximum 0.05 over 15 minutes"
+    page.screenshot(path=str(SHOTS / "api-alice.png"), full_page=True)
+
+    # The phone layout still shows the table (it scrolls sideways).
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(f"{base}/console")
+    page.screenshot(path=str(SHOTS / "overview-phone.png"), full_page=True)
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(f"{base}/console/login")
+    page.context.close()
+
+
+def test_forms_need_the_csrf_token_and_the_host_must_be_this_server(
+    browser: Any, platform: Daemon
+) -> None:
+    base = platform.management_url
+    page = _sign_in(browser, base, platform.keys["bob"])  # type: ignore[attr-defined]
+    forged = page.request.post(f"{base}/console/keys", form={"name": "sneaky"})
+    assert forged.status == 403 and "CSRF" in forged.text()
+    cookie = next(c for c in page.context.cookies() if c["name"] == "kiln_console")
+    jar = {"kiln_console": cookie["value"]}
+    # The same session through another Host name (a DNS-rebinding page) is refused.
+    rebound = httpx.get(f"{base}/console", cookies=jar, headers={"Host": "evil.example:80"})
+    assert rebound.status_code == 403 and "evil.example" in rebound.text
+    # A cross-origin POST is refused even with a token-shaped field.
+    cross = httpx.post(
+        f"{base}/console/keys",
+        cookies=jar,
+        data={"name": "x", "csrf": "x"},
+        headers={"Origin": "http://evil.example"},
+    )
+    assert cross.status_code == 403
+    keys = httpx.get(f"{base}/keys", headers={"x-api-key": platform.keys["bob"]}).json()  # type: ignore[attr-defined]
+    assert "sneaky" not in {k["name"] for k in keys["keys"]}
+    page.context.close()
+
+
+def test_keys_made_in_the_console_work_and_are_audited(browser: Any, platform: Daemon) -> None:
+    base = platform.management_url
+    page = _sign_in(browser, base, platform.keys["alice"])  # type: ignore[attr-defined]
+    page.goto(f"{base}/console/keys")
+    page.get_by_label("New key name").fill("from-console")
+    page.get_by_role("button", name="Create key").click()
+    new_key = page.locator("#new-key").inner_text()
+    assert len(new_key) > 20
+    page.screenshot(path=str(SHOTS / "keys-alice.png"), full_page=True)
+    url = f"{platform.url}/alice/alice-echo"
+    assert httpx.post(url, json="hi", headers={"x-api-key": new_key}).status_code == 200
+    page.reload()
+    assert new_key not in page.content()  # shown once
+    row = page.locator("tr", has_text="from-console")
+    key_id = row.locator("td").first.inner_text()
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name=f"disable key {key_id}").click()
+    page.wait_for_selector(f"text=Key {key_id} disabled.")
+    refused = httpx.post(url, json="hi", headers={"x-api-key": new_key})
+    assert refused.status_code in (401, 403)
+    page.context.close()
+
+    admin = _sign_in(browser, base, platform.keys["admin"])  # type: ignore[attr-defined]
+    admin.goto(f"{base}/console/audit")
+    text = admin.locator("tbody").inner_text()
+    assert "key created" in text and "key disabled" in text and key_id in text
+    assert "alice" in text
+    admin.screenshot(path=str(SHOTS / "audit-admin.png"), full_page=True)
+    names = admin.locator("#api-rows tr td:first-child")
+    admin.goto(f"{base}/console")
+    assert {"alice.alice-echo", "bob.bob-echo"} <= set(names.all_inner_texts())
+    admin.context.close()
+    # A user's session has no audit page.
+    bob = _sign_in(browser, base, platform.keys["bob"])  # type: ignore[attr-defined]
+    response = bob.goto(f"{base}/console/audit")
+    assert response is not None and response.status == 404
+    bob.context.close()
+
+
+def test_kiln_serve_needs_no_sign_in_but_keeps_csrf(browser: Any, tmp_path: Path) -> None:
+    write(tmp_path / "h.py", "OWNER = 'me'\n" + HANDLER)
+    write(tmp_path / "kiln.yaml", "- kind: api\n  name: echo\n  python: {handler: h.py:Echo}\n")
+    server = KilnServer(tmp_path, tmp_path / "home")
+    try:
+        context = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = context.new_page()
+        response = page.goto(f"{server.management_url}/console")
+        assert response is not None and response.status == 200
+        assert page.locator("#api-rows td").first.inner_text() == "echo"
+        forged = page.request.post(f"{server.management_url}/console/keys", form={"name": "x"})
+        assert forged.status == 403
+        page.screenshot(path=str(SHOTS / "overview-serve.png"), full_page=True)
+        context.close()
+    finally:
+        server.stop()
