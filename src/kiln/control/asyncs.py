@@ -55,26 +55,29 @@ class AsyncManager:
         self.log = log
         self.allow = webhooks.parse_allow(webhook_allow or [])
         self.plane: Any = None  # kiln.serving.data_plane.DataPlane, bound by the adapter
-        self.endpoints: dict[str, str] = {}  # endpoint (no trailing /) -> API name
-        self.generation = -1
+        # endpoint (no trailing /) -> API name; updated in place when the registry changes,
+        # so the adapter's one reference to it is always current.
+        self.endpoints: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._closing = False
+        registry.listeners.append(self.refresh)
+        self.refresh()
 
     # ----- routes ----------------------------------------------------------------------
     def refresh(self) -> None:
-        """Rebuild the endpoint table from the registry (called when it changed)."""
-        self.generation = self.registry.generation
-        self.endpoints = {
+        """Rebuild the endpoint table from the registry (a registry listener)."""
+        table = {
             group.endpoint.rstrip("/") or "/": name
             for name, group in self.registry.groups.items()
             if any(s.api.kind == KIND for s in group.versions.values())
         }
+        if table != self.endpoints:
+            self.endpoints.clear()
+            self.endpoints.update(table)
 
     def names(self) -> list[str]:
-        if self.generation != self.registry.generation:
-            self.refresh()
         return list(self.endpoints.values())
 
     # ----- submit and read ---------------------------------------------------------------

@@ -6,8 +6,8 @@
 
 `GET {endpoint}` (status), `{endpoint}/signature` and `{endpoint}/explain` stay
 the native adapter's. This adapter runs before the native one (it claims an
-AsyncAPI's endpoint, which is in the registry like any API's); for every other
-path it costs one integer comparison and an empty-dict check.
+AsyncAPI's endpoint, which is in the registry like any API's); on a server
+without AsyncAPIs it costs one empty-dict check per request.
 
 The adapter knows HTTP only: the manager it is given (kiln.control.asyncs
 AsyncManager, reached through the server's job manager so the app's wiring
@@ -52,13 +52,10 @@ class AsyncRoutes:
     def __init__(self, plane: DataPlane, manager: Any) -> None:
         self.plane = plane
         self.manager = manager
-        self.registry = manager.registry
+        self.endpoints: dict[str, str] = manager.endpoints  # kept current by the manager
 
     def route(self, request: Request, call: Call) -> tuple[Any, str] | None:
-        manager = self.manager
-        if manager.generation != self.registry.generation:
-            manager.refresh()
-        endpoints = manager.endpoints
+        endpoints = self.endpoints
         if not endpoints:
             return None
         path = request.path.rstrip("/") or "/"

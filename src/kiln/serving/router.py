@@ -9,6 +9,7 @@ one caller may see of it is a `RegistryView`, asked for explicitly with
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kiln.errors import NotFound
@@ -103,9 +104,9 @@ class Registry:
         self._groups: dict[str, ApiGroup] = {}
         self._by_endpoint: dict[str, ApiGroup] = {}
         self._views: dict[Any, RegistryView] = {}
-        # Bumped on every change: lets a route table derived from the registry (the
-        # AsyncAPI endpoints, kiln.control.asyncs) rebuild itself only when it must.
-        self.generation = 0
+        # Called after every change: route tables derived from the registry (the AsyncAPI
+        # endpoints, kiln.control.asyncs) rebuild then, never per request.
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def groups(self) -> dict[str, ApiGroup]:
@@ -123,7 +124,8 @@ class Registry:
 
     def _changed(self) -> None:
         self._views.clear()
-        self.generation += 1
+        for listener in self.listeners:
+            listener()
 
     def add(self, served: ServedApi) -> None:
         group = self._groups.get(served.name)
