@@ -216,3 +216,44 @@ def test_kiln_serve_needs_no_sign_in_but_keeps_csrf(browser: Any, tmp_path: Path
         context.close()
     finally:
         server.stop()
+
+
+def test_rollback_from_the_console_asks_first_and_is_audited(
+    browser: Any, platform: Daemon, tmp_path: Path
+) -> None:
+    keys = platform.keys  # type: ignore[attr-defined]
+    folder = _project(tmp_path / "v2", "alice")
+    write(folder / "h.py", "OWNER = 'alice v2'\n" + HANDLER)
+    env = {**platform.env, "KILN_API_KEY": keys["alice"]}
+    deployed = platform.kiln_env(env, "deploy", str(folder))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    url = f"{platform.url}/alice/alice-echo"
+    alice = {"x-api-key": keys["alice"]}
+    assert httpx.post(url, json="hi", headers=alice).json()["owner"] == "alice v2"
+
+    base = platform.management_url
+    page = _sign_in(browser, base, keys["alice"])
+    page.goto(f"{base}/console/apis/alice.alice-echo")
+    button = page.get_by_role("button", name="Roll back")
+    assert button.count() == 1  # only the earlier revision offers it
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    button.click()
+    assert asked and asked[0].startswith("Roll alice.alice-echo back to ")
+    assert httpx.post(url, json="hi", headers=alice).json()["owner"] == "alice v2"  # dismissed
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    button.click()
+    page.wait_for_selector("text=Rolling alice.alice-echo back to")
+    owner = ""
+    for _ in range(120):  # the rollout starts a replica of the old revision, then swaps
+        owner = httpx.post(url, json="hi", headers=alice).json().get("owner", "")
+        if owner == "alice":
+            break
+        page.wait_for_timeout(500)
+    assert owner == "alice"
+    page.context.close()
+    admin = _sign_in(browser, base, keys["admin"])
+    admin.goto(f"{base}/console/audit")
+    assert "rollback" in admin.locator("tbody").inner_text()
+    admin.context.close()
