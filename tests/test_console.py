@@ -257,3 +257,59 @@ def test_rollback_from_the_console_asks_first_and_is_audited(
     admin.goto(f"{base}/console/audit")
     assert "rollback" in admin.locator("tbody").inner_text()
     admin.context.close()
+
+
+# ---- the guard's rules, without a browser ------------------------------------------------
+
+
+def test_host_names_and_the_allowed_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.console.guard import allowed_hosts, check_host, host_name
+    from kiln.errors import Forbidden
+
+    assert host_name("Example.COM:8081") == "example.com"
+    assert host_name("[::1]:8081") == "::1"
+    assert host_name("127.0.0.1") == "127.0.0.1"
+    monkeypatch.delenv("KILN_CONSOLE_HOSTS", raising=False)
+    wildcard = allowed_hosts("0.0.0.0", "10.1.2.3")
+    assert wildcard == {"localhost", "127.0.0.1", "::1", "10.1.2.3"}
+    check_host("10.1.2.3:8081", wildcard)
+    with pytest.raises(Forbidden, match="KILN_CONSOLE_HOSTS"):
+        check_host("rebound.evil.example:8081", wildcard)
+    with pytest.raises(Forbidden):
+        check_host(None, wildcard)
+    monkeypatch.setenv("KILN_CONSOLE_HOSTS", "kiln.example.com, other.example")
+    check_host("kiln.example.com", allowed_hosts("127.0.0.1", None))
+
+
+def test_origin_rules_for_a_post() -> None:
+    from kiln.console.guard import check_origin
+    from kiln.errors import Forbidden
+
+    check_origin({"host": "127.0.0.1:8081", "origin": "http://127.0.0.1:8081"}, "http")
+    check_origin({"host": "127.0.0.1:8081"}, "http")  # no Origin: the CSRF token decides
+    for headers in (
+        {"host": "127.0.0.1:8081", "origin": "http://evil.example"},
+        {"host": "127.0.0.1:8081", "origin": "null"},
+        {"host": "127.0.0.1:8081", "sec-fetch-site": "cross-site"},
+    ):
+        with pytest.raises(Forbidden):
+            check_origin(headers, "http")
+
+
+def test_sessions_expire_when_idle_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.console import guard
+
+    now = [1000.0]
+    sessions = guard.Sessions(clock=lambda: now[0])
+    first = sessions.new()
+    assert sessions.get(first.sid) is first and sessions.get("forged") is None
+    now[0] += guard.IDLE_S + 1
+    assert sessions.get(first.sid) is None
+    monkeypatch.setattr(guard, "MAX_SESSIONS", 3)
+    made = [sessions.new() for _ in range(5)]
+    assert [sessions.get(s.sid) is not None for s in made] == [False, False, True, True, True]
+    renewed = sessions.renew(made[-1])
+    assert renewed.sid != made[-1].sid and renewed.csrf != made[-1].csrf
+    assert sessions.get(made[-1].sid) is None
+    header = guard.cookie_header(renewed.sid)
+    assert "HttpOnly" in header and "SameSite=Strict" in header and "Path=/console" in header
