@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -259,4 +258,48 @@ def test_async_block_is_validated(tmp_path: Path) -> None:
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode != 0
     assert "async.result_ttl" in text and "async.webhook" in text and "http(s) URL" in text
-    _ = httpx  # the client the server fixture uses
+
+
+def test_webhook_targets_are_checked_on_every_resolved_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from kiln.control import webhooks
+
+    answers: dict[str, list[str]] = {
+        "rebind.example": ["93.184.216.34", "10.0.0.5"],  # one public, one private
+        "public.example": ["93.184.216.34"],
+        "metadata.example": ["169.254.169.254"],
+        "mapped.example": ["::ffff:127.0.0.1"],
+    }
+
+    def fake_getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    none: list[Any] = []
+    assert webhooks.resolve("https://public.example/h", none) == (
+        "https",
+        "public.example",
+        443,
+        "93.184.216.34",
+    )
+    for host in ("rebind.example", "metadata.example", "mapped.example"):
+        with pytest.raises(webhooks.WebhookRefused, match="--webhook-allow"):
+            webhooks.resolve(f"http://{host}/h", none)
+    allowed = webhooks.parse_allow(["10.0.0.0/8", "127.0.0.1/32"])
+    assert webhooks.resolve("http://rebind.example/h", allowed)[3] == "93.184.216.34"
+    assert webhooks.resolve("http://mapped.example/h", allowed)[3] == "::ffff:127.0.0.1"
+    with pytest.raises(ValueError, match="not an address or CIDR"):
+        webhooks.parse_allow(["10.0.0.0/99"])
+
+
+def test_server_yaml_keeps_and_checks_webhook_allow(tmp_path: Path) -> None:
+    from kiln.control import server_file
+
+    server_file.save(tmp_path, {"webhook_allow": ["10.0.0.0/8"]})
+    assert server_file.load(tmp_path)["webhook_allow"] == ["10.0.0.0/8"]
+    (tmp_path / "server.yaml").write_text("webhook_allow: ['nope']\n")
+    with pytest.raises(server_file.ServerFileError, match="webhook_allow"):
+        server_file.load(tmp_path)
