@@ -142,7 +142,17 @@ def build_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One KILN_HOME for every build of the session: the base and wheels build once."""
     _need_tools()
     given = os.environ.get("KILN_TEST_BUILD_HOME")
-    yield Path(given) if given else tmp_path_factory.mktemp("build-home")
+    home = Path(given) if given else tmp_path_factory.mktemp("build-home")
+    # One kiln-serve wheel for the whole session (KILN_WHEEL), so every build here has
+    # the same environment layer even while Kiln's source changes under a running test.
+    from kiln.build.wheels import kiln_wheel
+
+    wheel = tmp_path_factory.mktemp("kiln-wheel") / "w"
+    wheel.mkdir()
+    built = kiln_wheel(home, lambda _: None)
+    os.environ["KILN_WHEEL"] = str(shutil.copy(built, wheel / built.name))
+    yield home
+    os.environ.pop("KILN_WHEEL", None)
     for image in LOADED:  # podman's storage outlives the session: leave nothing there
         subprocess.run(["podman", "rmi", "-f", image], capture_output=True, timeout=120)
 
@@ -442,6 +452,7 @@ def test_context_builds_with_podman_on_the_mmdebstrap_base(
     assert not (context / "project" / "notes.log").exists()
     (base,) = (build_home / "build").glob("base-*.tar")
     tag = f"localhost/kiln-context-test:{os.getpid()}"
+    before = set(_image_ids())
     built = subprocess.run(
         [
             "podman",
@@ -473,8 +484,17 @@ def test_context_builds_with_podman_on_the_mmdebstrap_base(
         assert container.post("/camel", {"text": "a"}, None).status_code == 401
     finally:
         code, _ = container.stop()
-        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+        # The image, its build stage and the imported base: what this build added.
+        for image in sorted(set(_image_ids()) - before):
+            subprocess.run(["podman", "rmi", "-f", image], capture_output=True, timeout=120)
     assert code == 0
+
+
+def _image_ids() -> list[str]:
+    listed = subprocess.run(
+        ["podman", "images", "-q", "--no-trunc"], capture_output=True, text=True, timeout=60
+    )
+    return listed.stdout.split()
 
 
 def test_a_base_without_python_is_refused_naming_the_fix(tmp_path: Path) -> None:

@@ -75,7 +75,20 @@ def _source_hash(root: Path) -> str:
 
 
 def kiln_wheel(home: Path, say: Callable[[str], None]) -> Path:
-    """The kiln-serve wheel of the running Kiln, built once per source content."""
+    """The kiln-serve wheel of the running Kiln, built once per source content; or the
+    one $KILN_WHEEL names (a pipeline that builds the wheel once, or pins it)."""
+    import os
+
+    given = os.environ.get("KILN_WHEEL")
+    if given:
+        path = Path(given)
+        if not (path.is_file() and path.name.startswith("kiln_serve-") and path.suffix == ".whl"):
+            raise BuildError(
+                f"KILN_WHEEL names {given}, which is not a kiln_serve-*.whl file; build one "
+                f"with `pip wheel --no-deps /path/to/kiln`, or unset KILN_WHEEL"
+            )
+        say(f"kiln-serve wheel: {path.name} (KILN_WHEEL)")
+        return path
     root = kiln_source()
     if root is None:
         return _installed_kiln_wheel(home, say)
