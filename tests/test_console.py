@@ -200,6 +200,30 @@ def test_keys_made_in_the_console_work_and_are_audited(browser: Any, platform: D
     bob.context.close()
 
 
+def test_a_session_ends_when_its_key_is_disabled(browser: Any, platform: Daemon) -> None:
+    keys = platform.keys  # type: ignore[attr-defined]
+    base = platform.management_url
+    made = httpx.post(
+        f"{base}/keys",
+        json={"name": "bob-console", "scope": "manage"},
+        headers={"x-api-key": keys["bob"]},
+    )
+    assert made.status_code == 201, made.text
+    page = _sign_in(browser, base, made.json()["key"])
+    assert page.locator("#api-rows td").first.inner_text() == "bob.bob-echo"
+    disabled = httpx.post(
+        f"{base}/keys/{made.json()['id']}/disable", headers={"x-api-key": keys["admin"]}
+    )
+    assert disabled.status_code == 200, disabled.text
+    for _ in range(20):  # a disabled key stops working within a second
+        page.goto(f"{base}/console")
+        if page.url.endswith("/console/login"):
+            break
+        page.wait_for_timeout(250)
+    assert page.url.endswith("/console/login")
+    page.context.close()
+
+
 def test_kiln_serve_needs_no_sign_in_but_keeps_csrf(browser: Any, tmp_path: Path) -> None:
     write(tmp_path / "h.py", "OWNER = 'me'\n" + HANDLER)
     write(tmp_path / "kiln.yaml", "- kind: api\n  name: echo\n  python: {handler: h.py:Echo}\n")

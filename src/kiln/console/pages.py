@@ -77,9 +77,14 @@ class Console:
 
     async def call(self, session: Session, method: str, path: str, **kw: Any) -> Answer:
         answer = await self.rest.call(method, path, session.key, **kw)
-        if answer.status == 401:  # the key was disabled, deleted or expired
-            self.sessions.drop(session.sid)
-            raise Problem(303, "/console/login")
+        if answer.status in (401, 403) and self.authority is not None and session.key:
+            try:  # refused: is the session's key itself still good?
+                await asyncio.to_thread(
+                    authenticate, self.authority, _KeyHeaders(session.key), "manage"
+                )
+            except KilnError:  # disabled, deleted or expired: the session ends with it
+                self.sessions.drop(session.sid)
+                raise Problem(303, "/console/login") from None
         return answer
 
     async def audit(self, session: Session, action: str, target: str, status: int) -> None:
