@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from support import KilnServer, build_linear_onnx, write
 
 from kiln.control.metrics import LATENCY_BUCKETS
@@ -33,9 +35,23 @@ def _registry(**apis: tuple[int, int]) -> Any:
     return SimpleNamespace(groups=groups)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Any:
-    with Store(f"sqlite:///{tmp_path / 'state.db'}") as s:
+PG_URL = os.environ.get("KILN_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A fresh store on SQLite, and on PostgreSQL when KILN_TEST_POSTGRES_URL is set."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    if request.param == "postgresql":
+        if not PG_URL:
+            pytest.skip("KILN_TEST_POSTGRES_URL not set (scripts/postgres-for-tests.sh)")
+        engine = sa.create_engine(PG_URL)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+        engine.dispose()
+        url = PG_URL
+    with Store(url) as s:
         yield s
 
 
