@@ -200,6 +200,69 @@ def test_keys_made_in_the_console_work_and_are_audited(browser: Any, platform: D
     bob.context.close()
 
 
+def test_keys_enable_rotate_delete_each_confirmed(browser: Any, platform: Daemon) -> None:
+    keys = platform.keys  # type: ignore[attr-defined]
+    base, url = platform.management_url, f"{platform.url}/bob/bob-echo"
+    page = _sign_in(browser, base, keys["bob"])
+    page.goto(f"{base}/console/keys")
+    page.get_by_label("New key name").fill("to-rotate")
+    page.get_by_role("button", name="Create key").click()
+    first = page.locator("#new-key").inner_text()
+    row = page.locator("tr", has_text="to-rotate")
+    key_id = row.locator("td").first.inner_text()
+
+    def act(action: str, answer: bool = True) -> list[str]:
+        asked: list[str] = []
+
+        def on_dialog(dialog: Any) -> None:
+            asked.append(dialog.message)
+            dialog.accept() if answer else dialog.dismiss()
+
+        page.once("dialog", on_dialog)
+        page.locator("tr", has_text="to-rotate").get_by_role(
+            "button", name=f"{action} key {key_id}"
+        ).click()
+        page.wait_for_load_state()
+        return asked
+
+    assert act("disable") == [f"Disable key {key_id}?"]
+    page.wait_for_selector(f"text=Key {key_id} disabled.")
+    assert act("enable") == [f"Enable key {key_id}?"]
+    page.wait_for_selector(f"text=Key {key_id} enabled.")
+    assert httpx.post(url, json="hi", headers={"x-api-key": first}).status_code == 200
+    assert act("rotate") == [f"Rotate key {key_id}?"]
+    second = page.locator("#new-key").inner_text()
+    assert second != first
+    assert httpx.post(url, json="hi", headers={"x-api-key": second}).status_code == 200
+    for _ in range(20):  # the old secret stops working within a second
+        if httpx.post(url, json="hi", headers={"x-api-key": first}).status_code in (401, 403):
+            break
+        page.wait_for_timeout(250)
+    assert httpx.post(url, json="hi", headers={"x-api-key": first}).status_code in (401, 403)
+    rotated_id = page.locator("tr", has_text="to-rotate").locator("td").first.inner_text()
+    key_id = rotated_id
+    assert act("delete", answer=False) == [f"Delete key {key_id}?"]  # dismissed: kept
+    assert page.locator("tr", has_text="to-rotate").count() == 1
+    act("delete")
+    page.wait_for_selector(f"text=Key {key_id} deleted.")
+    assert page.locator("tr", has_text="to-rotate").count() == 0
+    page.context.close()
+
+
+def test_the_overview_sorts_by_a_column(browser: Any, platform: Daemon) -> None:
+    base = platform.management_url
+    page = _sign_in(browser, base, platform.keys["admin"])  # type: ignore[attr-defined]
+    header = page.get_by_role("button", name="API", exact=True)
+    names = page.locator("#api-rows tr td:first-child")
+    header.click()
+    ascending = names.all_inner_texts()
+    assert ascending == sorted(ascending) and len(ascending) >= 2
+    assert page.locator("th[aria-sort=ascending]").count() == 1
+    header.press("Enter")  # keyboard works too
+    assert names.all_inner_texts() == sorted(ascending, reverse=True)
+    page.context.close()
+
+
 def test_a_session_ends_when_its_key_is_disabled(browser: Any, platform: Daemon) -> None:
     keys = platform.keys  # type: ignore[attr-defined]
     base = platform.management_url
