@@ -26,6 +26,7 @@ SHOTS = Path(os.environ.get("KILN_CONSOLE_SHOTS") or tempfile.mkdtemp(prefix="ki
 HANDLER = """
 class Echo:
     def predict(self, payload, context):
+        print("echoing", payload, flush=True)
         return {"owner": OWNER, "echo": payload}
 """
 
@@ -35,7 +36,8 @@ def _project(folder: Path, owner: str) -> Path:
     write(
         folder / "kiln.yaml",
         "- kind: deployment\n  name: app\n"
-        f"- kind: api\n  name: {owner}-echo\n  python: {{handler: h.py:Echo}}\n",
+        f"- kind: api\n  name: {owner}-echo\n  python: {{handler: h.py:Echo}}\n"
+        "  tracker: {model_type: classification, key: echo}\n",
     )
     return folder
 
@@ -125,6 +127,12 @@ def test_a_user_signs_in_and_sees_only_their_apis(browser: Any, platform: Daemon
     # The 3 answers of this minute, per second, are the requests chart's peak.
     label = page.locator("figure svg[role=img]").first.get_attribute("aria-label")
     assert label == "Requests per second: maximum 0.05 over 15 minutes"
+    # The tracker's classes as bars; the log tail holds the API's lines.
+    assert page.locator(".bar").all_inner_texts() == ["hi\n3"]
+    assert page.locator("#log-tail").inner_text().strip()
+    tail = page.request.get(f"{base}/console/fragment/logs/alice.alice-echo")
+    assert tail.status == 200 and tail.text().strip()
+    assert page.request.get(f"{base}/console/fragment/logs/bob.bob-echo").status == 404
     page.screenshot(path=str(SHOTS / "api-alice.png"), full_page=True)
 
     # The phone layout still shows the table (it scrolls sideways).

@@ -9,7 +9,9 @@ from kiln.console import views
 from kiln.console.views import esc
 
 
-def api_body(session: Any, api: dict[str, Any], points: list[dict[str, Any]], window: str) -> str:
+def api_body(
+    session: Any, api: dict[str, Any], points: list[dict[str, Any]], window: str, log_text: str
+) -> str:
     name = api["name"]
     link = f"/console/apis/{quote(name)}"
     windows = " ".join(
@@ -39,7 +41,16 @@ def api_body(session: Any, api: dict[str, Any], points: list[dict[str, Any]], wi
                 ("p99_ms", "p99", "#cf222e"),
             ],
         )
-        + views.chart("Replicas ready", points, [("replicas", "replicas", "#1a7f37")])
+        + views.chart(
+            "Replicas ready",
+            points,
+            [("replicas", "replicas", "#1a7f37")],
+            marks=[
+                (float(e["time"]), f"{e.get('from')} -> {e.get('to')}: {e.get('reason', '')}")
+                for e in api.get("scaling_events", [])
+                if isinstance(e.get("time"), int | float)
+            ],
+        )
         + views.chart("Queue length", points, [("queue", "queue", "#9a6700")])
         + "</div>"
     )
@@ -68,6 +79,40 @@ def api_body(session: Any, api: dict[str, Any], points: list[dict[str, Any]], wi
         '<h2>Revisions</h2><div class="scroll"><table><thead><tr><th scope=col>Revision</th>'
         "<th scope=col>Status</th><th scope=col>Created</th><th scope=col>Action</th></tr>"
         f"</thead><tbody>{revisions or '<tr><td colspan=4>none</td></tr>'}</tbody></table></div>"
+        f"{tracker_section(api.get('tracker'))}"
         f"<h2>Recent errors</h2><ul>{errors or '<li>none</li>'}</ul>"
+        f'<h2 id="log-title">Log (live tail)</h2><pre id="log-tail" aria-labelledby="log-title" '
+        f'tabindex="0" class="log" data-src="/console/fragment/logs/{quote(name)}">'
+        f"{esc(log_text)}</pre>"
         f"<h2>Try it with curl</h2><pre>{esc(api.get('curl', ''))}</pre>"
     )
+
+
+def tracker_section(tracker: Any) -> str:
+    """The tracker's distribution: class counts as bars, or a regression's summary."""
+    if not isinstance(tracker, dict) or not tracker.get("model_type"):
+        return ""
+    if tracker["model_type"] == "classification":
+        classes = tracker.get("classes", {})
+        top = max(classes.values(), default=1) or 1
+        bars = "".join(
+            f'<div class="bar"><span class="bar-label">{esc(label)}</span>'
+            f'<span class="bar-fill" style="width:{100 * n / top:.1f}%"></span>'
+            f'<span class="bar-n">{n}</span></div>'
+            for label, n in classes.items()
+        )
+        return f"<h2>Predictions by class</h2>{bars or '<p>nothing tracked yet</p>'}"
+    cells = "".join(
+        f"<tr><th scope=row>{k}</th><td class=num>{esc(tracker.get(k))}</td></tr>"
+        for k in ("count", "min", "p50", "p90", "p99", "max", "mean")
+    )
+    return f"<h2>Predicted values</h2><table class=narrow><tbody>{cells}</tbody></table>"
+
+
+LOG_JS = """
+(function(){const pre=document.getElementById('log-tail');if(!pre)return;
+const url=pre.dataset.src;setInterval(async()=>{try{const r=await fetch(url,
+{credentials:'same-origin'});if(r.ok){
+const atEnd=pre.scrollTop+pre.clientHeight>=pre.scrollHeight-4;
+pre.textContent=await r.text();if(atEnd)pre.scrollTop=pre.scrollHeight;}}catch(e){}},5000);})();
+"""

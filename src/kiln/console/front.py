@@ -9,6 +9,7 @@ gate and the REST handlers decide what a session may see and do.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -73,10 +74,12 @@ class Rest:
             "state": {},
         }
         sent = False
+        done = asyncio.Event()
 
         async def receive() -> dict[str, Any]:
             nonlocal sent
-            if sent:
+            if sent:  # a streaming answer listens for the client leaving: only once it is done
+                await done.wait()
                 return {"type": "http.disconnect"}
             sent = True
             return {"type": "http.request", "body": payload, "more_body": False}
@@ -90,6 +93,8 @@ class Rest:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    done.set()
 
         await self.app(scope, receive, send)
         raw = b"".join(chunks)

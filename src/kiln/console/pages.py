@@ -13,9 +13,10 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from kiln.console import views
@@ -38,6 +39,7 @@ from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
 
 WINDOWS = ("15m", "1h", "24h")
+LOG_LINES = 50
 
 
 class _KeyHeaders:
@@ -159,16 +161,33 @@ class Console:
         name = request.path_params["name"]
         window = request.query_params.get("window", "1h")
         window = window if window in WINDOWS else "1h"
-        detail = await self.call(session, "get", f"/apis/{quote(name)}")
+        detail = await self.call(session, "get", f"/apis/{quote(name)}", query={"window": window})
         if not detail.ok:
             raise Problem(detail.status, detail.message)
         series = await self.call(
             session, "get", f"/apis/{quote(name)}/timeseries", query={"window": window}
         )
         points = series.body.get("points", []) if series.ok else []
-        from kiln.console.api_page import api_body
+        from kiln.console.api_page import LOG_JS, api_body
 
-        return self.html(session, name, api_body(session, detail.body, points, window))
+        logs = await self._log_text(session, name)
+        body = api_body(session, detail.body, points, window, logs)
+        return self.html(session, name, body, script=LOG_JS)
+
+    async def log_fragment(self, request: Request) -> Response:
+        session = await self.enter(request)
+        return PlainTextResponse(await self._log_text(session, request.path_params["name"]))
+
+    async def _log_text(self, session: Session, name: str) -> str:
+        """The API's last log lines, as `kiln logs` prints them (JSON lines)."""
+        answer = await self.call(
+            session, "get", f"/apis/{quote(name)}/logs", query={"tail": str(LOG_LINES)}
+        )
+        if not answer.ok:
+            raise Problem(answer.status, answer.message)
+        if isinstance(answer.body, str):
+            return answer.body
+        return "" if answer.body is None else orjson.dumps(answer.body).decode()
 
     async def rollback(self, request: Request) -> Response:
         session = await self.enter(request)
@@ -238,6 +257,7 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
         Route("/console/logout", c.logout, methods=["POST"]),
         Route("/console/fragment/apis", c.fragment, methods=["GET"]),
         Route("/console/apis/{name}", c.api_page, methods=["GET"]),
+        Route("/console/fragment/logs/{name}", c.log_fragment, methods=["GET"]),
         Route("/console/apis/{name}/rollback", c.rollback, methods=["POST"]),
         Route("/console/audit", c.audit_page, methods=["GET"]),
         Route("/console/keys", keys.page, methods=["GET"]),

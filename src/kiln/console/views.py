@@ -9,6 +9,7 @@ phone rather than squeezing.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from html import escape
 from typing import Any
 
@@ -39,6 +40,11 @@ figure{margin:0;border:1px solid var(--line);border-radius:6px;padding:.5rem}
 figcaption{font-weight:600}.key{display:inline-block;margin-right:.8rem}
 .sw{display:inline-block;width:.8rem;height:.8rem;margin-right:.25rem;vertical-align:middle}
 .toolbar{display:flex;flex-wrap:wrap;gap:.6rem;align-items:center;margin-bottom:.6rem}
+.log{max-height:22rem;overflow:auto;background:#f6f8fa;border:1px solid var(--line);
+padding:.5rem;font-size:.85rem;white-space:pre-wrap;word-break:break-all}
+.bar{display:grid;grid-template-columns:minmax(6rem,12rem) 1fr 4rem;gap:.5rem;align-items:center;
+margin:.2rem 0}.bar-fill{display:block;height:1rem;background:#0b5cad;min-width:2px}
+.bar-n{text-align:right;font-variant-numeric:tabular-nums}table.narrow{width:auto}
 """
 
 OVERVIEW_JS = """
@@ -166,8 +172,14 @@ def overview(apis: list[dict[str, Any]]) -> str:
     )
 
 
-def chart(title: str, points: list[dict[str, Any]], series: list[tuple[str, str, str]]) -> str:
-    """A line chart as inline SVG; each series is (point key, label, colour)."""
+def chart(
+    title: str,
+    points: list[dict[str, Any]],
+    series: list[tuple[str, str, str]],
+    marks: Sequence[tuple[float, str]] = (),
+) -> str:
+    """A line chart as inline SVG; each series is (point key, label, colour); `marks`
+    are (time, label) drawn as dashed vertical lines (scaling events)."""
     w, h, pad = 560, 180, 30
     values = [p.get(k) for p in points for k, _, _ in series]
     top = max([v for v in values if isinstance(v, int | float) and v > 0], default=1)
@@ -188,10 +200,21 @@ def chart(title: str, points: list[dict[str, Any]], series: list[tuple[str, str,
             for xy in coords:
                 x, y = xy.split(",")
                 lines.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{colour}"/>')
+    if points and marks:
+        t0, t1 = points[0]["t"], points[-1]["t"] + 60
+        for at, why in marks:
+            if t0 <= at < t1:
+                x = pad + (at - t0) / (t1 - t0) * (w - pad - 5)
+                lines.append(
+                    f'<line x1="{x:.1f}" y1="5" x2="{x:.1f}" y2="{h - pad}" stroke="#57606a" '
+                    f'stroke-dasharray="4 3"><title>{esc(why)}</title></line>'
+                )
     legend = "".join(
         f'<span class="key"><span class="sw" style="background:{c}"></span>{esc(label)}</span>'
         for _, label, c in series
     )
+    if marks:
+        legend += '<span class="key">┆ scaling event</span>'
     label = f"{title}: maximum {top:g} over {len(points)} minutes"
     return (
         f"<figure><figcaption>{esc(title)}</figcaption>"
