@@ -271,6 +271,35 @@ def test_the_overview_sorts_by_a_column(browser: Any, platform: Daemon) -> None:
     page.context.close()
 
 
+def test_usage_and_server_pages_show_what_rest_answers(browser: Any, platform: Daemon) -> None:
+    keys = platform.keys  # type: ignore[attr-defined]
+    base = platform.management_url
+    bob = {"x-api-key": keys["bob"]}
+    for _ in range(2):
+        assert httpx.post(f"{platform.url}/bob/bob-echo", json="hi", headers=bob).is_success
+    usage = httpx.get(f"{base}/usage", headers=bob).json()
+    expected = sum(r["calls"] for r in usage["usage"] if r["api"] == "bob.bob-echo")
+    assert expected >= 2
+    page = _sign_in(browser, base, keys["bob"])
+    page.goto(f"{base}/console/usage")
+    row = page.locator("table").first.locator("tr", has_text="bob.bob-echo")
+    assert row.locator("td").nth(1).inner_text() == str(expected)
+    assert "alice" not in page.locator("main").inner_text()
+    page.screenshot(path=str(SHOTS / "usage-bob.png"), full_page=True)
+    response = page.goto(f"{base}/console/server")
+    assert response is not None and response.status == 404  # the admin's page
+    page.context.close()
+
+    admin = _sign_in(browser, base, keys["admin"])
+    admin.goto(f"{base}/console/server")
+    users = admin.locator("table").nth(1).locator("tbody tr td:first-child").all_inner_texts()
+    assert {"alice", "bob"} <= set(users)
+    version = httpx.get(f"{base}/server", headers={"x-api-key": keys["admin"]}).json()["version"]
+    assert version in admin.locator("table").first.inner_text()
+    admin.screenshot(path=str(SHOTS / "server-admin.png"), full_page=True)
+    admin.context.close()
+
+
 def test_a_session_ends_when_its_key_is_disabled(browser: Any, platform: Daemon) -> None:
     keys = platform.keys  # type: ignore[attr-defined]
     base = platform.management_url

@@ -34,6 +34,7 @@ from kiln.console.guard import (
     redirect,
 )
 from kiln.console.keys import KeyPages
+from kiln.console.more import MorePages
 from kiln.control.store import AuditEntry
 from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
@@ -240,6 +241,7 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
     """The console's Starlette app (ConsoleFront sends it every /console path)."""
     c = Console(rest, authority, store, bound_host)
     keys = KeyPages(c)
+    more = MorePages(c)
 
     async def problem(request: Request, exc: Exception) -> Response:
         if isinstance(exc, Problem) and exc.status == 303:
@@ -260,6 +262,8 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
         Route("/console/fragment/logs/{name}", c.log_fragment, methods=["GET"]),
         Route("/console/apis/{name}/rollback", c.rollback, methods=["POST"]),
         Route("/console/audit", c.audit_page, methods=["GET"]),
+        Route("/console/usage", more.usage, methods=["GET"]),
+        Route("/console/server", more.server, methods=["GET"]),
         Route("/console/keys", keys.page, methods=["GET"]),
         Route("/console/keys", keys.create, methods=["POST"]),
         Route("/console/keys/{key_id}/{action}", keys.change, methods=["POST"]),

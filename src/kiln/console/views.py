@@ -84,15 +84,16 @@ def page(title: str, body: str, session: Any, *, script: str = "") -> str:
     who = ""
     nav = '<a href="/console">APIs</a>'
     if session is not None and session.signed_in:
-        nav += ' <a href="/console/keys">Keys</a>'
+        nav += ' <a href="/console/keys">Keys</a> <a href="/console/usage">Usage</a>'
         if session.is_admin:
-            nav += ' <a href="/console/audit">Audit log</a>'
+            nav += ' <a href="/console/server">Server</a> <a href="/console/audit">Audit log</a>'
         who = (
             f'<span class="who">Signed in as <strong>{esc(session.user)}</strong> '
             f'<form class="inline" method="post" action="/console/logout">{csrf(session)}'
             '<button class="act" type="submit">Sign out</button></form></span>'
         )
     elif session is not None and session.key is None and session.user == "local":
+        nav += ' <a href="/console/server">Server</a>'
         who = '<span class="who">kiln serve (no sign-in: API keys are off)</span>'
     flash = ""
     if session is not None and session.flash:
