@@ -324,63 +324,68 @@ def test_a_session_ends_when_its_key_is_disabled(browser: Any, platform: Daemon)
     page.context.close()
 
 
-def test_kiln_serve_needs_no_sign_in_but_keeps_csrf(browser: Any, tmp_path: Path) -> None:
+PREDICTOR = """
+import time
+
+class PythonPredictor:
+    def __init__(self, config):
+        pass
+
+    def predict(self, payload, batch_id):
+        time.sleep(0.3)
+        if 5 in payload:
+            raise ValueError("cannot score item 5")
+        return payload
+"""
+
+
+def test_kiln_serve_needs_no_sign_in_but_keeps_csrf_and_shows_jobs(
+    browser: Any, tmp_path: Path
+) -> None:
     write(tmp_path / "h.py", "OWNER = 'me'\n" + HANDLER)
-    write(tmp_path / "kiln.yaml", "- kind: api\n  name: echo\n  python: {handler: h.py:Echo}\n")
+    write(tmp_path / "predictor.py", PREDICTOR)
+    write(
+        tmp_path / "kiln.yaml",
+        "- kind: api\n  name: echo\n  python: {handler: h.py:Echo}\n"
+        "- kind: BatchAPI\n  name: scorer\n  predictor: {type: python, path: predictor.py}\n"
+        "  jobs: {visibility_timeout: 1}\n",
+    )
     server = KilnServer(tmp_path, tmp_path / "home")
     try:
+        base = server.management_url
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         page = context.new_page()
-        response = page.goto(f"{server.management_url}/console")
+        response = page.goto(f"{base}/console")
         assert response is not None and response.status == 200
-        assert page.locator("#api-rows td").first.inner_text() == "echo"
-        forged = page.request.post(f"{server.management_url}/console/keys", form={"name": "x"})
+        names = page.locator("#api-rows tr td:first-child").all_inner_texts()
+        assert sorted(names) == ["echo", "scorer"]
+        forged = page.request.post(f"{base}/console/keys", form={"name": "x"})
         assert forged.status == 403
         page.screenshot(path=str(SHOTS / "overview-serve.png"), full_page=True)
+
+        spec = {"workers": 1, "item_list": {"items": list(range(8)), "batch_size": 2}}
+        job = httpx.post(f"{base}/apis/scorer/jobs", json=spec, timeout=30)
+        assert job.status_code in (200, 201), job.text
+        job_id = job.json()["job_id"]
+        page.goto(f"{base}/console/apis/scorer")
+        page.get_by_role("link", name=job_id).click()
+        status = ""
+        for _ in range(120):  # follow the job to its end (the page reloads itself)
+            status = page.locator("tr", has_text="Status").locator("td").inner_text()
+            if status not in ("enqueuing", "running", "pending"):
+                break
+            page.wait_for_timeout(500)
+            page.reload()
+        final = httpx.get(f"{base}/apis/scorer/jobs/{job_id}").json()
+        assert status == final["job_status"]["status_text"] != "running"
+        bar = page.get_by_label("batches")
+        assert bar.get_attribute("max") == "4"
+        assert bar.get_attribute("value") == str(final["progress"]["batches_done"])
+        assert "cannot score item 5" in page.locator("main").inner_text()
+        page.screenshot(path=str(SHOTS / "job-serve.png"), full_page=True)
         context.close()
     finally:
         server.stop()
-
-
-def test_rollback_from_the_console_asks_first_and_is_audited(
-    browser: Any, platform: Daemon, tmp_path: Path
-) -> None:
-    keys = platform.keys  # type: ignore[attr-defined]
-    folder = _project(tmp_path / "v2", "alice")
-    write(folder / "h.py", "OWNER = 'alice v2'\n" + HANDLER)
-    env = {**platform.env, "KILN_API_KEY": keys["alice"]}
-    deployed = platform.kiln_env(env, "deploy", str(folder))
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    url = f"{platform.url}/alice/alice-echo"
-    alice = {"x-api-key": keys["alice"]}
-    assert httpx.post(url, json="hi", headers=alice).json()["owner"] == "alice v2"
-
-    base = platform.management_url
-    page = _sign_in(browser, base, keys["alice"])
-    page.goto(f"{base}/console/apis/alice.alice-echo")
-    button = page.get_by_role("button", name="Roll back")
-    assert button.count() == 1  # only the earlier revision offers it
-    asked: list[str] = []
-    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
-    button.click()
-    assert asked and asked[0].startswith("Roll alice.alice-echo back to ")
-    assert httpx.post(url, json="hi", headers=alice).json()["owner"] == "alice v2"  # dismissed
-
-    page.once("dialog", lambda dialog: dialog.accept())
-    button.click()
-    page.wait_for_selector("text=Rolling alice.alice-echo back to")
-    owner = ""
-    for _ in range(120):  # the rollout starts a replica of the old revision, then swaps
-        owner = httpx.post(url, json="hi", headers=alice).json().get("owner", "")
-        if owner == "alice":
-            break
-        page.wait_for_timeout(500)
-    assert owner == "alice"
-    page.context.close()
-    admin = _sign_in(browser, base, keys["admin"])
-    admin.goto(f"{base}/console/audit")
-    assert "rollback" in admin.locator("tbody").inner_text()
-    admin.context.close()
 
 
 # ---- the guard's rules, without a browser ------------------------------------------------

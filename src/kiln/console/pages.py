@@ -33,6 +33,7 @@ from kiln.console.guard import (
     cookie_header,
     redirect,
 )
+from kiln.console.jobs import JobPages, jobs_section
 from kiln.console.keys import KeyPages
 from kiln.console.more import MorePages
 from kiln.control.store import AuditEntry
@@ -171,8 +172,15 @@ class Console:
         points = series.body.get("points", []) if series.ok else []
         from kiln.console.api_page import LOG_JS, api_body
 
-        logs = await self._log_text(session, name)
+        try:
+            logs = await self._log_text(session, name)
+        except Problem:  # nothing logged yet (a Batch API logs per job)
+            logs = ""
         body = api_body(session, detail.body, points, window, logs)
+        if detail.body.get("kind") == "BatchAPI":
+            listing = await self.call(session, "get", f"/apis/{quote(name)}/jobs")
+            if listing.ok:
+                body += jobs_section(name, listing.body)
         return self.html(session, name, body, script=LOG_JS)
 
     async def log_fragment(self, request: Request) -> Response:
@@ -242,6 +250,7 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
     c = Console(rest, authority, store, bound_host)
     keys = KeyPages(c)
     more = MorePages(c)
+    jobs = JobPages(c)
 
     async def problem(request: Request, exc: Exception) -> Response:
         if isinstance(exc, Problem) and exc.status == 303:
@@ -261,6 +270,7 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
         Route("/console/apis/{name}", c.api_page, methods=["GET"]),
         Route("/console/fragment/logs/{name}", c.log_fragment, methods=["GET"]),
         Route("/console/apis/{name}/rollback", c.rollback, methods=["POST"]),
+        Route("/console/apis/{name}/jobs/{job_id}", jobs.job, methods=["GET"]),
         Route("/console/audit", c.audit_page, methods=["GET"]),
         Route("/console/usage", more.usage, methods=["GET"]),
         Route("/console/server", more.server, methods=["GET"]),
