@@ -24,7 +24,8 @@ from kiln.control.store import MINUTE_S, MinuteDelta, Store, percentile_bucket
 FLUSH_S = 5.0
 RETAIN_S = 25 * 3600  # "at least 24 hours"
 WINDOWS = {"15m": 15 * 60, "1h": 3600, "24h": 86_400}
-_CLASS = {2: "2xx", 4: "4xx", 5: "5xx"}
+_SLOT = {2: 0, 4: 1, 5: 2}  # status // 100 -> its count's index in a row
+_CLASS_SLOT = (("2xx", 0), ("4xx", 1), ("5xx", 2))
 log = logging.getLogger("kiln.timeseries")
 
 
@@ -44,42 +45,59 @@ class TimeSeries:
         self._clock = clock
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._pending: dict[tuple[str, int], MinuteDelta] = {}
+        # (api, minute start) -> [2xx, 4xx, 5xx, one count per latency bucket, +Inf]
+        self._counts: dict[tuple[str, int], list[int]] = {}
+        self._gauges: dict[tuple[str, int], tuple[int, int]] = {}  # -> (replicas, max queue)
+        self._retry: dict[tuple[str, int], MinuteDelta] = {}  # a failed flush's deltas
+        self._width = 3 + len(bounds) + 1
         self._pruned_at = 0.0
 
     # ---- hot path -----------------------------------------------------------------
     def observe(self, api: str, status: int, seconds: float) -> None:
-        minute = int(self._clock()) // MINUTE_S * MINUTE_S
-        bucket = bisect.bisect_left(self.bounds, seconds)
+        """One answer (Metrics.request): two list increments under an uncontended lock."""
+        now = int(self._clock())
+        key = (api, now - now % MINUTE_S)
+        bucket = 3 + bisect.bisect_left(self.bounds, seconds)
+        cls = _SLOT.get(status // 100)
         with self._lock:
-            delta = self._pending.get((api, minute))
-            if delta is None:
-                delta = self._pending[(api, minute)] = MinuteDelta(api, minute)
-            cls = _CLASS.get(status // 100)
+            row = self._counts.get(key)
+            if row is None:
+                row = self._counts[key] = [0] * self._width
             if cls is not None:
-                delta.classes[cls] = delta.classes.get(cls, 0) + 1
-            delta.latency[bucket] = delta.latency.get(bucket, 0) + 1
+                row[cls] += 1
+            row[bucket] += 1
 
     # ---- flushing -------------------------------------------------------------------
     def sample(self) -> None:
-        """Add each served API's ready replicas and queue length to the current minute."""
-        minute = int(self._clock()) // MINUTE_S * MINUTE_S
+        """Note each served API's ready replicas and queue length for the current minute."""
+        now = int(self._clock())
+        minute = now - now % MINUTE_S
         for name, group in list(self.registry.groups.items()):
             versions = list(group.versions.values())
             ready = sum(len(v.ready_slots()) for v in versions)
             queue = sum(len(v.queue) for v in versions)
             with self._lock:
-                delta = self._pending.get((name, minute))
-                if delta is None:
-                    delta = self._pending[(name, minute)] = MinuteDelta(name, minute)
-                delta.replicas = ready
-                delta.queue = max(delta.queue or 0, queue)
+                _, seen = self._gauges.get((name, minute), (0, 0))
+                self._gauges[(name, minute)] = (ready, max(seen, queue))
+
+    def _take(self) -> dict[tuple[str, int], MinuteDelta]:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            gauges, self._gauges = self._gauges, {}
+        deltas, self._retry = self._retry, {}
+        for (api, minute), row in counts.items():
+            delta = MinuteDelta(api, minute)
+            delta.classes = {c: row[i] for c, i in _CLASS_SLOT if row[i]}
+            delta.latency = {b - 3: n for b, n in enumerate(row[3:], start=3) if n}
+            _add(deltas, delta)
+        for (api, minute), (replicas, queue) in gauges.items():
+            _add(deltas, MinuteDelta(api, minute, replicas=replicas, queue=queue))
+        return deltas
 
     def flush(self) -> None:
         """Write pending deltas (one transaction); prune once a minute. Thread-safe."""
         with self._flush_lock:
-            with self._lock:
-                pending, self._pending = self._pending, {}
+            pending = self._take()
             try:
                 if pending:
                     self.store.add_minutes(pending.values())
@@ -89,12 +107,7 @@ class TimeSeries:
                     self._pruned_at = now
             except Exception as exc:  # noqa: BLE001 - keep the deltas, try again next tick
                 log.warning("could not write the per-minute API series to the store: %s", exc)
-                with self._lock:
-                    for key, delta in pending.items():
-                        if key in self._pending:
-                            _merge(self._pending[key], delta)
-                        else:
-                            self._pending[key] = delta
+                self._retry = pending
 
     async def run(self) -> None:
         """Sample and flush every FLUSH_S seconds until cancelled."""
@@ -133,11 +146,17 @@ class TimeSeries:
         return round(self.bounds[min(bucket, len(self.bounds) - 1)] * 1000, 3)
 
 
-def _merge(into: MinuteDelta, other: MinuteDelta) -> None:
-    for cls, n in other.classes.items():
+def _add(deltas: dict[tuple[str, int], MinuteDelta], delta: MinuteDelta) -> None:
+    """Merge `delta` into `deltas` (counts add up; the newer replicas, the larger queue)."""
+    into = deltas.get((delta.api, delta.minute))
+    if into is None:
+        deltas[(delta.api, delta.minute)] = delta
+        return
+    for cls, n in delta.classes.items():
         into.classes[cls] = into.classes.get(cls, 0) + n
-    for bucket, n in other.latency.items():
+    for bucket, n in delta.latency.items():
         into.latency[bucket] = into.latency.get(bucket, 0) + n
-    if into.replicas is None:
-        into.replicas = other.replicas
-    into.queue = max(into.queue or 0, other.queue or 0) if other.queue is not None else into.queue
+    if delta.replicas is not None:
+        into.replicas = delta.replicas
+    if delta.queue is not None:
+        into.queue = max(into.queue or 0, delta.queue)
