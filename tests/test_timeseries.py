@@ -145,3 +145,26 @@ def test_timeseries_route_matches_the_traffic_sent_and_is_documented(tmp_path: P
         assert "p99_ms" in schema["properties"]["points"]["items"]["properties"]
     finally:
         server.stop()
+
+
+def test_a_failed_flush_keeps_its_counts_for_the_next(store: Store) -> None:
+    clock = Clock(60 * 86_400.0)
+    series = TimeSeries(store, _registry(a=(1, 3)), LATENCY_BUCKETS, clock=clock)
+    real = store.add_minutes
+    calls = {"n": 0}
+
+    def flaky(deltas: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full")
+        real(deltas)
+
+    store.add_minutes = flaky  # type: ignore[method-assign]
+    series.observe("a", 200, 0.01)
+    series.sample()
+    series.flush()  # fails: kept
+    series.observe("a", 500, 0.01)
+    series.flush()
+    (row,) = store.minutes("a", 0)
+    assert row.classes == {"2xx": 1, "4xx": 0, "5xx": 1}
+    assert sum(row.latency.values()) == 2 and (row.replicas, row.queue) == (1, 3)
