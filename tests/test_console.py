@@ -102,7 +102,8 @@ def test_a_user_signs_in_and_sees_only_their_apis(browser: Any, platform: Daemon
     assert names == ["alice.alice-echo"]
     assert "bob" not in page.content()
     assert page.locator("#api-rows .badge").first.inner_text() == "live"
-    cookie = next(c for c in page.context.cookies() if c["name"] == "kiln_console")
+    port = base.rsplit(":", 1)[1]
+    cookie = next(c for c in page.context.cookies() if c["name"] == f"kiln_console_{port}")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     page.screenshot(path=str(SHOTS / "overview-alice.png"), full_page=True)
 
@@ -151,8 +152,8 @@ def test_forms_need_the_csrf_token_and_the_host_must_be_this_server(
     page = _sign_in(browser, base, platform.keys["bob"])  # type: ignore[attr-defined]
     forged = page.request.post(f"{base}/console/keys", form={"name": "sneaky"})
     assert forged.status == 403 and "CSRF" in forged.text()
-    cookie = next(c for c in page.context.cookies() if c["name"] == "kiln_console")
-    jar = {"kiln_console": cookie["value"]}
+    (cookie,) = [c for c in page.context.cookies() if c["name"].startswith("kiln_console_")]
+    jar = {cookie["name"]: cookie["value"]}
     # The same session through another Host name (a DNS-rebinding page) is refused.
     rebound = httpx.get(f"{base}/console", cookies=jar, headers={"Host": "evil.example:80"})
     assert rebound.status_code == 403 and "evil.example" in rebound.text
@@ -437,6 +438,10 @@ def test_sessions_expire_when_idle_and_stay_bounded(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(guard, "MAX_SESSIONS", 3)
     made = [sessions.new() for _ in range(5)]
     assert [sessions.get(s.sid) is not None for s in made] == [False, False, True, True, True]
+    made[2].signed_in = True  # a flood of new sessions pushes out the others first
+    flood = [sessions.new() for _ in range(4)]
+    assert sessions.get(made[2].sid) is made[2]
+    assert [sessions.get(s.sid) is not None for s in flood] == [False, False, True, True]
     renewed = sessions.renew(made[-1])
     assert renewed.sid != made[-1].sid and renewed.csrf != made[-1].csrf
     assert sessions.get(made[-1].sid) is None

@@ -41,6 +41,7 @@ class Session:
     signed_in: bool = False
     seen: float = field(default_factory=time.time)
     flash: str | None = None  # one message for the next page (a new key: shown once)
+    cookie: str = "kiln_console"  # per server port: cookies do not tell ports apart
 
 
 class Sessions:
@@ -51,8 +52,14 @@ class Sessions:
         self._table: OrderedDict[str, Session] = OrderedDict()
 
     def new(self) -> Session:
+        """A fresh session; when the table is full, the oldest not signed in goes first
+        (so a flood of cookieless requests cannot push out people who signed in)."""
         while len(self._table) >= MAX_SESSIONS:
-            self._table.popitem(last=False)
+            unsigned = next((sid for sid, s in self._table.items() if not s.signed_in), None)
+            if unsigned is None:
+                self._table.popitem(last=False)
+            else:
+                del self._table[unsigned]
         session = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), seen=self._clock())
         self._table[session.sid] = session
         return session
@@ -78,15 +85,21 @@ class Sessions:
         """A fresh id and CSRF token at sign-in (no session fixation)."""
         self.drop(session.sid)
         fresh = self.new()
-        fresh.flash = session.flash
+        fresh.flash, fresh.cookie = session.flash, session.cookie
         return fresh
 
 
-def cookie_header(sid: str, *, clear: bool = False) -> str:
+def cookie_name(port: int | None) -> str:
+    """`kiln_console_8081`: browsers share cookies across ports, so two servers on one
+    host must not overwrite each other's session."""
+    return f"{COOKIE}_{port}" if port else COOKIE
+
+
+def cookie_header(sid: str, *, clear: bool = False, name: str = COOKIE) -> str:
     """The Set-Cookie value: HttpOnly, SameSite=Strict, only for /console."""
     if clear:
-        return f"{COOKIE}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"
-    return f"{COOKIE}={sid}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={IDLE_S}"
+        return f"{name}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0"
+    return f"{name}={sid}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={IDLE_S}"
 
 
 def check_csrf(session: Session, presented: str | None) -> None:
@@ -149,5 +162,5 @@ class Problem(Exception):
 def redirect(to: str, session: Session) -> Response:
     """303 to `to`, keeping the session's cookie."""
     response = RedirectResponse(to, 303)
-    response.headers["set-cookie"] = cookie_header(session.sid)
+    response.headers["set-cookie"] = cookie_header(session.sid, name=session.cookie)
     return response

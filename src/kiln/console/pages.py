@@ -9,6 +9,7 @@ page's error with the same status.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +23,6 @@ from starlette.routing import Route
 from kiln.console import views
 from kiln.console.front import Answer, Rest
 from kiln.console.guard import (
-    COOKIE,
     Problem,
     Session,
     Sessions,
@@ -31,6 +31,7 @@ from kiln.console.guard import (
     check_host,
     check_origin,
     cookie_header,
+    cookie_name,
     redirect,
 )
 from kiln.console.jobs import JobPages, jobs_section
@@ -41,6 +42,7 @@ from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
 
 WINDOWS = ("15m", "1h", "24h")
+log = logging.getLogger("kiln.console")
 LOG_LINES = 50
 
 
@@ -64,7 +66,8 @@ class Console:
             request.headers.get("host"),
             allowed_hosts(self.bound_host, server[0] if server else None),
         )
-        session = self.sessions.get(request.cookies.get(COOKIE))
+        cookie = cookie_name(server[1] if server else None)
+        session = self.sessions.get(request.cookies.get(cookie))
         if request.method == "POST":
             check_origin(dict(request.headers), request.url.scheme)
             form = await request.form()
@@ -73,6 +76,7 @@ class Console:
             check_csrf(session, str(form.get("csrf", "")) or None)
         if session is None:
             session = self.sessions.new()
+            session.cookie = cookie
             if self.authority is None:
                 session.user, session.is_admin = "local", True
         if signed_in and self.authority is not None and not session.signed_in:
@@ -100,7 +104,7 @@ class Console:
         self, session: Session, title: str, body: str, status: int = 200, **kw: Any
     ) -> Response:
         response = HTMLResponse(views.page(title, body, session, **kw), status)
-        response.headers["set-cookie"] = cookie_header(session.sid)
+        response.headers["set-cookie"] = cookie_header(session.sid, name=session.cookie)
         response.headers["cache-control"] = "no-store"
         response.headers["x-frame-options"] = "DENY"
         response.headers["content-security-policy"] = (
@@ -138,7 +142,7 @@ class Console:
         session = await self.enter(request, signed_in=False)
         self.sessions.drop(session.sid)
         response = RedirectResponse("/console/login", 303)
-        response.headers["set-cookie"] = cookie_header("", clear=True)
+        response.headers["set-cookie"] = cookie_header("", clear=True, name=session.cookie)
         return response
 
     # ---- overview -------------------------------------------------------------------
@@ -257,6 +261,9 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
             return RedirectResponse(exc.message, 303)
         status = exc.status if isinstance(exc, Problem | KilnError) else 500
         message = exc.message if isinstance(exc, Problem) else str(exc)
+        if status == 500 and not isinstance(exc, Problem | KilnError):
+            log.exception("console page %s failed", request.url.path, exc_info=exc)
+            message = "the console failed to show this page; the server log has the details"
         body = f'<div class="flash problem" role="alert">{views.esc(message)}</div>'
         title = "Not found" if status == 404 else "Refused" if status in (401, 403) else "Error"
         return HTMLResponse(views.page(title, body, None), status)
