@@ -136,6 +136,15 @@ def test_a_user_signs_in_and_sees_only_their_apis(browser: Any, platform: Daemon
     assert page.request.get(f"{base}/console/fragment/logs/bob.bob-echo").status == 404
     page.screenshot(path=str(SHOTS / "api-alice.png"), full_page=True)
 
+    # Try it: the body goes to the API with the session's key; status, latency, answer.
+    page.get_by_label("Request body (JSON)").fill('"ping"')
+    page.get_by_role("button", name="Send").click()
+    result = page.locator("#try-result").inner_text()
+    assert result.startswith("HTTP 200 in ") and result.endswith(" ms")
+    answer = orjson.loads(page.get_by_label("Answer").inner_text())
+    assert answer == {"owner": "alice", "echo": "ping"}
+    assert f"curl -X POST '{platform.url}/alice/alice-echo'" in page.content()
+
     # The phone layout still shows the table (it scrolls sideways).
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(f"{base}/console")

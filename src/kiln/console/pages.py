@@ -37,6 +37,7 @@ from kiln.console.guard import (
 from kiln.console.jobs import JobPages, jobs_section
 from kiln.console.keys import KeyPages
 from kiln.console.more import MorePages
+from kiln.console.try_it import Tried, send, try_section
 from kiln.control.store import AuditEntry
 from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
@@ -164,6 +165,20 @@ class Console:
     # ---- one API --------------------------------------------------------------------
     async def api_page(self, request: Request) -> Response:
         session = await self.enter(request)
+        return await self._api(session, request, None)
+
+    async def try_it(self, request: Request) -> Response:
+        """Send the form's body to the API with the session's key; the page shows the answer."""
+        session = await self.enter(request)
+        name = request.path_params["name"]
+        detail = await self.call(session, "get", f"/apis/{quote(name)}")
+        if not detail.ok:
+            raise Problem(detail.status, detail.message)
+        body = str((await request.form()).get("body", ""))
+        tried = await send(detail.body.get("url", ""), body, session.key)
+        return await self._api(session, request, tried)
+
+    async def _api(self, session: Session, request: Request, tried: Tried | None) -> Response:
         name = request.path_params["name"]
         window = request.query_params.get("window", "1h")
         window = window if window in WINDOWS else "1h"
@@ -185,6 +200,8 @@ class Console:
             listing = await self.call(session, "get", f"/apis/{quote(name)}/jobs")
             if listing.ok:
                 body += jobs_section(name, listing.body)
+        else:
+            body += try_section(session, detail.body, f"/console/apis/{quote(name)}", tried)
         return self.html(session, name, body, script=LOG_JS)
 
     async def log_fragment(self, request: Request) -> Response:
@@ -277,6 +294,7 @@ def console_app(rest: Rest, authority: Any, store: Any, bound_host: str) -> Star
         Route("/console/apis/{name}", c.api_page, methods=["GET"]),
         Route("/console/fragment/logs/{name}", c.log_fragment, methods=["GET"]),
         Route("/console/apis/{name}/rollback", c.rollback, methods=["POST"]),
+        Route("/console/apis/{name}/try", c.try_it, methods=["POST"]),
         Route("/console/apis/{name}/jobs/{job_id}", jobs.job, methods=["GET"]),
         Route("/console/audit", c.audit_page, methods=["GET"]),
         Route("/console/usage", more.usage, methods=["GET"]),

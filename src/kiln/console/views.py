@@ -45,6 +45,7 @@ padding:.5rem;font-size:.85rem;white-space:pre-wrap;word-break:break-all}
 .bar{display:grid;grid-template-columns:minmax(6rem,12rem) 1fr 4rem;gap:.5rem;align-items:center;
 margin:.2rem 0}.bar-fill{display:block;height:1rem;background:#0b5cad;min-width:2px}
 .bar-n{text-align:right;font-variant-numeric:tabular-nums}table.narrow{width:auto}
+textarea{font:.9rem ui-monospace,monospace;width:100%;max-width:48rem;padding:.4rem}
 """
 
 OVERVIEW_JS = """

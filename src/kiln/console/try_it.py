@@ -1,0 +1,80 @@
+"""The "try it" panel of an API's console page: send one request, show the answer.
+
+Why through the server rather than from the browser: the inference port is
+another origin (CORS), and the session's key must never reach the page. The
+console sends the body to the API's URL with the session's key (a `manage` key
+may also invoke), exactly as the curl line shown beside it would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from kiln.console.views import esc
+
+MAX_BODY = 1 << 20
+MAX_SHOWN = 64 * 1024
+TIMEOUT_S = 30.0
+
+
+@dataclass
+class Tried:
+    body: str
+    status: int | None = None
+    latency_ms: float | None = None
+    answer: str = ""
+    problem: str = ""
+
+
+async def send(url: str, body: str, key: str | None) -> Tried:
+    """POST `body` (JSON) to the API's `url`; what came back and how long it took."""
+    tried = Tried(body)
+    if len(body.encode()) > MAX_BODY:
+        tried.problem = f"the body is over {MAX_BODY} bytes; use curl for large requests"
+        return tried
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["x-api-key"] = key
+    start = time.perf_counter()
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+            response = await client.post(url, content=body.encode(), headers=headers)
+    except httpx.HTTPError as exc:
+        tried.problem = f"the request did not complete: {exc}"
+        return tried
+    tried.latency_ms = round((time.perf_counter() - start) * 1000, 1)
+    tried.status = response.status_code
+    tried.answer = response.text[:MAX_SHOWN]
+    return tried
+
+
+def try_section(session: Any, api: dict[str, Any], link: str, tried: Tried | None) -> str:
+    from kiln.console.views import csrf
+
+    body = tried.body if tried else '"hello"'
+    result = ""
+    if tried and tried.problem:
+        result = f'<div class="flash problem" role="alert">{esc(tried.problem)}</div>'
+    elif tried:
+        result = (
+            f'<p role="status" id="try-result">HTTP {tried.status} in {tried.latency_ms} ms</p>'
+            f'<pre class="log" tabindex="0" aria-label="Answer">{esc(tried.answer)}</pre>'
+        )
+    url = api.get("url", "")
+    curl = (
+        f"curl -X POST '{url}' -H 'Content-Type: application/json' "
+        f"-H 'x-api-key: $KILN_API_KEY' -d '{body}'"
+        if session.key
+        else f"curl -X POST '{url}' -H 'Content-Type: application/json' -d '{body}'"
+    )
+    return (
+        f'<h2>Try it</h2><form method="post" action="{link}/try">{csrf(session)}'
+        '<p><label for="try-body">Request body (JSON)</label><br>'
+        f'<textarea id="try-body" name="body" rows="4" cols="60">{esc(body)}</textarea></p>'
+        '<p><button class="act" type="submit">Send</button></p></form>'
+        f"{result}<p>The same request with curl:</p><pre>{esc(curl)}</pre>"
+    )
