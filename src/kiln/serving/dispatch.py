@@ -37,6 +37,7 @@ class Dispatcher:
     _running: int
     _dispatcher: asyncio.Task[None] | None
     _forming = False  # the loop holds a partial batch while more requests join it
+    _last_batch = 1  # requests in the batch answered last
 
     def _dispatch_now(self, pending: Pending) -> bool:
         """Send a lone request from its caller's task, when the dispatcher would send it
@@ -45,10 +46,15 @@ class Dispatcher:
 
         This skips the queue's wake-up and one event-loop turn of the dispatcher task
         (c=1: a request no longer hops through a second task, docs/performance.md).
+        With batching, only while requests have been coming alone (the last batch held
+        one): after a larger batch, its clients' next requests arrive together, and
+        sending the first of them alone would split them into two batches.
         False: the caller queues it as before. Once True, the request is owned: it
         was written to a worker, or (the worker just went away) requeued.
         """
         if self.queue or self._forming or self._dispatcher is None or self._dispatcher.done():
+            return False
+        if self.max_batch_size > 1 and self._last_batch > 1:
             return False
         slot = self._pick()
         if slot is None or (self.batch_delay_s and self._busy()):
@@ -189,6 +195,7 @@ class Dispatcher:
         else:
             outcomes = [Unavailable(f"internal error while dispatching: {error}")] * len(batch)
         self._answer(batch, outcomes)
+        self._last_batch = len(batch)
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         if self.observer is not None:
