@@ -65,11 +65,12 @@ def try_section(session: Any, api: dict[str, Any], link: str, tried: Tried | Non
             f'<pre class="log" tabindex="0" aria-label="Answer">{esc(tried.answer)}</pre>'
         )
     url = api.get("url", "")
+    quoted = body.replace("'", "'\\''")  # the shell's way to put ' inside '...'
     curl = (
         f"curl -X POST '{url}' -H 'Content-Type: application/json' "
-        f"-H 'x-api-key: $KILN_API_KEY' -d '{body}'"
+        f"-H \"x-api-key: $KILN_API_KEY\" -d '{quoted}'"
         if session.key
-        else f"curl -X POST '{url}' -H 'Content-Type: application/json' -d '{body}'"
+        else f"curl -X POST '{url}' -H 'Content-Type: application/json' -d '{quoted}'"
     )
     return (
         f'<h2>Try it</h2><form method="post" action="{link}/try">{csrf(session)}'
