@@ -17,8 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
-
-from tests.support import KILN, KilnServer, write
+from support import KILN, KilnServer, write
 
 HANDLER = """
 import time

@@ -553,7 +553,7 @@ def test_push_without_a_reachable_registry_fails_clearly_after_building(
 def test_build_deploy_rolls_out_the_revision_it_built(
     iris: tuple[Path, Path], build_home: Path, tmp_path: Path
 ) -> None:
-    from tests.daemon import Daemon
+    from daemon import Daemon
 
     project, _ = iris
     home = tmp_path / "server-home"
