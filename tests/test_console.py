@@ -42,9 +42,12 @@ def _project(folder: Path, owner: str) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One chromium for the whole session (Debian's; Playwright's own download cannot work)."""
+    """One chromium for this module (Debian's; Playwright's own download cannot work).
+
+    Module-scoped, not session-scoped: Playwright's sync API runs an event loop in the
+    main thread while it is open, and every later test's asyncio.run() would fail."""
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
         message = "chromium is missing: run scripts/system-packages.sh (apt-get install chromium)"
         if os.environ.get("CI") == "true":
