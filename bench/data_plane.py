@@ -372,24 +372,22 @@ def check_routes(name: str, base: str, bodies, typed_bodies, expected, scenario,
         notes.append(f"{scenario}: native answer differs from the bare app's")
     routes = [("native", f"/{name}", bodies[name])]
     v1_body, v2_body = typed_bodies[name]
-    v1_path = f"/v1/models/{name}:predict"
-    try:
-        v1_status, v1_answer = post(base + v1_path, v1_body)
-    except OSError:
-        v1_status, v1_answer = 0, b""
-    if v1_status == 200:
-        if not same_answer(v1_output(v1_answer), expected[name]):
-            notes.append(f"{scenario}: V1 answer's prediction differs from the bare app's")
-        routes.append(("v1", v1_path, v1_body))
-    v2_path = f"/v2/models/{name}/infer"
-    try:
-        v2_status, v2_answer = post(base + v2_path, v2_body)
-    except OSError:
-        v2_status, v2_answer = 0, b""
-    if v2_status == 200:
-        if not same_answer(v2_output(v2_answer), expected[name]):
-            notes.append(f"{scenario}: V2 answer's data differs from the bare app's")
-        routes.append(("v2", v2_path, v2_body))
+    v2_status = 0
+    typed = (
+        ("v1", f"/v1/models/{name}:predict", v1_body, v1_output, "V1 answer's prediction"),
+        ("v2", f"/v2/models/{name}/infer", v2_body, v2_output, "V2 answer's data"),
+    )
+    for route, path, body, output, what in typed:
+        try:
+            status, answer = post(base + path, body)
+        except OSError:
+            status, answer = 0, b""
+        if route == "v2":
+            v2_status = status
+        if status == 200:
+            if not same_answer(output(answer), expected[name]):
+                notes.append(f"{scenario}: {what} differs from the bare app's")
+            routes.append((route, path, body))
     return routes, v2_status
 
 

@@ -28,6 +28,11 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _new_id = random.Random(os.urandom(32)).getrandbits
 
 
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits): for requests Kiln itself sends to a worker too."""
+    return f"{_new_id(128):032x}"
+
+
 class Request:
     """The parts of an HTTP request the adapters use, decoded once."""
 

@@ -7,11 +7,11 @@ own handler (`describe_handle`) through its worker.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import orjson
 
+from kiln.protocols.http import new_request_id
 from kiln.protocols.management_http import _worker
 from kiln.serving.router import ApiGroup, ServedApi
 from kiln.serving.types import InferenceRequest
@@ -56,7 +56,7 @@ async def customized_metadata(served: ServedApi) -> Any:
     asked = InferenceRequest(
         api=served.name,
         version=served.version,
-        request_id=secrets.token_hex(16),
+        request_id=new_request_id(),
         body=b"",
         content_type="application/octet-stream",
         protocol="torchserve",
