@@ -145,6 +145,13 @@ class Worker:
         )
 
     def _error(self, exc: BaseException, context: RequestContext, logged: bool = False) -> Any:
+        """The answer for a request that failed with `exc`; every failure path comes here.
+
+        Except a MemoryError: that is the worker's memory limit (RLIMIT_DATA where no
+        cgroup could be made), not one request's failure, so it ends the worker as the
+        kernel's OOM kill would, and the server answers 503 naming compute.mem."""
+        if isinstance(exc, MemoryError):
+            raise exc
         spec = self.spec
         return to_kiln_error(exc, spec.api, context.request_id, spec.expose_errors, logged)
 
@@ -188,7 +195,6 @@ class Worker:
                 outcomes[index], v2_bodies[index] = self._decode(item, owned)
                 runnable.append(index)
             except Exception as exc:  # noqa: BLE001 - decoding client data
-                _reraise_out_of_memory(exc)
                 outcomes[index] = exc
         if runnable:
             try:
@@ -198,7 +204,6 @@ class Worker:
                     [stages[i] for i in runnable],
                 )
             except Exception as exc:  # noqa: BLE001 - user code may raise anything
-                _reraise_out_of_memory(exc)
                 ids = ", ".join(contexts[i].request_id for i in runnable)
                 if isinstance(exc, BatchLengthMismatch):
                     _log(
@@ -228,14 +233,12 @@ class Worker:
         self, outcome: Any, context: RequestContext, item: RequestItem, v2: InferBody | None
     ) -> tuple[ReplyItem, list[Any]]:
         if isinstance(outcome, BaseException):
-            _reraise_out_of_memory(outcome)
             return ReplyItem(wire_error(self._error(outcome, context))), []
         try:
             reply, buffers = encode_reply(
                 outcome, context, self.spec.response_envelope, item, self.output_names, v2
             )
         except Exception as exc:  # noqa: BLE001 - encoding user values may fail
-            _reraise_out_of_memory(exc)
             return ReplyItem(wire_error(self._error(exc, context))), []
         if self.spec.tracker_type:
             values = tracked_values(
@@ -277,21 +280,12 @@ class Worker:
                     break
             self.channel.send(StreamEnd(stream_id, context.status or 200))
         except Exception as exc:  # noqa: BLE001 - user code
-            _reraise_out_of_memory(exc)
             error = self._error(exc, context)
             self.channel.send(StreamEnd(stream_id, error.status, wire_error(error)))
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-
-
-def _reraise_out_of_memory(exc: BaseException) -> None:
-    """A MemoryError is the worker's memory limit (RLIMIT_DATA where no cgroup could
-    be made), not one request's failure: let it end the worker, as the kernel's OOM
-    kill would, so the server answers 503 naming compute.mem and restarts it."""
-    if isinstance(exc, MemoryError):
-        raise exc
 
 
 def load_error(exc: BaseException) -> str:
