@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from support import KILN, KilnServer, write
@@ -170,6 +171,48 @@ def test_results_expire_after_result_ttl_and_are_pruned(server: KilnServer) -> N
         time.sleep(0.2)
     assert rows == 0, "the expired result was not pruned"
     assert server.client.get(f"/brief/{request_id}").status_code == 404
+
+
+def _in_flight_gauge(srv: KilnServer, api: str) -> float:
+    assert srv.metrics_url is not None
+    text = httpx.get(srv.metrics_url, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("kiln_in_flight_requests{") and f'api="{api}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no kiln_in_flight_requests for {api}")
+
+
+def test_a_backlog_on_one_async_api_neither_starves_another_nor_hides_from_the_autoscaler(
+    server: KilnServer,
+) -> None:
+    # 24 slow requests on `scorer` (one replica: the runner holds 8 per replica, the rest
+    # waits in the store's queue), then one on `brief`.
+    flood = [submit(server, {"tag": f"flood-{i}", "sleep": 0.25}) for i in range(24)]
+    # The waiting requests are the API's load: the in-flight gauge (the autoscaler's
+    # signal) counts them, not just the 8 the runner holds.
+    deadline = time.monotonic() + 10
+    seen = 0.0
+    while time.monotonic() < deadline and seen <= 8:
+        seen = _in_flight_gauge(server, "scorer")
+        time.sleep(0.2)
+    assert seen > 8, f"the store's backlog is not counted as load: {seen}"
+    quick = submit(server, {"tag": "quick"}, api="brief")
+    doc = wait_done(server, quick, api="brief", timeout=30)
+    assert doc["status"] == "completed"
+    # `brief` did not wait for `scorer`'s backlog to drain.
+    waiting = [
+        rid
+        for rid in flood
+        if server.client.get(f"/scorer/{rid}").json()["status"] in ("in_queue", "in_progress")
+    ]
+    assert len(waiting) >= 8, f"brief ran only after scorer's backlog: {len(waiting)} left"
+    for rid in flood:
+        assert wait_done(server, rid, timeout=60)["status"] == "completed"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and seen > 0:
+        seen = _in_flight_gauge(server, "scorer")
+        time.sleep(0.2)
+    assert seen == 0
 
 
 def test_webhook_is_delivered_once_when_the_server_allows_loopback(tmp_path: Path) -> None:

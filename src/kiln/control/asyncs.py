@@ -37,7 +37,9 @@ from kiln.serving.types import InferenceRequest
 
 KIND = "AsyncAPI"
 LEASE_S = 30.0  # a running request's lease; extended every third of it
-CONCURRENCY = 8  # requests the runner has in flight, over every AsyncAPI
+CONCURRENCY = 64  # requests the runner has in flight, over every AsyncAPI
+PER_REPLICA = 8  # in flight per replica of one AsyncAPI (at least one replica's worth)
+DEPTH_EVERY_S = 1.0  # how often the queue depth is read for the autoscaler
 IDLE_POLL_S = 0.5  # how often an idle runner looks at the queue (a submission wakes it)
 RETRY_S = 2.0  # an API that cannot take a request now (503) gets it back after this
 PRUNE_EVERY_S = 2.0
@@ -61,6 +63,8 @@ class AsyncManager:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, int] = {}  # API name -> requests the runner holds
+        self._turn = 0  # round-robin start over the APIs, so no API starves another
         self._closing = False
         registry.listeners.append(self.refresh)
         self.refresh()
@@ -134,7 +138,7 @@ class AsyncManager:
         if names:
             await asyncio.to_thread(self.store.async_requeue_running, names)
         slots = asyncio.Semaphore(CONCURRENCY)
-        next_prune = next_hooks = 0.0
+        next_prune = next_hooks = next_depth = 0.0
         while not self._closing:
             now = time.monotonic()
             try:
@@ -144,6 +148,9 @@ class AsyncManager:
                 if now >= next_hooks:
                     next_hooks = now + HOOK_SCAN_EVERY_S
                     await self._pending_hooks()
+                if now >= next_depth:
+                    next_depth = now + DEPTH_EVERY_S
+                    await self._report_depth()
                 await slots.acquire()
                 try:
                     item = await self._claim()
@@ -160,23 +167,56 @@ class AsyncManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
                 continue
+            self._in_flight[item.api] = self._in_flight.get(item.api, 0) + 1
             task = asyncio.create_task(self._execute(item))
             self._running.add(task)
-            task.add_done_callback(self._done(slots))
+            task.add_done_callback(self._done(slots, item.api))
 
-    def _done(self, slots: asyncio.Semaphore) -> Any:
+    def _done(self, slots: asyncio.Semaphore, api: str) -> Any:
         def done(task: asyncio.Task[None]) -> None:
             self._running.discard(task)
+            self._in_flight[api] = self._in_flight.get(api, 1) - 1
             slots.release()
+            self._wake.set()  # the API may take another one now
 
         return done
 
+    def limit(self, name: str) -> int:
+        """How many of one AsyncAPI's requests the runner holds at once: PER_REPLICA per
+        replica it has (one replica's worth at zero, so a request starts it), so the rest
+        waits in the durable queue, where it counts as the API's backlog."""
+        group = self.registry.groups.get(name)
+        replicas = len(group.default.slots) if group is not None and group.versions else 0
+        return PER_REPLICA * max(1, replicas)
+
     async def _claim(self) -> AsyncItem | None:
+        """The next request, taking the APIs in turn (each below its limit), so a flood
+        on one AsyncAPI never starves another."""
         names = self.names()
         if not names or self._closing:
             return None
-        item: AsyncItem | None = await asyncio.to_thread(self.store.async_claim, names, LEASE_S)
-        return item
+        self._turn = (self._turn + 1) % len(names)
+        for name in names[self._turn :] + names[: self._turn]:
+            if self._in_flight.get(name, 0) >= self.limit(name):
+                continue
+            item: AsyncItem | None = await asyncio.to_thread(
+                self.store.async_claim, [name], LEASE_S
+            )
+            if item is not None:
+                return item
+        return None
+
+    async def _report_depth(self) -> None:
+        """Hand each AsyncAPI's waiting requests to its live version as backlog, which the
+        autoscaler counts as load (Cortex scales AsyncAPIs on their queue length)."""
+        names = self.names()
+        if not names:
+            return
+        depth: dict[str, int] = await asyncio.to_thread(self.store.async_depth, names)
+        for name, waiting in depth.items():
+            group = self.registry.groups.get(name)
+            if group is not None and group.versions:
+                group.default.backlog = waiting
 
     async def _execute(self, item: AsyncItem) -> None:
         try:

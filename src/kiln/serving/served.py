@@ -98,6 +98,9 @@ class ServedApi(ReplicaPool, Dispatcher):
         self._cold_start: asyncio.Task[None] | None = None
         self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "rejected": 0}
         self.scaling_events: deque[dict[str, Any]] = deque(maxlen=20)
+        # Requests waiting for this API outside its queue (an AsyncAPI's durable queue,
+        # control/asyncs.py): they count as load, so a backlog scales the API up.
+        self.backlog = 0
 
     # ----- lifecycle ---------------------------------------------------------------
     def set_batching(self, max_batch_size: int, max_batch_delay_ms: float) -> None:
@@ -108,9 +111,10 @@ class ServedApi(ReplicaPool, Dispatcher):
         self._capacity.set()
 
     def in_flight_total(self) -> int:
-        """Requests queued or running: the autoscaler's load signal."""
+        """Requests queued (here or in an AsyncAPI's store queue) or running: the
+        autoscaler's load signal."""
         running = sum(s.replica.in_flight for s in self.slots if s.replica is not None)
-        return len(self.queue) + running
+        return len(self.queue) + running + self.backlog
 
     async def stop(self, grace: float) -> None:
         """Drain, then stop the replicas.

@@ -202,6 +202,25 @@ class AsyncQueueMixin(StoreBase):
                         row.receive_count + 1,
                     )
 
+    def async_depth(self, apis: list[str], *, at: float | None = None) -> dict[str, int]:
+        """Requests of each of `apis` waiting to be claimed now (the autoscaler's backlog)."""
+        if not apis:
+            return {}
+        now = self._now(at)
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(_Q.api, sa.func.count())
+                .where(
+                    _Q.status.in_((IN_QUEUE, IN_PROGRESS)),
+                    _Q.visible_at <= now,
+                    _Q.api.in_(apis),
+                )
+                .group_by(_Q.api)
+            ).all()
+        depth = dict.fromkeys(apis, 0)
+        depth.update({api: int(count) for api, count in rows})
+        return depth
+
     def async_extend(self, item: AsyncItem, seconds: float, *, at: float | None = None) -> bool:
         """Keep a running request invisible (the runner's heartbeat)."""
         with self._write() as conn:
