@@ -46,6 +46,7 @@ from kiln.control.logs import LogSink
 from kiln.protocols.app import InferenceApp
 from kiln.sandbox import SandboxUnavailable
 from kiln.sandbox.policy import SandboxPolicy
+from kiln.serving import tracing
 from kiln.serving.router import Registry, ServedApi
 
 LOG_FLUSH_S = 0.2
@@ -74,6 +75,10 @@ class ServerOptions:
     admin_key: str | None = None
     # AsyncAPI webhooks may call these networks (CIDRs) though internal (--webhook-allow).
     webhook_allow: list[str] = field(default_factory=list)
+    # OpenTelemetry traces (serving/tracing.py): OTLP endpoint and protocol (--otlp-endpoint);
+    # None: the OTEL_* variables decide.
+    otlp_endpoint: str | None = None
+    otlp_protocol: str | None = None
 
 
 @dataclass
@@ -276,6 +281,10 @@ class InferenceServer:
         self.sandbox = await asyncio.to_thread(self._sandbox_policy)
         self._announce_sandbox()
         options = self.options
+        try:  # traces over OTLP when --otlp-endpoint or the OTEL_* variables name an endpoint
+            tracing.configure(options.otlp_endpoint, options.otlp_protocol)
+        except tracing.TracingError as exc:
+            raise ServerError(str(exc)) from None
         ports = bind_ports(
             options.host, options.port, options.management_port, options.metrics_port
         )
