@@ -8,6 +8,8 @@ from urllib.parse import quote
 from kiln.console import views
 from kiln.console.views import esc
 
+CLASSES = ("2xx", "4xx", "5xx")
+
 
 def api_body(
     session: Any, api: dict[str, Any], points: list[dict[str, Any]], window: str, log_text: str
@@ -31,6 +33,8 @@ def api_body(
             "Requests per second",
             per_s,
             [("2xx", "2xx", "#1a7f37"), ("4xx", "4xx", "#9a6700"), ("5xx", "5xx", "#cf222e")],
+            totals="Requests in this window: "
+            + ", ".join(f"{c} {sum(int(p.get(c) or 0) for p in points)}" for c in CLASSES),
         )
         + views.chart(
             "Latency (ms)",
@@ -84,7 +88,11 @@ def api_body(
         f'<h2 id="log-title">Log (live tail)</h2><pre id="log-tail" aria-labelledby="log-title" '
         f'tabindex="0" class="log" data-src="/console/fragment/logs/{quote(name)}">'
         f"{esc(log_text)}</pre>"
-        f"<h2>Try it with curl</h2><pre>{esc(api.get('curl', ''))}</pre>"
+        + (  # a realtime API's curl is the try-it panel's, built from the same body
+            f"<h2>Submit a job with curl</h2><pre>{esc(api.get('curl', ''))}</pre>"
+            if api.get("kind") == "BatchAPI"
+            else ""
+        )
     )
 
 
@@ -103,10 +111,39 @@ def tracker_section(tracker: Any) -> str:
         )
         return f"<h2>Predictions by class</h2>{bars or '<p>nothing tracked yet</p>'}"
     cells = "".join(
-        f"<tr><th scope=row>{k}</th><td class=num>{esc(tracker.get(k))}</td></tr>"
+        f"<tr><th scope=row>{k}</th><td class=num>{_num(tracker.get(k))}</td></tr>"
         for k in ("count", "min", "p50", "p90", "p99", "max", "mean")
     )
-    return f"<h2>Predicted values</h2><table class=narrow><tbody>{cells}</tbody></table>"
+    hist = tracker.get("histogram") or {}
+    edges, counts = hist.get("edges") or [], hist.get("counts") or []
+    bins = [
+        (
+            f"{_num(edges[i])} to {_num(edges[i + 1])}",
+            int(n),
+            _num(edges[i]) if i % 5 == 0 else "",
+        )
+        for i, n in enumerate(counts)
+        if i + 1 < len(edges)
+    ]
+    chart = (
+        views.bar_chart(
+            "Predicted values (histogram)",
+            bins,
+            f"{sum(counts)} predicted values in {len(bins)} bins from {_num(edges[0])} "
+            f"to {_num(edges[-1])}",
+        )
+        if bins
+        else ""
+    )
+    return (
+        f'<h2>Predicted values</h2><div class="charts">{chart}<table class=narrow>'
+        f"<tbody>{cells}</tbody></table></div>"
+    )
+
+
+def _num(value: Any) -> str:
+    """A tracked value, short: 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else esc(value)
 
 
 LOG_JS = """

@@ -37,7 +37,7 @@ from kiln.console.guard import (
 from kiln.console.jobs import JobPages, jobs_section
 from kiln.console.keys import KeyPages
 from kiln.console.more import MorePages
-from kiln.console.try_it import Tried, send, try_section
+from kiln.console.try_it import Tried, send, signature_body, try_section
 from kiln.control.store import AuditEntry
 from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
@@ -201,7 +201,9 @@ class Console:
             if listing.ok:
                 body += jobs_section(name, listing.body)
         else:
-            body += try_section(session, detail.body, f"/console/apis/{quote(name)}", tried)
+            prefill = None if tried else await signature_body(detail.body, session.key)
+            link = f"/console/apis/{quote(name)}"
+            body += try_section(session, detail.body, link, tried, prefill)
         return self.html(session, name, body, script=LOG_JS)
 
     async def log_fragment(self, request: Request) -> Response:

@@ -35,7 +35,8 @@ border:1px solid #0b5cad;background:#e7f0fb;margin-bottom:1rem;word-break:break-
 .problem{border-color:#a40e26;background:#ffebe9}label{font-weight:600}
 input[type=text],input[type=password],input[type=search]{font:inherit;padding:.3rem .5rem;
 border:1px solid #6e7781;border-radius:4px;min-width:16rem;max-width:100%}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:1rem}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,420px),1fr));
+gap:1rem}.charts>figure:only-child{max-width:640px}caption{text-align:left}th.num{text-align:right}
 figure{margin:0;border:1px solid var(--line);border-radius:6px;padding:.5rem}
 figcaption{font-weight:600}.key{display:inline-block;margin-right:.8rem}
 .sw{display:inline-block;width:.8rem;height:.8rem;margin-right:.25rem;vertical-align:middle}
@@ -46,6 +47,7 @@ padding:.5rem;font-size:.85rem;white-space:pre-wrap;word-break:break-all}
 margin:.2rem 0}.bar-fill{display:block;height:1rem;background:#0b5cad;min-width:2px}
 .bar-n{text-align:right;font-variant-numeric:tabular-nums}table.narrow{width:auto}
 textarea{font:.9rem ui-monospace,monospace;width:100%;max-width:48rem;padding:.4rem}
+pre{white-space:pre-wrap;overflow-wrap:anywhere}svg text{fill:#1b1f24}
 """
 
 OVERVIEW_JS = """
@@ -174,15 +176,49 @@ def overview(apis: list[dict[str, Any]]) -> str:
     )
 
 
+def bar_chart(title: str, bars: list[tuple[str, int, str]], summary: str) -> str:
+    """Vertical bars as inline SVG: each bar is (label, value, tick under it or "").
+
+    A bar carries its label and value in a <title> (a tooltip, read by screen
+    readers) and in data-label/data-value; `summary` is the figure's text too."""
+    w, h, pad = 560, 180, 42
+    top = max((v for _, v, _ in bars), default=0) or 1
+    step = (w - pad - 5) / max(len(bars), 1)
+    rects = []
+    for i, (label, value, _) in enumerate(bars):
+        height = value / top * (h - pad - 10)
+        rects.append(
+            f'<rect x="{pad + i * step + 1:.1f}" y="{h - pad - height:.1f}" '
+            f'width="{max(step - 2, 1):.1f}" height="{height:.1f}" fill="#0b5cad" '
+            f'data-label="{esc(label)}" data-value="{value}">'
+            f"<title>{esc(label)}: {value}</title></rect>"
+        )
+    ticks = "".join(
+        f'<text x="{pad + i * step + step / 2:.1f}" y="{h - pad + 16}" font-size="15" '
+        f'text-anchor="middle">{esc(tick)}</text>'
+        for i, (_, _, tick) in enumerate(bars)
+        if tick
+    )
+    return (
+        f"<figure><figcaption>{esc(title)}</figcaption>"
+        f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{esc(summary)}">'
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w}" y2="{h - pad}" stroke="#6e7781"/>'
+        f'<text x="2" y="14" font-size="15">{top:g}</text>'
+        f'<text x="2" y="{h - pad}" font-size="15">0</text>{"".join(rects)}{ticks}</svg>'
+        f'<p class="muted">{esc(summary)}</p></figure>'
+    )
+
+
 def chart(
     title: str,
     points: list[dict[str, Any]],
     series: list[tuple[str, str, str]],
     marks: Sequence[tuple[float, str]] = (),
+    totals: str = "",
 ) -> str:
     """A line chart as inline SVG; each series is (point key, label, colour); `marks`
     are (time, label) drawn as dashed vertical lines (scaling events)."""
-    w, h, pad = 560, 180, 30
+    w, h, pad = 560, 180, 42
     values = [p.get(k) for p in points for k, _, _ in series]
     top = max([v for v in values if isinstance(v, int | float) and v > 0], default=1)
     n = max(len(points) - 1, 1)
@@ -223,7 +259,9 @@ def chart(
         f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" aria-label="{esc(label)}">'
         f'<line x1="{pad}" y1="{h - pad}" x2="{w}" y2="{h - pad}" stroke="#6e7781"/>'
         f'<line x1="{pad}" y1="5" x2="{pad}" y2="{h - pad}" stroke="#6e7781"/>'
-        f'<text x="2" y="14" font-size="11">{top:g}</text>'
-        f'<text x="2" y="{h - pad}" font-size="11">0</text>'
-        f"{''.join(lines)}</svg><div>{legend}</div></figure>"
+        f'<text x="2" y="14" font-size="15">{top:g}</text>'
+        f'<text x="2" y="{h - pad}" font-size="15">0</text>'
+        f"{''.join(lines)}</svg><div>{legend}</div>"
+        + (f'<p class="totals muted">{esc(totals)}</p>' if totals else "")
+        + "</figure>"
     )

@@ -8,7 +8,8 @@
   `POST /keys/{id}/disable|enable|rotate`, `DELETE /keys/{id}`: the key's user or the
   admin.
 - `GET /usage[?user=&month=YYYY-MM]`: metered calls per user, key, API, version and
-  status class (yours; the admin: anyone's).
+  status class (yours; the admin: anyone's), the month's calls per UTC day, each
+  key's quota left and 429s this month, and the user's plan's limits.
 
 The secret of a key appears in exactly one response: the one that created (or
 rotated) it.
@@ -279,7 +280,78 @@ class AccountsApi:
             }
             for (u, k, a, v), counts in sorted(merged.items())
         ]
-        return JSONResponse({"month": label, "usage": out, "total": sum(r["calls"] for r in out)})
+        days: dict[str, dict[str, int]] = defaultdict(dict)
+        for row in rows:
+            day = dt.datetime.fromtimestamp(row.period_start, dt.UTC).strftime("%Y-%m-%d")
+            days[day][row.status_class] = days[day].get(row.status_class, 0) + row.count
+        return JSONResponse(
+            {
+                "month": label,
+                "usage": out,
+                "total": sum(r["calls"] for r in out),
+                "days": [
+                    {"date": d, "by_status": c, "calls": sum(c.values())}
+                    for d, c in sorted(days.items())
+                ],
+                "keys": self._key_limits(user),
+                "plan": self._plan_limits(user),
+            }
+        )
+
+    def _key_limits(self, user: str | None) -> list[dict[str, Any]]:
+        """Each key's calls this month, quota left (its own and its user's plan's, the
+        smaller) and 429s refused by a quota or rate limit: `kiln usage` and the console."""
+        quotas, accounts = self.server.quotas, self.accounts
+        out = []
+        for key in sorted(accounts.keys.values(), key=lambda k: (k.user, k.id)):
+            if user is not None and key.user != user:
+                continue
+            owner = accounts.users.get(key.user)
+            plan = None if owner is None or owner.is_admin else quotas.plan_of(key.user)
+            lefts = []
+            if key.quota is not None:
+                lefts.append(key.quota - quotas.by_key.get(key.id, 0))
+            if plan is not None and plan.calls_per_month is not None:
+                lefts.append(plan.calls_per_month - quotas.by_user.get(key.user, 0))
+            out.append(
+                {
+                    "key_id": key.id,
+                    "user": key.user,
+                    "name": key.name,
+                    "status": key.status,
+                    "calls_this_month": quotas.by_key.get(key.id, 0),
+                    "quota": key.quota,
+                    "quota_left": max(0, min(lefts)) if lefts else None,
+                    "rate": key.rate,
+                    "burst": key.burst,
+                    "refused_429": quotas.refused_by_key.get(key.id, 0),
+                }
+            )
+        return out
+
+    def _plan_limits(self, user: str | None) -> dict[str, Any] | None:
+        """The plan of the user whose usage this is (None: the admin's view of everyone)."""
+        quotas = self.server.quotas
+        owner = self.accounts.users.get(user) if user else None
+        if owner is None or owner.is_admin:
+            return None
+        plan = quotas.plan_of(owner.name)
+        used = quotas.by_user.get(owner.name, 0)
+        return {
+            "user": owner.name,
+            "name": plan.name,
+            "apis": plan.apis,
+            "calls_per_month": plan.calls_per_month,
+            "calls_this_month": used,
+            "calls_left": (
+                None if plan.calls_per_month is None else max(0, plan.calls_per_month - used)
+            ),
+            "max_replicas": plan.max_replicas,
+            "max_replica_mem": plan.max_replica_mem,
+            "max_upload_bytes": plan.max_upload_bytes,
+            "max_unpacked_bytes": plan.max_unpacked_bytes,
+            "network_egress": plan.network_egress,
+        }
 
 
 def _month(text: str | None) -> tuple[float, float, str]:

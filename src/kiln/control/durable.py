@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from kiln.control.store import Store, UsageIncrement
+from kiln.control.store.histogram import bin_value
 
 FLUSH_S = 1.0
 _CLASSES = {n: f"{n}xx" for n in range(10)}
@@ -139,5 +140,30 @@ class DurableCounters:
                 p50=stats.percentile(50),
                 p90=stats.percentile(90),
                 p99=stats.percentile(99),
+                histogram=linear_histogram(stats.bins, stats.minimum, stats.maximum),
             )
         return result
+
+
+HISTOGRAM_BINS = 20
+
+
+def linear_histogram(
+    bins: dict[int, int], low: float | None, high: float | None, n: int = HISTOGRAM_BINS
+) -> dict[str, list[float] | list[int]]:
+    """The stored log-scale bins regrouped into `n` equal-width bins over [low, high].
+
+    Why regroup: the store keeps ~4%-wide log bins (mergeable by SQL), thousands of
+    them; a reader wants a handful of equal bars. Each stored bin counts at its
+    representative value, clamped to [low, high], so a bar is exact to that 4%.
+    `edges` has n + 1 values (one bin of width 0 when every value is the same)."""
+    if low is None or high is None or not bins:
+        return {"edges": [], "counts": []}
+    if high <= low:
+        return {"edges": [low, high], "counts": [sum(bins.values())]}
+    width = (high - low) / n
+    counts = [0] * n
+    for k, c in bins.items():
+        value = min(max(bin_value(k), low), high)
+        counts[min(n - 1, int((value - low) / width))] += c
+    return {"edges": [low + i * width for i in range(n)] + [high], "counts": counts}

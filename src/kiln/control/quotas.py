@@ -155,6 +155,9 @@ class QuotaGate:
         self.by_user: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
         self.key_totals: dict[tuple[str, str, str], int] = defaultdict(int)  # Prometheus
+        # Calls refused with 429 by a quota or rate limit, per key, this month: never
+        # metered (no store row), so counted here for `GET /usage` (since server start).
+        self.refused_by_key: dict[str, int] = defaultdict(int)
         self._roll(self._clock())
 
     def _roll(self, now: float) -> None:
@@ -162,6 +165,7 @@ class QuotaGate:
         self._period = month_bounds(now)
         by_user, by_key = self.store.calls_since(self._period[0])
         self.by_user, self.by_key = defaultdict(int, by_user), defaultdict(int, by_key)
+        self.refused_by_key = defaultdict(int)
 
     def plan_of(self, user: str) -> Plan:
         record = self.accounts.users.get(user)
@@ -218,6 +222,7 @@ class QuotaGate:
                 "X-RateLimit-Reset": str(reset),
             }
             if remaining <= 0:
+                self.refused_by_key[principal.key_id] += 1
                 err = TooManyRequests(
                     f"quota exceeded: {what} are used up; it resets at the start of next month "
                     f"(UTC), in {reset} s",
@@ -231,6 +236,7 @@ class QuotaGate:
                 bucket = self._buckets[key.id] = _Bucket(key.rate, key.burst or 1, now)
             wait = bucket.take(now)
             if wait:
+                self.refused_by_key[key.id] += 1
                 retry = max(1, math.ceil(wait))
                 err = TooManyRequests(
                     f"rate limit exceeded: key {key.id} allows {key.rate:g} requests a second "

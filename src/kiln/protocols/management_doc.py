@@ -82,9 +82,95 @@ _TIMESERIES = {
         },
     },
 }
+_BY_STATUS = {
+    "type": "object",
+    "additionalProperties": _COUNT,
+    "description": "calls by status class",
+}
+_LIMIT = {"type": "integer", "nullable": True, "description": "null: no bound"}
+_USAGE = {
+    "type": "object",
+    "description": "Metered calls of a calendar month (UTC): yours, or the admin's view of "
+    "everyone (or of ?user=). `keys` and `plan` are counted now, for this month",
+    "properties": {
+        "month": {"type": "string", "example": "2026-12"},
+        "total": _COUNT,
+        "usage": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "user": {"type": "string"},
+                    "key_id": {"type": "string"},
+                    "api": {"type": "string"},
+                    "version": {"type": "string", "nullable": True},
+                    "by_status": _BY_STATUS,
+                    "calls": _COUNT,
+                },
+            },
+        },
+        "days": {
+            "type": "array",
+            "description": "calls per UTC day of the month, days with calls only",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "date": {"type": "string", "example": "2026-12-05"},
+                    "by_status": _BY_STATUS,
+                    "calls": _COUNT,
+                },
+            },
+        },
+        "keys": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "key_id": {"type": "string"},
+                    "user": {"type": "string"},
+                    "name": {"type": "string"},
+                    "status": {"type": "string"},
+                    "calls_this_month": _COUNT,
+                    "quota": _LIMIT,
+                    "quota_left": {
+                        **_LIMIT,
+                        "description": "the smaller of the key's quota and its user's plan's "
+                        "calls left; null: no bound",
+                    },
+                    "rate": {"type": "number", "nullable": True},
+                    "burst": _LIMIT,
+                    "refused_429": {
+                        **_COUNT,
+                        "description": "calls refused by a quota or rate limit this month "
+                        "(since the server started; never metered)",
+                    },
+                },
+            },
+        },
+        "plan": {
+            "type": "object",
+            "nullable": True,
+            "description": "the user's plan; null for the admin's view of everyone",
+            "properties": {
+                "user": {"type": "string"},
+                "name": {"type": "string"},
+                "apis": _LIMIT,
+                "calls_per_month": _LIMIT,
+                "calls_this_month": _COUNT,
+                "calls_left": _LIMIT,
+                "max_replicas": _LIMIT,
+                "max_replica_mem": _LIMIT,
+                "max_upload_bytes": _LIMIT,
+                "max_unpacked_bytes": _LIMIT,
+                "network_egress": {"type": "boolean"},
+            },
+        },
+    },
+}
 # (method, path) -> (the 200 answer's schema, {query parameter: allowed values})
 RESPONSE_SCHEMAS: dict[tuple[str, str], tuple[dict[str, Any], dict[str, list[str]]]] = {
     ("get", "/apis/{name}/timeseries"): (_TIMESERIES, {"window": ["15m", "1h", "24h"]}),
+    ("get", "/usage"): (_USAGE, {}),
 }
 
 
