@@ -295,7 +295,8 @@ def test_usage_and_server_pages_show_what_rest_answers(browser: Any, platform: D
     assert expected >= 2
     page = _sign_in(browser, base, keys["bob"])
     page.goto(f"{base}/console/usage")
-    row = page.locator("table").first.locator("tr", has_text="bob.bob-echo")
+    per_api = page.locator("table", has=page.locator("caption", has_text="per API"))
+    row = per_api.locator("tr", has_text="bob.bob-echo")
     assert row.locator("td").nth(1).inner_text() == str(expected)
     assert "alice" not in page.locator("main").inner_text()
     page.screenshot(path=str(SHOTS / "usage-bob.png"), full_page=True)
@@ -381,6 +382,7 @@ def test_kiln_serve_needs_no_sign_in_but_keeps_csrf_and_shows_jobs(
         assert job.status_code in (200, 201), job.text
         job_id = job.json()["job_id"]
         page.goto(f"{base}/console/apis/scorer")
+        page.screenshot(path=str(SHOTS / "jobs-serve.png"), full_page=True)
         page.get_by_role("link", name=job_id).click()
         status = ""
         for _ in range(120):  # follow the job to its end (the page reloads itself)
