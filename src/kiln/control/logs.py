@@ -8,6 +8,7 @@ as JSON when it is a pipe (for collectors) and as text when a person watches.
 from __future__ import annotations
 
 import io
+import re
 import sys
 import threading
 import time
@@ -15,6 +16,22 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
+
+# What a worker appends to a line about a traced request (serving/worker.py `_trace_note`).
+_TRACE_NOTE = re.compile(r" trace_id=([0-9a-f]{32}) span_id=([0-9a-f]{16})")
+
+
+def worker_record(line: str, replica: str | None = None) -> dict[str, Any]:
+    """The record of one line a worker wrote; a line about a traced request gets the
+    request's `trace_id` and `span_id` as fields of their own (for log-trace correlation)."""
+    record: dict[str, Any] = {"event": "worker", "message": line}
+    if replica is not None:
+        record["replica"] = replica
+    if "trace_id=" in line:
+        found = _TRACE_NOTE.search(line)
+        if found is not None:
+            record["trace_id"], record["span_id"] = found.group(1), found.group(2)
+    return record
 
 
 class LogSink:
@@ -95,9 +112,11 @@ class LogSink:
 def _human(record: dict[str, Any]) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(record["ts"]))
     if record.get("event") == "request":
+        trace = f" trace={record['trace_id']}" if "trace_id" in record else ""
         return (
             f"{stamp} {record['api']:<16} {record.get('method', '')} {record.get('path', '')} "
             f"{record.get('status')} {record.get('latency_ms')}ms id={record.get('request_id')}"
+            f"{trace}"
         )
     if record.get("event") == "debug":
         return f"{stamp} {record['api']:<16} debug [{record['stage']}] {record['value']}"

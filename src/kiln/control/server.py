@@ -42,7 +42,7 @@ from kiln.control.listeners import (
     inference_server,
     side_server,
 )
-from kiln.control.logs import LogSink
+from kiln.control.logs import LogSink, worker_record
 from kiln.protocols.app import InferenceApp
 from kiln.sandbox import SandboxUnavailable
 from kiln.sandbox.policy import SandboxPolicy
@@ -250,10 +250,7 @@ class InferenceServer:
 
     def _log_line(self, api: str) -> Callable[[str], None]:
         def write(line: str, replica: str | None = None) -> None:
-            record = {"event": "worker", "message": line}
-            if replica is not None:
-                record["replica"] = replica
-            self.log.write(api, record)
+            self.log.write(api, worker_record(line, replica))
 
         return write
 

@@ -105,16 +105,21 @@ class InferenceApp:
         call = self.plane.call(None)
         started_response = _ResponseTracker(send, call)
         cancelled = False
+        trace = request.trace  # serving/tracing.py: None unless tracing is on
         try:
             routed, adapter = self._route(request, call)
             if routed is not None:
                 renderer = adapter.render_error
                 protocol = getattr(adapter, "protocol", type(adapter).__name__.lower())
                 api_name = routed[1]
+            if trace is not None:
+                trace.step("kiln.route")
             if self.auth is not None and request.path not in OPEN_PATHS:
                 scope_of = getattr(adapter, "scope_of", None)
                 needs = scope_of(request) if scope_of is not None else "invoke"
                 principal = authenticate(self.auth, request, needs)
+                if trace is not None:
+                    trace.step("kiln.auth")
                 call = started_response.call = self.plane.call(principal)
                 if api_name != _SYSTEM and not principal.sees(api_name):
                     # Not theirs: route again with their view, so the protocol answers
@@ -125,6 +130,7 @@ class InferenceApp:
                         raise unknown_path(request.path)  # an adapter that does not filter
             if api_name != _SYSTEM:
                 call.api = api_name
+            call.trace = trace
             if routed is not None:
                 status = await routed[0](request, started_response, call)
             else:
@@ -153,18 +159,21 @@ class InferenceApp:
             self.metrics.request(
                 api_name, protocol, status, time.perf_counter() - started, call.version
             )
+        if trace is not None:
+            trace.finish(status, call.api, call.version, request.path, protocol)
         if api_name != _SYSTEM or status >= 400:
-            self.log.write(
-                api_name,
-                {
-                    "event": "request",
-                    "method": request.method,
-                    "path": request.path,
-                    "status": status,
-                    "latency_ms": now_ms(started),
-                    "request_id": request.request_id,
-                },
-            )
+            record = {
+                "event": "request",
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "latency_ms": now_ms(started),
+                "request_id": request.request_id,
+            }
+            if trace is not None:
+                record["trace_id"] = trace.trace_id
+                record["span_id"] = trace.span_id
+            self.log.write(api_name, record)
         if cancelled:
             raise asyncio.CancelledError
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 from kiln.errors import PayloadTooLarge
+from kiln.serving import tracing
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -36,7 +37,7 @@ def new_request_id() -> str:
 class Request:
     """The parts of an HTTP request the adapters use, decoded once."""
 
-    __slots__ = ("scope", "receive", "method", "path", "headers", "query", "request_id")
+    __slots__ = ("scope", "receive", "method", "path", "headers", "query", "request_id", "trace")
 
     def __init__(self, scope: Scope, receive: Receive) -> None:
         self.scope = scope
@@ -52,6 +53,13 @@ class Request:
         )
         given = self.headers.get("x-request-id", "")
         self.request_id = given if given and _SAFE_ID.match(given) else f"{_new_id(128):032x}"
+        # The request's trace (its caller's `traceparent` read here, once, for every HTTP
+        # protocol); off, this bool is the one check tracing costs a request.
+        self.trace = (
+            tracing.start_request(self.headers.get, self.request_id, self.method, self.path)
+            if tracing.ENABLED
+            else None
+        )
 
     @property
     def content_type(self) -> str:

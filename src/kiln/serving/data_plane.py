@@ -44,7 +44,7 @@ class Call:
     the response carries.
     """
 
-    __slots__ = ("caller", "view", "api", "version", "admitted", "rate_headers")
+    __slots__ = ("caller", "view", "api", "version", "admitted", "rate_headers", "trace")
 
     def __init__(self, caller: Caller | None, view: Registry | RegistryView) -> None:
         self.caller = caller
@@ -53,6 +53,8 @@ class Call:
         self.version = ""
         self.admitted = False
         self.rate_headers: list[tuple[bytes, bytes]] | None = None
+        # serving/tracing.py RequestTrace of a traced request (set by the transport), or None
+        self.trace: Any = None
 
 
 def _live(served: ServedApi) -> ServedApi:
@@ -116,6 +118,7 @@ class DataPlane:
         """Queue one request on the live version; await the result for its answer."""
         target = served if served.successor is None else _live(served)
         call.version = target.version or ""
+        request.trace = call.trace  # serving/tracing.py: None unless this request is traced
         return target.predict(request)
 
     def explain(

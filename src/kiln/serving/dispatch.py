@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from kiln.errors import KilnError, Unavailable
+from kiln.serving import tracing
 from kiln.serving.batcher import Pending, RequestQueue
 from kiln.serving.replica import NotStarted
 from kiln.serving.supervisor import ReplicaSlot
@@ -195,6 +196,8 @@ class Dispatcher:
         else:
             outcomes = [Unavailable(f"internal error while dispatching: {error}")] * len(batch)
         self._answer(batch, outcomes)
+        if tracing.ENABLED:  # the one check per batch; spans of the traced requests in it
+            tracing.record_batch(batch, sent, outcomes)
         self._last_batch = len(batch)
         self.stats["batches"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))

@@ -77,6 +77,7 @@ _KEYS = {
     "error": "e",
     "status": "x",
     "tracked": "v",
+    "trace": "z",
 }
 
 
@@ -99,6 +100,9 @@ class RequestItem(msgspec.Struct, omit_defaults=True, rename=_KEYS):
     query: dict[str, str] | None = None
     tensors: list[TensorDesc] | None = None
     parts: list[PartDesc] | None = None
+    # The request's W3C traceparent when tracing is on (serving/tracing.py): the worker
+    # times the batch's phases for the server and tags its log lines with the ids.
+    trace: str | None = None
 
 
 class ReplyItem(msgspec.Struct, omit_defaults=True, rename=_KEYS):
@@ -177,12 +181,18 @@ class Failed(msgspec.Struct, array_like=True, tag="failed"):
     permanent: bool = False
 
 
-class BatchReply(msgspec.Struct, array_like=True, tag="reply"):
-    """The outcomes of a `Batch` or `Explain`, one per item, in order."""
+class BatchReply(msgspec.Struct, array_like=True, omit_defaults=True, tag="reply"):
+    """The outcomes of a `Batch` or `Explain`, one per item, in order.
+
+    `timings`: for a batch with a traced item, the worker's wall-clock nanoseconds
+    [received, first model call, model done, reply encoded] (serving/tracing.py records
+    them as spans). Trailing defaults are left off the wire, so untraced replies pay nothing.
+    """
 
     id: int
     items: list[ReplyItem]
     batch_size: int = 1  # how many requests shared the model call
+    timings: list[int] | None = None
 
 
 class StreamChunk(msgspec.Struct, array_like=True, tag="chunk"):

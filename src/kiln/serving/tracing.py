@@ -207,13 +207,24 @@ def _exporter(url: str, protocol: str) -> Any:
     return OTLPSpanExporter(endpoint=url)
 
 
+# At exit, buffered spans get this long to leave: a collector that is down must not hold
+# up a server's stop (the exporter alone retries for OTEL_EXPORTER_OTLP_TIMEOUT, 10 s).
+SHUTDOWN_GRACE_S = 3.0
+
+
 def shutdown() -> None:
-    """Send what is buffered and stop the exporter (at exit; a second call does nothing)."""
+    """Send what is buffered and stop the exporter, waiting at most SHUTDOWN_GRACE_S
+    (at exit; a second call does nothing)."""
     global ENABLED, _provider
     provider, _provider = _provider, None
     ENABLED = False
     if provider is not None:
-        provider.shutdown()
+        import threading
+
+        closing = threading.Thread(target=provider.shutdown, name="kiln-otel-shutdown")
+        closing.daemon = True
+        closing.start()
+        closing.join(SHUTDOWN_GRACE_S)
 
 
 # ----- a request's trace --------------------------------------------------------------

@@ -62,6 +62,7 @@ class InferenceRequest:
     tensors: list[Tensor] | None = None
     want_tensors: bool = False  # answer with typed output tensors (V2)
     outputs: list[str] | None = None  # the output names a V2 client asked for
+    trace: Any = None  # serving/tracing.py RequestTrace when this request is traced
 
 
 @dataclass(slots=True)
@@ -77,6 +78,8 @@ class InferenceResponse:
     tensors: list[Tensor] | None = None  # when the request asked for typed tensors
     tracked: list[Any] | None = None  # prediction-monitoring values (tracker:)
     handler_metrics: list[Any] | None = None  # [name, kind, value, unit]: context.metrics
+    # The worker's wall-clock ns [received, model start, model end, encoded] (traced batches)
+    worker_timings: list[int] | None = None
 
 
 __all__ = ["InferenceRequest", "InferenceResponse", "Part", "Tensor", "WorkerSpec"]

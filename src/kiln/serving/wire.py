@@ -83,6 +83,8 @@ def encode_request(request: InferenceRequest) -> tuple[RequestItem, list[Any]]:
         item.want_tensors = True
         if request.outputs:
             item.outputs = request.outputs
+    if request.trace is not None:
+        item.trace = request.trace.traceparent
     kind = request.kind
     buffers: list[Any]
     if kind == "tensors":
@@ -165,6 +167,10 @@ def decode_outcomes(
             error = from_wire_error(item.error)
             error.debug_stages = stages  # type: ignore[attr-defined]
             outcomes.append(error)
+    if reply.timings is not None:  # a traced batch (serving/tracing.py)
+        for outcome in outcomes:
+            if isinstance(outcome, InferenceResponse):
+                outcome.worker_timings = reply.timings
     return outcomes
 
 

@@ -102,7 +102,45 @@ def log_failure(exc: BaseException, api: str, request_ids: str) -> None:
         text = "".join(traceback.format_exception(exc))
     else:
         text = f"{type(exc).__name__}: {exc}\n"
-    _log(f"request {request_ids} failed in API '{api}':\n{text}".rstrip("\n"))
+    note = _trace_note(request_ids) if _TRACES else ""
+    _log(f"request {request_ids} failed in API '{api}'{note}:\n{text}".rstrip("\n"))
+
+
+# The W3C traceparent of each traced request of the batch being answered, by request id:
+# the worker's log lines about a request name its trace (control/logs.py reads the ids
+# back into the record's trace_id and span_id).
+_TRACES: dict[str, str] = {}
+
+
+def _trace_note(request_ids: str) -> str:
+    """` trace_id=... span_id=...` for the first traced request of `request_ids`."""
+    for request_id in request_ids.split(", "):
+        parent = _TRACES.get(request_id)
+        if parent is not None and parent.count("-") == 3:
+            _, trace_id, span_id, _ = parent.split("-")
+            return f" trace_id={trace_id} span_id={span_id}"
+    return ""
+
+
+class _ModelClock:
+    """When a traced batch's model calls start and end (wall-clock ns, as the server's
+    spans are): wraps a tensor runtime's `run` once the first traced batch arrives."""
+
+    __slots__ = ("run", "first", "last")
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.first = 0  # 0: no model call in this batch (yet)
+        self.last = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.time_ns()
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            if not self.first:
+                self.first = start
+            self.last = time.time_ns()
 
 
 def _log(text: str) -> None:
@@ -130,6 +168,7 @@ class Worker:
         self.input_names = [i["name"] for i in signature.get("inputs", [])]
         self.output_names = [o["name"] for o in signature.get("outputs", [])]
         self.tensor_api = pipeline.is_tensor
+        self._model_clock: _ModelClock | None = None  # installed by the first traced batch
 
     def _context(self, item: RequestItem) -> RequestContext:
         return RequestContext(
@@ -185,6 +224,7 @@ class Worker:
         that raises fails this batch and no other.
         """
         items = message.items
+        received = self._traced(items)  # 0 unless a request of this batch is traced
         contexts = [self._context(item) for item in items]
         stages: list[list[tuple[str, Any]] | None] = [[] if i.debug else None for i in items]
         outcomes: list[Any] = [None] * len(items)
@@ -196,7 +236,10 @@ class Worker:
                 runnable.append(index)
             except Exception as exc:  # noqa: BLE001 - decoding client data
                 outcomes[index] = exc
+        model_start = model_end = 0
         if runnable:
+            if received:
+                model_start = time.time_ns()
             try:
                 results = self.pipeline.predict_batch(
                     [outcomes[i] for i in runnable],
@@ -213,6 +256,8 @@ class Worker:
                 elif not isinstance(exc, KilnError):
                     log_failure(exc, self.spec.api, ids)
                 results = [self._error(exc, contexts[i], logged=True) for i in runnable]
+            if received:
+                model_end = time.time_ns()
             for index, result in zip(runnable, results, strict=True):
                 outcomes[index] = result
         replies: list[ReplyItem] = []
@@ -227,7 +272,46 @@ class Worker:
         drain = getattr(self.pipeline, "drain_metrics", None)  # torchserve's context.metrics
         if drain is not None and replies and (recorded := drain()):
             replies[0].handler_metrics = recorded
-        return BatchReply(message.id, replies, len(items)), out
+        answer = BatchReply(message.id, replies, len(items))
+        if received:
+            answer.timings = self._timings(received, model_start, model_end)
+        return answer, out
+
+    def _traced(self, items: list[RequestItem]) -> int:
+        """When this batch arrived (wall-clock ns) if a request in it is traced, else 0.
+
+        A traced batch's phases go back to the server in its reply (`BatchReply.timings`),
+        which records them as spans; its requests' trace ids go into the log lines."""
+        for item in items:
+            if item.trace is not None:
+                break
+        else:
+            if _TRACES:
+                _TRACES.clear()
+            return 0
+        _TRACES.clear()
+        for item in items:
+            if item.trace is not None:
+                _TRACES[item.request_id] = item.trace
+        runtime = getattr(self.pipeline, "runtime", None)
+        if self._model_clock is None and runtime is not None and callable(runtime.run):
+            self._model_clock = clock = _ModelClock(runtime.run)
+            runtime.run = clock  # only a tensor pipeline's model call, pre/post hooks aside
+        if self._model_clock is not None:
+            self._model_clock.first = self._model_clock.last = 0
+        return time.time_ns()
+
+    def _timings(self, received: int, model_start: int, model_end: int) -> list[int]:
+        """[received, model start, model end, encoded]: the model is the runtime's calls for a
+        tensor pipeline (pre_inference before, post_inference after), the handler's predict
+        for Python handlers (pre_inference is then the decoding, post_inference the encoding)."""
+        clock = self._model_clock
+        if clock is not None and clock.first:
+            model_start, model_end = clock.first, clock.last
+        encoded = time.time_ns()
+        if not model_start:  # nothing ran (every body failed to decode)
+            model_start = model_end = encoded
+        return [received, model_start, model_end, encoded]
 
     def _reply(
         self, outcome: Any, context: RequestContext, item: RequestItem, v2: InferBody | None
