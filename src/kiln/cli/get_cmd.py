@@ -139,6 +139,12 @@ def _details(detail: dict, key_header: str = "") -> list[Any]:
         out.append(
             f"\ndeployment [bold]{escape(detail['deployment'])}[/], revision {detail['revision']}"
         )
+    if detail.get("traffic"):  # a split between versions, or a shadow
+        from kiln.cli.traffic_cmd import describe
+
+        versions = [str(v["version"]) for v in detail.get("versions") or () if v.get("version")]
+        view = {"api": detail["name"], "versions": versions, "default": detail.get("version")}
+        out.append("\n" + describe({**view, "traffic": detail["traffic"]}))
     revisions = detail.get("revisions") or []
     if revisions:
         out.append(_revisions(revisions))

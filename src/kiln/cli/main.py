@@ -165,6 +165,9 @@ def _load(project_dir: Path, file: str | None):  # noqa: ANN202 - returns kiln.c
 
 from kiln.cli.server_cmd_edge import (  # noqa: E402 - the edge flags `kiln server` shares
     BodyIdleTimeoutOption,
+    GrpcCertOption,
+    GrpcKeyOption,
+    GrpcPortOption,
     HeaderTimeoutOption,
     KeepaliveTimeoutOption,
     MaxConnectionsOption,
@@ -249,6 +252,9 @@ def serve(
             "link-local or private (repeatable): --webhook-allow 127.0.0.1/32.",
         ),
     ] = None,
+    grpc_port: GrpcPortOption = None,
+    grpc_tls_cert: GrpcCertOption = None,
+    grpc_tls_key: GrpcKeyOption = None,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
@@ -283,6 +289,9 @@ def serve(
             edge,
             admin_key,
             webhook_allow,
+            grpc_port,
+            grpc_tls_cert,
+            grpc_tls_key,
         )
     )
 
@@ -409,6 +418,25 @@ def rollback(
     from kiln.cli.deploy_cmd import run_rollback
 
     _cli(lambda: run_rollback(api, revision, env, not no_wait))
+
+
+@app.command()
+def traffic(
+    api: Annotated[str, typer.Argument(help="The API whose traffic split to show or change.")],
+    weights: Annotated[
+        list[str] | None,
+        typer.Argument(help="VERSION=WEIGHT pairs, e.g. 1=90 2=10 (shares are weight/total)."),
+    ] = None,
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Forget the runtime split: kiln.yaml's applies.")
+    ] = False,
+    env: EnvOption = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="table or json.")] = "table",
+) -> None:
+    """Show or change how unversioned requests split between an API's versions (no redeploy)."""
+    from kiln.cli.traffic_cmd import run_traffic
+
+    _cli(lambda: run_traffic(api, weights or [], reset, env, output))
 
 
 @app.command()

@@ -23,6 +23,7 @@ from kiln.config.project import Project
 from kiln.config.schema import ApiSpec, AsyncApiSpec, BatchApiSpec, Deployment
 from kiln.config.source import Document, read_file, read_yaml
 from kiln.config.torchserve import apply_torchserve
+from kiln.config.traffic import TrafficSplitterSpec, apply_splitters, check_traffic
 from kiln.quantities import type_name
 
 CONFIG_NAMES: tuple[str, ...] = ("kiln.yaml", "cortex.yaml", "kiln.yml", "cortex.yml")
@@ -31,6 +32,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "RealtimeAPI": ApiSpec,
     "AsyncAPI": AsyncApiSpec,
     "BatchAPI": BatchApiSpec,
+    "TrafficSplitter": TrafficSplitterSpec,
     "deployment": Deployment,
 }
 _EXPECTED = {
@@ -287,6 +289,7 @@ def load_project(
         col.add(raw.path, raw.message, raw.fix, raw.line, variable=raw.variable)
 
     deployments: list[tuple[int, Deployment]] = []
+    splitters: list[tuple[int, TrafficSplitterSpec]] = []
     entries: list[Entry] = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
@@ -322,6 +325,8 @@ def load_project(
             continue
         if isinstance(spec, Deployment):
             deployments.append((i, spec))
+        elif isinstance(spec, TrafficSplitterSpec):
+            splitters.append((i, spec))
         else:
             entries.append((i, spec))  # type: ignore[arg-type]
 
@@ -347,12 +352,18 @@ def load_project(
         field = spec.aliases.get(field, field)
         col.add((index, *field.split(".")), message, fix)
 
+    def report_splitter(index: int, field: str, message: str, fix: str) -> None:
+        col.add((index, *field.split(".")), message, fix)
+
     root = path.parent
+    line_of = lambda i: doc.lines.get((i,))  # noqa: E731
     for i, spec in entries:
         resolve_paths(i, spec, root, check_files, report, confine=policy.confine_paths)
         apply_torchserve(i, spec, report)
+    apply_splitters(splitters, entries, report, report_splitter, line_of)
     resolve_endpoints(entries, deployment_name)
-    cross_check(entries, report, lambda i: doc.lines.get((i,)))
+    cross_check(entries, report, line_of)
+    check_traffic(entries, report, line_of)
     issues = col.issues()
     if issues:
         raise ConfigError(issues)

@@ -43,6 +43,7 @@ from kiln.config.blocks import (
 from kiln.config.errors import FieldProblem
 from kiln.config.policy import check_env
 from kiln.config.torchserve import TorchServeBlock
+from kiln.config.traffic import ShadowBlock, check_header, parse_traffic
 
 __all__ = [
     "RESERVED_NAMES",
@@ -151,6 +152,15 @@ class ApiSpec(_Resource):
     response_envelope: Literal["none", "hub"] = "none"
     network: Literal["none", "egress"] = "none"
     """`egress`: the API's workers may open outbound connections (plans allow it or not)."""
+    traffic: dict[str, int] | None = None
+    """Weights of the API's versions for unversioned requests (on one entry only)."""
+    shadow: ShadowBlock | None = None
+    """Mirror a percent of unversioned requests to a version; its answers are dropped."""
+    traffic_sticky_header: str | None = None
+    """A header whose value keeps one client on one version of the split."""
+
+    _traffic = field_validator("traffic", mode="before")(lambda v: parse_traffic(v))
+    _sticky = field_validator("traffic_sticky_header", mode="before")(lambda v: check_header(v))
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -79,6 +79,9 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
         # APIs whose first deploy failed: nothing serves them, yet `kiln get` lists them
         # as `error` with the reason until a deploy brings them up or `kiln delete`.
         self.failed_first: dict[str, dict[str, Any]] = {}
+        # Runtime traffic splits (kiln traffic, PUT /apis/{name}/traffic, set-default) are
+        # kept in the store; the registry loads an API's when it routes the API.
+        server.registry.traffic_store = store
 
     # ---- loading a revision -------------------------------------------------------
     def _load(self, folder: Path, deployment: str | None = None, tenant: str | None = None) -> Any:
@@ -281,6 +284,7 @@ class DeploymentManager(LoadingMixin, OwnershipMixin):
                     removed.append(served)
                     self.fingerprints.pop((name, version), None)
             self.owner.pop(name, None)
+            await asyncio.to_thread(self.store.set_traffic, name, None)  # its runtime split
             remaining = [a for a, d in self.owner.items() if d == deployment]
             if remaining:
                 await asyncio.to_thread(self.store.delete_api, deployment, name)

@@ -148,6 +148,14 @@ class Metrics:
             ["api", "where"],
             registry=r,
         )
+        # Traffic shadowing: copies of requests sent to a shadow version, by its answer's
+        # status code ("dropped": not sent, the shadow's queue or the copy limit was full).
+        self.shadow_requests = Counter(
+            "kiln_shadow_requests",
+            "Requests mirrored to a shadow version, by the shadow's status (never returned)",
+            ["api", "version", "status"],
+            registry=r,
+        )
         # TorchServe's names (docs/metrics.md of pytorch/serve), for existing dashboards.
         self.ts_requests = Counter(
             "ts_inference_requests",
@@ -245,6 +253,10 @@ class Metrics:
         ts_requests.inc(size)
         ts_latency.inc(inference_s * 1e6 * size)
         ts_queue.inc(sum(queue_times) * 1e6)
+
+    def shadow(self, api: str, version: str, status: str) -> None:
+        """A shadow copy answered (or was dropped); serving/data_plane.py calls it."""
+        self.shadow_requests.labels(api, version, status).inc()
 
     def cancelled(self, served: Any, where: str) -> None:
         """A request's client left; `where` is "queued" or "running" (served.py calls it)."""

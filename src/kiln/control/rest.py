@@ -12,6 +12,7 @@
 | `POST /apis/{name}/rollback?revision=` | roll its deployment back |
 | `GET /apis/{name}/logs?follow=&tail=` | its merged replica logs, JSON lines |
 | `GET /apis/{name}/timeseries?window=15m, 1h or 24h` | per-minute history (timeseries.py) |
+| `GET, PUT, DELETE /apis/{name}/traffic` | the traffic split between versions (traffic_rest.py) |
 | `GET /docs`, `GET /openapi.json` | the management port's OpenAPI document |
 | `/apis/{name}/jobs...` | batch jobs: submit, list, status, stop, failed, logs (jobs_rest.py) |
 
@@ -86,12 +87,13 @@ def control_routes(server: Any) -> list[Route]:
     }
     from kiln.control.accounts_rest import account_routes
     from kiln.control.jobs_rest import job_routes
+    from kiln.control.traffic_rest import traffic_routes
 
     routes = [
         Route(path, handlers[(method, path)], methods=[method.upper()])
         for method, path, _, _ in CONTROL_ROUTES
     ]
-    return routes + account_routes(server) + job_routes(server)
+    return routes + account_routes(server) + job_routes(server) + traffic_routes(server, api_name)
 
 
 class ControlApi:
@@ -182,6 +184,8 @@ class ControlApi:
         from kiln.control.status import list_apis
 
         shown = await asyncio.to_thread(list_apis, self.server, principal_of(request))
+        for entry in shown:
+            _add_traffic_share(self.server, entry)
         return JSONResponse({"apis": shown})
 
     async def get_api(self, request: Request) -> Response:
@@ -196,6 +200,11 @@ class ControlApi:
         detail = await asyncio.to_thread(
             api_detail, self.server, name, window, principal_of(request)
         )
+        group = self.server.registry.groups.get(name)
+        if group is not None:
+            detail["traffic"] = group.traffic()  # the split between versions, and shadow
+            for entry in detail.get("versions") or ():
+                _add_traffic_share(self.server, entry)
         return JSONResponse(detail)
 
     async def delete_api(self, request: Request) -> Response:
@@ -253,11 +262,13 @@ class ControlApi:
     def _document(self, request: Request) -> dict[str, Any]:
         from kiln.control.accounts_rest import ACCOUNT_ROUTES
         from kiln.control.jobs_rest import JOB_ROUTES
+        from kiln.control.traffic_rest import PUT_BODY, TRAFFIC_ROUTES
         from kiln.protocols.management_doc import management_document
 
         document = management_document(
-            extra=CONTROL_ROUTES + ACCOUNT_ROUTES + JOB_ROUTES, extra_tag=TAG
+            extra=CONTROL_ROUTES + ACCOUNT_ROUTES + JOB_ROUTES + TRAFFIC_ROUTES, extra_tag=TAG
         )
+        document["paths"]["/apis/{name}/traffic"]["put"]["requestBody"] = PUT_BODY
         document["servers"] = [{"url": str(request.base_url).rstrip("/")}]
         return document
 
@@ -297,6 +308,23 @@ async def receive_to_file(request: Request, path: Path, limit: int, limit_name: 
 
 def _size(n: int) -> str:
     return f"{n} bytes ({n / 2**20:.4g} MiB)"
+
+
+def _add_traffic_share(server: Any, entry: dict[str, Any]) -> None:
+    """`traffic_percent` on a version's entry: its share of unversioned requests (100 for
+    the default without a split, 0 for the others); "shadow" for a shadow version."""
+    group = server.registry.groups.get(entry.get("name"))
+    if group is None or entry.get("version") is None:
+        return
+    info = group.traffic()
+    version = entry["version"]
+    if info is None or not info["weights"]:
+        entry["traffic_percent"] = 100.0 if version == group.default_version else 0.0
+    else:
+        entry["traffic_percent"] = info["percent"].get(version, 0.0)
+    shadow = (info or {}).get("shadow")
+    if shadow is not None and shadow["version"] == version:
+        entry["shadow_percent"] = shadow["percent"]
 
 
 def principal_of(request: Request) -> Any:

@@ -86,7 +86,7 @@ class AsyncRoutes:
     ) -> int:
         if request_id is None:
             version = request.query.get("version")
-            served = self.plane.resolve(call, name, version)
+            served = self.plane.resolve(call, name, version, request.headers)
             self.plane.admit(call, served.name)
             body = await request.body(served.api.serving.max_request_bytes)
             new_id = await self.manager.submit(

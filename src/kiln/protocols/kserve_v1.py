@@ -141,7 +141,7 @@ class KServeV1:
             found = find_group(call.view, name)
             if found is None:
                 raise NotFound(f"Model with name {name} does not exist.")
-            served = found.default
+            served = self.plane.pick(call, found, None, req.headers) if action else found.default
             if not action:
                 return await self._status(req, send, call, served, name)
             return await self._infer(req, send, call, served, action)

@@ -225,7 +225,11 @@ class Management:
         name = request.path_params["model"]
         version = request.path_params["version"]
         group = self.visible(request).by_name(name)
-        group.set_default(version)
+        before = group.override
+        group.set_default(version)  # with a traffic split: 100% on this version from now
+        store = self.registry.traffic_store
+        if group.override != before and store is not None:  # kept across restarts
+            await asyncio.to_thread(store.set_traffic, group.name, group.override)
         self.audit(name, "set-default", version=version)
         return JSONResponse(
             {"status": f'Default version successfully updated for model "{name}" to "{version}"'}
@@ -349,10 +353,10 @@ class Management:
         group = self.registry.groups.get(served.name)
         if group is not None and group.versions:
             # A new version never moves unversioned traffic unless it says `default: true`.
-            group.set_default(group.default_version)
+            group.set_default(group.default_version, reset_split=False)
         self.registry.add(served)
         if group is not None and served.api.default:
-            group.set_default(served.version)
+            group.set_default(served.version, reset_split=False)
         self.records[id(served)] = ModelRecord(url=url, loaded_at_startup=False)
 
     async def _start(self, served: ServedApi, workers: int | None) -> None:

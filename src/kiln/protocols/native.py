@@ -70,7 +70,11 @@ class NativeApi:
     async def handle(
         self, request: Request, send: Send, call: Call, group: ApiGroup, action: str
     ) -> int:
-        served = group.get(request.query.get("version"))
+        version = request.query.get("version")
+        if action == "explain" or (action == "predict" and request.method == "POST"):
+            served = self.plane.pick(call, group, version, request.headers)
+        else:
+            served = group.get(version)
         if action == "signature":
             if request.method != "GET":
                 raise _method_not_allowed(("GET",), request.path, request.method)

@@ -216,7 +216,11 @@ class TorchServeInference:
         api_name = group.name if group is not None else _SYSTEM
 
         async def handler(req: Request, send: Send, call: Call) -> int:
-            served = resolve(call.view, name, version)
+            found = find_group(call.view, name) if version is None else None
+            if found is not None and req.method != "OPTIONS":
+                served = self.plane.pick(call, found, None, req.headers)  # the traffic split
+            else:
+                served = resolve(call.view, name, version)
             if head == "explanations":
                 return await self._explain(req, send, call, served)
             return await self._predict(req, send, call, served, name)

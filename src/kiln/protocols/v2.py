@@ -210,12 +210,17 @@ class OpenInferenceV2:
             raise NotFound(f"no model named '{name}'; GET /v2/models lists the models")
         return group
 
-    def _served(self, call: Call, name: str, version: str | None) -> ServedApi:
+    def _served(
+        self, call: Call, name: str, version: str | None, request: Request | None = None
+    ) -> ServedApi:
+        """The version a route means; with `request` (inference), the traffic split's."""
         group = self._group(call, name)
         if version is not None and version not in group.versions:
             known = sorted((str(v) for v in group.versions if v is not None), key=_version_key)
             listed = ", ".join(known) if known else f"none; use /v2/models/{name}"
             raise NotFound(f"model '{name}' has no version '{version}' (versions: {listed})")
+        if request is not None:
+            return self.plane.pick(call, group, version, request.headers)
         return group.get(version)
 
     def _signature(self, served: ServedApi) -> dict[str, Any]:
@@ -280,7 +285,7 @@ class OpenInferenceV2:
     async def _infer(
         self, request: Request, send: Send, call: Call, name: str, version: str | None
     ) -> int:
-        served = self._served(call, name, version)
+        served = self._served(call, name, version, request)
         self.plane.admit(call, served.name)
         limit = served.api.serving.max_request_bytes
         raw = await request.body(limit)

@@ -4,16 +4,26 @@ A `Registry` maps endpoints and names to the versions behind them and picks
 the default version (the one marked `default: true`, else the highest). What
 one caller may see of it is a `RegistryView`, asked for explicitly with
 `Registry.view(caller)`: no ambient state says who is asking.
+
+Which version an unversioned inference request gets is decided in one place,
+`ApiGroup.route`: the default, or a draw over the API's traffic split
+(serving/traffic.py) when it has one. Every protocol reaches it through
+`DataPlane.resolve` / `DataPlane.pick`.
 """
 
 from __future__ import annotations
 
+import logging
+import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kiln.errors import NotFound
 from kiln.serving.served import ServedApi
+from kiln.serving.traffic import Routing
+
+log = logging.getLogger("kiln.traffic")
 
 __all__ = ["ApiGroup", "Caller", "Registry", "RegistryView", "ServedApi"]
 
@@ -38,14 +48,30 @@ class Caller(Protocol):
     def owns(self, name: str) -> bool: ...
 
 
+class TrafficStore(Protocol):
+    """Where runtime splits are kept (control plane: the state store's traffic table)."""
+
+    def get_traffic(self, api: str) -> dict[str, int] | None: ...
+
+    def set_traffic(self, api: str, weights: dict[str, int] | None) -> None: ...
+
+
 class ApiGroup:
     """All versions of one API name, served at one endpoint.
 
-    The default version (what unversioned routes of every protocol get) is the
-    one chosen at runtime with `set_default` (the management API's
-    `set-default`), else the entry marked `default: true`, else the highest.
-    Switching it is one attribute assignment on the event loop, so a request
-    sees either the old default or the new one, never a gap.
+    The default version (what metadata routes and `kiln get` call the API's version)
+    is the one chosen at runtime with `set_default` (the management API's
+    `set-default`), else the version leading the traffic split, else the entry
+    marked `default: true`, else the highest. Unversioned inference requests go
+    through `route`: the default, or a draw over the split when one is in force.
+    Switching either is one attribute assignment on the event loop, so a request
+    sees the old choice or the new one, never a gap.
+
+    The split in force is the runtime one (`override`: `kiln traffic`, PUT
+    /apis/{name}/traffic, set-default; persisted by the control plane) when every
+    version it gives weight to is served, else the kiln.yaml one (`traffic:` on
+    one entry, or a `kind: TrafficSplitter`); `traffic_note` says why a runtime
+    split is not in force.
     """
 
     def __init__(self, name: str, endpoint: str) -> None:
@@ -53,12 +79,115 @@ class ApiGroup:
         self.endpoint = endpoint
         self.versions: dict[str | None, ServedApi] = {}
         self._chosen: Any = _UNSET
+        self.override: dict[str, int] | None = None
+        self.routing: Routing | None = None  # None: no split and no shadow (the hot path)
+        self.traffic_note: str | None = None
+        self.rng: random.Random | None = None  # tests seed it; None: a fresh Random
+        self._lead: str | None = None  # the split's leading version, while one is in force
+        self._split_info: Routing | None = None  # the split in force, shown by `traffic()`
 
     @property
     def default(self) -> ServedApi:
         if self._chosen is not _UNSET and self._chosen in self.versions:
             return self.versions[self._chosen]
+        lead = self._lead
+        if lead is not None:
+            served = self.versions.get(lead)
+            if served is not None:
+                return served
         return self.versions[self.configured_default()]
+
+    def route(self, version: str | None, headers: Mapping[str, str] | None = None) -> ServedApi:
+        """The version an inference request goes to: `version` when it names one, else
+        a draw over the traffic split (sticky on its header's value), else the default.
+
+        `headers` are the request's headers with lower-case names (only read when the
+        API has a split with `traffic_sticky_header`)."""
+        if version is not None:
+            return self.get(version)
+        routing = self.routing
+        if routing is None:
+            return self.default
+        chosen = routing.choose(headers)
+        served = self.versions.get(chosen) if chosen is not None else None
+        return served if served is not None else self.default
+
+    def shadow_target(self, chosen: ServedApi) -> ServedApi | None:
+        """The version an unversioned request routed to `chosen` is mirrored to (None:
+        not this time). Never `chosen` itself: a version answering for real is not also
+        its own shadow."""
+        routing = self.routing
+        if routing is None or not routing.mirrors():
+            return None
+        shadow = self.versions.get(routing.shadow_version)
+        return None if shadow is None or shadow is chosen else shadow
+
+    # ----- the split -----------------------------------------------------------------
+    def configured_traffic(self) -> tuple[dict[str, int] | None, str | None, Any]:
+        """(weights, sticky header, shadow block) from the served versions' kiln.yaml."""
+        weights: dict[str, int] | None = None
+        sticky: str | None = None
+        shadow: Any = None
+        for served in self.versions.values():
+            api = served.api
+            weights = getattr(api, "traffic", None) or weights
+            sticky = getattr(api, "traffic_sticky_header", None) or sticky
+            shadow = getattr(api, "shadow", None) or shadow
+        return (dict(weights) if weights else None), sticky, shadow
+
+    def refresh_traffic(self) -> None:
+        """Rebuild `routing` from the versions served now and the runtime split (called
+        whenever either changes; never per request)."""
+        configured, sticky, shadow_block = self.configured_traffic()
+        weights, source, note = configured, "kiln.yaml", None
+        override = self.override
+        if override is not None:
+            missing = sorted(v for v, w in override.items() if w > 0 and v not in self.versions)
+            if missing:
+                note = (
+                    f"the runtime split {override} gives weight to version(s) "
+                    f"{', '.join(missing)}, which this API does not serve now; using the "
+                    f"kiln.yaml split ({configured or 'none: the default version'})"
+                )
+            else:
+                weights, source = override, "runtime"
+        if weights is not None:
+            weights = {v: w for v, w in weights.items() if v in self.versions}
+            if sum(weights.values()) <= 0:
+                weights = None
+        shadow = None
+        if shadow_block is not None and shadow_block.version in self.versions:
+            shadow = (shadow_block.version, float(shadow_block.percent))
+        routing = None
+        if weights is not None or shadow is not None:
+            routing = Routing(
+                weights, source=source, sticky_header=sticky, shadow=shadow, rng=self.rng
+            )
+        was_runtime = self.routing is not None and self.routing.source == "runtime"
+        if note is not None and was_runtime:
+            log.warning("API '%s': %s", self.name, note)
+        self.traffic_note = note
+        self._lead = routing.lead if routing is not None else None
+        # Only shadow or a one-version split left: `route` needs no draw then.
+        self.routing = routing if routing is not None and (routing.splits or shadow) else None
+        self._split_info = routing
+
+    def traffic(self) -> dict[str, Any] | None:
+        """The split in force as GET /apis/{name} shows it (None: no split, no shadow)."""
+        routing = self._split_info
+        if routing is None:
+            return None
+        info = routing.describe()
+        if self.traffic_note:
+            info["note"] = self.traffic_note
+        return info
+
+    def set_traffic(self, weights: dict[str, int] | None) -> None:
+        """Put a runtime split in force (None: back to kiln.yaml's). The caller checked
+        the weights and persists them."""
+        self.override = dict(weights) if weights is not None else None
+        self._chosen = _UNSET
+        self.refresh_traffic()
 
     @property
     def default_version(self) -> str | None:
@@ -72,11 +201,18 @@ class ApiGroup:
             return marked[0]
         return max(self.versions, key=_version_key)
 
-    def set_default(self, version: str | None) -> ServedApi:
-        """Make `version` the one unversioned requests get; NotFound if it is not served."""
+    def set_default(self, version: str | None, reset_split: bool = True) -> ServedApi:
+        """Make `version` the one unversioned requests get; NotFound if it is not served.
+
+        With a traffic split in force (and `reset_split`) it becomes a runtime split of
+        100% on `version` (`override`, which the caller persists), as TorchServe's
+        set-default means; registering a version pins the default without touching it."""
         served = self.get(version) if version is not None else self.versions.get(None)
         if served is None:
             raise NotFound(f"API '{self.name}' has no unversioned entry to make the default")
+        if reset_split and self._lead is not None and served.version is not None:
+            self.override = {served.version: 100}
+            self.refresh_traffic()
         self._chosen = served.version
         return served
 
@@ -107,6 +243,8 @@ class Registry:
         # Called after every change: route tables derived from the registry (the AsyncAPI
         # endpoints, kiln.control.asyncs) rebuild then, never per request.
         self.listeners: list[Callable[[], None]] = []
+        # Runtime traffic splits survive restarts there (control/traffic.py); None: none kept.
+        self.traffic_store: TrafficStore | None = None
 
     @property
     def groups(self) -> dict[str, ApiGroup]:
@@ -132,7 +270,10 @@ class Registry:
         if group is None:
             group = self._groups[served.name] = ApiGroup(served.name, served.api.endpoint)
             self._by_endpoint[served.api.endpoint.rstrip("/") or "/"] = group
+            if self.traffic_store is not None:
+                group.override = self.traffic_store.get_traffic(served.name)
         group.versions[served.version] = served
+        group.refresh_traffic()
         self._changed()
 
     def swap(self, new: ServedApi) -> ServedApi | None:
@@ -153,6 +294,7 @@ class Registry:
             self.add(new)
         else:
             group.versions[new.version] = new
+            group.refresh_traffic()
         if old is not None:
             old.successor = new
         self._changed()
@@ -170,6 +312,8 @@ class Registry:
         if not group.versions:
             del self._groups[name]
             self._by_endpoint.pop(group.endpoint.rstrip("/") or "/", None)
+        else:
+            group.refresh_traffic()
         self._changed()
         return served
 

@@ -341,12 +341,27 @@ def _async_requests(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _traffic(conn: Connection) -> None:
+    """Issue 19's traffic splits: the runtime split of an API, kept across restarts."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "api_traffic",
+        md,
+        C("api", sa.String(128), primary_key=True),
+        C("weights", sa.Text, nullable=False),
+        C("updated_at", sa.Double, nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "control plane: deployments, revisions, APIs, tracker, usage, scaling", _v1),
     Migration(2, "batch jobs: jobs, batches, dead letters", _v2),
     Migration(3, "accounts: users, API keys, metered usage per key", _accounts),
     Migration(4, "console: per-minute API series, audit log", _series),
     Migration(5, "async APIs: requests, their results and webhooks", _async_requests),
+    Migration(6, "traffic splits: runtime weights per API", _traffic),
 )
 
 

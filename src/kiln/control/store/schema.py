@@ -271,3 +271,11 @@ audit_log = sa.Table(
     sa.Column("status", sa.Integer, nullable=False),
     sa.Index("ix_audit_log_at", "at"),
 )
+
+api_traffic = sa.Table(
+    "api_traffic",
+    metadata,
+    sa.Column("api", sa.String(128), primary_key=True),
+    sa.Column("weights", sa.Text, nullable=False),  # JSON: {"version": weight}
+    sa.Column("updated_at", sa.Double, nullable=False),
+)

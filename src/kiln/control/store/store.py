@@ -30,6 +30,7 @@ from .models import (
     ScalingEvent,
 )
 from .series import SeriesMixin
+from .traffic import TrafficMixin
 
 _D, _R, _A, _E = t.deployments.c, t.revisions.c, t.apis.c, t.scaling_events.c
 
@@ -78,7 +79,15 @@ _APIS = sa.select(t.apis, _R.content_hash, _D.name.label("deployment")).select_f
 )
 
 
-class Store(CountersMixin, JobsMixin, QueueMixin, AccountsMixin, SeriesMixin, AsyncQueueMixin):
+class Store(
+    CountersMixin,
+    JobsMixin,
+    QueueMixin,
+    AccountsMixin,
+    SeriesMixin,
+    AsyncQueueMixin,
+    TrafficMixin,
+):
     """Kiln's state store. Open one per process: `Store()` or `Store("postgresql+psycopg://...")`.
 
     Methods are synchronous, thread-safe and each one transaction; see `base.py` for
