@@ -85,7 +85,7 @@ class InferenceApp:
         # API keys (control/accounts.py + quotas.py), or None: auth off (`kiln serve`).
         self.auth = auth
         # Admission and metering go through the data plane, never through this app.
-        self.plane = DataPlane(registry, auth)
+        self.plane = DataPlane(registry, auth, log=log)
         self.adapters = (
             adapters if adapters is not None else default_adapters(self.plane, log, jobs)
         )
@@ -212,7 +212,7 @@ class InferenceApp:
         """`GET /apis/{name}/monitoring?window=1h`: the tracker's summary (seed `tracker:`)."""
         from kiln.config.quantities import parse_duration
 
-        served = self.plane.resolve(call, name, request.query.get("version"))
+        served = self.plane.lookup(call, name, request.query.get("version"))
         if served.api.tracker is None or self.metrics is None:
             raise NotFound(
                 f"API '{name}' has no tracker; add `tracker: {{model_type: classification}}` "

@@ -24,7 +24,10 @@ DataPlane sits between its REST/gRPC servers and the models.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 from kiln.errors import KilnError, NotFound, Unavailable
@@ -44,7 +47,7 @@ class Call:
     the response carries.
     """
 
-    __slots__ = ("caller", "view", "api", "version", "admitted", "rate_headers", "trace")
+    __slots__ = ("caller", "view", "api", "version", "admitted", "rate_headers", "shadow", "trace")
 
     def __init__(self, caller: Caller | None, view: Registry | RegistryView) -> None:
         self.caller = caller
@@ -55,6 +58,8 @@ class Call:
         self.rate_headers: list[tuple[bytes, bytes]] | None = None
         # serving/tracing.py RequestTrace of a traced request (set by the transport), or None
         self.trace: Any = None
+        # The shadow version this call's prediction is mirrored to (traffic shadowing).
+        self.shadow: ServedApi | None = None
 
 
 def _live(served: ServedApi) -> ServedApi:
@@ -68,10 +73,16 @@ def _live(served: ServedApi) -> ServedApi:
 class DataPlane:
     """Resolve, admit, enqueue, await, map errors and meter: once, for every protocol."""
 
-    def __init__(self, registry: Registry, authority: Any = None) -> None:
+    # Shadow copies in flight at once, over every API: past it a copy is dropped, never
+    # queued, so a slow shadow version cannot pile work up in the server.
+    MAX_SHADOWS = 256
+
+    def __init__(self, registry: Registry, authority: Any = None, log: Any = None) -> None:
         self.registry = registry
         # API keys, quotas and metering (control/quotas.py QuotaGate), or None: auth off.
         self.authority = authority
+        self.log = log  # the API logs (LogSink): shadow answers are written there
+        self._shadows: set[asyncio.Task[None]] = set()
 
     # ----- who asks ------------------------------------------------------------------
     def call(self, caller: Caller | None = None) -> Call:
@@ -83,8 +94,41 @@ class DataPlane:
         """The API `name` as the caller sees it (None: missing, or not the caller's)."""
         return call.view.groups.get(name)
 
-    def resolve(self, call: Call, name: str, version: str | None) -> ServedApi:
-        """The version of `name` a request means (its default when `version` is None)."""
+    def resolve(
+        self,
+        call: Call,
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ServedApi:
+        """The version of `name` an inference request goes to: `version` when given,
+        else the API's traffic split or default (`ApiGroup.route`).
+
+        `headers` (lower-case names) are read only for a `traffic_sticky_header`."""
+        group = call.view.groups.get(name)
+        if group is None:
+            raise NotFound(f"no API named '{name}'; GET /apis lists the APIs this server has")
+        return self.pick(call, group, version, headers)
+
+    def pick(
+        self,
+        call: Call,
+        group: ApiGroup,
+        version: str | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> ServedApi:
+        """`resolve` for an adapter that found the group itself (by endpoint, alias)."""
+        if version is None and group.routing is not None:
+            served = group.route(None, headers)
+            call.shadow = group.shadow_target(served)
+        else:
+            served = group.get(version)
+        call.api = served.name
+        return served
+
+    def lookup(self, call: Call, name: str, version: str | None) -> ServedApi:
+        """The version `name` means for a metadata route: `version`, else the default
+        (never a draw over the split)."""
         group = call.view.groups.get(name)
         if group is None:
             raise NotFound(f"no API named '{name}'; GET /apis lists the APIs this server has")
@@ -119,7 +163,65 @@ class DataPlane:
         target = served if served.successor is None else _live(served)
         call.version = target.version or ""
         request.trace = call.trace  # serving/tracing.py: None unless this request is traced
+        if call.shadow is not None:
+            self._mirror(call, request)
         return target.predict(request)
+
+    # ----- shadow ------------------------------------------------------------------
+    def _mirror(self, call: Call, request: InferenceRequest) -> None:
+        """Send a copy of `request` to the call's shadow version, fire-and-forget.
+
+        Dropped (counted as "dropped") when the shadow version is not ready, its queue
+        is full, or MAX_SHADOWS copies are in flight: a shadow never waits, queues
+        past its limit or slows the caller, and its answer or error never reaches it.
+        """
+        shadow = call.shadow
+        call.shadow = None
+        if shadow is None:
+            return
+        shadow = _live(shadow)
+        queue = shadow.queue
+        if (
+            shadow.state != "ready"
+            or len(queue) >= queue.max_size
+            or len(self._shadows) >= self.MAX_SHADOWS
+        ):
+            self._shadow_done(shadow, request.request_id, "dropped", 0.0)
+            return
+        copy = dataclasses.replace(
+            request, version=shadow.version, request_id=request.request_id + "-shadow"
+        )
+        task = asyncio.get_running_loop().create_task(self._shadow_run(shadow, copy))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow_run(self, shadow: ServedApi, request: InferenceRequest) -> None:
+        started = time.perf_counter()
+        try:
+            response = await shadow.predict(request)
+            status = str(response.status)
+        except KilnError as err:
+            status = str(err.status)
+        except Exception:  # noqa: BLE001 - a shadow's failure is only counted and logged
+            status = "500"
+        self._shadow_done(shadow, request.request_id, status, time.perf_counter() - started)
+
+    def _shadow_done(self, shadow: ServedApi, request_id: str, status: str, seconds: float) -> None:
+        version = shadow.version or ""
+        record = getattr(shadow.observer, "shadow", None)  # control/metrics.py Metrics
+        if record is not None:
+            record(shadow.name, version, status)
+        if self.log is not None:
+            self.log.write(
+                shadow.name,
+                {
+                    "event": "shadow",
+                    "request_id": request_id,
+                    "version": version,
+                    "status": status,
+                    "latency_ms": round(seconds * 1000, 3),
+                },
+            )
 
     def explain(
         self, call: Call, served: ServedApi, request: InferenceRequest
