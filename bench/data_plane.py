@@ -21,9 +21,14 @@ since one pair on a shared box varies far more than 5%. Every Kiln row also reco
 time its server and worker processes used per request. Cgroup limits apply to both when the
 server is root; the sandbox adds bubblewrap, setpriv and the namespaces.
 
+With --tracing on every `kiln serve` exports OpenTelemetry traces (serving/tracing.py: one
+trace of 8 spans per request) over OTLP/HTTP to a no-op collector in this process, which
+answers every export at once; its span count is in the report's notes. Off (the default),
+nothing is exported. Compare two runs to see what tracing costs.
+
 Run: .venv/bin/python bench/data_plane.py [--duration 5] [--concurrency 1,8,64] [--quick]
      [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v1,v2] [--no-baselines]
-     [--sandbox-compare]
+     [--sandbox-compare] [--tracing off|on]
 """
 
 from __future__ import annotations
@@ -317,6 +322,51 @@ def v2_output(got: bytes) -> bytes:
         return b"null"
 
 
+class NoopCollector:
+    """An OTLP/HTTP endpoint that accepts every export and keeps only counts (--tracing on).
+
+    Spans are counted from the protobuf when opentelemetry-proto is installed (the otel
+    extra), else only exports and bytes are."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        counts = self.counts = {"exports": 0, "bytes": 0, "spans": 0}
+        try:
+            from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                ExportTraceServiceRequest,
+            )
+        except ImportError:
+            ExportTraceServiceRequest = None  # noqa: N806
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                counts["exports"] += 1
+                counts["bytes"] += len(body)
+                if ExportTraceServiceRequest is not None:
+                    request = ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    counts["spans"] += sum(
+                        len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
+                    )
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+COLLECTOR: NoopCollector | None = None  # set by main() with --tracing on
+
+
 def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
     """`kiln serve` of `project` (with --sandbox when asked); the server and its base URL."""
     port = free_port()
@@ -324,6 +374,11 @@ def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
     env = {**os.environ, "KILN_HOME": str(project / f"home-{tag}")}
     if args.http:  # the inference port's HTTP layer (kiln or uvicorn's httptools)
         env["KILN_HTTP"] = args.http
+    for name in [n for n in env if n.startswith("OTEL_")]:
+        del env[name]  # tracing is what --tracing says, not the caller's environment
+    if COLLECTOR is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = COLLECTOR.url
+        env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
     server = Server(
         [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
         + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
@@ -842,6 +897,12 @@ def main() -> None:
         action="store_true",
         help="measure every Kiln row under `kiln serve` and `kiln serve --sandbox`, interleaved",
     )
+    parser.add_argument(
+        "--tracing",
+        choices=("off", "on"),
+        default="off",
+        help="on: Kiln exports OpenTelemetry traces to a no-op OTLP collector in this process",
+    )
     args = parser.parse_args()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -860,6 +921,9 @@ def main() -> None:
         args.duration, args.warmup = 2.0, 0.5
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
 
+    global COLLECTOR
+    if args.tracing == "on":
+        COLLECTOR = NoopCollector()
     # SIGTERM (a background run has SIGINT ignored) unwinds too: servers are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
@@ -897,6 +961,13 @@ def main() -> None:
             flush=True,
         )
         run_kiln(folder, model_paths, bodies, typed_bodies, expected, args, rows, notes)
+    if COLLECTOR is not None:
+        time.sleep(1.0)  # the servers' last exports (they flush at exit, within 3 s)
+        counts = COLLECTOR.counts
+        notes.append(
+            f"tracing on: the no-op collector got {counts['exports']} exports, "
+            f"{counts['bytes']} bytes, {counts['spans']} spans"
+        )
 
     annotate(rows)
     pairs = sandbox_pairs(rows) if args.sandbox_compare else None
@@ -922,6 +993,7 @@ def main() -> None:
             "baselines": not args.no_baselines,
             "sandbox_compare": args.sandbox_compare,
             "rounds": args.rounds,
+            "tracing": args.tracing,
         },
         "load_average_start": load_average,
         "batching": BATCHING,
