@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +10,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from support import KilnServer  # noqa: E402
+
+# Every server a test starts (`kiln serve`, `kiln server`) takes a free gRPC port rather
+# than 8083, so servers run side by side; only where the grpc extra is installed, since a
+# port asked for without it is an error.
+if importlib.util.find_spec("grpc_health") is not None:
+    os.environ.setdefault("KILN_GRPC_PORT", "0")
 
 
 @pytest.fixture

@@ -400,3 +400,46 @@ def test_a_missing_receiver_never_fails_requests(tmp_path: Path) -> None:
             assert srv.client.post("/linear", json={"x": [[1, 2, 3, 4]]}).status_code == 200
     finally:
         assert srv.stop() == 0
+
+
+def test_settings_follow_the_flag_then_the_otel_variables() -> None:
+    from kiln.serving.tracing import TracingError, settings_from_env
+
+    assert settings_from_env(None, None, {}) is None  # nothing set: tracing off
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert settings_from_env(None, None, base) == (
+        "http://collector:4318/v1/traces",
+        "http/protobuf",
+    )
+    # The per-signal variable is used as it is; the flag wins over both.
+    signal = {**base, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://other:9/custom"}
+    assert settings_from_env(None, None, signal) == ("http://other:9/custom", "http/protobuf")
+    assert settings_from_env("http://flag:4318/", None, signal) == (
+        "http://flag:4318/v1/traces",
+        "http/protobuf",
+    )
+    grpc = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert settings_from_env(None, "grpc", grpc) == ("http://collector:4317", "grpc")
+    assert settings_from_env(None, None, {**grpc, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == (
+        "http://collector:4317",
+        "grpc",
+    )
+    assert settings_from_env(None, None, {**base, "OTEL_SDK_DISABLED": "true"}) is None
+    assert settings_from_env(None, None, {**base, "OTEL_TRACES_EXPORTER": "none"}) is None
+    with pytest.raises(TracingError, match="http/json"):
+        settings_from_env("http://x:4318", "http/json", {})
+    with pytest.raises(TracingError, match="not a URL"):
+        settings_from_env("collector:4318", None, {})
+
+
+def test_a_bad_otlp_setting_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
+    root = project(tmp_path / "project")
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift",
+    }
+    with pytest.raises(RuntimeError) as failed:
+        KilnServer(root, tmp_path / "home", env=env)
+    message = str(failed.value)
+    assert "OTLP protocol 'thrift' is not supported; use one of http/protobuf, grpc" in message
+    assert "Traceback" not in message

@@ -12,7 +12,12 @@ from typing import Any
 from rich.markup import escape
 
 from kiln.cli.common import console, err_console, kiln_home
-from kiln.cli.server_cmd_edge import EdgeFlagError, edge_limits
+from kiln.cli.server_cmd_edge import (
+    GRPC_DEFAULT_PORT,
+    EdgeFlagError,
+    check_grpc_tls,
+    edge_limits,
+)
 from kiln.cli.tables import api_table
 from kiln.control.server import InferenceServer, RunningServer, ServerError, ServerOptions
 
@@ -40,13 +45,19 @@ def run_serve(
     edge: Mapping[str, Any] | None = None,
     admin_key: str | None = None,
     webhook_allow: list[str] | None = None,
+    grpc_port: int | None = None,
+    grpc_tls_cert: Path | None = None,
+    grpc_tls_key: Path | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
 
     `edge`: the edge flags given (--max-connections ...); used for this run, never saved.
+    `grpc_port`: None is the default port (8083), skipped with a note when the grpc extra
+    is missing; a port given is required.
     """
     try:
         limits = edge_limits(edge or {})
+        tls = check_grpc_tls(grpc_tls_cert, grpc_tls_key)
     except EdgeFlagError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
         return 2
@@ -74,6 +85,10 @@ def run_serve(
         edge=limits,
         admin_key=admin_key,
         webhook_allow=list(webhook_allow or []),
+        grpc_port=GRPC_DEFAULT_PORT if grpc_port is None else grpc_port,
+        grpc_required=grpc_port is not None or tls is not None,
+        grpc_tls_cert=tls[0] if tls else None,
+        grpc_tls_key=tls[1] if tls else None,
     )
     server = InferenceServer(project, options)
 
@@ -100,7 +115,8 @@ def run_serve(
         console.print(
             f"\nKiln is serving on [bold]{running.url}[/] (inference port {running.port}, "
             f"management {running.management_url or 'off'}, "
-            f"metrics {running.metrics_url or 'off'}). {logs_note}Press Ctrl-C to stop.",
+            f"metrics {running.metrics_url or 'off'}, gRPC {_grpc_line(running)}). "
+            f"{logs_note}Press Ctrl-C to stop.",
             highlight=False,
             soft_wrap=True,
         )
@@ -138,6 +154,12 @@ def run_serve(
             shutil.rmtree(state_home, ignore_errors=True)
     console.print("Kiln stopped: every request in flight was answered and all workers exited.")
     return 0
+
+
+def _grpc_line(running: RunningServer) -> str:
+    if running.grpc_address is None:
+        return "off"
+    return f"{running.grpc_address}{' (TLS)' if running.grpc_tls else ''}"
 
 
 MIN_KEY_CHARS = 16

@@ -26,13 +26,18 @@ from rich.table import Table
 from kiln.cli.common import _alive, console, err_console, kiln_home
 from kiln.cli.server_cmd_edge import (
     EDGE_FLAGS,
+    GRPC_DEFAULT_PORT,
     BodyIdleTimeoutOption,
     EdgeFlagError,
+    GrpcCertOption,
+    GrpcKeyOption,
+    GrpcPortOption,
     HeaderTimeoutOption,
     KeepaliveTimeoutOption,
     MaxConnectionsOption,
     MaxHeaderBytesOption,
     check_edge,
+    check_grpc_tls,
     given_edge,
 )
 
@@ -62,7 +67,8 @@ def run_foreground(options: Any) -> int:
     def on_ready(running: RunningServer) -> None:
         console.print(
             f"Kiln server is running (pid {os.getpid()}): inference {running.url}, "
-            f"management {running.management_url}, metrics {running.metrics_url}; "
+            f"management {running.management_url}, metrics {running.metrics_url}, "
+            f"gRPC {_grpc_line(running.grpc_address, running.grpc_tls)}; "
             f"{len(running.apis)} API(s) restored. State: {escape(str(options.home))}",
             highlight=False,
             soft_wrap=True,
@@ -75,6 +81,12 @@ def run_foreground(options: Any) -> int:
         return 1
     console.print("Kiln server stopped.")
     return 0
+
+
+def _grpc_line(address: str | None, tls: bool) -> str:
+    if address is None:
+        return "off"
+    return f"{address}{' (TLS)' if tls else ''}"
 
 
 def start(home: Path, args: list[str]) -> int:
@@ -138,6 +150,7 @@ def _print_started(info: dict[str, Any], log_path: Path) -> None:
         f"  inference   {info['url']}\n"
         f"  management  {info['management_url']}   (the CLI talks here; API docs at /docs)\n"
         f"  metrics     {info['metrics_url']}\n"
+        f"  gRPC        {_grpc_line(*_grpc_of(info))}\n"
         f"  log         {log_path}\n"
         + (
             f"  API keys    on; the admin key is in {info['admin_key_file']} (the kiln CLI on "
@@ -148,6 +161,11 @@ def _print_started(info: dict[str, Any], log_path: Path) -> None:
         + "Next: kiln deploy DIR",
         highlight=False,
     )
+
+
+def _grpc_of(info: dict[str, Any]) -> tuple[str | None, bool]:
+    grpc = info.get("grpc") or {}
+    return grpc.get("address"), bool(grpc.get("tls"))
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -213,6 +231,7 @@ def status(home: Path, output: str) -> int:
         ("inference", str(info.get("url"))),
         ("management", str(info.get("management_url"))),
         ("metrics", str(info.get("metrics_url"))),
+        ("gRPC", _grpc_line(*_grpc_of(info))),
         ("APIs", str(detail.get("apis", "?"))),
         ("state", str(home)),
         ("workers", escape(str(info.get("sandbox", "?")))),
@@ -259,6 +278,9 @@ DEFAULTS: dict[str, Any] = {
     "port": 8080,
     "management_port": 8081,
     "metrics_port": 8082,
+    "grpc_port": GRPC_DEFAULT_PORT,
+    "grpc_tls_cert": None,
+    "grpc_tls_key": None,
     "auth": True,
     "unsafe_no_sandbox": False,
     "pass_env": [],
@@ -284,6 +306,15 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
         check_edge(edge)  # before anything is saved
     except EdgeFlagError as exc:
         _fail(str(exc))
+    try:  # before anything is saved: both TLS files or neither, readable
+        tls = check_grpc_tls(
+            given.get("grpc_tls_cert") or saved.get("grpc_tls_cert"),
+            given.get("grpc_tls_key") or saved.get("grpc_tls_key"),
+        )
+    except EdgeFlagError as exc:
+        _fail(str(exc))
+    if tls is not None and (given.get("grpc_tls_cert") or given.get("grpc_tls_key")):
+        given = {**given, "grpc_tls_cert": str(tls[0]), "grpc_tls_key": str(tls[1])}
     if given.get("webhook_allow"):
         from kiln.control.webhooks import parse_allow
 
@@ -296,7 +327,10 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
         now["edge"] = {**saved.get("edge", {}), **edge}
     if now:
         save(home, {**saved, **now})
-    return {**DEFAULTS, **saved, **now}
+    # The gRPC port was asked for (a flag, $KILN_GRPC_PORT or server.yaml): without the
+    # grpc extra that is an error; the default port alone is skipped with a note.
+    asked = {"_grpc_required": "grpc_port" in now or "grpc_port" in saved}
+    return {**DEFAULTS, **saved, **now, **asked}
 
 
 def _fail(message: str) -> NoReturn:
@@ -335,6 +369,10 @@ def _options(home: Path, settings: dict[str, Any]) -> Any:
         pass_env=list(settings["pass_env"]),
         webhook_allow=list(settings["webhook_allow"]),
         edge=EdgeLimits.from_mapping(settings.get("edge")),
+        grpc_port=settings["grpc_port"],
+        grpc_required=settings.get("_grpc_required", False),
+        grpc_tls_cert=Path(settings["grpc_tls_cert"]) if settings["grpc_tls_cert"] else None,
+        grpc_tls_key=Path(settings["grpc_tls_key"]) if settings["grpc_tls_key"] else None,
     )
 
 
@@ -387,6 +425,9 @@ def run_cmd(
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
     webhook_allow: WebhookAllowOption = None,
+    grpc_port: GrpcPortOption = None,
+    grpc_tls_cert: GrpcCertOption = None,
+    grpc_tls_key: GrpcKeyOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
@@ -410,6 +451,9 @@ def start_cmd(
     unsafe_no_sandbox: UnsafeOption = None,
     pass_env: PassEnvOption = None,
     webhook_allow: WebhookAllowOption = None,
+    grpc_port: GrpcPortOption = None,
+    grpc_tls_cert: GrpcCertOption = None,
+    grpc_tls_key: GrpcKeyOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,

@@ -1,4 +1,4 @@
-"""The edge flags shared by `kiln serve` and `kiln server start|run`.
+"""The edge flags (and the gRPC port's) shared by `kiln serve` and `kiln server start|run`.
 
 One flag per `edge:` key of `KILN_HOME/server.yaml` (kiln.protocols.edge.EdgeLimits):
 `kiln server start|run` saves what it is given under `edge:`, `kiln serve` uses
@@ -9,6 +9,7 @@ what it accepts, before anything starts.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -93,3 +94,49 @@ def edge_limits(given: Mapping[str, Any], saved: Mapping[str, Any] | None = None
     """The limits to run with: flags given now over the saved `edge:` over the defaults."""
     check_edge(given)
     return EdgeLimits.from_mapping({**(saved or {}), **given})
+
+
+# ----- the gRPC port (kiln.protocols.grpc) ---------------------------------------------
+GRPC_DEFAULT_PORT = 8083
+_GRPC_PANEL = "gRPC (Open Inference Protocol V2 and TorchServe; the grpc extra)"
+
+GrpcPortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--grpc-port",
+        envvar="KILN_GRPC_PORT",
+        help="gRPC port (default: $KILN_GRPC_PORT, else 8083); 0 picks a free one. Needs the "
+        "grpc extra: without it an unasked port is skipped with a note, an asked one is an "
+        "error.",
+        rich_help_panel=_GRPC_PANEL,
+    ),
+]
+GrpcCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--grpc-tls-cert",
+        help="PEM certificate (chain) for TLS on the gRPC port; with --grpc-tls-key.",
+        rich_help_panel=_GRPC_PANEL,
+    ),
+]
+GrpcKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--grpc-tls-key",
+        help="PEM private key of --grpc-tls-cert.",
+        rich_help_panel=_GRPC_PANEL,
+    ),
+]
+
+
+def check_grpc_tls(cert: Path | str | None, key: Path | str | None) -> tuple[Path, Path] | None:
+    """Both TLS files or neither, each readable; the message names the flag."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise EdgeFlagError("--grpc-tls-cert and --grpc-tls-key go together: give both")
+    paths = (Path(cert).expanduser().resolve(), Path(key).expanduser().resolve())
+    for flag, path in zip(("--grpc-tls-cert", "--grpc-tls-key"), paths, strict=True):
+        if not path.is_file():
+            raise EdgeFlagError(f"{flag} names {path}, which is not a file")
+    return paths

@@ -75,6 +75,12 @@ class ServerOptions:
     admin_key: str | None = None
     # AsyncAPI webhooks may call these networks (CIDRs) though internal (--webhook-allow).
     webhook_allow: list[str] = field(default_factory=list)
+    # The gRPC port (protocols/grpc): None turns it off. `grpc_required`: it was asked for
+    # (a flag or server.yaml), so a missing grpc extra is an error rather than a note.
+    grpc_port: int | None = None
+    grpc_required: bool = False
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
     # OpenTelemetry traces (serving/tracing.py): OTLP endpoint and protocol (--otlp-endpoint);
     # None: the OTEL_* variables decide.
     otlp_endpoint: str | None = None
@@ -93,6 +99,16 @@ class RunningServer:
     management_port: int | None = None
     metrics_url: str | None = None
     metrics_port: int | None = None
+    grpc_port: int | None = None  # None: no gRPC port
+    grpc_tls: bool = False
+
+    @property
+    def grpc_address(self) -> str | None:
+        """`host:port` of the gRPC port (what a gRPC client dials), None when off."""
+        if self.grpc_port is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.grpc_port}"
 
 
 class InferenceServer:
@@ -122,6 +138,7 @@ class InferenceServer:
         self._server: Any = None  # _Uvicorn or FastHttpServer (KILN_HTTP)
         self._management: _Uvicorn | None = None
         self._metrics_server: _Uvicorn | None = None
+        self._grpc: Any = None  # kiln.protocols.grpc.server.GrpcServer, when the port is on
         from kiln.control.metrics import Metrics
 
         self.metrics = Metrics(self.registry)
@@ -259,6 +276,8 @@ class InferenceServer:
         for server in (self._server, self._management, self._metrics_server):
             if server is not None:
                 server.should_exit = True
+        if self._grpc is not None:
+            self._grpc.request_stop()
 
     async def run(
         self,
@@ -286,9 +305,12 @@ class InferenceServer:
             options.host, options.port, options.management_port, options.metrics_port
         )
         try:
+            self._grpc = self._bind_grpc()
             self._open_state()
         except ServerError:
             ports.close()
+            if self._grpc is not None:
+                await self._grpc.stop(0)
             raise
         flusher = asyncio.create_task(self._flush_logs())
         counters_task = asyncio.create_task(self.counters.run())
@@ -345,6 +367,8 @@ class InferenceServer:
                 await asyncio.to_thread(self.quotas.flush)
             if self.jobs is not None:
                 await self.jobs.close()
+            if self._grpc is not None:
+                await self._grpc.stop(0)  # already drained when it served; else never started
             self.store.close()
             ports.close()
             self._remove_server_json()
@@ -400,7 +424,38 @@ class InferenceServer:
         if ports.metrics is not None:
             running.metrics_port = ports.metrics.getsockname()[1]
             running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
+        if self._grpc is not None:
+            running.grpc_port, running.grpc_tls = self._grpc.port, self._grpc.tls
         return running
+
+    def _bind_grpc(self) -> Any:
+        """Bind the gRPC port with the others (None: off, or the extra is missing and the
+        port was not asked for, which is said once on stderr)."""
+        options = self.options
+        if options.grpc_port is None:
+            return None
+        from kiln.protocols import grpc as kiln_grpc
+
+        if not kiln_grpc.available():
+            if options.grpc_required:
+                raise ServerError(kiln_grpc.missing_message())
+            print(f"gRPC: off; {kiln_grpc.missing_message()}", file=sys.stderr, flush=True)
+            return None
+        from kiln.protocols.grpc.server import GrpcBindError, GrpcServer
+
+        grpc_server = GrpcServer(self.log, self.metrics)
+        try:
+            grpc_server.bind(
+                options.host, options.grpc_port, options.grpc_tls_cert, options.grpc_tls_key
+            )
+        except GrpcBindError as exc:
+            raise ServerError(f"{exc}; choose another with --grpc-port (0: a free one)") from None
+        except OSError as exc:  # the certificate or key cannot be read
+            raise ServerError(
+                f"cannot read the gRPC TLS certificate or key: {exc}; check "
+                f"--grpc-tls-cert and --grpc-tls-key"
+            ) from None
+        return grpc_server
 
     def _listen(self, ports: Ports) -> list[Awaitable[None]]:
         """The HTTP servers of the three ports, as coroutines that serve until `should_exit`."""
@@ -410,6 +465,7 @@ class InferenceServer:
         )
         self._server = inference_server(app, edge)
         servers = [self._server.serve(sockets=[ports.inference])]
+        management_for_grpc: Any = None
         if ports.management is not None:
             from kiln.control.rest import control_routes
             from kiln.protocols.management import build_management_app
@@ -421,6 +477,7 @@ class InferenceServer:
                 from kiln.protocols.auth import ManagementGate
 
                 management_app = ManagementGate(management_app, self.quotas)
+            management_for_grpc = management_app
             management_app = self._with_console(management_app)
             self._management = side_server(management_app, edge)
             servers.append(self._management.serve(sockets=[ports.management]))
@@ -434,6 +491,9 @@ class InferenceServer:
                 metrics = ManagementGate(metrics, self.quotas)
             self._metrics_server = side_server(metrics, edge, grace=None)
             servers.append(self._metrics_server.serve(sockets=[ports.metrics]))
+        if self._grpc is not None:  # the same data plane: one admission, metering, mapping
+            self._grpc.attach(app.plane, management_for_grpc)
+            servers.append(self._grpc.serve(SHUTDOWN_GRACE_S))
         return servers
 
     def _with_console(self, management_app: Any) -> Any:
@@ -485,6 +545,16 @@ class InferenceServer:
                 "management": running.management_port,
                 "metrics": running.metrics_port,
             },
+            # Its own key, not under "ports" (whose three keys clients compare as a whole).
+            "grpc": (
+                None
+                if running.grpc_port is None
+                else {
+                    "port": running.grpc_port,
+                    "address": running.grpc_address,
+                    "tls": running.grpc_tls,
+                }
+            ),
             "management_url": running.management_url,
             "metrics_url": running.metrics_url,
             "project": str(self.project.root) if self.project is not None else None,

@@ -22,6 +22,9 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "port": (int, "a port number (0: a free one)"),
     "management_port": (int, "a port number (0: a free one)"),
     "metrics_port": (int, "a port number (0: a free one)"),
+    "grpc_port": (int, "a port number (0: a free one)"),
+    "grpc_tls_cert": (str, "the path of a PEM certificate (chain) for the gRPC port"),
+    "grpc_tls_key": (str, "the path of the PEM private key of grpc_tls_cert"),
     "auth": (bool, "true or false"),
     "unsafe_no_sandbox": (bool, "true or false"),
     "pass_env": (list, "a list of glob patterns, e.g. ['AWS_*']"),
@@ -67,6 +70,10 @@ def load(home: Path) -> dict[str, Any]:
             parse_allow([str(v) for v in data["webhook_allow"]])
         except ValueError as exc:
             raise ServerFileError(f"{path}: webhook_allow: {exc}") from None
+    if ("grpc_tls_cert" in data) != ("grpc_tls_key" in data):
+        raise ServerFileError(
+            f"{path}: grpc_tls_cert and grpc_tls_key go together: set both, or neither"
+        )
     if "edge" in data:
         from kiln.protocols.edge import EdgeLimits
 
