@@ -188,8 +188,8 @@ class DataPlane:
         ):
             self._shadow_done(shadow, request.request_id, "dropped", 0.0)
             return
-        copy = dataclasses.replace(
-            request, version=shadow.version, request_id=request.request_id + "-shadow"
+        copy = dataclasses.replace(  # not in the caller's trace: it may outlive it
+            request, version=shadow.version, request_id=request.request_id + "-shadow", trace=None
         )
         task = asyncio.get_running_loop().create_task(self._shadow_run(shadow, copy))
         self._shadows.add(task)
