@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import InferenceError, InvalidInput, KilnError, PayloadTooLarge
+from kiln.errors import InferenceError, InvalidInput, KilnError, NotFound, PayloadTooLarge
 from kiln.protocols.grpc import v2_tensors
 from kiln.protocols.grpc.messages import V2_SERVICE, message
 from kiln.protocols.grpc.rpc import Guard, RpcMeta, read_metadata
@@ -95,7 +95,11 @@ class OpenInferenceGrpc:
 
     async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def body(call: Call, meta: RpcMeta) -> Any:
-            served = self._served(call, request.name, request.version)
+            # An unknown model or version is not ready (Triton's answer), not an error.
+            try:
+                served = self._served(call, request.name, request.version)
+            except NotFound:
+                return _m("ModelReadyResponse")(ready=False)
             return _m("ModelReadyResponse")(ready=served.state in _READY)
 
         return await self.guard.unary(context, "ModelReady", "invoke", body)
