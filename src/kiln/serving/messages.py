@@ -78,6 +78,7 @@ _KEYS = {
     "status": "x",
     "tracked": "v",
     "trace": "z",
+    "timings": "i",
 }
 
 
@@ -122,6 +123,10 @@ class ReplyItem(msgspec.Struct, omit_defaults=True, rename=_KEYS):
     debug: list[tuple[str, str]] | None = None  # (stage, preview) with X-Kiln-Debug
     # [name, kind, value, unit] a TorchServe handler recorded with context.metrics
     handler_metrics: list[tuple[str, str, float, str]] | None = None
+    # The batch's phases when a request in it is traced, on the first item only: the
+    # worker's wall-clock ns [received, first model call, model done, reply encoded]
+    # (serving/tracing.py records them as spans; untraced replies leave the key off).
+    timings: list[int] | None = None
 
 
 # ----- server -> worker ----------------------------------------------------------------
@@ -181,18 +186,12 @@ class Failed(msgspec.Struct, array_like=True, tag="failed"):
     permanent: bool = False
 
 
-class BatchReply(msgspec.Struct, array_like=True, omit_defaults=True, tag="reply"):
-    """The outcomes of a `Batch` or `Explain`, one per item, in order.
-
-    `timings`: for a batch with a traced item, the worker's wall-clock nanoseconds
-    [received, first model call, model done, reply encoded] (serving/tracing.py records
-    them as spans). Trailing defaults are left off the wire, so untraced replies pay nothing.
-    """
+class BatchReply(msgspec.Struct, array_like=True, tag="reply"):
+    """The outcomes of a `Batch` or `Explain`, one per item, in order."""
 
     id: int
     items: list[ReplyItem]
     batch_size: int = 1  # how many requests shared the model call
-    timings: list[int] | None = None
 
 
 class StreamChunk(msgspec.Struct, array_like=True, tag="chunk"):

@@ -25,7 +25,7 @@ Workers export nothing: the sandbox cuts their network, and an exporter in each
 worker would cost every replica a thread and a connection. A traced request's
 item carries its trace context (for the worker's log lines); the worker sends
 the wall-clock times of the batch's phases back in its reply
-(`messages.BatchReply.timings`), and the server records them as the batch's
+(`messages.ReplyItem.timings`, on its first item), and the server records them as the batch's
 children with explicit start and end times. Server and worker share the
 machine's clock, so the times line up.
 """

@@ -167,10 +167,11 @@ def decode_outcomes(
             error = from_wire_error(item.error)
             error.debug_stages = stages  # type: ignore[attr-defined]
             outcomes.append(error)
-    if reply.timings is not None:  # a traced batch (serving/tracing.py)
+    timings = items[0].timings if items else None
+    if timings is not None:  # a traced batch (serving/tracing.py)
         for outcome in outcomes:
             if isinstance(outcome, InferenceResponse):
-                outcome.worker_timings = reply.timings
+                outcome.worker_timings = timings
     return outcomes
 
 

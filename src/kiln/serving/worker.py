@@ -272,15 +272,14 @@ class Worker:
         drain = getattr(self.pipeline, "drain_metrics", None)  # torchserve's context.metrics
         if drain is not None and replies and (recorded := drain()):
             replies[0].handler_metrics = recorded
-        answer = BatchReply(message.id, replies, len(items))
-        if received:
-            answer.timings = self._timings(received, model_start, model_end)
-        return answer, out
+        if received and replies:
+            replies[0].timings = self._timings(received, model_start, model_end)
+        return BatchReply(message.id, replies, len(items)), out
 
     def _traced(self, items: list[RequestItem]) -> int:
         """When this batch arrived (wall-clock ns) if a request in it is traced, else 0.
 
-        A traced batch's phases go back to the server in its reply (`BatchReply.timings`),
+        A traced batch's phases go back to the server in its reply (`ReplyItem.timings`),
         which records them as spans; its requests' trace ids go into the log lines."""
         for item in items:
             if item.trace is not None:
