@@ -202,3 +202,44 @@ def test_pages_fit_a_phone(browser: Any, carol: Daemon) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "APIs"
     page.context.close()
+
+
+def test_the_usage_answer_is_in_the_openapi_document(carol: Daemon) -> None:
+    doc = httpx.get(f"{carol.management_url}/openapi.json", headers=carol.auth).json()
+    schema = doc["paths"]["/usage"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert {"days", "keys", "plan", "usage"} <= set(schema["schema"]["properties"])
+
+
+# ---- without a browser ----------------------------------------------------------------
+
+
+def test_a_body_from_the_signature() -> None:
+    from kiln.console.try_it import body_from_signature
+
+    assert body_from_signature([{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]) == (
+        '{"x": [[0.0, 0.0, 0.0, 0.0]]}'
+    )
+    two = [
+        {"name": "text", "datatype": "BYTES", "shape": [-1]},
+        {"name": "mask", "datatype": "BOOL", "shape": [2, 2]},
+        {"name": "ids", "datatype": "INT64", "shape": [1]},
+    ]
+    assert orjson.loads(body_from_signature(two) or "") == {
+        "text": ["text"],
+        "mask": [[False, False], [False, False]],
+        "ids": [0],
+    }
+    assert body_from_signature([]) is None  # no signature: the plain sample stays
+
+
+def test_the_regression_histogram_regroups_the_stored_bins() -> None:
+    from kiln.control.durable import linear_histogram
+    from kiln.control.store.histogram import bin_counts
+
+    values = [0.0] * 3 + [5.0] * 2 + [10.0]
+    hist = linear_histogram(bin_counts(values), 0.0, 10.0, n=10)
+    assert hist["counts"] == [3, 0, 0, 0, 0, 2, 0, 0, 0, 1]
+    assert hist["edges"][0] == 0.0 and hist["edges"][-1] == 10.0 and len(hist["edges"]) == 11
+    same = linear_histogram(bin_counts([2.5] * 4), 2.5, 2.5)
+    assert same == {"edges": [2.5, 2.5], "counts": [4]}
+    assert linear_histogram({}, None, None) == {"edges": [], "counts": []}
