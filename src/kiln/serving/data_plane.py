@@ -162,7 +162,8 @@ class DataPlane:
         """Queue one request on the live version; await the result for its answer."""
         target = served if served.successor is None else _live(served)
         call.version = target.version or ""
-        request.trace = call.trace  # serving/tracing.py: None unless this request is traced
+        if call.trace is not None:  # serving/tracing.py: set only on a traced request
+            request.trace = call.trace
         if call.shadow is not None:
             self._mirror(call, request)
         return target.predict(request)
