@@ -395,3 +395,41 @@ def test_tls_port_answers_a_secure_channel_only(tmp_path: Path) -> None:
         plain.close()
     finally:
         srv.stop()
+
+
+# ----- the port's own errors --------------------------------------------------------------
+def _serve(tmp_path: Path, *args: str, prelude: str = "pass") -> subprocess.CompletedProcess[str]:
+    write(tmp_path / "p" / "h.py", HANDLERS)
+    write(
+        tmp_path / "p" / "kiln.yaml", "- kind: api\n  name: echo\n  python: {handler: h.py:Echo}\n"
+    )
+    code = (
+        f"import sys; {prelude}; from kiln.cli.main import main; "
+        f"sys.argv = ['kiln', 'serve', {str(tmp_path / 'p')!r}, '--port', '0', "
+        f"'--management-port', '0', '--metrics-port', '0', '--home', "
+        f"{str(tmp_path / 'home')!r}, *{list(args)!r}]; main()"
+    )
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_asking_for_the_port_without_the_extra_names_the_extra(tmp_path: Path) -> None:
+    done = _serve(tmp_path, "--grpc-port", "0", prelude="sys.modules['grpc_health'] = None")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the gRPC port needs the grpc extra" in done.stderr, done.stderr
+    assert "pip install 'kiln-serve[grpc]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_busy_grpc_port_fails_the_start_naming_the_flag(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = _serve(tmp_path, "--grpc-port", str(taken.getsockname()[1]))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot listen on 127.0.0.1:" in done.stderr and "--grpc-port" in done.stderr
+    assert "Traceback" not in done.stderr
