@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from daemon import Daemon
 from support import write
@@ -357,3 +358,21 @@ def test_set_default_resets_the_split_to_one_version(daemon: Daemon) -> None:
     reset = d.kiln("traffic", "m", "--reset")
     assert reset.returncode == 0, reset.stderr
     assert traffic(d)["traffic"]["source"] == "kiln.yaml"
+
+
+def test_another_users_key_can_neither_read_nor_change_the_split(daemon: Daemon) -> None:
+    d = daemon
+    made = d.kiln("users", "create", "mallory", "-o", "json")
+    assert made.returncode == 0, made.stderr
+    key = {"Authorization": f"Bearer {orjson.loads(made.stdout)['key']}"}
+    before = traffic(d)["traffic"]
+    url = f"{d.management_url}/apis/m/traffic"
+    for response in (
+        httpx.get(url, headers=key, timeout=30),
+        httpx.put(url, json={"1": 100}, headers=key, timeout=30),
+        httpx.delete(url, headers=key, timeout=30),
+    ):
+        # Another user's API answers like a missing one, on every method.
+        assert response.status_code == 404, response.text
+        assert "canary" not in response.text and "version" not in response.text.lower()
+    assert traffic(d)["traffic"] == before
