@@ -197,8 +197,10 @@ def test_pages_fit_a_phone(browser: Any, carol: Daemon) -> None:
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{path} is {width} px wide on a 390 px phone"
         page.screenshot(path=str(SHOTS / f"{shot}-phone.png"), full_page=True)
-    # Keyboard: Tab from the top reaches the first link of the header.
+    # Keyboard: the first Tab offers to skip the header, the next reaches its first link.
     page.goto(f"{base}/console")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "APIs"
     page.context.close()

@@ -48,6 +48,9 @@ margin:.2rem 0}.bar-fill{display:block;height:1rem;background:#0b5cad;min-width:
 .bar-n{text-align:right;font-variant-numeric:tabular-nums}table.narrow{width:auto}
 textarea{font:.9rem ui-monospace,monospace;width:100%;max-width:48rem;padding:.4rem}
 pre{white-space:pre-wrap;overflow-wrap:anywhere}svg text{fill:#1b1f24}
+.skip{position:absolute;left:-999px}.skip:focus{left:.5rem;top:.5rem;background:#fff;
+padding:.3rem .6rem;z-index:1}
+@media (max-width:600px){figure svg text{font-size:21px}}
 """
 
 OVERVIEW_JS = """
@@ -107,6 +110,7 @@ def page(title: str, body: str, session: Any, *, script: str = "") -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{esc(title)} · Kiln console</title><style>{CSS}</style></head><body>"
+        '<a class="skip" href="#main">Skip to content</a>'
         f'<header><strong>Kiln</strong><nav aria-label="Console">{nav}</nav>{who}</header>'
         f'<main id="main"><h1>{esc(title)}</h1>{flash}{body}</main>{tail}</body></html>'
     )
