@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from support import KilnServer, build_linear_onnx, write
 
@@ -291,6 +292,34 @@ def test_a_callers_trace_continues_through_gateway_batch_and_worker(
     assert names["kiln.pre_inference"]["end"] <= names["kiln.model"]["start"]
     assert names["kiln.model"]["end"] <= names["kiln.post_inference"]["start"]
     assert batch["end"] <= names["kiln.answer"]["start"]
+
+
+def test_a_grpc_call_continues_the_callers_trace_and_meets_the_same_spans(
+    server: KilnServer, receiver: HttpReceiver
+) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    address = orjson.loads((server.state / "server.json").read_bytes())["grpc"]["address"]
+    header, trace_id, caller_span = traceparent()
+    client = grpcclient.InferenceServerClient(address)
+    x = grpcclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.array([[1, 2, 3, 4]], dtype=np.float32))
+    result = client.infer("linear", [x], headers={"traceparent": header})
+    assert result.as_numpy(result.get_response().outputs[0].name) is not None
+    client.close()
+
+    spans = receiver.spans.trace(trace_id, 7)
+    names = by_name(spans)
+    root = names["gRPC /inference.GRPCInferenceService/ModelInfer"]
+    assert root["parent"] == caller_span
+    assert root["attributes"]["kiln.api"] == "linear"
+    assert root["attributes"]["kiln.protocol"] == "grpc-v2"
+    assert root["attributes"]["http.response.status_code"] == 200
+    assert len(root["attributes"]["kiln.request_id"]) >= 16
+    batch = names["kiln.batch"]
+    assert names["kiln.queue"]["parent"] == root["span_id"]
+    assert batch["parent"] == root["span_id"] and within(batch, root)
+    for phase in ("kiln.pre_inference", "kiln.model", "kiln.post_inference"):
+        assert names[phase]["parent"] == batch["span_id"], phase
 
 
 def test_a_request_without_traceparent_starts_a_new_trace(

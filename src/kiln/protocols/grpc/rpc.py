@@ -1,7 +1,8 @@
 """What every Kiln RPC shares: its metadata, its key, its error, its metering.
 
-`read_metadata` is the one place an RPC's metadata is read (a tracer takes
-`traceparent` from `RpcMeta.headers` there). Keys are read and checked exactly
+`read_metadata` is the one place an RPC's metadata is read (with tracing on, the
+caller's `traceparent` starts the RPC's trace there, as protocols/http.py does
+for HTTP). Keys are read and checked exactly
 as on REST (`protocols/auth.py`: `x-api-key`, or `authorization: Bearer ...`),
 then removed. `Guard.unary` runs one call: authenticate, run the body, turn a
 `KilnError` into the caller's error (`DataPlane.public_error`) and its gRPC
@@ -24,6 +25,7 @@ import grpc  # type: ignore[import-untyped]  # no stubs: types-grpcio is not a d
 from kiln.errors import KilnError
 from kiln.protocols.auth import authenticate
 from kiln.protocols.http import new_request_id
+from kiln.serving import tracing
 from kiln.serving.data_plane import Call, DataPlane
 
 T = TypeVar("T")
@@ -59,20 +61,31 @@ def status_code(status: int) -> grpc.StatusCode:
 class RpcMeta:
     """One RPC's metadata as text headers (lower-case keys; `-bin` keys left out)."""
 
-    __slots__ = ("headers", "request_id")
+    __slots__ = ("headers", "request_id", "trace")
 
-    def __init__(self, headers: dict[str, str]) -> None:
+    def __init__(self, headers: dict[str, str], rpc_path: str | None = None) -> None:
         self.headers = headers
         self.request_id = headers.get("x-request-id") or new_request_id()
+        # The RPC's trace (serving/tracing.py), started here from the caller's
+        # `traceparent` when tracing is on; None otherwise (one check when off).
+        self.trace: tracing.RequestTrace | None = (
+            tracing.start_request(headers.get, self.request_id, "gRPC", rpc_path)
+            if tracing.ENABLED and rpc_path is not None
+            else None
+        )
 
 
-def read_metadata(context: Any) -> RpcMeta:
-    """The one place an RPC's invocation metadata is read (keys, request id, tracing)."""
+def read_metadata(context: Any, rpc_path: str | None = None) -> RpcMeta:
+    """The one place an RPC's invocation metadata is read (keys, request id, tracing).
+
+    `rpc_path` (/service/method) names the RPC's trace; without it the RPC is not
+    traced (a bidirectional stream carries many requests: none of them is traced).
+    """
     headers: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if isinstance(value, str):
             headers[key.lower()] = value
-    return RpcMeta(headers)
+    return RpcMeta(headers, rpc_path)
 
 
 def error_metadata(err: KilnError, call: Call | None) -> tuple[tuple[str, str], ...]:
@@ -102,8 +115,11 @@ class Guard:
         """The RPC's Call: its principal when keys are on and the RPC needs one (`scope`)."""
         authority = self.plane.authority
         if scope is None or authority is None:
-            return self.plane.call(None)
-        return self.plane.call(authenticate(authority, meta, scope))
+            call = self.plane.call(None)
+        else:
+            call = self.plane.call(authenticate(authority, meta, scope))
+        call.trace = meta.trace  # None unless traced: the data plane hands it to the batch
+        return call
 
     async def unary(
         self,
@@ -115,7 +131,8 @@ class Guard:
     ) -> T:
         """Authenticate, run `body`, map its error, meter, count and log: one call."""
         started = time.perf_counter()
-        meta = meta if meta is not None else read_metadata(context)
+        if meta is None:
+            meta = read_metadata(context, f"/{self.service}/{rpc}")
         call = self.plane.call(None)
         status = 500
         failure: KilnError | None = None
@@ -148,19 +165,23 @@ class Guard:
     def done(self, call: Call, rpc: str, status: int, started: float, meta: RpcMeta) -> None:
         """Meter the call (once, if admitted), count it and log it as the HTTP app does."""
         self.plane.finish(call, status)
+        trace = meta.trace
+        if trace is not None:
+            trace.finish(status, call.api, call.version, f"/{self.service}/{rpc}", self.protocol)
         api = call.api or _SYSTEM
         if self.metrics is not None and api != _SYSTEM:
             seconds = time.perf_counter() - started
             self.metrics.request(api, self.protocol, status, seconds, call.version)
         if api != _SYSTEM or status >= 400:
-            self.log.write(
-                api,
-                {
-                    "event": "request",
-                    "method": "gRPC",
-                    "path": f"/{self.service}/{rpc}",
-                    "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                    "request_id": meta.request_id,
-                },
-            )
+            record: dict[str, Any] = {
+                "event": "request",
+                "method": "gRPC",
+                "path": f"/{self.service}/{rpc}",
+                "status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                "request_id": meta.request_id,
+            }
+            if trace is not None:
+                record["trace_id"] = trace.trace_id
+                record["span_id"] = trace.span_id
+            self.log.write(api, record)

@@ -58,7 +58,7 @@ class TorchServeInferenceGrpc:
     def _request(self, call: Call, meta: RpcMeta, request: Any) -> tuple[ServedApi, Any]:
         served = resolve(call.view, request.model_name, request.model_version or None)
         if not request.model_version:
-            served = self.plane.resolve(call, served.name, None)  # the traffic split
+            served = self.plane.resolve(call, served.name, None, meta.headers)  # traffic split
         call.api = served.name
         self.plane.admit(call, served.name)
         limit = served.api.serving.max_request_bytes
@@ -111,7 +111,7 @@ class TorchServeInferenceGrpc:
     async def StreamPredictions(  # noqa: N802
         self, request: Any, context: Any
     ) -> AsyncIterator[Any]:
-        meta = read_metadata(context)
+        meta = read_metadata(context, f"/{self.guard.service}/StreamPredictions")
         started = time.perf_counter()
         call = self.plane.call(None)
         status = 200

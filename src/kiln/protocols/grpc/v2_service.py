@@ -84,12 +84,15 @@ class OpenInferenceGrpc:
 
         return await self.guard.unary(context, "ServerMetadata", "invoke", body)
 
-    def _served(self, call: Call, name: str, version: str, infer: bool = False) -> ServedApi:
+    def _served(
+        self, call: Call, name: str, version: str, infer: bool = False, meta: RpcMeta | None = None
+    ) -> ServedApi:
         """The version a request means, with REST's 404s; for inference without a
         version, the one the data plane picks (`DataPlane.resolve`: a traffic split)."""
         served = self.rest._served(call, name, version or None)
         if infer and not version:
-            served = self.plane.resolve(call, name, None)
+            # the metadata is read for a traffic_sticky_header, as REST reads headers
+            served = self.plane.resolve(call, name, None, None if meta is None else meta.headers)
         call.api = served.name
         return served
 
@@ -185,7 +188,7 @@ class OpenInferenceGrpc:
         self, call: Call, meta: RpcMeta, request: Any, time_remaining: float | None
     ) -> Any:
         """One ModelInferRequest through the data plane; its ModelInferResponse."""
-        served = self._served(call, request.model_name, request.model_version, infer=True)
+        served = self._served(call, request.model_name, request.model_version, True, meta)
         self.plane.admit(call, served.name)
         limit = served.api.serving.max_request_bytes
         size = request.ByteSize()
@@ -249,7 +252,7 @@ class OpenInferenceGrpc:
             call = self.plane.call(first.caller)
             status = 200
             try:
-                served = self._served(call, request.model_name, request.model_version, True)
+                served = self._served(call, request.model_name, request.model_version, True, meta)
                 if declares_streaming(served.api):
                     async for item in self._stream_items(call, meta, served, request):
                         yield item
