@@ -83,9 +83,14 @@ def test_save_then_load_round_trips(tmp_path: Path) -> None:
 
 def test_edge_flags_are_saved_under_edge_and_take_effect(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "home")
-    d.start("--max-connections", "5", "--header-timeout-s", "4", "--max-header-bytes", "4096")
+    # An OTLP endpoint nobody answers: saved like the other options, costs requests nothing.
+    otlp = ["--otlp-endpoint", "http://127.0.0.1:9", "--otlp-protocol", "grpc"]
+    d.start(
+        "--max-connections", "5", "--header-timeout-s", "4", "--max-header-bytes", "4096", *otlp
+    )
     try:
         saved = yaml.safe_load((d.home / "server.yaml").read_text())
+        assert (saved["otlp_endpoint"], saved["otlp_protocol"]) == ("http://127.0.0.1:9", "grpc")
         assert saved["edge"] == {
             "max_connections": 5,
             "header_timeout_s": 4.0,
@@ -139,6 +144,8 @@ def test_edge_flags_are_saved_under_edge_and_take_effect(tmp_path: Path) -> None
         (["--max-connections", "0"], "--max-connections must be a positive number, not 0"),
         (["--body-idle-timeout-s", "0"], "--body-idle-timeout-s must be a positive number"),
         (["--max-header-bytes", "10"], "--max-header-bytes must be at least 1024, not 10"),
+        (["--otlp-protocol", "thrift"], "--otlp-protocol: OTLP protocol 'thrift' is not"),
+        (["--otlp-endpoint", "collector:4318"], "--otlp-endpoint: OTLP endpoint"),
     ],
 )
 def test_a_bad_edge_flag_names_the_flag_and_saves_nothing(

@@ -389,15 +389,12 @@ def test_log_records_carry_the_trace_and_span_ids(
 
 
 def test_grpc_exporter(tmp_path: Path) -> None:
-    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc sends the same spans over OTLP/gRPC."""
+    """`kiln serve --otlp-endpoint URL --otlp-protocol grpc` sends the same spans over
+    OTLP/gRPC (the flags, where the other tests use the OTEL_* variables)."""
     receiver = GrpcReceiver()
     root = project(tmp_path / "project")
-    env = {
-        **FAST_EXPORT,
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.url,
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-    }
-    srv = KilnServer(root, tmp_path / "home", env=env)
+    flags = ["--otlp-endpoint", receiver.url, "--otlp-protocol", "grpc"]
+    srv = KilnServer(root, tmp_path / "home", flags, env=FAST_EXPORT)
     try:
         header, trace_id, caller_span = traceparent()
         response = srv.client.post(

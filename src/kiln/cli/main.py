@@ -172,6 +172,8 @@ from kiln.cli.server_cmd_edge import (  # noqa: E402 - the edge flags `kiln serv
     KeepaliveTimeoutOption,
     MaxConnectionsOption,
     MaxHeaderBytesOption,
+    OtlpEndpointOption,
+    OtlpProtocolOption,
 )
 
 
@@ -255,6 +257,8 @@ def serve(
     grpc_port: GrpcPortOption = None,
     grpc_tls_cert: GrpcCertOption = None,
     grpc_tls_key: GrpcKeyOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
+    otlp_protocol: OtlpProtocolOption = None,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
@@ -292,6 +296,8 @@ def serve(
             grpc_port,
             grpc_tls_cert,
             grpc_tls_key,
+            otlp_endpoint,
+            otlp_protocol,
         )
     )
 

@@ -16,6 +16,7 @@ from kiln.cli.server_cmd_edge import (
     GRPC_DEFAULT_PORT,
     EdgeFlagError,
     check_grpc_tls,
+    check_otlp,
     edge_limits,
 )
 from kiln.cli.tables import api_table
@@ -48,6 +49,8 @@ def run_serve(
     grpc_port: int | None = None,
     grpc_tls_cert: Path | None = None,
     grpc_tls_key: Path | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_protocol: str | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
 
@@ -58,6 +61,7 @@ def run_serve(
     try:
         limits = edge_limits(edge or {})
         tls = check_grpc_tls(grpc_tls_cert, grpc_tls_key)
+        check_otlp(otlp_endpoint, otlp_protocol)
     except EdgeFlagError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
         return 2
@@ -89,6 +93,8 @@ def run_serve(
         grpc_required=grpc_port is not None or tls is not None,
         grpc_tls_cert=tls[0] if tls else None,
         grpc_tls_key=tls[1] if tls else None,
+        otlp_endpoint=otlp_endpoint,
+        otlp_protocol=otlp_protocol,
     )
     server = InferenceServer(project, options)
 

@@ -36,8 +36,11 @@ from kiln.cli.server_cmd_edge import (
     KeepaliveTimeoutOption,
     MaxConnectionsOption,
     MaxHeaderBytesOption,
+    OtlpEndpointOption,
+    OtlpProtocolOption,
     check_edge,
     check_grpc_tls,
+    check_otlp,
     given_edge,
 )
 
@@ -281,6 +284,8 @@ DEFAULTS: dict[str, Any] = {
     "grpc_port": GRPC_DEFAULT_PORT,
     "grpc_tls_cert": None,
     "grpc_tls_key": None,
+    "otlp_endpoint": None,
+    "otlp_protocol": None,
     "auth": True,
     "unsafe_no_sandbox": False,
     "pass_env": [],
@@ -310,6 +315,13 @@ def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
         tls = check_grpc_tls(
             given.get("grpc_tls_cert") or saved.get("grpc_tls_cert"),
             given.get("grpc_tls_key") or saved.get("grpc_tls_key"),
+        )
+    except EdgeFlagError as exc:
+        _fail(str(exc))
+    try:  # before anything is saved: a URL and a protocol Kiln can export to
+        check_otlp(
+            given.get("otlp_endpoint") or saved.get("otlp_endpoint"),
+            given.get("otlp_protocol") or saved.get("otlp_protocol"),
         )
     except EdgeFlagError as exc:
         _fail(str(exc))
@@ -373,6 +385,8 @@ def _options(home: Path, settings: dict[str, Any]) -> Any:
         grpc_required=settings.get("_grpc_required", False),
         grpc_tls_cert=Path(settings["grpc_tls_cert"]) if settings["grpc_tls_cert"] else None,
         grpc_tls_key=Path(settings["grpc_tls_key"]) if settings["grpc_tls_key"] else None,
+        otlp_endpoint=settings["otlp_endpoint"],
+        otlp_protocol=settings["otlp_protocol"],
     )
 
 
@@ -428,6 +442,8 @@ def run_cmd(
     grpc_port: GrpcPortOption = None,
     grpc_tls_cert: GrpcCertOption = None,
     grpc_tls_key: GrpcKeyOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
+    otlp_protocol: OtlpProtocolOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
@@ -454,6 +470,8 @@ def start_cmd(
     grpc_port: GrpcPortOption = None,
     grpc_tls_cert: GrpcCertOption = None,
     grpc_tls_key: GrpcKeyOption = None,
+    otlp_endpoint: OtlpEndpointOption = None,
+    otlp_protocol: OtlpProtocolOption = None,
     header_timeout_s: HeaderTimeoutOption = None,
     body_idle_timeout_s: BodyIdleTimeoutOption = None,
     keepalive_timeout_s: KeepaliveTimeoutOption = None,

@@ -140,3 +140,39 @@ def check_grpc_tls(cert: Path | str | None, key: Path | str | None) -> tuple[Pat
         if not path.is_file():
             raise EdgeFlagError(f"{flag} names {path}, which is not a file")
     return paths
+
+
+# ----- traces (kiln.serving.tracing) ---------------------------------------------------
+_TRACE_PANEL = "Traces (OpenTelemetry over OTLP; the otel extra)"
+
+OtlpEndpointOption = Annotated[
+    str | None,
+    typer.Option(
+        "--otlp-endpoint",
+        help="Send OpenTelemetry traces to this OTLP collector, e.g. http://127.0.0.1:4318 "
+        "(default: the OTEL_EXPORTER_OTLP_* variables; none: tracing off).",
+        rich_help_panel=_TRACE_PANEL,
+    ),
+]
+OtlpProtocolOption = Annotated[
+    str | None,
+    typer.Option(
+        "--otlp-protocol",
+        help="http/protobuf (default, port 4318) or grpc (port 4317).",
+        rich_help_panel=_TRACE_PANEL,
+    ),
+]
+
+
+def check_otlp(endpoint: str | None, protocol: str | None) -> None:
+    """Refuse a bad --otlp-endpoint/--otlp-protocol before anything starts or is saved;
+    the message names the flag (the settings' rules are serving/tracing.py's)."""
+    if endpoint is None and protocol is None:
+        return
+    from kiln.serving.tracing import TracingError, settings_from_env
+
+    try:
+        settings_from_env(endpoint or "http://127.0.0.1:4318", protocol, {})
+    except TracingError as exc:
+        flag = "--otlp-protocol" if "protocol" in str(exc) else "--otlp-endpoint"
+        raise EdgeFlagError(f"{flag}: {exc}") from None

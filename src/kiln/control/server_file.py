@@ -25,6 +25,8 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "grpc_port": (int, "a port number (0: a free one)"),
     "grpc_tls_cert": (str, "the path of a PEM certificate (chain) for the gRPC port"),
     "grpc_tls_key": (str, "the path of the PEM private key of grpc_tls_cert"),
+    "otlp_endpoint": (str, "the URL of an OTLP collector, e.g. http://127.0.0.1:4318"),
+    "otlp_protocol": (str, "http/protobuf or grpc"),
     "auth": (bool, "true or false"),
     "unsafe_no_sandbox": (bool, "true or false"),
     "pass_env": (list, "a list of glob patterns, e.g. ['AWS_*']"),
