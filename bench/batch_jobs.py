@@ -139,7 +139,8 @@ class Server:
         self.out = (home / "serve.out").open("wb") if home.mkdir(parents=True) is None else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kiln.cli.main", "serve", str(project), "--port", "0"]
-            + ["--management-port", "0", "--metrics-port", "0", "--home", str(home / "s")],
+            + ["--management-port", "0", "--metrics-port", "0", "--grpc-port", "0"]
+            + ["--home", str(home / "s")],
             stdout=self.out,
             stderr=subprocess.STDOUT,
             env=env,

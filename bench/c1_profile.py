@@ -81,6 +81,7 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, *pre, "-m", "kiln.cli.main", "serve", str(project)]
         + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
+        + ["--grpc-port", "0"]
         + ["--home", str(root / "state")],
         stdout=open(root / "serve.log", "wb"),  # noqa: SIM115 - lives as long as the server
         stderr=subprocess.STDOUT,

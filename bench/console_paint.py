@@ -56,7 +56,7 @@ def start(folder: Path, home: Path) -> tuple[subprocess.Popen[bytes], dict[str, 
     log = open(home / "serve.out", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [*KILN, "serve", str(folder), "--port", "0", "--management-port", "0"]
-        + ["--metrics-port", "0", "--home", str(state)],
+        + ["--metrics-port", "0", "--grpc-port", "0", "--home", str(state)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

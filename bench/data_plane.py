@@ -382,6 +382,7 @@ def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
     server = Server(
         [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
         + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
+        + ["--grpc-port", "0"]
         + ["--home", str(project / f"state-{tag}")]
         + (["--sandbox"] if sandbox else []),
         project / f"serve-{tag}.log",

@@ -216,7 +216,8 @@ def measure(
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "KILN_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "kiln.cli.main", "serve", str(project), "--port", str(port)]
-    command += ["--management-port", "0", "--metrics-port", "0", "--home", str(home / "state")]
+    command += ["--management-port", "0", "--metrics-port", "0", "--grpc-port", "0"]
+    command += ["--home", str(home / "state")]
     command += ["--sandbox"] if sandbox else []
     log = open(home / "serve.out", "wb")  # noqa: SIM115
     started = time.perf_counter()

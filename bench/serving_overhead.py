@@ -145,6 +145,8 @@ def main() -> None:
                 "0",
                 "--metrics-port",
                 "0",
+                "--grpc-port",
+                "0",
                 "--home",
                 str(folder / "state"),
             ],
