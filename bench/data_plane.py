@@ -28,7 +28,7 @@ nothing is exported. Compare two runs to see what tracing costs.
 
 Run: .venv/bin/python bench/data_plane.py [--duration 5] [--concurrency 1,8,64] [--quick]
      [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v1,v2] [--no-baselines]
-     [--sandbox-compare] [--tracing off|on]
+     [--sandbox-compare] [--tracing off|on] [--trace-sample 0.1]
 """
 
 from __future__ import annotations
@@ -379,6 +379,9 @@ def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
     if COLLECTOR is not None:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = COLLECTOR.url
         env["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+        if args.trace_sample < 1.0:  # the SDK's own sampler: a share of the requests
+            env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+            env["OTEL_TRACES_SAMPLER_ARG"] = str(args.trace_sample)
     server = Server(
         [sys.executable, "-m", "kiln.cli.main", "serve", str(project)]
         + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
@@ -904,6 +907,13 @@ def main() -> None:
         default="off",
         help="on: Kiln exports OpenTelemetry traces to a no-op OTLP collector in this process",
     )
+    parser.add_argument(
+        "--trace-sample",
+        type=float,
+        default=1.0,
+        help="with --tracing on: the share of requests traced (OTEL_TRACES_SAMPLER="
+        "parentbased_traceidratio); 1 traces every request",
+    )
     args = parser.parse_args()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -995,6 +1005,7 @@ def main() -> None:
             "sandbox_compare": args.sandbox_compare,
             "rounds": args.rounds,
             "tracing": args.tracing,
+            "trace_sample": args.trace_sample,
         },
         "load_average_start": load_average,
         "batching": BATCHING,

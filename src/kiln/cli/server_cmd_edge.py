@@ -167,12 +167,8 @@ OtlpProtocolOption = Annotated[
 def check_otlp(endpoint: str | None, protocol: str | None) -> None:
     """Refuse a bad --otlp-endpoint/--otlp-protocol before anything starts or is saved;
     the message names the flag (the settings' rules are serving/tracing.py's)."""
-    if endpoint is None and protocol is None:
-        return
-    from kiln.serving.tracing import TracingError, settings_from_env
+    from kiln.control.server_file import otlp_problem
 
-    try:
-        settings_from_env(endpoint or "http://127.0.0.1:4318", protocol, {})
-    except TracingError as exc:
-        flag = "--otlp-protocol" if "protocol" in str(exc) else "--otlp-endpoint"
-        raise EdgeFlagError(f"{flag}: {exc}") from None
+    problem = otlp_problem(endpoint, protocol)
+    if problem is not None:
+        raise EdgeFlagError(problem)

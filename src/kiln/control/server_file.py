@@ -97,3 +97,18 @@ def save(home: Path, options: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(header + body)
     os.replace(tmp, path)
+
+
+def otlp_problem(endpoint: str | None, protocol: str | None) -> str | None:
+    """What is wrong with an OTLP endpoint and protocol (the --otlp-* flags or their
+    server.yaml keys), naming the flag; None when tracing can use them (or none is set)."""
+    if endpoint is None and protocol is None:
+        return None
+    from kiln.serving.tracing import TracingError, settings_from_env
+
+    try:
+        settings_from_env(endpoint or "http://127.0.0.1:4318", protocol, {})
+    except TracingError as exc:
+        flag = "--otlp-protocol" if "protocol" in str(exc) else "--otlp-endpoint"
+        return f"{flag}: {exc}"
+    return None
