@@ -99,6 +99,20 @@ def error_metadata(err: KilnError, call: Call | None) -> tuple[tuple[str, str], 
     return tuple(out)
 
 
+def check_size(request: Any, served: Any) -> None:
+    """Refuse (413, RESOURCE_EXHAUSTED) a request message over the API's
+    serving.max_request_bytes, as REST refuses a body: one rule for every RPC."""
+    limit = served.api.serving.max_request_bytes
+    size = request.ByteSize()
+    if size > limit:
+        from kiln.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(
+            f"the request is {size} bytes, over this API's limit of {limit} bytes; send "
+            f"less data per request or raise serving.max_request_bytes in kiln.yaml"
+        )
+
+
 class Guard:
     """Runs RPCs the way the inference port runs HTTP requests (protocols/app.py)."""
 

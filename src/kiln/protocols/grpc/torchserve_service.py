@@ -27,7 +27,7 @@ import orjson
 
 from kiln.errors import KilnError, NotFound, Unavailable
 from kiln.protocols.grpc.messages import TS_INFERENCE_SERVICE, TS_MANAGEMENT_SERVICE, message
-from kiln.protocols.grpc.rpc import Guard, RpcMeta, read_metadata, status_code
+from kiln.protocols.grpc.rpc import Guard, RpcMeta, check_size, read_metadata, status_code
 from kiln.protocols.torchserve import declares_streaming, resolve
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ServedApi
@@ -61,14 +61,7 @@ class TorchServeInferenceGrpc:
             served = self.plane.resolve(call, served.name, None, meta.headers)  # traffic split
         call.api = served.name
         self.plane.admit(call, served.name)
-        limit = served.api.serving.max_request_bytes
-        size = request.ByteSize()
-        if size > limit:
-            from kiln.errors import PayloadTooLarge
-
-            raise PayloadTooLarge(
-                f"the request is {size} bytes, over this API's limit of {limit} bytes"
-            )
+        check_size(request, served)
         inputs = dict(request.input)
         inference = InferenceRequest(
             api=served.name,

@@ -26,10 +26,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kiln import __version__
-from kiln.errors import InferenceError, InvalidInput, KilnError, NotFound, PayloadTooLarge
+from kiln.errors import InferenceError, InvalidInput, KilnError, NotFound
 from kiln.protocols.grpc import v2_tensors
 from kiln.protocols.grpc.messages import V2_SERVICE, message
-from kiln.protocols.grpc.rpc import Guard, RpcMeta, read_metadata
+from kiln.protocols.grpc.rpc import Guard, RpcMeta, check_size, read_metadata
 from kiln.protocols.torchserve import declares_streaming
 from kiln.protocols.v2 import (
     _PLATFORMS,
@@ -43,6 +43,7 @@ from kiln.protocols.v2 import (
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ServedApi
 from kiln.serving.types import InferenceRequest, Tensor
+from kiln.serving.v2_tensors import check_signature
 
 _M = "inference."
 STREAM_OUTPUT = "output"
@@ -189,35 +190,7 @@ class OpenInferenceGrpc:
     ) -> Any:
         """One ModelInferRequest through the data plane; its ModelInferResponse."""
         served = self._served(call, request.model_name, request.model_version, True, meta)
-        self.plane.admit(call, served.name)
-        limit = served.api.serving.max_request_bytes
-        size = request.ByteSize()
-        if size > limit:
-            raise PayloadTooLarge(
-                f"the request is {size} bytes, over this API's limit of {limit} bytes; send "
-                f"less data per request or raise serving.max_request_bytes in kiln.yaml"
-            )
-        body = v2_tensors.parse_request(request)
-        self.rest._refuse_unavailable(served)
-        signature = await self.rest._loaded_signature(served)
-        from kiln.serving.v2_tensors import check_signature
-
-        check_signature(body, signature)
-        inference = InferenceRequest(
-            api=served.name,
-            version=served.version,
-            request_id=meta.request_id,
-            body=b"",
-            protocol="v2",
-            headers=_forwarded(meta),
-            deadline=v2_tensors.deadline(
-                body, time_remaining, served.api.serving.response_timeout_s
-            ),
-            kind="tensors",
-            tensors=v2_tensors.decode(body),
-            want_tensors=True,
-            outputs=body.outputs,
-        )
+        inference = await self._inference(call, meta, served, request, time_remaining, True)
         response = await self.plane.predict(call, served, inference)
         if response.tensors is None:
             raise InferenceError(f"model '{request.model_name}' answered without output tensors")
@@ -227,6 +200,41 @@ class OpenInferenceGrpc:
             id=request.id,
         )
         return v2_tensors.fill_response(answer, response.tensors)
+
+    async def _inference(
+        self,
+        call: Call,
+        meta: RpcMeta,
+        served: ServedApi,
+        request: Any,
+        time_remaining: float | None,
+        want_tensors: bool,
+    ) -> InferenceRequest:
+        """Admit a ModelInferRequest, check its size, its tensors against the loaded
+        signature and the API's state (REST V2's rules), and make it Kiln's request."""
+        self.plane.admit(call, served.name)
+        check_size(request, served)
+        body = v2_tensors.parse_request(request)
+        self.rest._refuse_unavailable(served)
+        signature = await self.rest._loaded_signature(served)
+        check_signature(body, signature)
+        return InferenceRequest(
+            api=served.name,
+            version=served.version,
+            request_id=meta.request_id,
+            body=b"",
+            protocol="v2",
+            headers=_forwarded(meta),
+            deadline=(
+                v2_tensors.deadline(body, time_remaining, served.api.serving.response_timeout_s)
+                if want_tensors
+                else None
+            ),
+            kind="tensors",
+            tensors=v2_tensors.decode(body),
+            want_tensors=want_tensors,
+            outputs=body.outputs if want_tensors else None,
+        )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
         async def body(call: Call, meta: RpcMeta) -> Any:
@@ -286,23 +294,7 @@ class OpenInferenceGrpc:
         self, call: Call, meta: RpcMeta, served: ServedApi, request: Any
     ) -> AsyncIterator[Any]:
         """A streaming handler's items, each one response (a BYTES tensor `output`)."""
-        self.plane.admit(call, served.name)
-        body = v2_tensors.parse_request(request)
-        self.rest._refuse_unavailable(served)
-        signature = await self.rest._loaded_signature(served)
-        from kiln.serving.v2_tensors import check_signature
-
-        check_signature(body, signature)
-        inference = InferenceRequest(
-            api=served.name,
-            version=served.version,
-            request_id=meta.request_id,
-            body=b"",
-            protocol="v2",
-            headers=_forwarded(meta),
-            kind="tensors",
-            tensors=v2_tensors.decode(body),
-        )
+        inference = await self._inference(call, meta, served, request, None, False)
         async for data, content_type in self.plane.stream(call, served, inference):
             answer = self.infer_response(
                 model_name=request.model_name, model_version=served.version or "", id=request.id
