@@ -5,6 +5,7 @@ runs). `start` launches `run` as a background process in its own session,
 output to `KILN_HOME/logs/server.log`, and returns once the server answers on
 its management port (or prints the log's tail if it died trying). `stop` sends
 SIGTERM, which drains requests in flight, and SIGKILLs after a grace period.
+How the flags, server.yaml and the defaults combine is `server_settings.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import httpx
 import orjson
@@ -25,10 +26,7 @@ from rich.table import Table
 
 from kiln.cli.common import _alive, console, err_console, kiln_home
 from kiln.cli.server_cmd_edge import (
-    EDGE_FLAGS,
-    GRPC_DEFAULT_PORT,
     BodyIdleTimeoutOption,
-    EdgeFlagError,
     GrpcCertOption,
     GrpcKeyOption,
     GrpcPortOption,
@@ -38,11 +36,8 @@ from kiln.cli.server_cmd_edge import (
     MaxHeaderBytesOption,
     OtlpEndpointOption,
     OtlpProtocolOption,
-    check_edge,
-    check_grpc_tls,
-    check_otlp,
-    given_edge,
 )
+from kiln.cli.server_settings import merge_settings, server_flags, server_options
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 45.0
@@ -276,120 +271,6 @@ MetricsOption = Annotated[
 ]
 
 
-DEFAULTS: dict[str, Any] = {
-    "host": "127.0.0.1",
-    "port": 8080,
-    "management_port": 8081,
-    "metrics_port": 8082,
-    "grpc_port": GRPC_DEFAULT_PORT,
-    "grpc_tls_cert": None,
-    "grpc_tls_key": None,
-    "otlp_endpoint": None,
-    "otlp_protocol": None,
-    "auth": True,
-    "unsafe_no_sandbox": False,
-    "pass_env": [],
-    "webhook_allow": [],
-}
-
-
-def _settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
-    """Flags given now over KILN_HOME/server.yaml over the defaults; saves flags given now.
-
-    So `kiln server start` after a stop comes back on the same ports, with the
-    same --pass-env patterns and edge limits. Edge flags (--max-connections ...)
-    update the keys they name inside `edge:` and leave the others as saved.
-    """
-    from kiln.control.server_file import ServerFileError, load, save
-
-    try:
-        saved = load(home)
-    except ServerFileError as exc:
-        _fail(str(exc))
-    edge = given_edge(given)
-    try:
-        check_edge(edge)  # before anything is saved
-    except EdgeFlagError as exc:
-        _fail(str(exc))
-    try:  # before anything is saved: both TLS files or neither, readable
-        tls = check_grpc_tls(
-            given.get("grpc_tls_cert") or saved.get("grpc_tls_cert"),
-            given.get("grpc_tls_key") or saved.get("grpc_tls_key"),
-        )
-    except EdgeFlagError as exc:
-        _fail(str(exc))
-    try:  # before anything is saved: a URL and a protocol Kiln can export to
-        check_otlp(
-            given.get("otlp_endpoint") or saved.get("otlp_endpoint"),
-            given.get("otlp_protocol") or saved.get("otlp_protocol"),
-        )
-    except EdgeFlagError as exc:
-        _fail(str(exc))
-    if tls is not None and (given.get("grpc_tls_cert") or given.get("grpc_tls_key")):
-        given = {**given, "grpc_tls_cert": str(tls[0]), "grpc_tls_key": str(tls[1])}
-    if given.get("webhook_allow"):
-        from kiln.control.webhooks import parse_allow
-
-        try:
-            parse_allow(given["webhook_allow"])  # before anything is saved
-        except ValueError as exc:
-            _fail(str(exc))
-    now = {k: v for k, v in given.items() if k in DEFAULTS and v is not None}
-    if edge:
-        now["edge"] = {**saved.get("edge", {}), **edge}
-    if now:
-        save(home, {**saved, **now})
-    # The gRPC port was asked for (a flag, $KILN_GRPC_PORT or server.yaml): without the
-    # grpc extra that is an error; the default port alone is skipped with a note.
-    asked = {"_grpc_required": "grpc_port" in now or "grpc_port" in saved}
-    return {**DEFAULTS, **saved, **now, **asked}
-
-
-def _fail(message: str) -> NoReturn:
-    err_console.print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _flags(given: dict[str, Any]) -> dict[str, Any]:
-    """The server options among a command's parameters (None: not given)."""
-    return {k: v for k, v in given.items() if k in DEFAULTS or k in EDGE_FLAGS}
-
-
-def _options(home: Path, settings: dict[str, Any]) -> Any:
-    from kiln.control.server import ServerOptions, is_loopback
-    from kiln.protocols.edge import EdgeLimits
-
-    host, auth = settings["host"], settings["auth"]
-    if not is_loopback(host) and not auth:
-        err_console.print(
-            f"[bold red]Error:[/] refusing to listen on {escape(host)} with --no-auth: anyone "
-            f"who can reach this machine could deploy and call models. Keep API keys on, or "
-            f"listen on 127.0.0.1 behind your own gateway.",
-            highlight=False,
-        )
-        raise typer.Exit(2)
-    return ServerOptions(
-        host=host,
-        port=settings["port"],
-        management_port=settings["management_port"],
-        metrics_port=settings["metrics_port"],
-        home=home,
-        mode="server",
-        quiet_logs=True,
-        auth=auth,
-        sandbox=not settings["unsafe_no_sandbox"],
-        pass_env=list(settings["pass_env"]),
-        webhook_allow=list(settings["webhook_allow"]),
-        edge=EdgeLimits.from_mapping(settings.get("edge")),
-        grpc_port=settings["grpc_port"],
-        grpc_required=settings.get("_grpc_required", False),
-        grpc_tls_cert=Path(settings["grpc_tls_cert"]) if settings["grpc_tls_cert"] else None,
-        grpc_tls_key=Path(settings["grpc_tls_key"]) if settings["grpc_tls_key"] else None,
-        otlp_endpoint=settings["otlp_endpoint"],
-        otlp_protocol=settings["otlp_protocol"],
-    )
-
-
 AuthOption = Annotated[
     bool | None,
     typer.Option(
@@ -452,8 +333,8 @@ def run_cmd(
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
-    settings = _settings(state, _flags(locals()))
-    raise typer.Exit(run_foreground(_options(state, settings)))
+    settings = merge_settings(state, server_flags(locals()))
+    raise typer.Exit(run_foreground(server_options(state, settings)))
 
 
 @server_app.command("start")
@@ -482,8 +363,8 @@ def start_cmd(
     state = default_home(home)
     if running_info(state) is not None:  # say so, and change nothing saved
         raise typer.Exit(start(state, []))
-    settings = _settings(state, _flags(locals()))
-    _options(state, settings)  # refuse bad options before the background process starts
+    settings = merge_settings(state, server_flags(locals()))
+    server_options(state, settings)  # refuse bad options before the background process starts
     raise typer.Exit(start(state, []))  # `kiln server run` reads the saved server.yaml
 
 
