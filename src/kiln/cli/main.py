@@ -514,6 +514,9 @@ app.add_typer(jobs_app, name="jobs")
 from kiln.cli.import_cmd import import_mar  # noqa: E402
 
 app.command("import")(import_mar)
+from kiln.cli.export_cmd import export_app  # noqa: E402
+
+app.add_typer(export_app, name="export")
 
 
 def main() -> None:
