@@ -265,7 +265,7 @@ def test_the_worker_ignores_sigterm_and_exits_when_its_channel_closes(tmp_path) 
 
 def test_which_load_failures_are_permanent(tmp_path) -> None:
     from kiln.runtimes.base import ModelLoadError
-    from kiln.serving.worker import permanent_load_failure
+    from kiln.serving.worker_load import permanent_load_failure
 
     spec = WorkerSpec(api="a", version=None, runtime="onnx", model_path=str(tmp_path / "m.onnx"))
     assert permanent_load_failure(SyntaxError("invalid syntax"), spec)

@@ -97,7 +97,7 @@ class PipelineRunner(Runner):
         import dataclasses
 
         from kiln.handlers.pipeline import build_pipeline
-        from kiln.serving.worker import _local_model, add_site_dirs
+        from kiln.serving.worker_load import add_site_dirs, local_model
         from kiln.worker_spec import WorkerSpec
 
         spec = WorkerSpec.from_wire(worker_spec)
@@ -105,7 +105,7 @@ class PipelineRunner(Runner):
         if spec.python_path and spec.python_path not in sys.path:
             sys.path.insert(0, spec.python_path)
         add_site_dirs(spec.site_dirs)
-        self.spec = _local_model(spec)
+        self.spec = local_model(spec)
         self.pipeline = build_pipeline(self.spec)
 
     def run(self, items: list[Any], batch_id: str) -> list[Any]:
@@ -132,7 +132,7 @@ class PipelineRunner(Runner):
 def load_runner(plan: dict[str, Any], job_spec: dict[str, Any], batch_size: int) -> Runner:
     """Build what the job's plan names (raises whatever loading user code raises)."""
     config = job_spec.get("config") or {}
-    from kiln.serving.worker import add_site_dirs
+    from kiln.serving.worker_load import add_site_dirs
 
     add_site_dirs(plan.get("site_dirs") or [])  # the project's environment (requirements.txt)
     if plan["kind"] == "predictor":

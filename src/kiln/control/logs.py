@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import orjson
 
-# What a worker appends to a line about a traced request (serving/worker.py `_trace_note`).
+# What a worker appends to a line about a traced request (serving/worker_trace.py `trace_note`).
 _TRACE_NOTE = re.compile(r" trace_id=([0-9a-f]{32}) span_id=([0-9a-f]{16})")
 
 

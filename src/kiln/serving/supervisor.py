@@ -10,7 +10,7 @@ dies on each request is restarted a handful of times a minute, not twice a secon
 
 A load failure that cannot pass by itself (a SyntaxError, a missing module, a
 configuration the runtime refuses: the worker says `permanent`, see
-`kiln.serving.worker.permanent_load_failure`) leaves the slot `failed` with the
+`kiln.serving.worker_load.permanent_load_failure`) leaves the slot `failed` with the
 reason and is not retried: only a new deploy (or `kiln serve` restarted) can fix it.
 """
 

@@ -5,12 +5,15 @@ runs all user code, so a handler that crashes takes down this process only;
 the server sees the socket close, fails the requests in flight with 503 and
 starts a new worker. The worker exits when the server goes away (socket EOF,
 or the parent-death signal on Linux), so no worker outlives its server.
+
+Here: the process and its request loop. Loading the API (environment, model
+fetch, what a failed load means) is `worker_load.py`; a traced batch's phase
+times and trace ids in the log are `worker_trace.py`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import gc
 import os
 import signal
@@ -25,7 +28,6 @@ from kiln.compat.shims import install as install_shims
 from kiln.errors import InferenceError, KilnError
 from kiln.handlers.context import RequestContext
 from kiln.handlers.pipeline import BatchLengthMismatch, Pipeline, build_pipeline
-from kiln.sandbox.identity import BASE_UID as TENANT_BASE_UID
 from kiln.sandbox.spec import EXIT_OUT_OF_MEMORY
 from kiln.serving.encoding import dumps, preview
 from kiln.serving.ipc import BlockingChannel
@@ -50,6 +52,8 @@ from kiln.serving.tracking import check_tracker_at_load, tracked_values
 from kiln.serving.types import WorkerSpec
 from kiln.serving.v2_tensors import InferBody
 from kiln.serving.wire import split_items, wire_error
+from kiln.serving.worker_load import add_site_dirs, load_error, local_model, permanent_load_failure
+from kiln.serving.worker_trace import TRACES, BatchClock, trace_note
 
 _PR_SET_PDEATHSIG = 1
 
@@ -102,45 +106,8 @@ def log_failure(exc: BaseException, api: str, request_ids: str) -> None:
         text = "".join(traceback.format_exception(exc))
     else:
         text = f"{type(exc).__name__}: {exc}\n"
-    note = _trace_note(request_ids) if _TRACES else ""
+    note = trace_note(request_ids) if TRACES else ""
     _log(f"request {request_ids} failed in API '{api}'{note}:\n{text}".rstrip("\n"))
-
-
-# The W3C traceparent of each traced request of the batch being answered, by request id:
-# the worker's log lines about a request name its trace (control/logs.py reads the ids
-# back into the record's trace_id and span_id).
-_TRACES: dict[str, str] = {}
-
-
-def _trace_note(request_ids: str) -> str:
-    """` trace_id=... span_id=...` for the first traced request of `request_ids`."""
-    for request_id in request_ids.split(", "):
-        parent = _TRACES.get(request_id)
-        if parent is not None and parent.count("-") == 3:
-            _, trace_id, span_id, _ = parent.split("-")
-            return f" trace_id={trace_id} span_id={span_id}"
-    return ""
-
-
-class _ModelClock:
-    """When a traced batch's model calls start and end (wall-clock ns, as the server's
-    spans are): wraps a tensor runtime's `run` once the first traced batch arrives."""
-
-    __slots__ = ("run", "first", "last")
-
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        self.first = 0  # 0: no model call in this batch (yet)
-        self.last = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.time_ns()
-        try:
-            return self.run(*args, **kwargs)
-        finally:
-            if not self.first:
-                self.first = start
-            self.last = time.time_ns()
 
 
 def _log(text: str) -> None:
@@ -168,7 +135,7 @@ class Worker:
         self.input_names = [i["name"] for i in signature.get("inputs", [])]
         self.output_names = [o["name"] for o in signature.get("outputs", [])]
         self.tensor_api = pipeline.is_tensor
-        self._model_clock: _ModelClock | None = None  # installed by the first traced batch
+        self.clock = BatchClock(pipeline)  # a traced batch's phase times (worker_trace.py)
 
     def _context(self, item: RequestItem) -> RequestContext:
         return RequestContext(
@@ -224,7 +191,7 @@ class Worker:
         that raises fails this batch and no other.
         """
         items = message.items
-        received = self._traced(items)  # 0 unless a request of this batch is traced
+        received = self.clock.arrived(items)  # 0 unless a request of this batch is traced
         contexts = [self._context(item) for item in items]
         stages: list[list[tuple[str, Any]] | None] = [[] if i.debug else None for i in items]
         outcomes: list[Any] = [None] * len(items)
@@ -273,44 +240,8 @@ class Worker:
         if drain is not None and replies and (recorded := drain()):
             replies[0].handler_metrics = recorded
         if received and replies:
-            replies[0].timings = self._timings(received, model_start, model_end)
+            replies[0].timings = self.clock.timings(received, model_start, model_end)
         return BatchReply(message.id, replies, len(items)), out
-
-    def _traced(self, items: list[RequestItem]) -> int:
-        """When this batch arrived (wall-clock ns) if a request in it is traced, else 0.
-
-        A traced batch's phases go back to the server in its reply (`ReplyItem.timings`),
-        which records them as spans; its requests' trace ids go into the log lines."""
-        for item in items:
-            if item.trace is not None:
-                break
-        else:
-            if _TRACES:
-                _TRACES.clear()
-            return 0
-        _TRACES.clear()
-        for item in items:
-            if item.trace is not None:
-                _TRACES[item.request_id] = item.trace
-        runtime = getattr(self.pipeline, "runtime", None)
-        if self._model_clock is None and runtime is not None and callable(runtime.run):
-            self._model_clock = clock = _ModelClock(runtime.run)
-            runtime.run = clock  # only a tensor pipeline's model call, pre/post hooks aside
-        if self._model_clock is not None:
-            self._model_clock.first = self._model_clock.last = 0
-        return time.time_ns()
-
-    def _timings(self, received: int, model_start: int, model_end: int) -> list[int]:
-        """[received, model start, model end, encoded]: the model is the runtime's calls for a
-        tensor pipeline (pre_inference before, post_inference after), the handler's predict
-        for Python handlers (pre_inference is then the decoding, post_inference the encoding)."""
-        clock = self._model_clock
-        if clock is not None and clock.first:
-            model_start, model_end = clock.first, clock.last
-        encoded = time.time_ns()
-        if not model_start:  # nothing ran (every body failed to decode)
-            model_start = model_end = encoded
-        return [received, model_start, model_end, encoded]
 
     def _reply(
         self, outcome: Any, context: RequestContext, item: RequestItem, v2: InferBody | None
@@ -371,79 +302,6 @@ class Worker:
                 close()
 
 
-def load_error(exc: BaseException) -> str:
-    """What `kiln get` and a 503 say about a failed load; a SyntaxError names its line."""
-    if isinstance(exc, KilnError):
-        return exc.message
-    if isinstance(exc, MemoryError):
-        return "ran out of memory while loading; raise compute.mem in kiln.yaml"
-    if isinstance(exc, SyntaxError) and exc.filename:
-        where = f"{exc.filename}, line {exc.lineno}" if exc.lineno else exc.filename
-        return f"{type(exc).__name__} in {where}: {exc.msg}"
-    if isinstance(exc, PermissionError) and os.getuid() >= TENANT_BASE_UID:
-        # A sandboxed worker runs as its tenant's uid (docs/architecture.md), which cannot
-        # read a project folder or file only its owner may (mode 0700/0600).
-        return (
-            f"{type(exc).__name__}: {exc}; the worker runs as uid {os.getuid()} (the "
-            f"sandbox's uid for this tenant), which cannot read it: make the project "
-            f"readable to others (chmod -R o+rX on its folder) or serve without --sandbox"
-        )
-    return f"{type(exc).__name__}: {exc}"
-
-
-# KilnErrors a runtime raises at load for a configuration that no retry can fix.
-_PERMANENT_KILN_ERRORS = {"InvalidSignature", "MissingFramework", "ModelLoadError", "InvalidInput"}
-
-
-def permanent_load_failure(exc: BaseException, spec: WorkerSpec) -> bool:
-    """Whether a load failure would happen again on every retry: the one place this rule lives.
-
-    Permanent (the API is marked failed with the reason, and not retried): the user's
-    code does not compile (SyntaxError) or imports what is not installed (ImportError,
-    ModuleNotFoundError), and errors the runtime raises for a configuration it refuses
-    (two TensorFlow signatures and no signature_key, a tracker key naming no output,
-    a framework that is not installed, a model file it cannot read). Everything else
-    may pass, and keeps the backoff: the worker was killed or ran out of memory, the
-    load overran its timeout, a download failed (the model is fetched before this is
-    asked), the user's own load() raised, or the model's files are not there yet
-    (they may be copied in later, and the API then comes up by itself).
-    """
-    if isinstance(exc, SyntaxError | ImportError):
-        return True
-    if isinstance(exc, KilnError) and exc.type in _PERMANENT_KILN_ERRORS:
-        path = spec.model_path
-        return not (exc.type == "ModelLoadError" and path and not os.path.exists(path))
-    return False
-
-
-def _local_model(spec: WorkerSpec) -> WorkerSpec:
-    """The spec with `model_path` made local: a remote model is fetched through the cache here,
-    inside the replica's startup_timeout, so a failed download is this API's load error."""
-    if not spec.model_path:
-        return spec
-    from kiln.storage import materialize
-
-    local = str(materialize(spec.model_path))
-    if local == spec.model_path:
-        return spec
-    os.environ["MODEL_DIR"] = local if os.path.isdir(local) else os.path.dirname(local)
-    return dataclasses.replace(spec, model_path=local)
-
-
-def add_site_dirs(site_dirs: list[str]) -> None:
-    """Put the project's environment on sys.path, after the server's own packages.
-
-    Appended, not prepended: the environment only holds what the server lacked, so
-    nothing in it may shadow a server package. `site.addsitedir` also runs the folder's
-    .pth files, as an installed site-packages would.
-    """
-    import site
-
-    for folder in site_dirs:
-        if folder not in sys.path:
-            site.addsitedir(folder)
-
-
 def serve(channel: Channel) -> int:
     first = channel.recv()
     if first is None or not isinstance(first[0], Init):
@@ -461,7 +319,7 @@ def serve(channel: Channel) -> int:
     started = time.monotonic()
     fetched = False
     try:
-        spec = _local_model(spec)
+        spec = local_model(spec)
         fetched = True
         pipeline = build_pipeline(spec)
         signature = pipeline.signature()
