@@ -5,7 +5,8 @@ What comes out, for a project whose image `kiln build` made (docs/kubernetes.md)
 - a `RayService` (ray.io/v1): its `serveConfigV2` is the Serve config the Ray backend
   itself would deploy (`kiln.backends.ray.options.application_config`, one mapping of
   kiln.yaml onto Serve, never a second copy here), and its `rayClusterConfig` one head
-  and one worker group running the project's image, sized from the APIs' `compute`;
+  and one worker group running the project's image, sized from the APIs' `compute`
+  (the Ray pods get the store's URL too: the ingress decides keys and quotas there);
 - the Kiln control plane: a `Deployment` running `kiln server run` with PostgreSQL as
   its store (`KILN_STATE_URL` from a Secret) and a `Service` for its management and
   metrics ports (inference goes through the RayService's Serve service on 8000);
