@@ -9,6 +9,11 @@ loaded, and a request to an API still loading waits for it within
 everything is loaded the table of APIs is printed and `server.json` written.
 On SIGINT or SIGTERM the HTTP servers stop accepting, requests in flight
 finish, then workers are stopped and reaped, so nothing is left behind.
+
+Here: that lifecycle, the sandbox choice and each API's wiring. What is opened
+before the ports answer (the home's lock, the state store, accounts, jobs) is
+`server_state.py`; the app on each port, the gRPC port and what is announced
+about them (`RunningServer`, server.json) are `server_ports.py`.
 """
 
 from __future__ import annotations
@@ -29,21 +34,20 @@ from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports the
     ServerError,
     bind_socket,
     is_loopback,
-    kiln_version,
-    lock_home,
     remove_server_json,
     write_server_json,
 )
-from kiln.control.listeners import (
-    SHUTDOWN_GRACE_S,
-    Ports,
-    _Uvicorn,
-    bind_ports,
-    inference_server,
-    side_server,
-)
+from kiln.control.listeners import SHUTDOWN_GRACE_S, bind_ports
 from kiln.control.logs import LogSink, worker_record
-from kiln.protocols.app import InferenceApp
+from kiln.control.server_ports import (
+    Listening,
+    RunningServer,
+    bind_grpc,
+    running_server,
+    serve_ports,
+    server_json,
+)
+from kiln.control.server_state import open_state
 from kiln.sandbox import SandboxUnavailable
 from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving import tracing
@@ -87,30 +91,6 @@ class ServerOptions:
     otlp_protocol: str | None = None
 
 
-@dataclass
-class RunningServer:
-    """What `on_ready` learns once the server is listening."""
-
-    url: str
-    host: str
-    port: int
-    apis: list[ServedApi]
-    management_url: str | None = None
-    management_port: int | None = None
-    metrics_url: str | None = None
-    metrics_port: int | None = None
-    grpc_port: int | None = None  # None: no gRPC port
-    grpc_tls: bool = False
-
-    @property
-    def grpc_address(self) -> str | None:
-        """`host:port` of the gRPC port (what a gRPC client dials), None when off."""
-        if self.grpc_port is None:
-            return None
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.grpc_port}"
-
-
 class InferenceServer:
     """One machine's Kiln: the inference, management and metrics ports over one registry.
 
@@ -134,10 +114,8 @@ class InferenceServer:
         self.accounts: Any = None  # Accounts, with auth on
         self.quotas: Any = None  # QuotaGate, with auth on
         self.admin_key_file: Path | None = None
-        self._lock_file: Any = None
-        self._server: Any = None  # _Uvicorn or FastHttpServer (KILN_HTTP)
-        self._management: _Uvicorn | None = None
-        self._metrics_server: _Uvicorn | None = None
+        self.home_lock: Any = None  # KILN_HOME's lock, held while the server lives
+        self._listening: Listening | None = None  # the ports' HTTP servers, once serving
         self._grpc: Any = None  # kiln.protocols.grpc.server.GrpcServer, when the port is on
         from kiln.control.metrics import Metrics
 
@@ -184,68 +162,6 @@ class InferenceServer:
                 f"(any user's handler can then read this server's keys and files)"
             ) from None
 
-    def _open_state(self) -> None:
-        """Take the home's lock, open the state store and the deployment manager."""
-        from kiln.control.deployments import DeploymentManager
-        from kiln.control.durable import DurableCounters
-        from kiln.control.store import Store, default_url
-
-        home = self.options.home
-        home.mkdir(parents=True, exist_ok=True)
-        self._lock_file = lock_home(home)
-        url = os.environ.get("KILN_STATE_URL") or default_url(home)
-        try:
-            self.store = Store(url)
-        except Exception as exc:  # noqa: BLE001 - say what and where
-            raise ServerError(f"cannot open the state store at {url}: {exc}") from None
-        self.counters = DurableCounters(self.store)
-        if self.options.auth:
-            self._open_accounts(home)
-        self.metrics.monitor = self.counters
-        self.metrics.usage = self.counters
-        from kiln.control.metrics import LATENCY_BUCKETS
-        from kiln.control.timeseries import TimeSeries
-
-        self.series = TimeSeries(self.store, self.registry, LATENCY_BUCKETS)
-        self.metrics.series = self.series
-        self.deployments = DeploymentManager(self, self.store, home)
-        self._open_jobs(home)
-
-    def _open_jobs(self, home: Path) -> None:
-        """Batch APIs (issue 7): the served project's, with their unfinished jobs resumed."""
-        from kiln.batch.manager import JobManager
-
-        self.jobs = JobManager(self.store, home / "logs", api_log=self.log)
-        self.jobs.sandbox = self.sandbox  # batch workers start like realtime ones
-        if self.project is not None:
-            for batch_api in self.project.batch_apis:
-                self.jobs.register(batch_api, self.project.root)
-        from kiln.control.asyncs import AsyncManager
-
-        self.jobs.asyncs = AsyncManager(
-            self.store, self.registry, self.log, self.options.webhook_allow
-        )
-
-    def _open_accounts(self, home: Path) -> None:
-        """Users, keys and quotas; on first start, the admin and its key (file mode 0600)."""
-        from kiln.control.accounts import Accounts
-        from kiln.control.quotas import QuotaGate, load_plans
-
-        self.accounts = Accounts(self.store)
-        self.quotas = QuotaGate(self.store, self.accounts, load_plans(home))
-        key_file = home / "admin.key"
-        if self.options.admin_key:
-            self.accounts.ensure_admin_key(self.options.admin_key)
-            self.metrics.key_totals = self.quotas.key_totals
-            return
-        new_key = self.accounts.ensure_admin()
-        if new_key is not None:
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(new_key + "\n")
-        self.admin_key_file = key_file
-        self.metrics.key_totals = self.quotas.key_totals
-
     def served_api(self, api: Any, root: Path, tenant: str = "") -> ServedApi:
         """A ServedApi wired to this server's logs and metrics (also used by registration).
 
@@ -273,9 +189,8 @@ class InferenceServer:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
-        for server in (self._server, self._management, self._metrics_server):
-            if server is not None:
-                server.should_exit = True
+        if self._listening is not None:
+            self._listening.request_stop()
         if self._grpc is not None:
             self._grpc.request_stop()
 
@@ -305,8 +220,8 @@ class InferenceServer:
             options.host, options.port, options.management_port, options.metrics_port
         )
         try:
-            self._grpc = self._bind_grpc()
-            self._open_state()
+            self._grpc = bind_grpc(options, self.log, self.metrics)
+            open_state(self)  # the home's lock, the store, accounts, jobs (server_state.py)
         except ServerError:
             ports.close()
             if self._grpc is not None:
@@ -319,8 +234,9 @@ class InferenceServer:
         serving: asyncio.Future[Any] | None = None
         try:
             loads = await self._register_apis()  # routed now, in state "loading"
-            self.running = self._running(ports)
-            serving = asyncio.ensure_future(asyncio.gather(*self._listen(ports)))
+            self.running = running_server(ports, self._grpc, self.registry.all())
+            self._listening = serve_ports(self, ports, self._grpc)
+            serving = asyncio.ensure_future(asyncio.gather(*self._listening.serving))
             if on_loading:
                 on_loading(len(self.registry.all()))
             if not await self._load(loads, serving):
@@ -335,7 +251,7 @@ class InferenceServer:
                 gc.freeze()
                 gc.set_threshold(20_000, 20, 50)
             self.running.apis = self.registry.all()
-            self._write_server_json(self.running)
+            write_server_json(self._server_files(), server_json(self, self.running))
             if on_ready:
                 on_ready(self.running)
             await serving
@@ -414,96 +330,6 @@ class InferenceServer:
         loading.result()  # raises ServerError (e.g. requirements.txt failed) after cleanup
         return not self._stop_requested.is_set()
 
-    def _running(self, ports: Ports) -> RunningServer:
-        host, port = ports.inference.getsockname()[:2]
-        url_host = f"[{host}]" if ":" in host else host
-        running = RunningServer(f"http://{url_host}:{port}", host, port, self.registry.all())
-        if ports.management is not None:
-            running.management_port = ports.management.getsockname()[1]
-            running.management_url = f"http://{url_host}:{running.management_port}"
-        if ports.metrics is not None:
-            running.metrics_port = ports.metrics.getsockname()[1]
-            running.metrics_url = f"http://{url_host}:{running.metrics_port}/metrics"
-        if self._grpc is not None:
-            running.grpc_port, running.grpc_tls = self._grpc.port, self._grpc.tls
-        return running
-
-    def _bind_grpc(self) -> Any:
-        """Bind the gRPC port with the others (None: off, or the extra is missing and the
-        port was not asked for, which is said once on stderr)."""
-        options = self.options
-        if options.grpc_port is None:
-            return None
-        from kiln.protocols import grpc as kiln_grpc
-
-        if not kiln_grpc.available():
-            if options.grpc_required:
-                raise ServerError(kiln_grpc.missing_message())
-            print(f"gRPC: off; {kiln_grpc.missing_message()}", file=sys.stderr, flush=True)
-            return None
-        from kiln.protocols.grpc.server import GrpcBindError, GrpcServer
-
-        grpc_server = GrpcServer(self.log, self.metrics)
-        try:
-            grpc_server.bind(
-                options.host, options.grpc_port, options.grpc_tls_cert, options.grpc_tls_key
-            )
-        except GrpcBindError as exc:
-            raise ServerError(f"{exc}; choose another with --grpc-port (0: a free one)") from None
-        except OSError as exc:  # the certificate or key cannot be read
-            raise ServerError(
-                f"cannot read the gRPC TLS certificate or key: {exc}; check "
-                f"--grpc-tls-cert and --grpc-tls-key"
-            ) from None
-        return grpc_server
-
-    def _listen(self, ports: Ports) -> list[Awaitable[None]]:
-        """The HTTP servers of the three ports, as coroutines that serve until `should_exit`."""
-        edge = self.options.edge
-        app = InferenceApp(
-            self.registry, self.log, metrics=self.metrics, auth=self.quotas, jobs=self.jobs
-        )
-        self._server = inference_server(app, edge)
-        servers = [self._server.serve(sockets=[ports.inference])]
-        management_for_grpc: Any = None
-        if ports.management is not None:
-            from kiln.control.rest import control_routes
-            from kiln.protocols.management import build_management_app
-
-            management_app: Any = build_management_app(
-                self.registry, self.log, self, extra_routes=control_routes(self)
-            )
-            if self.quotas is not None:
-                from kiln.protocols.auth import ManagementGate
-
-                management_app = ManagementGate(management_app, self.quotas)
-            management_for_grpc = management_app
-            management_app = self._with_console(management_app)
-            self._management = side_server(management_app, edge)
-            servers.append(self._management.serve(sockets=[ports.management]))
-        if ports.metrics is not None:
-            from kiln.control.metrics import metrics_app
-
-            metrics: Any = metrics_app(self.metrics)
-            if self.quotas is not None:  # API keys on: a scrape needs a `manage` key
-                from kiln.protocols.auth import ManagementGate
-
-                metrics = ManagementGate(metrics, self.quotas)
-            self._metrics_server = side_server(metrics, edge, grace=None)
-            servers.append(self._metrics_server.serve(sockets=[ports.metrics]))
-        if self._grpc is not None:  # the same data plane: one admission, metering, mapping
-            self._grpc.attach(app.plane, management_for_grpc)
-            servers.append(self._grpc.serve(SHUTDOWN_GRACE_S))
-        return servers
-
-    def _with_console(self, management_app: Any) -> Any:
-        """`/console` in front of the (gated) management app, reading and changing through it."""
-        from kiln.console.front import ConsoleFront, Rest
-        from kiln.console.pages import console_app
-
-        console = console_app(Rest(management_app), self.quotas, self.store, self.options.host)
-        return ConsoleFront(management_app, console)
-
     def _start_autoscalers(self) -> None:
         for served in self.registry.all():
             self.start_autoscaler(served)
@@ -534,39 +360,6 @@ class InferenceServer:
 
     def _server_files(self) -> list[Path]:
         return [self.options.home / "server.json", *self.options.pointer_files]
-
-    def _write_server_json(self, running: RunningServer) -> None:
-        info = {
-            "pid": os.getpid(),
-            "url": running.url,
-            "host": running.host,
-            "ports": {
-                "inference": running.port,
-                "management": running.management_port,
-                "metrics": running.metrics_port,
-            },
-            # Its own key, not under "ports" (whose three keys clients compare as a whole).
-            "grpc": (
-                None
-                if running.grpc_port is None
-                else {
-                    "port": running.grpc_port,
-                    "address": running.grpc_address,
-                    "tls": running.grpc_tls,
-                }
-            ),
-            "management_url": running.management_url,
-            "metrics_url": running.metrics_url,
-            "project": str(self.project.root) if self.project is not None else None,
-            "home": str(self.options.home),
-            "mode": self.options.mode,
-            "auth": self.options.auth,
-            "sandbox": self.sandbox_message,
-            "admin_key_file": str(self.admin_key_file) if self.admin_key_file else None,
-            "version": kiln_version(),
-            "started": time.time(),
-        }
-        write_server_json(self._server_files(), info)
 
     def _remove_server_json(self) -> None:
         remove_server_json(self._server_files())
