@@ -1,0 +1,36 @@
+"""`build_app`: a Kiln project as one Ray Serve application (import path
+"kiln.backends.ray.app:build_app", what a Serve config file or KubeRay's
+serveConfigV2 names; args as `options.application_config` writes them).
+
+One `KilnReplica` deployment per API version, named by `options.deployment_name`
+(so a config file's per-deployment overrides find them), bound into the
+`KilnIngress` deployment, which gets their handles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from kiln.backends.ray.ingress import KilnIngress
+from kiln.backends.ray.options import deployment_name, deployment_options, ingress_options
+from kiln.backends.ray.replica import KilnReplica
+from kiln.config import load_project
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """args: `project_dir` (where the project lies on every node), `config_file`
+    (optional, relative to it), `sandbox` ("auto", "on" or "off"; default "auto")."""
+    project_dir = str(args["project_dir"])
+    config_file = args.get("config_file")
+    sandbox = str(args.get("sandbox", "auto"))
+    project = load_project(project_dir, config_file)
+    handles: dict[str, Any] = {}
+    for api in project.apis:
+        name = deployment_name(api)
+        handles[name] = KilnReplica.options(  # type: ignore[attr-defined]  # a serve.deployment
+            name=name, **deployment_options(api)
+        ).bind(project_dir, config_file, api.name, api.version, sandbox)
+    ingress = KilnIngress.options(**ingress_options())  # type: ignore[attr-defined]
+    return ingress.bind(handles, project_dir, config_file)

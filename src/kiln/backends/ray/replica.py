@@ -1,0 +1,156 @@
+"""`KilnReplica`: one Ray Serve replica of an API version, owning one Kiln worker process.
+
+The actor is not where user code runs. It starts a Kiln worker subprocess from a
+`LaunchSpec`, as `ReplicaPool` does on one machine (serving/replica_pool.py), and
+talks to it through a real `serving.replica.Replica`: the same spawn, typed IPC,
+deadlines and death detection. So on Ray a handler gets what it gets locally: a
+clean environment (its deployment's `env:` and `.env`, never the actor's), the
+sandbox when the node has one (its own /tmp: no Ray session folder, no
+`ray_current_cluster` file), and no Ray address or token: `ray.init(address="auto")`
+inside a handler fails.
+
+A batch arrives as bytes (frames.py: nothing a client sent is unpickled) and its
+outcomes leave as bytes, with this node's id for `kiln get` and the tests. When the
+worker dies the health check fails, so Serve replaces the whole replica (Serve,
+not this actor, supervises); batches sent meanwhile come back "not started" and
+the ingress queues them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import ray
+from ray import serve
+
+from kiln.backends.ray.frames import reply_frame, requests_from_frame
+from kiln.config import ApiSpec, load_project
+from kiln.errors import KilnError
+from kiln.sandbox import LaunchSpec, Limits
+from kiln.sandbox.policy import SandboxPolicy
+from kiln.sandbox.probe import SandboxUnavailable
+from kiln.serving.placement import cores_for, worker_env, worker_spec_for
+from kiln.serving.replica import NotStarted, Replica
+
+NOT_STARTED = b""
+"""The reply for a batch this replica could not start (its worker is gone): requeue it."""
+
+
+def clean_env(env: dict[str, str]) -> dict[str, str]:
+    """The worker's environment without anything of Ray's (address, token, session dir).
+
+    `worker_env` already starts from a minimal base; this is the second line, for a
+    deployment's `env:` that would name one of them."""
+    return {
+        k: v
+        for k, v in env.items()
+        if not k.startswith("RAY_") and k not in ("RAY", "REDIS_ADDRESS")
+    }
+
+
+def sandbox_policy(mode: str) -> SandboxPolicy:
+    """ "on": the sandbox or an error; "off": none; "auto": the sandbox where the node has it."""
+    if mode == "off":
+        return SandboxPolicy(enabled=False)
+    try:
+        return SandboxPolicy(enabled=True)
+    except SandboxUnavailable:
+        if mode == "on":
+            raise
+        return SandboxPolicy(enabled=False)
+
+
+def launch_factory(api: ApiSpec, root: str, policy: SandboxPolicy, env: dict[str, str]) -> Any:
+    """How this replica's worker starts: the LaunchSpec ReplicaPool would build locally."""
+    spec = worker_spec_for(api)
+    readable = list(spec.site_dirs)
+    for path in (spec.model_path, spec.python_path):
+        if path:
+            full = os.path.join(root, path)
+            readable.append(full if os.path.isdir(full) else os.path.dirname(full))
+    limits = Limits(mem_bytes=api.compute.mem, cpu=api.compute.cpu)
+
+    def launch(argv: list[str], pass_fds: tuple[int, ...]) -> LaunchSpec:
+        return policy.launch(
+            argv,
+            env,
+            cwd=root,
+            pass_fds=pass_fds,
+            read_only=readable,
+            network=api.network,
+            limits=limits,
+            name=f"{api.name}-ray",
+        )
+
+    return launch
+
+
+@serve.deployment
+class KilnReplica:
+    """One API version's replica: a Kiln worker subprocess behind a Serve actor."""
+
+    async def __init__(  # type: ignore[misc]  # Serve runs an async constructor
+        self,
+        project_dir: str,
+        config_file: str | None,
+        api_name: str,
+        version: str | None,
+        sandbox: str = "auto",
+    ) -> None:
+        project = load_project(project_dir, config_file)
+        api = project.api(api_name, version)
+        if api is None:
+            raise ValueError(f"API '{api_name}' version {version!r} is not in {project_dir}")
+        self.api = api
+        self.node_id: str = ray.get_runtime_context().get_node_id()
+        self.policy = sandbox_policy(sandbox)
+        spec = worker_spec_for(api)
+        spec.cpus = cores_for(api.compute.cpu or 1) if api.compute.cpu else None
+        env = clean_env({**worker_env(spec, inherit=False), **api.worker_env})
+        self.replica = Replica(
+            spec,
+            launch=launch_factory(api, str(project.root), self.policy, env),
+            log_line=self._log_line,
+        )
+        await self.replica.start(api.serving.startup_timeout_s)
+
+    def _log_line(self, line: str) -> None:
+        # The actor's stderr is the replica's log in Ray (`kiln logs` merges them later).
+        print(f"[{self.api.name}] {line}", file=sys.stderr, flush=True)
+
+    async def info(self) -> dict[str, Any]:
+        """What the ingress needs to serve this API: the model's signature, explain, where."""
+        return {
+            "signature": self.replica.signature,
+            "can_explain": self.replica.can_explain,
+            "node_id": self.node_id,
+            "pid": self.replica.pid,
+            "sandboxed": self.policy.enabled,
+        }
+
+    async def run(self, frame: bytes, timeout: float) -> tuple[bytes, str]:
+        """One batch (a frame from frames.batch_frame) -> (a reply frame, this node's id).
+
+        A worker that is gone answers NOT_STARTED, for the ingress to queue the batch
+        again: nothing of it ran."""
+        requests, op = requests_from_frame(frame, self.api.name, self.api.version)
+        try:
+            outcomes: list[Any] = await self.replica.submit_batch(requests, timeout, op)
+        except NotStarted:
+            return NOT_STARTED, self.node_id
+        except KilnError as exc:  # died running it (503) or overran (504)
+            outcomes = [exc] * len(requests)
+        return reply_frame(outcomes), self.node_id
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising makes Serve replace us."""
+        if self.replica.exited.is_set() or self.replica.doomed:
+            raise RuntimeError(
+                f"the Kiln worker of API '{self.api.name}' {self.replica.exit_reason or 'exited'}"
+            )
+
+    async def __del__(self) -> None:  # Serve's graceful shutdown calls it
+        await asyncio.wait_for(self.replica.stop(grace=5.0), 10)
