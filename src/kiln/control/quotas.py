@@ -222,36 +222,46 @@ class QuotaGate:
                 "X-RateLimit-Reset": str(reset),
             }
             if remaining <= 0:
-                self.refused_by_key[principal.key_id] += 1
-                err = TooManyRequests(
-                    f"quota exceeded: {what} are used up; it resets at the start of next month "
-                    f"(UTC), in {reset} s",
-                    retry_after=reset,
-                )
-                err.headers = {**headers, "X-RateLimit-Remaining": "0"}  # type: ignore[attr-defined]
-                raise err
+                raise self._quota_refused(principal.key_id, what, reset, headers)
         if key is not None and key.rate:
-            bucket = self._buckets.get(key.id)
-            if bucket is None or bucket.rate != key.rate:
-                bucket = self._buckets[key.id] = _Bucket(key.rate, key.burst or 1, now)
-            wait = bucket.take(now)
-            if wait:
-                self.refused_by_key[key.id] += 1
-                retry = max(1, math.ceil(wait))
-                err = TooManyRequests(
-                    f"rate limit exceeded: key {key.id} allows {key.rate:g} requests a second "
-                    f"(bursts of {key.burst}); retry in {retry} s",
-                    retry_after=retry,
-                )
-                err.headers = {  # type: ignore[attr-defined]
-                    "X-RateLimit-Limit": f"{key.rate:g}",
-                    "X-RateLimit-Remaining": "0",
-                    "X-RateLimit-Reset": str(retry),
-                }
-                raise err
+            self._take_rate(key, now)
         self.by_user[principal.user] += 1
         self.by_key[principal.key_id] += 1
         return headers
+
+    def _quota_refused(
+        self, key_id: str, what: str, reset: int, headers: dict[str, str]
+    ) -> TooManyRequests:
+        """The 429 of a used-up monthly quota (counted as refused for `GET /usage`)."""
+        self.refused_by_key[key_id] += 1
+        err = TooManyRequests(
+            f"quota exceeded: {what} are used up; it resets at the start of next month "
+            f"(UTC), in {reset} s",
+            retry_after=reset,
+        )
+        err.headers = {**headers, "X-RateLimit-Remaining": "0"}  # type: ignore[attr-defined]
+        return err
+
+    def _take_rate(self, key: Any, now: float) -> None:
+        """Take a token of the key's rate limit (this process's bucket), or raise 429."""
+        bucket = self._buckets.get(key.id)
+        if bucket is None or bucket.rate != key.rate:
+            bucket = self._buckets[key.id] = _Bucket(key.rate, key.burst or 1, now)
+        wait = bucket.take(now)
+        if wait:
+            self.refused_by_key[key.id] += 1
+            retry = max(1, math.ceil(wait))
+            err = TooManyRequests(
+                f"rate limit exceeded: key {key.id} allows {key.rate:g} requests a second "
+                f"(bursts of {key.burst}); retry in {retry} s",
+                retry_after=retry,
+            )
+            err.headers = {  # type: ignore[attr-defined]
+                "X-RateLimit-Limit": f"{key.rate:g}",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": str(retry),
+            }
+            raise err
 
     def record(self, principal: Principal, api: str, version: str, status: int) -> None:
         """Meter an admitted call once its status is known (flushed to the store each second)."""

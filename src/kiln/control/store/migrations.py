@@ -355,6 +355,20 @@ def _traffic(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _quota_counters(conn: Connection) -> None:
+    """Issue 14's shared admission: monthly quota counters that many ingresses decide on."""
+    md = sa.MetaData()
+    C = sa.Column
+    sa.Table(
+        "quota_counters",
+        md,
+        C("subject", sa.String(80), primary_key=True),
+        C("period_start", sa.BigInteger, primary_key=True, autoincrement=False),
+        C("used", sa.BigInteger, nullable=False),
+    )
+    md.create_all(conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "control plane: deployments, revisions, APIs, tracker, usage, scaling", _v1),
     Migration(2, "batch jobs: jobs, batches, dead letters", _v2),
@@ -362,6 +376,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "console: per-minute API series, audit log", _series),
     Migration(5, "async APIs: requests, their results and webhooks", _async_requests),
     Migration(6, "traffic splits: runtime weights per API", _traffic),
+    Migration(7, "shared quota counters: admission decided by the store", _quota_counters),
 )
 
 

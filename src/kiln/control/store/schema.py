@@ -279,3 +279,13 @@ api_traffic = sa.Table(
     sa.Column("weights", sa.Text, nullable=False),  # JSON: {"version": weight}
     sa.Column("updated_at", sa.Double, nullable=False),
 )
+
+# ---- issue 14: shared quota counters for admission across processes (migration 7) ----
+
+quota_counters = sa.Table(
+    "quota_counters",
+    metadata,
+    sa.Column("subject", sa.String(80), primary_key=True),  # "user:<name>" or "key:<id>"
+    sa.Column("period_start", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("used", sa.BigInteger, nullable=False),
+)

@@ -29,6 +29,7 @@ from .models import (
     Revision,
     ScalingEvent,
 )
+from .quota_counters import QuotaCountersMixin
 from .series import SeriesMixin
 from .traffic import TrafficMixin
 
@@ -87,6 +88,7 @@ class Store(
     SeriesMixin,
     AsyncQueueMixin,
     TrafficMixin,
+    QuotaCountersMixin,
 ):
     """Kiln's state store. Open one per process: `Store()` or `Store("postgresql+psycopg://...")`.
 
