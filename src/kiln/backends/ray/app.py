@@ -9,6 +9,7 @@ One `KilnReplica` deployment per API version, named by `options.deployment_name`
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -21,7 +22,10 @@ from kiln.config import load_project
 
 def build_app(args: dict[str, Any]) -> Application:
     """args: `project_dir` (where the project lies on every node), `config_file`
-    (optional, relative to it), `sandbox` ("auto", "on" or "off"; default "auto")."""
+    (optional, relative to it), `sandbox` ("auto", "on" or "off"; default "auto"),
+    `store_url` (default $KILN_STATE_URL; given: API keys, shared quotas and metering
+    against that store), `owner` (optional: the user whose namespace the APIs are in,
+    served at /<owner>/<api> as on `kiln server`)."""
     project_dir = str(args["project_dir"])
     config_file = args.get("config_file")
     sandbox = str(args.get("sandbox", "auto"))
@@ -33,4 +37,5 @@ def build_app(args: dict[str, Any]) -> Application:
             name=name, **deployment_options(api)
         ).bind(project_dir, config_file, api.name, api.version, sandbox)
     ingress = KilnIngress.options(**ingress_options())  # type: ignore[attr-defined]
-    return ingress.bind(handles, project_dir, config_file)
+    store_url = args.get("store_url") or os.environ.get("KILN_STATE_URL") or None
+    return ingress.bind(handles, project_dir, config_file, store_url, args.get("owner"))

@@ -29,6 +29,7 @@ from kiln.backends.ray.frames import batch_frame, outcomes_from_frame
 from kiln.backends.ray.options import deployment_name
 from kiln.config import load_project
 from kiln.control.logs import LogSink, worker_record
+from kiln.control.shared_quotas import in_namespace, shared_authority
 from kiln.errors import KilnError, Timeout, Unavailable
 from kiln.protocols.app import InferenceApp
 from kiln.serving.replica import NotStarted
@@ -209,8 +210,15 @@ class KilnIngress:
     """Kiln's inference app; one `RayServedApi` per API version of the project."""
 
     async def __init__(  # type: ignore[misc]  # Serve runs an async constructor
-        self, handles: dict[str, Any], project_dir: str, config_file: str | None = None
+        self,
+        handles: dict[str, Any],
+        project_dir: str,
+        config_file: str | None = None,
+        store_url: str | None = None,
+        owner: str | None = None,
     ) -> None:
+        """`store_url`: API keys on, accounts and shared admission from that store
+        (control/shared_quotas.py); `owner`: the user whose namespace the APIs are in."""
         project = load_project(project_dir, config_file)
         self.registry = Registry()
         logs = Path(tempfile.mkdtemp(prefix="kiln-ray-ingress-"))
@@ -219,7 +227,7 @@ class KilnIngress:
         for api in project.apis:
             name = deployment_name(api)
             one = RayServedApi(
-                api,
+                api if owner is None else in_namespace(api, owner),
                 handles[name],
                 cwd=str(project.root),
                 log_line=partial(self._log_line, api.name),
@@ -228,7 +236,16 @@ class KilnIngress:
         await asyncio.gather(*(s.start() for s in served))
         for one in served:
             self.registry.add(one)
-        self.inference_app = InferenceApp(self.registry, self.log)
+        self.authority = shared_authority(store_url) if store_url else None
+        self.inference_app = InferenceApp(self.registry, self.log, auth=self.authority)
+        if self.authority is not None:  # metering, key reloads: every second
+            self._accounts = asyncio.get_running_loop().create_task(self.authority.run())
+
+    async def __del__(self) -> None:
+        """Serve calls this on a replica's graceful stop: write the last metered calls."""
+        authority = getattr(self, "authority", None)
+        if authority is not None:
+            await asyncio.to_thread(authority.flush)
 
     def _log_line(self, api: str, line: str, replica: str | None = None) -> None:
         self.log.write(api, worker_record(line, replica))
