@@ -25,7 +25,7 @@ def build_app(args: dict[str, Any]) -> Application:
     (optional, relative to it), `sandbox` ("auto", "on" or "off"; default "auto"),
     `store_url` (default $KILN_STATE_URL; given: API keys, shared quotas and metering
     against that store), `owner` (optional: the user whose namespace the APIs are in,
-    served at /<owner>/<api> as on `kiln server`)."""
+    served at /<owner>/<api> as on `kiln server`), `ingress_replicas` (default 1)."""
     project_dir = str(args["project_dir"])
     config_file = args.get("config_file")
     sandbox = str(args.get("sandbox", "auto"))
@@ -36,6 +36,7 @@ def build_app(args: dict[str, Any]) -> Application:
         handles[name] = KilnReplica.options(  # type: ignore[attr-defined]  # a serve.deployment
             name=name, **deployment_options(api)
         ).bind(project_dir, config_file, api.name, api.version, sandbox)
-    ingress = KilnIngress.options(**ingress_options())  # type: ignore[attr-defined]
+    options = {**ingress_options(), "num_replicas": int(args.get("ingress_replicas", 1))}
+    ingress = KilnIngress.options(**options)  # type: ignore[attr-defined]
     store_url = args.get("store_url") or os.environ.get("KILN_STATE_URL") or None
     return ingress.bind(handles, project_dir, config_file, store_url, args.get("owner"))
