@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from ray_cluster import ray_cluster  # noqa: E402, F401 - ONE 2-node cluster per session
 from support import KilnServer  # noqa: E402
 
 # Every server a test starts (`kiln serve`, `kiln server`) takes a free gRPC port rather

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the session fixture
+from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in conftest.py
 
 serve = pytest.importorskip("ray.serve")
 
@@ -43,7 +43,7 @@ class Model:
 
 
 @pytest.fixture(scope="module")
-def shared(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: F811
+def shared(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Any:
     if not PG_URL:
         if os.environ.get("CI") == "true":
             pytest.fail("KILN_TEST_POSTGRES_URL is not set under CI=true")

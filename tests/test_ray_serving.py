@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the session fixture
+from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in conftest.py
 from support import build_linear_onnx
 
 serve = pytest.importorskip("ray.serve")
@@ -66,7 +66,7 @@ class Model:
 
 
 @pytest.fixture(scope="module")
-def kiln_on_ray(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: F811
+def kiln_on_ray(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from kiln.backends.ray.app import build_app
 
     root: Path = tmp_path_factory.mktemp("ray-project")
