@@ -371,40 +371,21 @@ class JobRun:
 
     async def _start_worker(self, n: int) -> tuple[WorkerProcess, QueueLink]:
         """Worker `n` and the thread that answers its channel."""
-        ours, theirs = socket.socketpair()
-        try:
-            sink = self._sink
-            launch = WorkerLaunch(
-                job_id=self.job.id,
-                api=self.job.api,
-                number=n,
-                root=self.root,
-                fd=theirs.fileno(),
-                output_folder=sink.folder if sink is not None and not sink.remote else None,
-                env=self.env,
-                read_only=self._readable(),
-                network=self.network,
-                mem_limit=self.mem_limit,
-            )
-            proc = spawn_worker(launch, self.sandbox, self._line_handler(n))
-            await proc.spawn()
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()  # the worker's copy is the only one: its exit closes the channel
-        link = QueueLink(
+        proc, link = await start_linked_worker(
             self.store,
-            self.job.id,
+            self.job,
             self._worker_job,
-            ours,
-            self.job.visibility_timeout,
-            sink=sink,
+            self.root,
+            n,
+            sink=self._sink,
+            sandbox=self.sandbox,
+            env=self.env,
+            network=self.network,
+            mem_limit=self.mem_limit,
+            log_line=self._line_handler(n),
             log=lambda line: self.log.write(line, event="worker", worker=n),
-            name=f"batch-link-{self.job.id}-{n}",
         )
         self.links[n] = link
-        link.start()
         return proc, link
 
     def _line_handler(self, n: int) -> Callable[[str], None]:
@@ -423,23 +404,6 @@ class JobRun:
 
         return line
 
-    def _readable(self) -> tuple[str, ...]:
-        """What a sandboxed worker reads besides its revision: its environment, its model."""
-        plan = orjson.loads(self.job.plan) if self.job.plan else {}
-        paths = list(plan.get("site_dirs") or [])
-        # file_path_lister hands the predictor local file paths (the admin's only: users'
-        # jobs may not name local sources), so their folders are readable too.
-        spec = orjson.loads(self.job.spec) if self.job.spec else {}
-        if spec.get("source") == "file_path_lister":
-            for path in spec.get("paths") or []:
-                if "://" not in path or path.startswith("file://"):
-                    local = resolve_local(path, self.root)
-                    paths.append(local if os.path.isdir(local) else os.path.dirname(local))
-        model = (plan.get("worker_spec") or {}).get("model_path")
-        if model and os.path.isabs(model):
-            paths.append(model if os.path.isdir(model) else os.path.dirname(model))
-        return tuple(paths)
-
     async def _stop_workers(self) -> None:
         self.ending = True
         for link in list(self.links.values()):
@@ -452,6 +416,81 @@ class JobRun:
         for task in self._slots:
             task.cancel()
         await asyncio.gather(*self._slots, return_exceptions=True)
+
+
+async def start_linked_worker(
+    store: Store,
+    job: JobRow,
+    hello: dict[str, Any],
+    root: Path,
+    n: int,
+    *,
+    sink: OutputSink | None,
+    sandbox: SandboxPolicy,
+    env: dict[str, str],
+    network: str,
+    mem_limit: int | None,
+    log_line: Callable[[str], None],
+    log: Callable[[str], None],
+) -> tuple[WorkerProcess, QueueLink]:
+    """Batch worker `n` of `job`, started, and its started `QueueLink` over `store`.
+
+    The one place a worker and its link are paired, whoever hosts them: the local
+    `JobRun`, or a Ray actor (kiln.backends.ray.batch) that opens the store itself
+    so the control plane need not be reachable from its node. `hello` is
+    `worker_job(job)`; `log_line` gets the worker's output, `log` the link's errors.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        launch = WorkerLaunch(
+            job_id=job.id,
+            api=job.api,
+            number=n,
+            root=root,
+            fd=theirs.fileno(),
+            output_folder=sink.folder if sink is not None and not sink.remote else None,
+            env=env,
+            read_only=readable_paths(job, root),
+            network=network,
+            mem_limit=mem_limit,
+        )
+        proc = spawn_worker(launch, sandbox, log_line)
+        await proc.spawn()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()  # the worker's copy is the only one: its exit closes the channel
+    link = QueueLink(
+        store,
+        job.id,
+        hello,
+        ours,
+        job.visibility_timeout,
+        sink=sink,
+        log=log,
+        name=f"batch-link-{job.id}-{n}",
+    )
+    link.start()
+    return proc, link
+
+
+def readable_paths(job: JobRow, root: Path) -> tuple[str, ...]:
+    """What a sandboxed worker reads besides its revision: its environment, its model."""
+    plan = orjson.loads(job.plan) if job.plan else {}
+    paths = list(plan.get("site_dirs") or [])
+    # file_path_lister hands the predictor local file paths (the admin's only: users'
+    # jobs may not name local sources), so their folders are readable too.
+    spec = orjson.loads(job.spec) if job.spec else {}
+    if spec.get("source") == "file_path_lister":
+        for path in spec.get("paths") or []:
+            if "://" not in path or path.startswith("file://"):
+                local = resolve_local(path, root)
+                paths.append(local if os.path.isdir(local) else os.path.dirname(local))
+    model = (plan.get("worker_spec") or {}).get("model_path")
+    if model and os.path.isabs(model):
+        paths.append(model if os.path.isdir(model) else os.path.dirname(model))
+    return tuple(paths)
 
 
 def worker_plan(api: Any, root: Path, revision: str | None) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""Batch API jobs whose workers run on a real 2-node Ray cluster, queue in PostgreSQL.
+
+The test is the control plane: it records and enqueues the job in PostgreSQL the
+way `JobManager.submit` and `JobRun` do, then `run_job_workers` starts one Ray
+actor per worker (SPREAD over the nodes), each running a real sandboxed
+`kiln.batch.worker` subprocess and serving its queue link against PostgreSQL
+itself; outputs go to a moto S3 server on 127.0.0.1. Killing a worker actor
+mid-job must still give every item exactly once, and on_job_complete once.
+
+Needs KILN_TEST_POSTGRES_URL (.ci/run starts a throwaway PostgreSQL; where it
+cannot, the PostgreSQL tests skip, these included).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the session fixture
+from storage_servers import BUCKET, S3Server
+
+from kiln.batch import statuses as st
+from kiln.batch.job import worker_plan
+from kiln.batch.sources import iter_batches
+from kiln.batch.spec import Limits, output_folder, parse_body, validate
+from kiln.config import load_project
+from kiln.control.store import Store
+
+ray = pytest.importorskip("ray")
+
+PG_URL = os.environ.get("KILN_TEST_POSTGRES_URL")
+pytestmark = pytest.mark.skipif(not PG_URL, reason="KILN_TEST_POSTGRES_URL not set")
+
+ITEMS = 2000
+BATCH_SIZE = 20
+WORKERS = 4
+
+KILN_YAML = """
+- kind: BatchAPI
+  name: scorer
+  predictor: {type: python, path: predictor.py}
+  compute: {cpu: 250m}
+  jobs: {visibility_timeout: 3, max_workers: 8}
+"""
+
+PREDICTOR = """
+import os, time
+
+class PythonPredictor:
+    def __init__(self, config, job_spec):
+        self.job_spec = job_spec
+        print("env-ray:" + ",".join(sorted(k for k in os.environ if "RAY" in k)), flush=True)
+
+    def predict(self, payload, batch_id):
+        time.sleep(0.03)
+        print(f"scored batch {batch_id}", flush=True)
+        return [x * 2 for x in payload]
+
+    def on_job_complete(self):
+        print("on_job_complete " + self.job_spec["job_id"], flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    pytest.importorskip("moto")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+def _enqueue_job(store: Store, root: Path, job_id: str, body: dict[str, Any]) -> None:
+    """What JobManager.submit and JobRun's enqueuer do, minus the local workers."""
+    api = load_project(root).batch_api("scorer")
+    assert api is not None
+    limits = Limits(max_workers=api.jobs.max_workers)
+    spec = validate(parse_body(orjson.dumps(body), limits), limits, {})
+    assert spec.output is not None
+    spec.output["folder"] = output_folder(
+        spec.output["path"], job_id, "scorer", project=None, jobs_home=root
+    )
+    store.create_job(
+        job_id,
+        "scorer",
+        spec=orjson.dumps(spec.to_json()).decode(),
+        plan=orjson.dumps(worker_plan(api, root, None)).decode(),
+        workers=spec.workers,
+        max_receive_count=spec.max_receive_count,
+        visibility_timeout=api.jobs.visibility_timeout,
+        timeout=None,
+    )
+    assert store.enqueue(job_id, list(iter_batches(spec, root, limits)))
+    assert store.finish_enqueue(job_id)
+
+
+def _parts(s3: S3Server, prefix: str) -> list[str]:
+    keys: list[str] = []
+    for page in s3.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return keys
+
+
+def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
+    ray_cluster: RayCluster,  # noqa: F811
+    s3: S3Server,
+    tmp_path: Path,
+) -> None:
+    from kiln.backends.ray.batch import run_job_workers
+
+    assert PG_URL is not None
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "kiln.yaml").write_text(KILN_YAML)
+    (root / "predictor.py").write_text(PREDICTOR)
+    store = Store(PG_URL)
+    job_id = f"ray{os.urandom(4).hex()}"
+    body = {
+        "workers": WORKERS,
+        "item_list": {"items": list(range(ITEMS)), "batch_size": BATCH_SIZE},
+        "output": {"path": f"s3://{BUCKET}/out/"},
+    }
+    _enqueue_job(store, root, job_id, body)
+    batches = ITEMS // BATCH_SIZE
+
+    workers = run_job_workers(PG_URL, job_id, str(root), "scorer", WORKERS, env=s3.env())
+    try:
+        nodes = workers.nodes()
+        assert set(nodes) == {ray_cluster.head_node, ray_cluster.second_node}, nodes
+
+        # Mid-job (some batches written, most not), kill one worker's actor outright.
+        prefix = f"out/{job_id}/"
+        deadline = time.monotonic() + 60
+        while len(_parts(s3, prefix)) < batches // 5:
+            assert time.monotonic() < deadline, "the workers wrote no output"
+            time.sleep(0.1)
+        victim = workers.actors[0]
+        ray.kill(victim)
+        assert len(_parts(s3, prefix)) < batches, "the job ended before the kill"
+
+        deadline = time.monotonic() + 60
+        while (job := store.get_job(job_id)) is not None and job.active:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        outcomes = workers.wait(timeout=30)
+        logs = [ray.get(a.lines.remote(), timeout=10) for a in workers.actors[1:]]
+    finally:
+        workers.cancel(grace=1)
+
+    assert job is not None and job.status == st.SUCCEEDED, job
+    assert (job.succeeded, job.succeeded_items, job.failed) == (batches, ITEMS, 0)
+    assert job.completion == "done"
+    assert "error" in outcomes[0]  # the killed actor
+    assert [o["exit_code"] for o in outcomes[1:]] == [0] * (WORKERS - 1), outcomes
+
+    # Exactly one output row per item, each item's result, in the shared storage.
+    keys = _parts(s3, prefix)
+    assert len(keys) == batches
+    rows = []
+    for key in keys:
+        data = s3.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        rows += [orjson.loads(line) for line in data.splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(ITEMS))
+    assert all(r["result"] == r["index"] * 2 for r in rows)
+
+    # Which node ran each batch (the surviving workers' logs): both nodes did.
+    ran: dict[str, list[int]] = collections.defaultdict(list)
+    lines: list[str] = []
+    for mine, node in zip(logs, nodes[1:], strict=True):
+        lines += mine
+        for line in mine:
+            if m := re.fullmatch(r"scored batch (\d+)", line):
+                ran[node].append(int(m.group(1)))
+    assert set(ran) == {ray_cluster.head_node, ray_cluster.second_node}, ran.keys()
+    assert sum(map(len, ran.values())) >= batches // 2
+    assert [line for line in lines if line.startswith("on_job_complete")] == [
+        f"on_job_complete {job_id}"
+    ]
+    probes = [line for line in lines if line.startswith("env-ray:")]
+    assert probes and set(probes) == {"env-ray:"}, probes  # no RAY_* in any worker's env
