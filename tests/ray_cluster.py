@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -37,10 +37,26 @@ class RayCluster:
     http_port: int
     head_node: str
     second_node: str
+    cluster: Any = field(default=None, repr=False)  # ray.cluster_utils.Cluster (node kills)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    def second_node_object(self) -> Any:
+        """The second node's `ray._private.node.Node` (its processes: `all_processes`)."""
+        return next(iter(self.cluster.worker_nodes))
+
+    def replace_second_node(self, dead: Any) -> None:
+        """After a test killed the second node: stop what is left of it (only the
+        processes this cluster started for it) and add a fresh second node, so later
+        tests still have two nodes. `second_node` names the new one."""
+        import ray
+
+        self.cluster.remove_node(dead, allow_graceful=False)
+        _add_second_node(self.cluster)
+        _wait(lambda: len(_live_nodes(ray)) == 2, 30, "2 live nodes again")
+        self.second_node = _live_nodes(ray)["second"]
 
 
 def _unavailable(reason: str) -> None:
@@ -77,19 +93,21 @@ def ray_cluster() -> Iterator[RayCluster]:
                 "node_ip_address": "127.0.0.1",
                 "include_dashboard": False,
                 "resources": {"head": 1},
+                # A dead node is declared dead after ~3 s instead of Ray's 15 s (3 s x 5):
+                # until then calls to its replicas wait (tests/test_ray_failover.py).
+                "_system_config": {
+                    "health_check_period_ms": 1000,
+                    "health_check_failure_threshold": 3,
+                },
             },
         )
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"second": 1})
+        _add_second_node(cluster)
         cluster.wait_for_nodes(timeout=START_TIMEOUT_S)
         ray.init(address=cluster.address, log_to_driver=False)
         assert cluster.address.startswith("127.0.0.1:"), cluster.address
-        _wait(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 30, "2 live nodes")
-        serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "EveryNode"})
-        nodes = {
-            "head" if "head" in n["Resources"] else "second": n["NodeID"]
-            for n in ray.nodes()
-            if n["Alive"]
-        }
+        _wait(lambda: len(_live_nodes(ray)) == 2, 30, "2 live nodes")
+        serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": port})
+        nodes = _live_nodes(ray)
     except BaseException as exc:  # a timeout too: never leave the cluster running
         if cluster is not None:
             _shutdown(cluster)
@@ -98,9 +116,22 @@ def ray_cluster() -> Iterator[RayCluster]:
         _unavailable(repr(exc))
         raise
     try:
-        yield RayCluster(cluster.address, port, nodes["head"], nodes["second"])
+        yield RayCluster(cluster.address, port, nodes["head"], nodes["second"], cluster)
     finally:
         _shutdown(cluster)
+
+
+def _add_second_node(cluster: Any) -> Any:
+    return cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={"second": 1})
+
+
+def _live_nodes(ray: Any) -> dict[str, str]:
+    """{"head": node id, "second": node id} of the live nodes."""
+    return {
+        "head" if "head" in n["Resources"] else "second": n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"]
+    }
 
 
 def _shutdown(cluster: Any) -> None:

@@ -8,8 +8,17 @@ last hop differs: where a local `ServedApi` writes a batch to a worker's socket,
 Serve chooses the replica and scales the deployment.
 
 Kiln's dispatcher still limits work in flight per "replica"; here a replica is a
-lane (`RemoteSlot`), a share of the deployment's concurrency: `lanes` batches (or
-twice as many without batching) go out at once, and Serve spreads them.
+lane (`RemoteSlot`, each with its own `RemoteReplica` and counters), a share of
+the deployment's concurrency: `lanes` batches (or twice as many without batching)
+go out at once, and Serve spreads them. A call stuck on a dead node holds only its
+own lane.
+
+An API with `min_replicas: 0` starts at zero: the ingress asks for the model's
+signature on the first request (the `scaled to zero` state's cold start), so
+starting the ingress never wakes the deployment up.
+
+Streaming: a stream is one call to the replica's `stream` generator method
+(`handle.options(stream=True)`); its chunks come back in order as Serve yields them.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from kiln.backends.ray.options import deployment_name
 from kiln.config import load_project
 from kiln.control.logs import LogSink, worker_record
 from kiln.control.shared_quotas import in_namespace, shared_authority
-from kiln.errors import KilnError, Timeout, Unavailable
+from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
 from kiln.protocols.app import InferenceApp
 from kiln.serving.replica import NotStarted
 from kiln.serving.router import Registry
@@ -49,7 +58,6 @@ class RemoteReplica:
     sending each batch through a Serve deployment handle."""
 
     doomed = False
-    streams_in_flight = 0
     pid: int | None = None
 
     def __init__(self, handle: Any, api: str, info: dict[str, Any]) -> None:
@@ -57,6 +65,7 @@ class RemoteReplica:
         self._api = api
         self.signature: dict[str, Any] = info.get("signature") or {}
         self.can_explain: bool = bool(info.get("can_explain"))
+        self.streams_in_flight = 0
         self.in_flight = 0
         self.batches_in_flight = 0
         self.batch_sent_at = 0.0
@@ -136,8 +145,35 @@ class RemoteReplica:
             future.set_result(outcome)
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[tuple[bytes, str]]:
-        raise Unavailable(f"API '{self._api}': streaming is not served through Ray yet")
-        yield b"", ""  # pragma: no cover - makes this an async generator
+        """(chunk, content type) pairs in order, from the replica's `stream` generator.
+
+        Leaving early (the client went away) cancels the call, which stops the
+        handler's generator in the worker (Replica.stream's Cancel)."""
+        self.in_flight += 1
+        self.streams_in_flight += 1
+        response = self._handle.options(stream=True).stream.remote(batch_frame([request]))
+        finished = False
+        try:
+            async for item in response:
+                if isinstance(item, dict):  # the handler's error: ends the stream
+                    finished = True
+                    kind, message, status = item["error"]
+                    raise error_from_wire(kind, message, status)
+                data, content_type = item
+                yield data, content_type
+            finished = True
+        except RayError as exc:  # the replica actor died or could not be reached
+            finished = True
+            print(f"ray: a stream of API '{self._api}' failed: {exc!r}", file=sys.stderr)
+            raise Unavailable(
+                f"the replica of API '{self._api}' went away mid-stream; retry shortly",
+                retry_after=1,
+            ) from None
+        finally:
+            self.in_flight -= 1
+            self.streams_in_flight -= 1
+            if not finished:
+                response.cancel()
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._tasks:
@@ -186,22 +222,48 @@ class RayServedApi(ServedApi):
         super().__init__(api, **kwargs)
         self.handle = handle
         self.lanes = max(1, min(api.compute.max_replicas, MAX_LANES))
-        self._remote: RemoteReplica | None = None
+        self._info: dict[str, Any] | None = None
 
     async def start(self, replicas: int | None = None) -> None:
-        """Ask the deployment for the model's signature (Serve starts a replica if it has
-        none: a cold start), then open the lanes."""
-        info = await self.handle.info.remote()
-        self._remote = RemoteReplica(self.handle, self.name, info)
+        """Open the lanes, with the model's signature from the deployment.
+
+        With `min_replicas: 0` the API starts "scaled to zero" instead: asking for
+        the signature would make Serve start a replica (a cold start) for nothing,
+        so the first request asks (`scale(1)` through `cold_start`)."""
+        if self.api.compute.min_replicas == 0:
+            await super().start(0)
+            return
+        await self._fetch_info()
         await super().start(self.lanes)
 
+    async def _fetch_info(self) -> None:
+        try:
+            self._info = await self.handle.info.remote()
+        except RayError as exc:
+            print(f"ray: API '{self.name}' did not start: {exc!r}", file=sys.stderr)
+            raise Unavailable(
+                f"API '{self.name}' could not start a replica on Ray; retry shortly",
+                retry_after=1,
+            ) from None
+
     def _new_slot(self, index: int) -> Any:
-        assert self._remote is not None
-        return RemoteSlot(index, self._remote)
+        assert self._info is not None
+        return RemoteSlot(index, RemoteReplica(self.handle, self.name, self._info))
 
     async def scale(self, replicas: int) -> None:
-        """Serve scales the deployment (its autoscaling_config); Kiln's lanes stay."""
-        return None
+        """Serve scales the deployment (its autoscaling_config); Kiln's lanes stay.
+
+        The one exception is the first request to an API that started at zero:
+        Serve holds the signature call while it starts a replica, then the lanes open."""
+        if replicas <= 0 or self.slots:
+            return
+        await self._fetch_info()
+        if self.slots:  # another cold start opened them meanwhile
+            return
+        self.slots = self._new_slots(0, self.lanes)
+        self.scaled_to_zero = False
+        await asyncio.gather(*(slot.start() for slot in self.slots))
+        self._on_slot_change()
 
 
 @serve.deployment

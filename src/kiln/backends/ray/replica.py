@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -34,6 +35,7 @@ from kiln.sandbox.policy import SandboxPolicy
 from kiln.sandbox.probe import SandboxUnavailable
 from kiln.serving.placement import cores_for, worker_env, worker_spec_for
 from kiln.serving.replica import NotStarted, Replica
+from kiln.serving.wire import wire_error
 
 NOT_STARTED = b""
 """The reply for a batch this replica could not start (its worker is gone): requeue it."""
@@ -144,6 +146,19 @@ class KilnReplica:
         except KilnError as exc:  # died running it (503) or overran (504)
             outcomes = [exc] * len(requests)
         return reply_frame(outcomes), self.node_id
+
+    async def stream(self, frame: bytes) -> AsyncIterator[tuple[bytes, str] | dict[str, Any]]:
+        """One streaming request (a one-item batch frame) -> its chunks, in order, as
+        (bytes, content type); a handler error ends it with {"error": [type, message,
+        status]}. Called with `handle.options(stream=True)`; cancelling the call stops
+        the handler's generator (Replica.stream tells the worker)."""
+        requests, _ = requests_from_frame(frame, self.api.name, self.api.version)
+        try:
+            async for data, content_type in self.replica.stream(requests[0]):
+                yield bytes(data), content_type
+        except KilnError as exc:
+            error = wire_error(exc)
+            yield {"error": [error.type, error.message, error.status]}
 
     def check_health(self) -> None:
         """Serve calls this every health_check_period_s; raising makes Serve replace us."""
