@@ -48,6 +48,19 @@ KILN_YAML = """
   predictor: {type: python, path: predictor.py}
   compute: {cpu: 250m}
   jobs: {visibility_timeout: 3, max_workers: 8}
+- kind: BatchAPI
+  name: broken
+  predictor: {type: python, path: broken.py}
+  compute: {cpu: 250m}
+"""
+
+BROKEN = """
+class PythonPredictor:
+    def __init__(self, config):
+        raise RuntimeError("no weights here")
+
+    def predict(self, payload):
+        return payload
 """
 
 PREDICTOR = """
@@ -76,19 +89,30 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server.stop()
 
 
-def _enqueue_job(store: Store, root: Path, job_id: str, body: dict[str, Any]) -> None:
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "kiln.yaml").write_text(KILN_YAML)
+    (root / "predictor.py").write_text(PREDICTOR)
+    (root / "broken.py").write_text(BROKEN)
+    return root
+
+
+def _enqueue_job(store: Store, root: Path, body: dict[str, Any], name: str = "scorer") -> str:
     """What JobManager.submit and JobRun's enqueuer do, minus the local workers."""
-    api = load_project(root).batch_api("scorer")
+    job_id = f"ray{os.urandom(4).hex()}"
+    api = load_project(root).batch_api(name)
     assert api is not None
     limits = Limits(max_workers=api.jobs.max_workers)
     spec = validate(parse_body(orjson.dumps(body), limits), limits, {})
     assert spec.output is not None
     spec.output["folder"] = output_folder(
-        spec.output["path"], job_id, "scorer", project=None, jobs_home=root
+        spec.output["path"], job_id, name, project=None, jobs_home=root
     )
     store.create_job(
         job_id,
-        "scorer",
+        name,
         spec=orjson.dumps(spec.to_json()).decode(),
         plan=orjson.dumps(worker_plan(api, root, None)).decode(),
         workers=spec.workers,
@@ -98,6 +122,15 @@ def _enqueue_job(store: Store, root: Path, job_id: str, body: dict[str, Any]) ->
     )
     assert store.enqueue(job_id, list(iter_batches(spec, root, limits)))
     assert store.finish_enqueue(job_id)
+    return job_id
+
+
+def _wait_ended(store: Store, job_id: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while (job := store.get_job(job_id)) is not None and job.active:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    return job
 
 
 def _parts(s3: S3Server, prefix: str) -> list[str]:
@@ -110,23 +143,19 @@ def _parts(s3: S3Server, prefix: str) -> list[str]:
 def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
     ray_cluster: RayCluster,  # noqa: F811
     s3: S3Server,
-    tmp_path: Path,
+    project: Path,
 ) -> None:
     from kiln.backends.ray.batch import run_job_workers
 
     assert PG_URL is not None
-    root = tmp_path / "proj"
-    root.mkdir()
-    (root / "kiln.yaml").write_text(KILN_YAML)
-    (root / "predictor.py").write_text(PREDICTOR)
+    root = project
     store = Store(PG_URL)
-    job_id = f"ray{os.urandom(4).hex()}"
     body = {
         "workers": WORKERS,
         "item_list": {"items": list(range(ITEMS)), "batch_size": BATCH_SIZE},
         "output": {"path": f"s3://{BUCKET}/out/"},
     }
-    _enqueue_job(store, root, job_id, body)
+    job_id = _enqueue_job(store, root, body)
     batches = ITEMS // BATCH_SIZE
 
     workers = run_job_workers(PG_URL, job_id, str(root), "scorer", WORKERS, env=s3.env())
@@ -144,10 +173,7 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
         ray.kill(victim)
         assert len(_parts(s3, prefix)) < batches, "the job ended before the kill"
 
-        deadline = time.monotonic() + 60
-        while (job := store.get_job(job_id)) is not None and job.active:
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        job = _wait_ended(store, job_id)
         outcomes = workers.wait(timeout=30)
         logs = [ray.get(a.lines.remote(), timeout=10) for a in workers.actors[1:]]
     finally:
@@ -184,3 +210,67 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
     ]
     probes = [line for line in lines if line.startswith("env-ray:")]
     assert probes and set(probes) == {"env-ray:"}, probes  # no RAY_* in any worker's env
+
+
+def test_a_predictor_that_cannot_load_ends_the_job_in_worker_error(
+    ray_cluster: RayCluster,  # noqa: F811
+    s3: S3Server,
+    project: Path,
+) -> None:
+    from kiln.backends.ray.batch import run_job_workers
+
+    assert PG_URL is not None
+    store = Store(PG_URL)
+    body = {
+        "workers": 2,
+        "item_list": {"items": list(range(10)), "batch_size": 5},
+        "output": {"path": f"s3://{BUCKET}/out/"},
+    }
+    job_id = _enqueue_job(store, project, body, name="broken")
+    workers = run_job_workers(PG_URL, job_id, str(project), "broken", 2, env=s3.env())
+    try:
+        job = _wait_ended(store, job_id, timeout=45)
+        outcomes = workers.wait(timeout=30)
+    finally:
+        workers.cancel(grace=1)
+    assert job.status == st.WORKER_ERROR, job
+    assert "no weights here" in (job.error or ""), job.error
+    assert {o["exit_code"] for o in outcomes} <= {2, 1}, outcomes  # load failed / job ended
+
+
+def test_cancel_stops_the_workers_and_leaves_the_job_resumable(
+    ray_cluster: RayCluster,  # noqa: F811
+    s3: S3Server,
+    project: Path,
+) -> None:
+    from kiln.backends.ray.batch import run_job_workers
+
+    assert PG_URL is not None
+    store = Store(PG_URL)
+    body = {
+        "workers": 2,
+        "item_list": {"items": list(range(400)), "batch_size": 1},
+        "output": {"path": f"s3://{BUCKET}/out/"},
+    }
+    job_id = _enqueue_job(store, project, body)
+    workers = run_job_workers(PG_URL, job_id, str(project), "scorer", 2, env=s3.env())
+    try:
+        deadline = time.monotonic() + 60
+        while store.get_job(job_id).succeeded < 3:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no batch was acknowledged"
+            time.sleep(0.1)
+    finally:
+        started = time.monotonic()
+        workers.cancel(grace=1)
+    assert time.monotonic() - started < 15
+    for actor in workers.actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.node.remote(), timeout=10)
+    time.sleep(0.5)
+    job = store.get_job(job_id)
+    assert job is not None and job.status == st.RUNNING  # left for a resume, not ended
+    settled = job.succeeded
+    time.sleep(1.0)
+    assert store.get_job(job_id).succeeded == settled  # type: ignore[union-attr]  # nobody runs it
+    assert 0 < settled < 400
+    store.end_job(job_id, st.STOPPED, error="test over")
