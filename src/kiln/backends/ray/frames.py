@@ -60,7 +60,9 @@ def requests_from_frame(
             version=version,
             request_id=item.request_id,
             body=b"",
-            content_type=item.content_type or "application/json",
+            # A raw body keeps the client's content type, none included ("": the worker
+            # then hands the handler bytes, as on one machine); JSON kinds carry none.
+            content_type=item.content_type if item.kind == "raw" else "application/json",
             protocol=item.protocol,
             headers=dict(item.headers or {}),
             query=dict(item.query or {}),
