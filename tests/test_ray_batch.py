@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
-from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the session fixture
+from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in conftest.py
 from storage_servers import BUCKET, S3Server
 
 from kiln.batch import statuses as st
@@ -141,7 +141,7 @@ def _parts(s3: S3Server, prefix: str) -> list[str]:
 
 
 def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
-    ray_cluster: RayCluster,  # noqa: F811
+    ray_cluster: RayCluster,
     s3: S3Server,
     project: Path,
 ) -> None:
@@ -213,7 +213,7 @@ def test_job_spreads_over_both_nodes_and_survives_a_killed_worker(
 
 
 def test_a_predictor_that_cannot_load_ends_the_job_in_worker_error(
-    ray_cluster: RayCluster,  # noqa: F811
+    ray_cluster: RayCluster,
     s3: S3Server,
     project: Path,
 ) -> None:
@@ -239,7 +239,7 @@ def test_a_predictor_that_cannot_load_ends_the_job_in_worker_error(
 
 
 def test_cancel_stops_the_workers_and_leaves_the_job_resumable(
-    ray_cluster: RayCluster,  # noqa: F811
+    ray_cluster: RayCluster,
     s3: S3Server,
     project: Path,
 ) -> None:
