@@ -135,7 +135,7 @@ class QueueLink(threading.Thread):
                 return self._claim(store.claim_batch(job_id))
             if self.sink is not None and buffers:
                 try:
-                    self.sink.write(batch.idx, buffers[0])
+                    self.write_output(batch, buffers[0])
                 except Exception as exc:  # noqa: BLE001 - storage fails in many ways
                     error = f"cannot write the output to {self.sink.name(batch.idx)}: {exc}"
                     dead = store.fail_batch(job_id, batch, error)
@@ -159,6 +159,32 @@ class QueueLink(threading.Thread):
         assert isinstance(message, FinishJob)  # the decoder admits no other kind
         self.completing = False
         return FinishReply(store.finish_job(job_id, error=message.error)), []
+
+    def write_output(self, batch: QueuedBatch, data: bytes | memoryview) -> None:
+        """Write a batch's output while keeping its lease: a remote write (S3, GCS) can take
+        longer than what is left of the lease, and a lapsed lease would hand the batch to
+        another worker mid-write (a redelivery that counts towards the dead letter)."""
+        assert self.sink is not None
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    self.store.extend_lease(self.job_id, batch, self.lease_s)
+                except Exception:  # noqa: BLE001 - a missed beat only risks a redelivery
+                    pass
+
+        try:
+            self.store.extend_lease(self.job_id, batch, self.lease_s)
+        except Exception:  # noqa: BLE001 - as above
+            pass
+        keeper = threading.Thread(target=beat, daemon=True, name="batch-link-lease")
+        keeper.start()
+        try:
+            self.sink.write(batch.idx, data)
+        finally:
+            done.set()
+            keeper.join()
 
     def _take(self) -> QueuedBatch | None:
         batch, self.held = self.held, None
