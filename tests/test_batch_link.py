@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 from support import write
 
-from kiln.batch.job import worker_plan
 from kiln.batch.link import QueueLink
 from kiln.batch.sources import iter_batches
 from kiln.batch.spec import Limits, output_folder, parse_body, validate
+from kiln.batch.workers import worker_plan
 from kiln.config import load_project
 from kiln.control.store import Store
 

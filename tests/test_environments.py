@@ -228,7 +228,7 @@ def test_concurrent_builds_of_one_key_build_once(tmp_path: Path, monkeypatch):
 
 def test_batch_job_plan_carries_the_environment(tmp_path: Path, monkeypatch):
     """A BatchAPI's workers get the environment from the job's plan (realtime: WorkerSpec)."""
-    from kiln.batch.job import worker_plan
+    from kiln.batch.workers import worker_plan
     from kiln.config import load_project
     from kiln.environments import Environments
 

@@ -27,9 +27,9 @@ from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in co
 from storage_servers import BUCKET, S3Server
 
 from kiln.batch import statuses as st
-from kiln.batch.job import worker_plan
 from kiln.batch.sources import iter_batches
 from kiln.batch.spec import Limits, output_folder, parse_body, validate
+from kiln.batch.workers import worker_plan
 from kiln.config import load_project
 from kiln.control.store import Store
 

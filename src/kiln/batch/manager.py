@@ -20,11 +20,12 @@ from typing import Any
 import orjson
 
 from kiln.batch import statuses as st
-from kiln.batch.job import JobRun, worker_plan
+from kiln.batch.job import JobRun
 from kiln.batch.joblog import JobLog, job_log_path
 from kiln.batch.report import job_spec_document, job_status, job_summary
 from kiln.batch.sources import SourceError, check_paths, dry_run
 from kiln.batch.spec import Limits, output_folder, parse_body, validate
+from kiln.batch.workers import worker_plan
 from kiln.control.store import Store
 from kiln.control.store.jobs import JobRow
 from kiln.errors import Forbidden, InvalidInput, NotFound

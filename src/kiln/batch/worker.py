@@ -2,7 +2,7 @@
 
 Started by the server for one job as ``python -m kiln.batch.worker FD``, where FD
 is the worker's end of a socketpair (the only descriptor it inherits besides
-stdio; see `kiln.batch.job.spawn_worker`). The worker never opens the state store
+stdio; see `kiln.batch.workers.spawn_worker`). The worker never opens the state store
 and needs no network: everything it asks of the queue goes over that channel, in
 `kiln.serving.ipc` frames (typed `kiln.serving.messages`, raw buffers, no pickle), and the
 server's `kiln.batch.link.QueueLink` answers with the same store calls the worker

@@ -42,9 +42,9 @@ import ray
 
 from kiln.backends.ray.replica import clean_env, sandbox_policy
 from kiln.batch import statuses as st
-from kiln.batch.job import start_linked_worker, worker_job
 from kiln.batch.output import OutputSink
 from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
+from kiln.batch.workers import start_linked_worker, worker_job
 from kiln.config import load_project
 from kiln.control.store import Store
 
