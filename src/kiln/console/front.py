@@ -9,12 +9,12 @@ gate and the REST handlers decide what a session may see and do.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
+
+from kiln.protocols.in_process import call_asgi
 
 PREFIX = "/console"
 
@@ -53,51 +53,14 @@ class Rest:
         body: Any = None,
     ) -> Answer:
         payload = b"" if body is None else orjson.dumps(body)
-        headers = [(b"host", b"localhost"), (b"content-length", str(len(payload)).encode())]
+        headers: list[tuple[bytes, bytes]] = []
         if body is not None:
             headers.append((b"content-type", b"application/json"))
         if key is not None:
             headers.append((b"x-api-key", key.encode()))
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method.upper(),
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": urlencode(query or {}).encode(),
-            "root_path": "",
-            "headers": headers,
-            "client": ("127.0.0.1", 0),
-            "server": ("127.0.0.1", 0),
-            "state": {},
-        }
-        sent = False
-        done = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if sent:  # a streaming answer listens for the client leaving: only once it is done
-                await done.wait()
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-
-        status = 500
-        chunks: list[bytes] = []
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    done.set()
-
-        await self.app(scope, receive, send)
-        raw = b"".join(chunks)
+        status, raw = await call_asgi(
+            self.app, method, path, query=query, headers=headers, body=payload
+        )
         try:
             parsed: Any = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:

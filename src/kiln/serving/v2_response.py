@@ -39,7 +39,9 @@ def _json_data(tensor: Tensor) -> Any:
     return np.ascontiguousarray(data).reshape(-1)
 
 
-def _binary_data(tensor: Tensor) -> bytes:
+def binary_data(tensor: Tensor) -> bytes:
+    """One output's bytes as V2 binary data carries them (REST's binary outputs, gRPC's
+    raw_output_contents): BYTES elements length-prefixed, numbers little-endian."""
     if tensor.datatype == "BYTES":
         parts: list[bytes] = []
         for value in tensor.data:
@@ -66,7 +68,7 @@ def encode_infer_response(
             "shape": list(tensor.shape),
         }
         if binary(tensor.name):
-            raw = _binary_data(tensor)
+            raw = binary_data(tensor)
             out["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -21,13 +21,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import orjson
 
 from kiln.errors import KilnError, NotFound, Unavailable
 from kiln.protocols.grpc.messages import TS_INFERENCE_SERVICE, TS_MANAGEMENT_SERVICE, message
 from kiln.protocols.grpc.rpc import Guard, RpcMeta, check_size, read_metadata, status_code
+from kiln.protocols.in_process import call_asgi
 from kiln.protocols.torchserve import declares_streaming, resolve
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ServedApi
@@ -170,7 +171,14 @@ class TorchServeManagementGrpc:
                     "the management API is off on this server (no management port); start it "
                     "with a --management-port to use ManagementAPIsService"
                 )
-            status, payload = await _asgi(self.app, method, path, query, meta.headers)
+            key_headers = [
+                (name.encode(), meta.headers[name].encode())
+                for name in ("x-api-key", "authorization")
+                if name in meta.headers
+            ]  # only the key travels
+            status, payload = await call_asgi(
+                self.app, method, path, query=query, headers=key_headers
+            )
             if status >= 400:
                 try:
                     text = orjson.loads(payload).get("message") or payload.decode()
@@ -232,53 +240,3 @@ class TorchServeManagementGrpc:
     async def UnregisterModel(self, request: Any, context: Any) -> Any:  # noqa: N802
         path = self._model_path(request.model_name, request.model_version)
         return await self._rest(context, "UnregisterModel", "DELETE", path, {})
-
-
-async def _asgi(
-    app: Any, method: str, path: str, query: dict[str, str], headers: dict[str, str]
-) -> tuple[int, bytes]:
-    """One in-process request to an ASGI app: (status, body). Only the key travels."""
-    sent: list[tuple[bytes, bytes]] = [(b"host", b"localhost"), (b"content-length", b"0")]
-    for name in ("x-api-key", "authorization"):
-        if name in headers:
-            sent.append((name.encode(), headers[name].encode()))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": urlencode(query).encode(),
-        "root_path": "",
-        "headers": sent,
-        "client": ("127.0.0.1", 0),
-        "server": ("127.0.0.1", 0),
-        "state": {},
-    }
-    done = asyncio.Event()
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if received:
-            await done.wait()
-            return {"type": "http.disconnect"}
-        received = True
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    status = 500
-    chunks: list[bytes] = []
-
-    async def send(msg: dict[str, Any]) -> None:
-        nonlocal status
-        if msg["type"] == "http.response.start":
-            status = msg["status"]
-        elif msg["type"] == "http.response.body":
-            chunks.append(msg.get("body", b""))
-            if not msg.get("more_body", False):
-                done.set()
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)

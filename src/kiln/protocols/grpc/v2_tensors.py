@@ -14,7 +14,6 @@ tensor gets the same message on both transports. Answers carry every output in
 from __future__ import annotations
 
 import math
-import struct
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 from kiln.datatypes import V2_TO_NUMPY
 from kiln.errors import InvalidInput
 from kiln.serving.types import Tensor
+from kiln.serving.v2_response import binary_data
 from kiln.serving.v2_tensors import DATATYPES, InferBody, InputHeader, decode_inputs
 
 # datatype -> the InferTensorContents field that carries it typed (FP16 and BF16: raw only)
@@ -161,24 +161,9 @@ def deadline(body: InferBody, time_remaining: float | None, limit_s: float) -> f
     return time.monotonic() + min(min(waits), limit_s)
 
 
-def raw_bytes(tensor: Tensor) -> bytes:
-    """One output as raw_output_contents: the bytes REST's binary outputs would carry."""
-    if tensor.datatype == "BYTES":
-        parts: list[bytes] = []
-        for value in tensor.data:
-            item = value if isinstance(value, bytes) else str(value).encode()
-            parts.append(struct.pack("<I", len(item)))
-            parts.append(item)
-        return b"".join(parts)
-    array = np.asarray(tensor.data)
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8).tobytes()
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
 def fill_response(response: Any, tensors: list[Tensor]) -> Any:
     """Add each tensor to a ModelInferResponse: its metadata, its data raw."""
     for tensor in tensors:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape))
-        response.raw_output_contents.append(raw_bytes(tensor))
+        response.raw_output_contents.append(binary_data(tensor))
     return response
