@@ -5,7 +5,9 @@ way `JobManager.submit` and `JobRun` do, then `run_job_workers` starts one Ray
 actor per worker (SPREAD over the nodes), each running a real sandboxed
 `kiln.batch.worker` subprocess and serving its queue link against PostgreSQL
 itself; outputs go to a moto S3 server on 127.0.0.1. Killing a worker actor
-mid-job must still give every item exactly once, and on_job_complete once.
+mid-job, or the whole second node (its raylet and every process it started, as
+tests/test_ray_failover.py does), must still give every item exactly once, and
+on_job_complete once.
 
 Needs KILN_TEST_POSTGRES_URL (.ci/run starts a throwaway PostgreSQL; where it
 cannot, the PostgreSQL tests skip, these included).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,3 +277,131 @@ def test_cancel_stops_the_workers_and_leaves_the_job_resumable(
     assert store.get_job(job_id).succeeded == settled  # type: ignore[union-attr]  # nobody runs it
     assert 0 < settled < 400
     store.end_job(job_id, st.STOPPED, error="test over")
+
+
+NODE_KILL_ITEMS = 10_000
+NODE_KILL_BATCH_SIZE = 25  # 400 batches of ~30 ms: a few seconds on 4 workers
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (from /proc), deepest first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found[::-1]
+
+
+def _kill_node(raylet_pid: int) -> None:
+    """SIGKILL the raylet, then what it started (this session's cluster's processes only):
+    its actors' workers and their Kiln batch workers go as with a lost machine."""
+    workers = _descendants(raylet_pid)
+    os.kill(raylet_pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _scored(lines: list[str]) -> list[int]:
+    return [int(m.group(1)) for line in lines if (m := re.fullmatch(r"scored batch (\d+)", line))]
+
+
+def test_a_job_of_10000_items_survives_losing_a_worker_node(
+    ray_cluster: RayCluster,
+    s3: S3Server,
+    project: Path,
+) -> None:
+    from kiln.backends.ray.batch import run_job_workers
+
+    assert PG_URL is not None
+    store = Store(PG_URL)
+    body = {
+        "workers": WORKERS,
+        "item_list": {"items": list(range(NODE_KILL_ITEMS)), "batch_size": NODE_KILL_BATCH_SIZE},
+        "output": {"path": f"s3://{BUCKET}/out/"},
+    }
+    job_id = _enqueue_job(store, project, body)
+    batches = NODE_KILL_ITEMS // NODE_KILL_BATCH_SIZE
+    head, second = ray_cluster.head_node, ray_cluster.second_node
+    dead = ray_cluster.second_node_object()
+    raylets = dead.all_processes["raylet"]
+    assert len(raylets) == 1
+    killed = False
+
+    workers = run_job_workers(PG_URL, job_id, str(project), "scorer", WORKERS, env=s3.env())
+    try:
+        nodes = workers.nodes()
+        assert set(nodes) == {head, second}, nodes
+
+        # Mid-job, once workers on both nodes have scored batches, the second node dies.
+        prefix = f"out/{job_id}/"
+        deadline = time.monotonic() + 60
+        while True:
+            lines = ray.get([a.lines.remote() for a in workers.actors], timeout=10)
+            before = {n: set() for n in (head, second)}
+            for mine, node in zip(lines, nodes, strict=True):
+                before[node].update(_scored(mine))
+            if all(before.values()) and len(_parts(s3, prefix)) >= batches // 5:
+                break
+            assert time.monotonic() < deadline, f"batches scored per node: {before}"
+            time.sleep(0.1)
+        _kill_node(raylets[0].process.pid)
+        killed = True
+        killed_at = time.monotonic()
+        assert len(_parts(s3, prefix)) < batches, "the job ended before the kill"
+
+        progress = []  # (s after the kill, batches done): shown if the job stalls
+        while (job := store.get_job(job_id)) is not None and job.active:
+            progress.append((round(time.monotonic() - killed_at, 1), job.succeeded))
+            assert time.monotonic() < killed_at + 90, progress
+            time.sleep(0.5)
+        ended_s = time.monotonic() - killed_at
+        outcomes = workers.wait(timeout=30)
+        logs = ray.get([a.lines.remote() for a in workers.actors], timeout=10)
+    finally:
+        workers.cancel(grace=1)
+        if killed:
+            replacing = time.monotonic()
+            ray_cluster.replace_second_node(dead)
+            print(f"second node replaced in {time.monotonic() - replacing:.1f}s")
+
+    assert job is not None and job.status == st.SUCCEEDED, job
+    assert (job.succeeded, job.succeeded_items, job.failed) == (batches, NODE_KILL_ITEMS, 0)
+    assert job.completion == "done"
+    assert store.dead_letters(job_id) == []
+    # Every worker finished cleanly; those of the lost node were restarted on the head.
+    assert [o.get("exit_code") for o in outcomes] == [0] * WORKERS, outcomes
+    for outcome, node in zip(outcomes, nodes, strict=True):
+        assert outcome["reconstructed"] == (node == second), (outcomes, nodes)
+        assert outcome["node_id"] == head, (outcomes, nodes)
+
+    # Exactly one output row per item, each item's result: none lost, none twice.
+    keys = _parts(s3, prefix)
+    assert len(keys) == batches
+    rows = []
+    for key in keys:
+        data = s3.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        rows += [orjson.loads(line) for line in data.splitlines()]
+    assert len(rows) == NODE_KILL_ITEMS
+    assert sorted(r["index"] for r in rows) == list(range(NODE_KILL_ITEMS))
+    assert all(r["result"] == r["index"] * 2 for r in rows)
+
+    # on_job_complete ran once, in one of the workers alive at the end.
+    done = [line for mine in logs for line in mine if line.startswith("on_job_complete")]
+    assert done == [f"on_job_complete {job_id}"], done
+    print(
+        f"node kill: {NODE_KILL_ITEMS} items in {batches} batches, scored before the kill: "
+        f"head {len(before[head])}, second {len(before[second])}; "
+        f"job ended {ended_s:.1f}s after the kill"
+    )

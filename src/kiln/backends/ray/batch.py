@@ -18,9 +18,13 @@ worker slot on one machine, through the same function (`start_linked_worker`):
 
 A worker that crashes is restarted in place (with backoff, up to
 ``jobs.max_worker_restarts``); one that cannot load its predictor ends the job in
-``worker error``. An actor that dies (its node lost, or `ray.kill`) takes its
-worker with it (parent-death signal): the link's lease extensions stop and the
-batch it held is redelivered to another worker after the visibility timeout.
+``worker error``. An actor that dies takes its worker with it (parent-death
+signal): the link's lease extensions stop and the batch it held is redelivered to
+another worker after the visibility timeout. An actor lost with its node (or its
+process killed) is restarted by Ray on a live node, up to
+``jobs.max_worker_restarts`` times, and its `run` is retried there, so the job
+keeps its number of workers and a job whose workers all ran on the lost node
+still finishes; `ray.kill` (`JobWorkers.cancel`) ends an actor for good.
 
 Not here yet (the control plane's part, `JobRun` locally): enqueuing, the job's
 ``timeout`` and ``compute.mem`` watchdogs, and stopping the actors when a job is
@@ -51,7 +55,7 @@ from kiln.control.store import Store
 KEEP_LINES = 20_000  # the worker output an actor keeps for `lines()` (its log is stderr)
 
 
-@ray.remote(max_restarts=0, max_task_retries=0)
+@ray.remote
 class BatchWorkerActor:
     """Worker `number` of one job: a Kiln batch worker subprocess and its queue link."""
 
@@ -137,6 +141,8 @@ class BatchWorkerActor:
             "number": self.number,
             "exit_code": code,
             "restarts": self.restarts,
+            # Ray restarted this actor (its node or process was lost) before this run.
+            "reconstructed": ray.get_runtime_context().was_current_actor_reconstructed,
             "error": self.error,
         }
 
@@ -214,6 +220,10 @@ def run_job_workers(
     workers claim from its queue at once. `env` is the actors' environment (storage
     credentials for the links' output writes), never the workers'. `num_cpus`
     defaults to the API's ``compute.cpu`` (1 when unset).
+
+    An actor lost with its node is restarted elsewhere and its `run` retried (up to
+    ``jobs.max_worker_restarts``): without that, a lost node would leave the job
+    short of workers, or with none at all when they all ran there.
     """
     project = load_project(project_dir, config_file)
     spec = project.batch_api(api)
@@ -223,6 +233,8 @@ def run_job_workers(
     options: dict[str, Any] = {
         "scheduling_strategy": "SPREAD",
         "num_cpus": cpus,
+        "max_restarts": spec.jobs.max_worker_restarts,
+        "max_task_retries": -1,  # `run` goes on in the restarted actor (bounded by the above)
     }
     if spec.compute.mem:
         options["memory"] = spec.compute.mem
