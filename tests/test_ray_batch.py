@@ -280,7 +280,7 @@ def test_cancel_stops_the_workers_and_leaves_the_job_resumable(
 
 
 NODE_KILL_ITEMS = 10_000
-NODE_KILL_BATCH_SIZE = 25  # 400 batches of ~30 ms: a few seconds on 4 workers
+NODE_KILL_BATCH_SIZE = 50  # 200 batches of ~30 ms: a few seconds on 4 workers
 
 
 def _descendants(pid: int) -> list[int]:
@@ -317,6 +317,7 @@ def _scored(lines: list[str]) -> list[int]:
     return [int(m.group(1)) for line in lines if (m := re.fullmatch(r"scored batch (\d+)", line))]
 
 
+@pytest.mark.timeout(240)  # the sum of its bounded waits, were each to run out
 def test_a_job_of_10000_items_survives_losing_a_worker_node(
     ray_cluster: RayCluster,
     s3: S3Server,
