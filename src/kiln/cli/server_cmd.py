@@ -25,6 +25,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from kiln.cli.common import _alive, console, err_console, kiln_home
+from kiln.cli.server_backend import (
+    BackendOption,
+    RayAddressOption,
+    RayHttpPortOption,
+    StoreOption,
+)
 from kiln.cli.server_cmd_edge import (
     BodyIdleTimeoutOption,
     GrpcCertOption,
@@ -330,6 +336,10 @@ def run_cmd(
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
     max_connections: MaxConnectionsOption = None,
     max_header_bytes: MaxHeaderBytesOption = None,
+    backend: BackendOption = None,
+    ray_address: RayAddressOption = None,
+    ray_http_port: RayHttpPortOption = None,
+    store: StoreOption = None,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
@@ -358,6 +368,10 @@ def start_cmd(
     keepalive_timeout_s: KeepaliveTimeoutOption = None,
     max_connections: MaxConnectionsOption = None,
     max_header_bytes: MaxHeaderBytesOption = None,
+    backend: BackendOption = None,
+    ray_address: RayAddressOption = None,
+    ray_http_port: RayHttpPortOption = None,
+    store: StoreOption = None,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)

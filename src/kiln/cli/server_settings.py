@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "unsafe_no_sandbox": False,
     "pass_env": [],
     "webhook_allow": [],
+    "backend": "local",
+    "ray_address": None,
+    "ray_http_port": None,
+    "store": None,
 }
 
 
@@ -85,6 +89,12 @@ def merge_settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
             parse_allow(given["webhook_allow"])  # before anything is saved
         except ValueError as exc:
             fail(str(exc))
+    from kiln.cli.server_backend import BackendFlagError, check_backend
+
+    try:  # before anything is saved: a backend that can start
+        check_backend({**DEFAULTS, **saved, **{k: v for k, v in given.items() if v is not None}})
+    except BackendFlagError as exc:
+        fail(str(exc))
     now = {k: v for k, v in given.items() if k in DEFAULTS and v is not None}
     if edge:
         now["edge"] = {**saved.get("edge", {}), **edge}
@@ -109,6 +119,7 @@ def server_flags(given: dict[str, Any]) -> dict[str, Any]:
 
 def server_options(home: Path, settings: dict[str, Any]) -> Any:
     """The merged settings as the server's `ServerOptions`; a non-loopback host needs keys."""
+    from kiln.cli.server_backend import make_backend, normalized_store
     from kiln.control.server import ServerOptions, is_loopback
     from kiln.protocols.edge import EdgeLimits
 
@@ -140,4 +151,6 @@ def server_options(home: Path, settings: dict[str, Any]) -> Any:
         grpc_tls_key=Path(settings["grpc_tls_key"]) if settings["grpc_tls_key"] else None,
         otlp_endpoint=settings["otlp_endpoint"],
         otlp_protocol=settings["otlp_protocol"],
+        store_url=normalized_store(settings.get("store")),
+        backend=make_backend(settings),
     )

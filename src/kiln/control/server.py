@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,11 @@ class ServerOptions:
     # None: the OTEL_* variables decide.
     otlp_endpoint: str | None = None
     otlp_protocol: str | None = None
+    # Where API versions run (kiln.backends): None is this machine's worker processes;
+    # `kiln server --backend ray` injects a RayBackend (the CLI imports it, nothing here).
+    backend: Any = None
+    # The state store's URL (--store); None: $KILN_STATE_URL, else SQLite in the home.
+    store_url: str | None = None
 
 
 class InferenceServer:
@@ -169,7 +175,9 @@ class InferenceServer:
         message. On `kiln server` only the type and request id do, unless the API sets
         `serving.expose_errors: true` (the worker applies it: `to_kiln_error`).
         """
-        served = ServedApi(
+        backend = self.options.backend
+        make = ServedApi if backend is None else partial(backend.served_api, root=root)
+        served = make(
             api,
             cwd=str(root),
             log_line=self._log_line(api.name),
@@ -222,6 +230,8 @@ class InferenceServer:
         try:
             self._grpc = bind_grpc(options, self.log, self.metrics)
             open_state(self)  # the home's lock, the store, accounts, jobs (server_state.py)
+            if options.backend is not None:
+                await options.backend.start(self)
         except ServerError:
             ports.close()
             if self._grpc is not None:
@@ -241,6 +251,8 @@ class InferenceServer:
                 on_loading(len(self.registry.all()))
             if not await self._load(loads, serving):
                 return
+            if options.backend is not None:
+                await options.backend.loaded()  # what it runs and nothing restored: gone
             self._start_autoscalers()
             self.jobs.asyncs.start()  # AsyncAPIs: run the queue once the APIs are up
             if os.environ.get("KILN_GC_TUNING", "1") != "0":
@@ -256,6 +268,8 @@ class InferenceServer:
                 on_ready(self.running)
             await serving
         finally:
+            if options.backend is not None:
+                await options.backend.close()  # the cluster keeps serving without us
             if self.jobs is not None and self.jobs.asyncs is not None:
                 await self.jobs.asyncs.close()  # stop claiming before the APIs drain
             stopping = asyncio.gather(
@@ -341,6 +355,8 @@ class InferenceServer:
         """
         from kiln.control.scaling import AutoscaleLoop
 
+        if getattr(served, "scaled_by_backend", False):
+            return  # Ray Serve scales it
         running = self._autoscalers.get(id(served))
         if running is not None and not running.done():
             return  # deployed while the server was still loading: it has its loop already

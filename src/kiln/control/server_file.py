@@ -35,6 +35,10 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
         list,
         "a list of CIDR blocks AsyncAPI webhooks may call, e.g. ['10.0.0.0/8']",
     ),
+    "backend": (str, "local or ray"),
+    "ray_address": (str, "auto, or the Ray head's HOST:PORT"),
+    "ray_http_port": (int, "a port number for Ray Serve's HTTP proxy"),
+    "store": (str, "a state store URL, e.g. postgresql+psycopg://kiln:PASSWORD@db/kiln"),
 }
 
 

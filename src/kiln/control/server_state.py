@@ -32,7 +32,7 @@ def open_state(server: Any) -> None:
     home = server.options.home
     home.mkdir(parents=True, exist_ok=True)
     server.home_lock = lock_home(home)
-    url = os.environ.get("KILN_STATE_URL") or default_url(home)
+    url = server.options.store_url or os.environ.get("KILN_STATE_URL") or default_url(home)
     try:
         server.store = Store(url)
     except Exception as exc:  # noqa: BLE001 - say what and where

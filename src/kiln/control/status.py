@@ -103,6 +103,12 @@ def _entry(server: Any, served: Any, latency: dict[str, Any]) -> dict[str, Any]:
             f"max_replicas {compute.max_replicas} capped at {high}: the replicas' CPU and "
             f"memory requests must fit this machine"
         )
+    placed = getattr(served, "placement", None)
+    if placed is not None:  # a backend placed it (Ray): its replicas and their nodes
+        entry["replicas"]["ready"] = sum(1 for r in placed if r["state"] == "running")
+        entry["replicas"]["requested"] = len(placed)
+        entry["replicas"]["on_nodes"] = placed
+        entry["replicas"].pop("capped", None)  # this machine's size does not bound it
     if server.counters is not None:
         entry["requests"].update(server.counters.usage_totals(served.name))
     error = served.error or getattr(served, "compute_unavailable", None)

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from kiln.backends.ray.cluster_ingress import REPLICA_DEPLOYMENT, KilnClusterIngress
 from kiln.backends.ray.ingress import KilnIngress
 from kiln.backends.ray.options import deployment_name, deployment_options, ingress_options
 from kiln.backends.ray.replica import KilnReplica
@@ -40,3 +41,26 @@ def build_app(args: dict[str, Any]) -> Application:
     ingress = KilnIngress.options(**options)  # type: ignore[attr-defined]
     store_url = args.get("store_url") or os.environ.get("KILN_STATE_URL") or None
     return ingress.bind(handles, project_dir, config_file, store_url, args.get("owner"))
+
+
+def build_replica_app(args: dict[str, Any]) -> Application:
+    """One API version of one revision, as a `kiln server --backend ray` deploys it
+    (backends/ray/cluster.py): a lone `KilnReplica` deployment named "api", its project
+    being the application's runtime_env working_dir. args: `spec` (replica.spec_args),
+    `env` (the worker's declared environment), `sandbox` and `expose_errors`."""
+    return KilnReplica.options(name=REPLICA_DEPLOYMENT).bind(  # type: ignore[attr-defined]
+        "",
+        None,
+        str(args["spec"]["name"]),
+        args["spec"].get("version"),
+        str(args.get("sandbox", "auto")),
+        spec=args["spec"],
+        env=dict(args.get("env") or {}),
+        expose_errors=bool(args.get("expose_errors", False)),
+    )
+
+
+def build_cluster_ingress(args: dict[str, Any]) -> Application:
+    """The cluster's inference app (`KilnClusterIngress`); the APIs it routes come as its
+    `user_config`, so a deploy reconfigures it rather than restarting it. args: `store_url`."""
+    return KilnClusterIngress.bind(args.get("store_url"))  # type: ignore[attr-defined]

@@ -218,6 +218,8 @@ class RemoteSlot:
 class RayServedApi(ServedApi):
     """A `ServedApi` whose replicas are lanes to a `KilnReplica` deployment on Ray."""
 
+    scaled_by_backend = True  # Serve's autoscaler decides, not Kiln's (AutoscaleLoop skips it)
+
     def __init__(self, api: Any, handle: Any, **kwargs: Any) -> None:
         super().__init__(api, **kwargs)
         self.handle = handle

@@ -19,6 +19,7 @@ the ingress queues them again.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -39,6 +40,29 @@ from kiln.serving.wire import wire_error
 
 NOT_STARTED = b""
 """The reply for a batch this replica could not start (its worker is gone): requeue it."""
+ROOT_MARK = "@kiln-project-root@"
+"""Stands for the project's folder in a spec sent by the control plane (`spec_args`):
+the folder is the control plane's; on a node it is the replica's runtime_env working_dir."""
+
+
+def spec_args(api: ApiSpec, root: str) -> dict[str, Any]:
+    """An API version's spec as Serve application args (JSON), its paths made relative to
+    the project folder; `api_from_args` on the node puts them under its working_dir."""
+    text = json.dumps(api.model_dump(mode="json")).replace(root.rstrip("/"), ROOT_MARK)
+    return dict(json.loads(text))
+
+
+def api_from_args(spec: dict[str, Any], root: str) -> ApiSpec:
+    """The API version a control plane sent (`spec_args`), its paths under `root`."""
+    from kiln.config.schema import AsyncApiSpec
+
+    data = json.loads(json.dumps(spec).replace(ROOT_MARK, root.rstrip("/")))
+    model = AsyncApiSpec if spec.get("kind") == "AsyncAPI" else ApiSpec
+    # A user's API is `<user>.<name>` (the control plane's namespace), which kiln.yaml's
+    # name rule refuses: validate the name the user wrote, then put the namespace back.
+    name = str(data["name"])
+    data["name"] = name.rsplit(".", 1)[-1]
+    return model.model_validate(data).model_copy(update={"name": name})
 
 
 def clean_env(env: dict[str, str]) -> dict[str, str]:
@@ -101,20 +125,33 @@ class KilnReplica:
         api_name: str,
         version: str | None,
         sandbox: str = "auto",
+        spec: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        expose_errors: bool = False,
     ) -> None:
-        project = load_project(project_dir, config_file)
-        api = project.api(api_name, version)
-        if api is None:
-            raise ValueError(f"API '{api_name}' version {version!r} is not in {project_dir}")
+        """From a project folder on the node (`build_app`: a Serve config or KubeRay), or,
+        with `spec`, from the API a Kiln control plane sent (`build_replica_app`), the
+        project being this replica's runtime_env working_dir (the current folder)."""
+        if spec is not None:
+            root = os.getcwd()
+            api = api_from_args(spec, root)
+            declared = dict(env or {})
+        else:
+            project = load_project(project_dir, config_file)
+            found = project.api(api_name, version)
+            if found is None:
+                raise ValueError(f"API '{api_name}' version {version!r} is not in {project_dir}")
+            api, root, declared = found, str(project.root), dict(found.worker_env)
         self.api = api
         self.node_id: str = ray.get_runtime_context().get_node_id()
         self.policy = sandbox_policy(sandbox)
-        spec = worker_spec_for(api)
-        spec.cpus = cores_for(api.compute.cpu or 1) if api.compute.cpu else None
-        env = clean_env({**worker_env(spec, inherit=False), **api.worker_env})
+        worker = worker_spec_for(api)
+        worker.cpus = cores_for(api.compute.cpu or 1) if api.compute.cpu else None
+        worker.expose_errors = worker.expose_errors or expose_errors
+        env = clean_env({**worker_env(worker, inherit=False), **declared})
         self.replica = Replica(
-            spec,
-            launch=launch_factory(api, str(project.root), self.policy, env),
+            worker,
+            launch=launch_factory(api, root, self.policy, env),
             log_line=self._log_line,
         )
         await self.replica.start(api.serving.startup_timeout_s)

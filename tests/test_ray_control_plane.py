@@ -1,0 +1,257 @@
+"""`kiln server --backend ray`: Kiln's control plane placing APIs on a real 2-node Ray cluster.
+
+The CLI as a user runs it (`kiln server start --backend ray --ray-address ...
+--store postgresql://...`, `kiln deploy`, `kiln get`, `rollback`, `refresh`,
+`delete`), requests through Ray Serve's HTTP proxy (the cluster's ingress) with
+API keys from the control plane's PostgreSQL store, rolling updates under 8
+clients with no failed request, and the data plane surviving a control-plane
+restart without restarting a replica.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+from daemon import Daemon
+from ray_cluster import RayCluster
+from support import write
+
+serve = pytest.importorskip("ray.serve")
+
+PG_URL = os.environ.get("KILN_TEST_POSTGRES_URL")
+CLIENTS = 8
+
+HANDLER = """
+VERSION = "{version}"
+
+
+class Handler:
+    def load(self, model_dir, config):
+        if VERSION == "broken":
+            raise RuntimeError("this revision cannot load its model")
+
+    def predict(self, payload, context):
+        return {{"version": VERSION, "echo": payload}}
+"""
+
+CONFIG = """
+- kind: deployment
+  name: shop
+- kind: api
+  name: echo
+  python: {handler: handler.py:Handler}
+  compute: {min_replicas: 2, max_replicas: 2, cpu: 100m}
+"""
+
+
+def project(folder: Path, version: str) -> Path:
+    write(folder / "handler.py", HANDLER.format(version=version))
+    write(folder / "kiln.yaml", CONFIG)
+    return folder
+
+
+def kiln_apps() -> dict[str, Any]:
+    """Serve's applications that Kiln's control plane runs (ingress and API revisions)."""
+    return {
+        name: app
+        for name, app in serve.status().applications.items()
+        if name == "kiln-ingress" or name.startswith("echo-")
+    }
+
+
+@pytest.fixture(scope="module")
+def daemon(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    if not PG_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("KILN_TEST_POSTGRES_URL is not set under CI=true")
+        pytest.skip("KILN_TEST_POSTGRES_URL not set (an empty PostgreSQL this test may wipe)")
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+    d = Daemon(tmp_path_factory.mktemp("ray-control") / "home")
+    d.ray_flags = (  # type: ignore[attr-defined]
+        "--backend",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--ray-http-port",
+        str(ray_cluster.http_port),
+        "--store",
+        PG_URL.replace("postgresql+psycopg://", "postgresql://"),
+    )
+    d.start(*d.ray_flags)  # type: ignore[attr-defined]
+    d.proxy = ray_cluster.url  # type: ignore[attr-defined]
+    yield d
+    d.stop()
+    # The data plane outlives its control plane by design: remove what the tests placed.
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.context._get_global_client().deploy_apps(ServeDeploySchema(applications=[]))
+    deadline = time.monotonic() + 60
+    while kiln_apps() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def deploy(d: Daemon, folder: Path, env: dict[str, str] | None = None) -> str:
+    done = d.kiln_env(env or d.env, "deploy", str(folder), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def call(d: Daemon, path: str, body: Any, key: str | None = None) -> httpx.Response:
+    headers = {"x-api-key": key or d.admin_key}
+    return httpx.post(f"{d.proxy}{path}", json=body, headers=headers, timeout=60)  # type: ignore[attr-defined]
+
+
+def test_deploy_serves_through_the_serve_proxy_on_both_nodes(
+    daemon: Daemon, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    out = deploy(daemon, project(tmp_path / "shop", "v1"))
+    assert "is live" in out
+    endpoint = daemon.apis()["echo"]["endpoint"]
+
+    # Through Ray Serve's proxy (the cluster's ingress), with the control plane's keys.
+    answer = daemon.wait_until(lambda: call(daemon, endpoint, 7).json(), 30, "the proxy route")
+    assert answer == {"version": "v1", "echo": 7}
+    assert httpx.post(f"{ray_cluster.url}{endpoint}", json=1).status_code == 401
+    # And through the control plane's own inference port, on the same replicas.
+    mine = daemon.http.post(f"{daemon.url}{endpoint}", json=8)
+    assert mine.status_code == 200 and mine.json() == {"version": "v1", "echo": 8}
+    assert mine.headers["x-kiln-node"] in (ray_cluster.head_node, ray_cluster.second_node)
+
+    # `kiln get` shows Serve's replicas with their nodes; 2 replicas spread over 2 nodes.
+    echo = daemon.wait_until(
+        lambda: (e := daemon.apis()["echo"])["replicas"]["ready"] == 2 and e, 30, "2 replicas"
+    )
+    assert echo["status"] == "live"
+    nodes = {r["node"] for r in echo["replicas"]["on_nodes"]}
+    assert nodes <= {ray_cluster.head_node, ray_cluster.second_node} and len(nodes) >= 1
+    answered = Counter(call(daemon, endpoint, i).headers.get("x-kiln-node") for i in range(40))
+    assert set(answered) == nodes, answered
+    echo_apps = [name for name in kiln_apps() if name.startswith("echo-")]
+    assert len(echo_apps) == 1 and echo_apps[0].startswith(f"echo-{echo['revision']}")
+
+
+def _load(daemon: Daemon, endpoint: str, stop: threading.Event) -> tuple[Counter[Any], list[str]]:
+    seen: Counter[Any] = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=daemon.proxy, timeout=60) as http:  # type: ignore[attr-defined]
+            n = 0
+            while not stop.is_set() and n < 5000:
+                n += 1
+                r = http.post(endpoint, json=i, headers={"x-api-key": daemon.admin_key})
+                with lock:
+                    if r.status_code == 200:
+                        seen[r.json()["version"]] += 1
+                    else:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    _load.threads = threads  # type: ignore[attr-defined]
+    return seen, failures
+
+
+def _stop_load(stop: threading.Event) -> None:
+    stop.set()
+    for thread in _load.threads:  # type: ignore[attr-defined]
+        thread.join(60)
+
+
+def test_rolling_update_rollback_and_refresh_fail_no_request(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = project(tmp_path / "shop", "v1")
+    deploy(daemon, folder)
+    endpoint = daemon.apis()["echo"]["endpoint"]
+    first = daemon.apis()["echo"]["revision"]
+    stop = threading.Event()
+    seen, failures = _load(daemon, endpoint, stop)
+    try:
+        time.sleep(1)
+        deploy(daemon, project(folder, "v2"))  # a new revision: blue/green applications
+        daemon.wait_until(lambda: seen["v2"] > 20, 30, "v2 answering")
+        rolled = daemon.kiln("rollback", "echo", first, timeout=300)
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        mark = seen["v1"]
+        daemon.wait_until(lambda: seen["v1"] > mark + 20, 30, "v1 answering again")
+        refreshed = daemon.kiln("refresh", "echo", timeout=300)
+        assert refreshed.returncode == 0, refreshed.stdout + refreshed.stderr
+        time.sleep(4)  # the refreshed application's old one drains and goes
+    finally:
+        _stop_load(stop)
+    assert failures == [], failures[:5]
+    assert seen["v1"] > 0 and seen["v2"] > 0
+    # Only the live revision's application is left (the ingress and one echo application).
+    daemon.wait_until(lambda: len(kiln_apps()) == 2, 30, "old applications deleted")
+    assert call(daemon, endpoint, 1).json()["version"] == "v1"
+
+
+def test_a_broken_revision_leaves_the_old_one_serving(daemon: Daemon, tmp_path: Path) -> None:
+    folder = project(tmp_path / "shop", "v1")
+    deploy(daemon, folder)
+    endpoint = daemon.apis()["echo"]["endpoint"]
+    done = daemon.kiln("deploy", str(project(folder, "broken")), timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot load its model" in done.stderr and "keeps serving" in done.stderr
+    assert call(daemon, endpoint, 1).json()["version"] == "v1"
+    daemon.wait_until(lambda: len(kiln_apps()) == 2, 60, "the broken application removed")
+
+
+def test_users_keys_and_delete_through_the_proxy(daemon: Daemon, tmp_path: Path) -> None:
+    made = daemon.kiln("users", "create", "alice", "-o", "json")
+    assert made.returncode == 0, made.stderr
+    alice = orjson.loads(made.stdout)["key"]
+    other = orjson.loads(daemon.kiln("users", "create", "bob", "-o", "json").stdout)["key"]
+    folder = tmp_path / "mine"
+    write(folder / "handler.py", HANDLER.format(version="alice"))
+    write(folder / "kiln.yaml", CONFIG.replace("name: shop", "name: mine"))
+    deploy(daemon, folder, {**daemon.env, "KILN_API_KEY": alice})
+    path = "/alice/echo"
+    answer = daemon.wait_until(lambda: call(daemon, path, 3, alice).json(), 30, "alice's API")
+    assert answer == {"version": "alice", "echo": 3}
+    assert call(daemon, path, 3, other).status_code == 404  # another user's API: not there
+    assert httpx.post(f"{daemon.proxy}{path}", json=3).status_code == 401  # type: ignore[attr-defined]
+
+    gone = daemon.kiln_env({**daemon.env, "KILN_API_KEY": alice}, "delete", "echo", "-f")
+    assert gone.returncode == 0, gone.stdout + gone.stderr
+    daemon.wait_until(lambda: call(daemon, path, 3, alice).status_code == 404, 30, "404")
+    daemon.wait_until(
+        lambda: not any(n.startswith("alice.echo-") for n in serve.status().applications),
+        30,
+        "alice's application deleted",
+    )
+
+
+def test_the_data_plane_outlives_a_control_plane_restart(daemon: Daemon, tmp_path: Path) -> None:
+    deploy(daemon, project(tmp_path / "shop", "v1"))
+    endpoint = daemon.apis()["echo"]["endpoint"]
+    before = {
+        r["replica"]
+        for r in daemon.wait_until(lambda: daemon.apis()["echo"]["replicas"]["on_nodes"], 30)
+    }
+    daemon.stop()
+    assert call(daemon, endpoint, 5).json() == {"version": "v1", "echo": 5}  # no control plane
+    daemon.start(*daemon.ray_flags)  # type: ignore[attr-defined]
+    echo = daemon.wait_until(
+        lambda: (e := daemon.apis()["echo"])["status"] == "live" and e, 60, "restored"
+    )
+    after = {r["replica"] for r in echo["replicas"]["on_nodes"]}
+    assert after == before  # restored onto the same Serve application: nothing restarted
+    assert call(daemon, endpoint, 6).json() == {"version": "v1", "echo": 6}
