@@ -24,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 from daemon import Daemon
 from ray_cluster import RayCluster
+from storage_servers import BUCKET, S3Server
 from support import write
 
 serve = pytest.importorskip("ray.serve")
@@ -70,7 +71,17 @@ def kiln_apps() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def daemon(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    pytest.importorskip("moto")
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(
+    ray_cluster: RayCluster, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
     if not PG_URL:
         if os.environ.get("CI") == "true":
             pytest.fail("KILN_TEST_POSTGRES_URL is not set under CI=true")
@@ -81,6 +92,7 @@ def daemon(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) ->
         conn.execute(sa.text("CREATE SCHEMA public"))
     engine.dispose()
     d = Daemon(tmp_path_factory.mktemp("ray-control") / "home")
+    d.env.update(s3.env())  # job outputs on Ray go to shared storage, with the server's keys
     d.ray_flags = (  # type: ignore[attr-defined]
         "--backend",
         "ray",
@@ -255,3 +267,79 @@ def test_the_data_plane_outlives_a_control_plane_restart(daemon: Daemon, tmp_pat
     after = {r["replica"] for r in echo["replicas"]["on_nodes"]}
     assert after == before  # restored onto the same Serve application: nothing restarted
     assert call(daemon, endpoint, 6).json() == {"version": "v1", "echo": 6}
+
+
+BATCH_CONFIG = """
+- kind: deployment
+  name: scoring
+- kind: BatchAPI
+  name: scorer
+  predictor: {type: python, path: predictor.py}
+  compute: {cpu: 250m}
+"""
+
+PREDICTOR = """
+class PythonPredictor:
+    def __init__(self, config, job_spec):
+        pass
+
+    def predict(self, payload, batch_id):
+        print(f"scored batch {batch_id}", flush=True)
+        return [x * 2 for x in payload]
+"""
+
+
+def test_a_batch_job_runs_its_workers_on_the_cluster(
+    daemon: Daemon, ray_cluster: RayCluster, s3: S3Server, tmp_path: Path
+) -> None:
+    folder = tmp_path / "scoring"
+    write(folder / "kiln.yaml", BATCH_CONFIG)
+    write(folder / "predictor.py", PREDICTOR)
+    deploy(daemon, folder)
+    spec = write(
+        tmp_path / "job.json",
+        orjson.dumps(
+            {
+                "workers": 2,
+                "item_list": {"items": list(range(400)), "batch_size": 20},
+                "output": {"path": f"s3://{BUCKET}/ray-jobs/"},
+            }
+        ).decode(),
+    )
+    submitted = daemon.kiln("jobs", "submit", "scorer", str(spec))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    watched = daemon.kiln("jobs", "get", "scorer", job_id, "-w", timeout=240)
+    logs = daemon.kiln("logs", "scorer", job_id)
+    assert watched.returncode == 0 and "worker error" not in watched.stdout, logs.stdout
+    listed = s3.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"ray-jobs/{job_id}/")
+    rows = [
+        orjson.loads(line)
+        for item in listed.get("Contents", [])
+        for line in s3.s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read().splitlines()
+    ]
+    everything = [o["Key"] for o in s3.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert sorted(r["index"] for r in rows) == list(range(400)), (everything[:5], watched.stdout)
+    assert all(r["result"] == r["index"] * 2 for r in rows)
+    # The workers ran as Ray actors (on the cluster's nodes), not under the control plane.
+    logs = daemon.kiln("logs", "scorer", job_id)
+    assert logs.returncode == 0, logs.stderr
+    assert "worker(s) running on ray node(s)" in logs.stdout
+    nodes = {ray_cluster.head_node, ray_cluster.second_node}
+    assert any(node in logs.stdout for node in nodes)
+    assert "scored batch 0" in logs.stdout  # the workers' own output, in the job log
+    children = [Path(f"/proc/{pid}/cmdline") for pid in daemon.worker_pids()]
+    assert not any(b"kiln.batch.worker" in p.read_bytes() for p in children if p.exists())
+
+    local = tmp_path / "local-job.json"
+    write(
+        local,
+        orjson.dumps(
+            {"workers": 1, "item_list": {"items": [1], "batch_size": 1}, "output": {"path": "r/"}}
+        ).decode(),
+    )
+    refused = daemon.kiln("jobs", "submit", "scorer", str(local))
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    job = refused.stdout.strip().splitlines()[-1]
+    ended = daemon.kiln("jobs", "get", "scorer", job, "-w", timeout=60)
+    assert "must be shared storage" in ended.stdout + ended.stderr

@@ -74,8 +74,15 @@ class JobRun:
         env: dict[str, str] | None = None,
         sandbox: SandboxPolicy | None = None,
         network: str = "none",
+        placer: Any = None,
+        spec: Any = None,
     ) -> None:
         self.store = store
+        # Where the workers run when not here: a backend's `start_job_workers` (Ray),
+        # given the Batch API's `spec`; None: local worker processes in slots.
+        self.placer = placer
+        self.spec = spec
+        self._remote: Any = None
         self.sandbox = sandbox or SandboxPolicy(enabled=False, inherit_env=True)
         self.network = network
         self.env = dict(env or {})  # the deployment's variables for every worker
@@ -121,8 +128,11 @@ class JobRun:
             job = await asyncio.to_thread(self.store.get_job, self.job.id)
             if job is not None and job.status == st.RUNNING and await self._prepare(job):
                 self.job = job
-                self.log.write(f"starting {job.workers} worker(s)", event="workers")
-                self._slots = [asyncio.create_task(self._slot(n)) for n in range(job.workers)]
+                if self.placer is not None:
+                    await self._place(job)
+                else:
+                    self.log.write(f"starting {job.workers} worker(s)", event="workers")
+                    self._slots = [asyncio.create_task(self._slot(n)) for n in range(job.workers)]
             await watcher
         finally:
             watcher.cancel()
@@ -138,6 +148,34 @@ class JobRun:
             if self.on_end is not None:
                 self.on_end(final)
 
+    async def _place(self, job: JobRow) -> None:
+        """The workers on the backend's cluster; they reach the queue through the store."""
+        where = getattr(self.placer, "name", "the backend")
+        self.log.write(f"starting {job.workers} worker(s) on {where}", event="workers")
+        try:
+            self._remote = await self.placer.start_job_workers(job, self.spec, self.root, self.env)
+            nodes = await self._remote.nodes()
+        except Exception as exc:  # noqa: BLE001 - the cluster says why in many ways
+            await asyncio.to_thread(
+                self.store.end_job,
+                job.id,
+                st.WORKER_ERROR,
+                error=f"could not start the job's workers on {where}: {exc}",
+            )
+            return
+        for n in range(job.workers):
+            self.states[n] = "running"
+        self.log.write(
+            f"{job.workers} worker(s) running on {where} node(s) {', '.join(sorted(set(nodes)))}",
+            event="workers",
+        )
+
+    async def _pull_remote(self) -> bool:
+        """The remote workers' new output into the job log; False once all have ended."""
+        for n, text in await self._remote.new_lines():
+            self.log.write(text, event="worker", worker=n)
+        return not await self._remote.done()
+
     async def _prepare(self, job: JobRow) -> bool:
         """What the workers get: the job, and its output folder (created here when local)."""
         self._worker_job = worker_job(job)
@@ -147,6 +185,16 @@ class JobRun:
         self._sink = OutputSink(output["folder"], output["format"])
         if self._sink.remote:
             return True
+        if self.placer is not None:  # its workers write from other machines
+            await asyncio.to_thread(
+                self.store.end_job,
+                job.id,
+                st.WORKER_ERROR,
+                error=f"on the {getattr(self.placer, 'name', 'remote')} backend a job's output "
+                f"must be shared storage: give output.path as s3://BUCKET/PREFIX/ or "
+                f"gs://BUCKET/PREFIX/ (a local folder would be on each worker's own node)",
+            )
+            return False
         try:
             await asyncio.to_thread(Path(self._sink.folder).mkdir, parents=True, exist_ok=True)
         except OSError as exc:
@@ -214,7 +262,10 @@ class JobRun:
                 return
             if self.mem_limit:
                 await self._check_memory(job)
-            if self._slots and all(t.done() for t in self._slots):
+            ended = self._slots and all(t.done() for t in self._slots)
+            if self._remote is not None and not await self._pull_remote():
+                ended = True
+            if ended:
                 await asyncio.to_thread(
                     self.store.end_job,
                     job.id,
@@ -327,6 +378,10 @@ class JobRun:
 
     async def _stop_workers(self) -> None:
         self.ending = True
+        if self._remote is not None:
+            with contextlib.suppress(Exception):
+                await self._remote.new_lines()  # the last lines before they go
+            await self._remote.cancel()
         for link in list(self.links.values()):
             link.close()
         # A closed channel is the stop message (workers ignore SIGTERM): an idle worker

@@ -73,6 +73,8 @@ class JobManager:
         self.api_log = api_log  # LogSink: one line per job event in the API's own log
         # How workers start (the server sets its own; without one: unsandboxed, as before).
         self.sandbox = SandboxPolicy(enabled=False, inherit_env=True)
+        # A backend that runs job workers elsewhere (`kiln server --backend ray`); None: here.
+        self.placer: Any = None
         # The server's AsyncAPI manager (kiln.control.asyncs), carried here so the inference
         # app reaches it the way it reaches Batch APIs; None: no AsyncAPI routes.
         self.asyncs: Any = None
@@ -300,6 +302,8 @@ class JobManager:
             env=getattr(entry.spec, "worker_env", None),  # env: over .env (kiln.config)
             sandbox=self.sandbox,
             network=getattr(entry.spec, "network", None) or "none",
+            placer=self.placer,
+            spec=entry.spec,
         )
         self.runs[job.id] = run
         self._spawn(run.run())

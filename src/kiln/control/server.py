@@ -232,6 +232,7 @@ class InferenceServer:
             open_state(self)  # the home's lock, the store, accounts, jobs (server_state.py)
             if options.backend is not None:
                 await options.backend.start(self)
+                self.jobs.placer = options.backend  # job workers on the cluster too
         except ServerError:
             ports.close()
             if self._grpc is not None:

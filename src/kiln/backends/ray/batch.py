@@ -36,15 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import ray
 
-from kiln.backends.ray.replica import clean_env, sandbox_policy
+from kiln.backends.ray.replica import api_from_args, clean_env, sandbox_policy, spec_args
 from kiln.batch import statuses as st
 from kiln.batch.output import OutputSink
 from kiln.batch.worker import EXIT_LOAD_FAILED, EXIT_OOM, MARK
@@ -68,19 +71,30 @@ class BatchWorkerActor:
         number: int,
         config_file: str | None = None,
         sandbox: str = "auto",
+        spec: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        project = load_project(project_dir, config_file)
-        api = project.batch_api(api_name)
-        if api is None:
-            raise ValueError(f"batch API '{api_name}' is not in {project_dir}")
-        self.api, self.root, self.number = api, Path(project.root), number
+        """From a project folder on the node, or, with `spec` (a control plane's, with
+        the worker's declared `env`), from the runtime_env working_dir it runs in."""
+        if spec is not None:
+            api, root = api_from_args(spec, os.getcwd()), Path(os.getcwd())
+            declared = dict(env or {})
+        else:
+            project = load_project(project_dir, config_file)
+            found = project.batch_api(api_name)
+            if found is None:
+                raise ValueError(f"batch API '{api_name}' is not in {project_dir}")
+            api, root, declared = found, Path(project.root), dict(project.worker_env(found))
+        self.api, self.root, self.number = api, root, number
+        self.rebase = spec is not None  # the job's frozen paths are the control plane's
         self.job_id = job_id
         self.node_id: str = ray.get_runtime_context().get_node_id()
         self.policy = sandbox_policy(sandbox)
         self.store = Store(store_url)
-        self.env = clean_env(dict(project.worker_env(api)))
+        self.env = clean_env(declared)
         self.output: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
         self.restarts = 0
+        self.printed = 0
         self.error: str | None = None
         self._proc: Any = None
         self._link: Any = None
@@ -93,11 +107,19 @@ class BatchWorkerActor:
         """The worker's output so far (state markers excluded), newest last."""
         return list(self.output)
 
+    async def lines_after(self, seen: int) -> tuple[list[str], int]:
+        """The lines after the first `seen` this worker printed, and how many it has now
+        printed (a control plane's job log follows the worker with it)."""
+        new = min(self.printed - seen, len(self.output))
+        return (list(self.output)[-new:] if new > 0 else []), self.printed
+
     async def run(self) -> dict[str, Any]:
         """Keep the worker running until it finishes; what happened, with this node's id."""
         job = await asyncio.to_thread(self.store.get_job, self.job_id)
         if job is None:
             raise ValueError(f"no job '{self.job_id}' in the state store")
+        if self.rebase:
+            job = rebased(job, str(self.root))
         hello = worker_job(job)
         output = hello["output"]
         sink = OutputSink(output["folder"], output["format"]) if output else None
@@ -161,8 +183,24 @@ class BatchWorkerActor:
                 self.error = detail
             return
         self.output.append(text)
+        self.printed += 1
         # The actor's stderr is where Ray keeps its log (`kiln logs` merges them later).
         print(f"[{self.api.name} job {self.job_id} worker {self.number}] {text}", file=sys.stderr)
+
+
+def rebased(job: Any, root: str) -> Any:
+    """The job with its frozen plan's paths moved from the control plane's project folder
+    to `root` (this node's runtime_env working_dir); environments built for the control
+    plane's machine are dropped (on Ray, requirements come as the runtime_env's pip)."""
+    plan = orjson.loads(job.plan) if job.plan else {}
+    old = str(plan.get("root") or "").rstrip("/")
+    if not old:
+        return job
+    plan = orjson.loads(orjson.dumps(plan).replace(old.encode(), root.rstrip("/").encode()))
+    plan["site_dirs"] = [d for d in plan.get("site_dirs") or [] if os.path.isdir(d)]
+    if isinstance(plan.get("worker_spec"), dict):
+        plan["worker_spec"]["site_dirs"] = plan["site_dirs"]
+    return dataclasses.replace(job, plan=orjson.dumps(plan).decode())
 
 
 @dataclass
@@ -213,6 +251,9 @@ def run_job_workers(
     sandbox: str = "auto",
     env: dict[str, str] | None = None,
     num_cpus: float | None = None,
+    spec: Any = None,
+    runtime_env: dict[str, Any] | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> JobWorkers:
     """Start `workers` actors for an enqueued job, spread over the nodes (SPREAD).
 
@@ -225,10 +266,14 @@ def run_job_workers(
     ``jobs.max_worker_restarts``): without that, a lost node would leave the job
     short of workers, or with none at all when they all ran there.
     """
-    project = load_project(project_dir, config_file)
-    spec = project.batch_api(api)
-    if spec is None:
-        raise ValueError(f"batch API '{api}' is not in {project_dir}")
+    sent: dict[str, Any] | None = None
+    if spec is not None:  # a control plane's: the project travels as `runtime_env`
+        sent = spec_args(spec, project_dir)
+    else:
+        project = load_project(project_dir, config_file)
+        spec = project.batch_api(api)
+        if spec is None:
+            raise ValueError(f"batch API '{api}' is not in {project_dir}")
     cpus = num_cpus if num_cpus is not None else (spec.compute.cpu or 1)
     options: dict[str, Any] = {
         "scheduling_strategy": "SPREAD",
@@ -238,11 +283,19 @@ def run_job_workers(
     }
     if spec.compute.mem:
         options["memory"] = spec.compute.mem
-    if env:
-        options["runtime_env"] = {"env_vars": dict(env)}
+    if env or runtime_env:
+        options["runtime_env"] = {**(runtime_env or {}), "env_vars": dict(env or {})}
     actors = [
         BatchWorkerActor.options(**options).remote(  # type: ignore[attr-defined]
-            store_url, job_id, str(project_dir), api, n, config_file, sandbox
+            store_url,
+            job_id,
+            "." if sent is not None else str(project_dir),
+            api,
+            n,
+            config_file,
+            sandbox,
+            spec=sent,
+            env=worker_env,
         )
         for n in range(workers)
     ]

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.backends.ray.options import deployment_name, deployment_options, ingress_options
+from kiln.backends.ray.project_env import project_runtime_env
 from kiln.backends.ray.replica import spec_args
 from kiln.control.host import ServerError
 
@@ -148,7 +149,7 @@ class RayBackend:
         that fails to load: the worker's error)."""
         api, root = served.api, Path(served.root)
         base = f"{deployment_name(api)}-{(served.revision or 'dev')[:12]}"
-        runtime_env = await asyncio.to_thread(_runtime_env, root)
+        runtime_env = await asyncio.to_thread(project_runtime_env, root)
         args = {
             "spec": spec_args(api, str(root)),
             "env": dict(served.extra_env),
@@ -207,6 +208,13 @@ class RayBackend:
         self._holders.pop(name, None)
         self._apps.pop(name, None)
         await self.publish()
+
+    async def start_job_workers(self, job: Any, spec: Any, root: Path, env: dict[str, str]) -> Any:
+        """A Batch API job's workers as actors on the cluster (cluster_jobs.py)."""
+        from kiln.backends.ray.cluster_jobs import start_job_workers
+
+        assert self.store_url is not None  # --backend ray needs the shared store
+        return await start_job_workers(self.store_url, job, spec, root, env, self.sandbox)
 
     # ---- publishing -----------------------------------------------------------------
     def manifest(self) -> list[dict[str, Any]]:
@@ -317,24 +325,6 @@ class RayBackend:
                     await self._fresh_details()
             except Exception as exc:  # noqa: BLE001 - keep syncing; say why once a second
                 print(f"ray backend: {exc}", file=sys.stderr, flush=True)
-
-
-def _runtime_env(root: Path) -> dict[str, Any]:
-    """The application's runtime_env: the project folder uploaded to the cluster (GCS), and
-    requirements.txt's lines as `pip` (installed on each node, inheriting Kiln's packages)."""
-    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
-
-    env = upload_working_dir_if_needed({"working_dir": str(root)}, include_gitignore=False)
-    requirements = root / "requirements.txt"
-    if requirements.is_file():
-        lines = [
-            line.strip()
-            for line in requirements.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        ]
-        if lines:
-            env["pip"] = {"packages": lines}
-    return dict(env)
 
 
 def _text(value: Any) -> str:

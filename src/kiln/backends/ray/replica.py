@@ -45,19 +45,20 @@ ROOT_MARK = "@kiln-project-root@"
 the folder is the control plane's; on a node it is the replica's runtime_env working_dir."""
 
 
-def spec_args(api: ApiSpec, root: str) -> dict[str, Any]:
+def spec_args(api: Any, root: str) -> dict[str, Any]:
     """An API version's spec as Serve application args (JSON), its paths made relative to
     the project folder; `api_from_args` on the node puts them under its working_dir."""
     text = json.dumps(api.model_dump(mode="json")).replace(root.rstrip("/"), ROOT_MARK)
     return dict(json.loads(text))
 
 
-def api_from_args(spec: dict[str, Any], root: str) -> ApiSpec:
+def api_from_args(spec: dict[str, Any], root: str) -> Any:
     """The API version a control plane sent (`spec_args`), its paths under `root`."""
-    from kiln.config.schema import AsyncApiSpec
+    from kiln.config.schema import AsyncApiSpec, BatchApiSpec
 
     data = json.loads(json.dumps(spec).replace(ROOT_MARK, root.rstrip("/")))
-    model = AsyncApiSpec if spec.get("kind") == "AsyncAPI" else ApiSpec
+    models: dict[str, Any] = {"AsyncAPI": AsyncApiSpec, "BatchAPI": BatchApiSpec}
+    model = models.get(str(spec.get("kind")), ApiSpec)
     # A user's API is `<user>.<name>` (the control plane's namespace), which kiln.yaml's
     # name rule refuses: validate the name the user wrote, then put the namespace back.
     name = str(data["name"])
