@@ -343,3 +343,48 @@ def test_a_batch_job_runs_its_workers_on_the_cluster(
     job = refused.stdout.strip().splitlines()[-1]
     ended = daemon.kiln("jobs", "get", "scorer", job, "-w", timeout=60)
     assert "must be shared storage" in ended.stdout + ended.stderr
+
+
+LOGGING_HANDLER = """
+class Handler:
+    def predict(self, payload, context):
+        print(f"handled token-{payload}", flush=True)
+        return {"token": payload}
+"""
+
+
+def test_kiln_logs_merges_the_replicas_logs_from_the_cluster(
+    daemon: Daemon, ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    folder = tmp_path / "talk"
+    write(folder / "handler.py", LOGGING_HANDLER)
+    write(
+        folder / "kiln.yaml",
+        CONFIG.replace("name: shop", "name: talk").replace("name: echo", "name: talker"),
+    )
+    deploy(daemon, folder)
+    endpoint = daemon.apis()["talker"]["endpoint"]
+    tokens = [f"t{i:03d}" for i in range(30)]
+    answered = {call(daemon, endpoint, token).headers.get("x-kiln-node") for token in tokens}
+
+    def merged() -> list[dict[str, Any]]:
+        done = daemon.kiln("logs", "talker", "--tail", "1000")
+        assert done.returncode == 0, done.stderr
+        if not all(f"handled token-{token}" in done.stdout for token in tokens):
+            return []
+        path = daemon.home / "logs" / "talker.log"  # what `kiln logs` read, as records
+        records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        found = {
+            r["message"].split("-", 1)[1]
+            for r in records
+            if "handled token-" in str(r.get("message"))
+        }
+        return records if found == set(tokens) else []
+
+    records = daemon.wait_until(merged, 30, "every replica's lines in kiln logs")
+    lines = [r for r in records if "handled token-" in str(r.get("message"))]
+    assert len(lines) == len(tokens)  # each once
+    assert {r["node"] for r in lines} == answered  # from every node that answered
+    assert all(r.get("replica") for r in lines)
+    # The cluster ingress's request records reach the same log.
+    assert any(r.get("event") == "request" and r.get("status") == 200 for r in records)

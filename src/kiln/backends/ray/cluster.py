@@ -88,6 +88,7 @@ class RayBackend:
         self._details_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
+        self._logs: Any = None  # the cluster's LogCollector actor
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self, server: Any) -> None:
@@ -119,6 +120,9 @@ class RayBackend:
             http_options={"host": self.http_host, "port": self.http_port},
         )
         self._client = serve.context._get_global_client()
+        from kiln.backends.ray.log_collector import collector
+
+        self._logs = collector(create=True)
         details = self._client.get_serve_details()
         for name, app in (details.get("applications") or {}).items():
             config = app.get("deployed_app_config") or {}
@@ -314,12 +318,23 @@ class RayBackend:
                 )
         return rows
 
+    async def _drain_logs(self) -> None:
+        """The cluster's replica and ingress records into this server's logs."""
+        import ray
+
+        records, dropped = await asyncio.to_thread(ray.get, self._logs.drain.remote(), timeout=30)
+        for api, record in records:
+            self.server.log.write(api, record)
+        if dropped:
+            print(f"ray backend: {dropped} log records dropped while away", file=sys.stderr)
+
     async def _sync_loop(self) -> None:
         """Publish what changed without a deploy (a first revision became ready, a scale
         to zero) and keep the replicas' placement fresh for `kiln get`."""
         while True:
             await asyncio.sleep(1.0)
             try:
+                await self._drain_logs()
                 await self.publish()
                 if time.monotonic() - self._details_at > DETAILS_EVERY_S:
                     await self._fresh_details()

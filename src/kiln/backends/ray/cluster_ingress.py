@@ -30,8 +30,9 @@ from typing import Any
 from ray import serve
 
 from kiln.backends.ray.ingress import RayServedApi
+from kiln.backends.ray.log_collector import ForwardingLogSink, LogForwarder
 from kiln.backends.ray.replica import api_from_args
-from kiln.control.logs import LogSink, worker_record
+from kiln.control.logs import worker_record
 from kiln.control.shared_quotas import shared_authority
 from kiln.protocols.app import InferenceApp
 from kiln.serving.router import Registry
@@ -52,7 +53,10 @@ class KilnClusterIngress:
 
     async def __init__(self, store_url: str | None = None) -> None:  # type: ignore[misc]
         self.registry = Registry()
-        self.log = LogSink(Path(tempfile.mkdtemp(prefix="kiln-ray-ingress-")), quiet=True)
+        self.forwarder = LogForwarder()  # request records to the control plane's logs
+        folder = Path(tempfile.mkdtemp(prefix="kiln-ray-ingress-"))
+        self.log = ForwardingLogSink(folder, quiet=True, forwarder=self.forwarder)
+        self.forwarder.start()
         self.generation = -1
         self.apps: dict[tuple[str, str | None], str] = {}  # (name, version) -> application
         self._lock = asyncio.Lock()

@@ -29,7 +29,9 @@ import ray
 from ray import serve
 
 from kiln.backends.ray.frames import reply_frame, requests_from_frame
+from kiln.backends.ray.log_collector import LogForwarder
 from kiln.config import ApiSpec, load_project
+from kiln.control.logs import worker_record
 from kiln.errors import KilnError
 from kiln.sandbox import LaunchSpec, Limits
 from kiln.sandbox.policy import SandboxPolicy
@@ -155,11 +157,16 @@ class KilnReplica:
             launch=launch_factory(api, root, self.policy, env),
             log_line=self._log_line,
         )
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.forwarder = LogForwarder()  # to the control plane's `kiln logs`, when there is one
+        self.forwarder.start()
         await self.replica.start(api.serving.startup_timeout_s)
 
     def _log_line(self, line: str) -> None:
-        # The actor's stderr is the replica's log in Ray (`kiln logs` merges them later).
+        # The actor's stderr is the replica's log in Ray; the control plane gets it too.
         print(f"[{self.api.name}] {line}", file=sys.stderr, flush=True)
+        record = worker_record(line, getattr(self, "replica_id", None))
+        self.forwarder.add(self.api.name, {**record, "node": self.node_id})
 
     async def info(self) -> dict[str, Any]:
         """What the ingress needs to serve this API: the model's signature, explain, where."""
