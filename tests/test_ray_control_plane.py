@@ -388,3 +388,20 @@ def test_kiln_logs_merges_the_replicas_logs_from_the_cluster(
     assert all(r.get("replica") for r in lines)
     # The cluster ingress's request records reach the same log.
     assert any(r.get("event") == "request" and r.get("status") == 200 for r in records)
+
+    # Metrics under Kiln's names on the control plane's metrics port, and `kiln get`.
+    def counted() -> float:
+        text = httpx.get(daemon.info["metrics_url"], headers=daemon.auth, timeout=30).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("kiln_requests_total{") and 'api="talker"' in line:
+                if 'status_class="2xx"' in line:
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    assert daemon.wait_until(lambda: counted() >= len(tokens), 30, "requests counted")
+    assert (
+        'kiln_request_latency_seconds_count{api="talker"}'
+        in httpx.get(daemon.info["metrics_url"], headers=daemon.auth, timeout=30).text
+    )
+    assert daemon.apis()["talker"]["requests"]["2xx"] >= len(tokens)

@@ -120,7 +120,7 @@ class RayBackend:
             http_options={"host": self.http_host, "port": self.http_port},
         )
         self._client = serve.context._get_global_client()
-        from kiln.backends.ray.log_collector import collector
+        from kiln.backends.ray.telemetry import collector
 
         self._logs = collector(create=True)
         details = self._client.get_serve_details()
@@ -319,12 +319,18 @@ class RayBackend:
         return rows
 
     async def _drain_logs(self) -> None:
-        """The cluster's replica and ingress records into this server's logs."""
+        """The cluster's replica and ingress records into this server's logs, and the
+        ingress's metric events into its metrics."""
         import ray
 
-        records, dropped = await asyncio.to_thread(ray.get, self._logs.drain.remote(), timeout=30)
+        from kiln.backends.ray.telemetry import replay
+
+        drained = await asyncio.to_thread(ray.get, self._logs.drain.remote(), timeout=30)
+        records, events, dropped = drained
         for api, record in records:
             self.server.log.write(api, record)
+        for event in events:
+            replay(self.server.metrics, event)
         if dropped:
             print(f"ray backend: {dropped} log records dropped while away", file=sys.stderr)
 

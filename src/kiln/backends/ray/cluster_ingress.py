@@ -30,8 +30,8 @@ from typing import Any
 from ray import serve
 
 from kiln.backends.ray.ingress import RayServedApi
-from kiln.backends.ray.log_collector import ForwardingLogSink, LogForwarder
 from kiln.backends.ray.replica import api_from_args
+from kiln.backends.ray.telemetry import ForwardingLogSink, LogForwarder, MetricsForwarder
 from kiln.control.logs import worker_record
 from kiln.control.shared_quotas import shared_authority
 from kiln.protocols.app import InferenceApp
@@ -62,7 +62,10 @@ class KilnClusterIngress:
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[None]] = set()
         self.authority = shared_authority(store_url) if store_url else None
-        self.inference_app = InferenceApp(self.registry, self.log, auth=self.authority)
+        self.metrics = MetricsForwarder(self.forwarder)
+        self.inference_app = InferenceApp(
+            self.registry, self.log, metrics=self.metrics, auth=self.authority
+        )
         if self.authority is not None:  # metering, key reloads: every second
             self._accounts = asyncio.get_running_loop().create_task(self.authority.run())
 
@@ -83,7 +86,12 @@ class KilnClusterIngress:
         api = api_from_args(entry["spec"], str(entry.get("root", "/")))
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=entry["app"])
         served = RayServedApi(
-            api, handle, cwd="/", log_line=partial(self._log_line, api.name), revision=None
+            api,
+            handle,
+            cwd="/",
+            log_line=partial(self._log_line, api.name),
+            revision=None,
+            observer=self.metrics,
         )
         served.revision = entry.get("revision")
         try:

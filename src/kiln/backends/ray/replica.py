@@ -29,7 +29,7 @@ import ray
 from ray import serve
 
 from kiln.backends.ray.frames import reply_frame, requests_from_frame
-from kiln.backends.ray.log_collector import LogForwarder
+from kiln.backends.ray.telemetry import LogForwarder
 from kiln.config import ApiSpec, load_project
 from kiln.control.logs import worker_record
 from kiln.errors import KilnError

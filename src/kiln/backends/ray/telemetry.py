@@ -1,4 +1,5 @@
-"""Logs from the cluster into the control plane's: what `kiln logs API` merges on Ray.
+"""Logs and metrics from the cluster into the control plane's: what `kiln logs API`
+merges on Ray, and what the control plane's metrics port counts under Kiln's names.
 
 Every replica (its worker's lines) and every ingress replica (its request
 records) buffers `(api, record)` pairs and pushes them twice a second to one
@@ -9,6 +10,12 @@ node it came from. Without a control plane (a Serve config or KubeRay alone)
 there is no collector and the lines stay in the actors' stderr (Ray's logs).
 The collector holds at most `MAX_RECORDS` (oldest dropped, counted) so a
 control plane that is away cannot make it grow without bound.
+
+Metrics go the same way: the cluster ingress's `MetricsForwarder` stands where
+`kiln serve` has its `Metrics` (requests, batches) and the control plane replays
+each event into its own `Metrics`, so `kiln_requests_total`,
+`kiln_request_duration_seconds`, usage counts, `kiln get`'s requests and latency
+and the console's charts cover the traffic served through Ray Serve's proxy.
 """
 
 from __future__ import annotations
@@ -38,17 +45,23 @@ class LogCollector:
         self.records: collections.deque[tuple[str, dict[str, Any]]] = collections.deque(
             maxlen=MAX_RECORDS
         )
+        self.events: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=MAX_RECORDS)
         self.dropped = 0
 
-    def push(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    def push(
+        self, batch: list[tuple[str, dict[str, Any]]], events: list[tuple[Any, ...]] | None = None
+    ) -> None:
         self.dropped += max(0, len(self.records) + len(batch) - MAX_RECORDS)
+        self.dropped += max(0, len(self.events) + len(events or []) - MAX_RECORDS)
         self.records.extend(batch)
+        self.events.extend(events or [])
 
-    def drain(self) -> tuple[list[tuple[str, dict[str, Any]]], int]:
-        out, dropped = list(self.records), self.dropped
+    def drain(self) -> tuple[list[tuple[str, dict[str, Any]]], list[tuple[Any, ...]], int]:
+        out, events, dropped = list(self.records), list(self.events), self.dropped
         self.records.clear()
+        self.events.clear()
         self.dropped = 0
-        return out, dropped
+        return out, events, dropped
 
 
 def collector(create: bool = False) -> Any:
@@ -68,6 +81,7 @@ class LogForwarder:
 
     def __init__(self) -> None:
         self.pending: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[tuple[Any, ...]] = []  # metric events (MetricsForwarder)
         self._actor: Any = None
         self._looked_at = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -84,17 +98,62 @@ class LogForwarder:
             await asyncio.sleep(PUSH_EVERY_S)
             self.flush()
 
+    def event(self, event: tuple[Any, ...]) -> None:
+        if len(self.events) < MAX_PENDING * 10:
+            self.events.append(event)
+
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending and not self.events:
             return
         if self._actor is None and time.monotonic() - self._looked_at > LOOKUP_EVERY_S:
             self._looked_at = time.monotonic()
             self._actor = collector()
         if self._actor is None:  # no control plane: stderr (Ray's logs) has them
             self.pending.clear()
+            self.events.clear()
             return
         batch, self.pending = self.pending, []
-        self._actor.push.remote(batch)
+        events, self.events = self.events, []
+        self._actor.push.remote(batch, events)
+
+
+class MetricsForwarder:
+    """The ingress's metrics, as events for the control plane's `Metrics` (`replay`)."""
+
+    def __init__(self, forwarder: LogForwarder) -> None:
+        self.forwarder = forwarder
+
+    def request(
+        self, api: str, protocol: str, status: int, seconds: float, version: str = ""
+    ) -> None:
+        self.forwarder.event(("request", api, protocol, status, seconds, version))
+
+    def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
+        event = ("batch", served.name, served.version, list(queue_times), inference_s, size)
+        self.forwarder.event(event)
+
+    def tracked(self, *args: Any, **kwargs: Any) -> None:
+        return None  # prediction monitoring on Ray: not forwarded yet
+
+    def handler_metrics(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _Named:
+    """What `Metrics.batch` reads of a served API: its name and version."""
+
+    def __init__(self, name: str, version: str | None) -> None:
+        self.name, self.version = name, version
+
+
+def replay(metrics: Any, event: tuple[Any, ...]) -> None:
+    """One forwarded event into the control plane's `Metrics`."""
+    if event[0] == "request":
+        _, api, protocol, status, seconds, version = event
+        metrics.request(api, protocol, status, seconds, version)
+    elif event[0] == "batch":
+        _, name, version, queue_times, inference_s, size = event
+        metrics.batch(_Named(name, version), queue_times, inference_s, size)
 
 
 class ForwardingLogSink(LogSink):
