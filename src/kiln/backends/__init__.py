@@ -1,94 +1,62 @@
 """Where replicas and batch workers run: the one interface the control plane places through.
 
-Why an interface: the control plane (deploys, rollouts, the autoscaler, the batch
-job manager) must not know whether an API version's workers are local processes
-under this server or Ray Serve replicas across a cluster; the CLI and the management
-REST API never branch on it. Each backend starts user code the same way, a Kiln
-worker subprocess from a `LaunchSpec` (serving/process.py), so handlers, runtimes,
-batching, the sandbox and the clean environment behave identically everywhere.
+Why an interface: the control plane (deploys, rollouts, rollback, refresh, delete,
+restore, the batch job manager) must not know whether an API version's replicas
+are local worker processes or Ray Serve replicas across a cluster; the CLI and the
+management REST API never branch on it. The control plane's rollout logic stays
+one (control/deployments.py: blue/green per API version, swap, drain); a backend
+gives it the `ServedApi` to start, swap, drain and stop, and says where a job's
+workers run. Each backend starts user code the same way, a Kiln worker subprocess
+from a `LaunchSpec` (serving/process.py), so handlers, runtimes, batching, the
+sandbox and the clean environment behave identically everywhere.
 
-Implementations: local processes (serving/'s ReplicaPool, to be moved behind this
-interface) and `kiln.backends.ray` (Ray Serve; imported only by the CLI, which
-injects it, so nothing below the CLI imports Ray). See docs/architecture.md, "Backends".
+Implementations: `kiln.backends.local.LocalBackend` (the default: replicas are
+worker processes under this server, scaled by Kiln's autoscaler; job workers are
+`JobRun`'s local slots) and `kiln.backends.ray.cluster.RayBackend` (`kiln server
+--backend ray`: each API revision a Ray Serve application, job workers Ray actors;
+imported only by the CLI, which injects it, so nothing below the CLI imports Ray).
+See docs/architecture.md, "Backends".
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from kiln.config import ApiSpec, BatchApiSpec, Project
-
-
-@dataclass
-class ReplicaStatus:
-    """One replica of an API version as a backend sees it (`kiln get` shows these)."""
-
-    api: str
-    version: str | None
-    replica: str  # the backend's id: "<revision>-<index>" locally, Serve's replica id on Ray
-    state: str  # "loading", "ready", "restarting", "failed", "stopping"
-    node: str = ""  # where it runs: "" on one machine, the Ray node id on a cluster
-    pid: int | None = None  # the Kiln worker subprocess, when known
-    error: str | None = None
-
-
-@dataclass
-class ApiStatus:
-    """An API version's replicas and what the backend is scaling it to."""
-
-    api: str
-    version: str | None
-    target: int
-    replicas: list[ReplicaStatus] = field(default_factory=list)
+from pathlib import Path
+from typing import Any, Protocol
 
 
 class Backend(Protocol):
-    """What the control plane asks of the place where workers run.
-
-    Every method is idempotent on the revision it names, so a control plane that
-    restarts can re-apply its state from the store (PostgreSQL when shared) without
-    knowing what the backend kept running meanwhile.
-    """
+    """What the control plane asks of the place where replicas and job workers run."""
 
     name: str
-    """"local" or "ray": shown by `kiln server status`, never branched on."""
+    """"local" or "ray": shown in logs and job logs, never branched on."""
+    local_outputs: bool
+    """Whether a job's local output folder is reachable by its workers (False: they run
+    on other machines, so a job must write to shared storage)."""
 
-    async def deploy(self, revision: str, project: Project, tenant: str = "") -> None:
-        """Run every realtime API version of `project` as revision `revision`.
-
-        Replaces the tenant's previous revision of the same APIs with no failed
-        request (a rolling update: old replicas drain after the new ones are ready);
-        returns once the new revision answers or raises with why it cannot."""
+    async def start(self, server: Any) -> None:
+        """Before anything is restored: connect (Ray), adopt what already runs."""
         ...
 
-    async def scale(
-        self, api: ApiSpec, *, min_replicas: int, max_replicas: int, tenant: str = ""
-    ) -> None:
-        """Change an API version's replica bounds (management API `min_worker`/`max_worker`);
-        within them the backend's autoscaler decides (Kiln's locally, Serve's on Ray)."""
+    async def loaded(self) -> None:
+        """The restore finished: what the backend runs that nothing restored may go."""
         ...
 
-    async def delete(self, api: str, version: str | None = None, tenant: str = "") -> None:
-        """Stop an API (every version when `version` is None) after its requests drain."""
+    async def close(self) -> None:
+        """The control plane stops. What the backend runs elsewhere may keep serving
+        (Ray); local workers stop with the server's APIs."""
         ...
 
-    async def status(self, tenant: str | None = None) -> list[ApiStatus]:
-        """Every API version's replicas, with their node: what `kiln get` shows."""
+    def served_api(self, api: Any, *, root: Path, **kwargs: Any) -> Any:
+        """The `ServedApi` for one API version of one revision (kwargs: `cwd`, `log_line`,
+        `observer`, `sandbox`, `tenant`). Its `start` places the replicas (and raises with
+        why they cannot run), its `stop` drains them and frees what it placed; the
+        control plane swaps it in and out of routing (a rolling update with no failed
+        request, also for rollback and refresh), and `kiln get` reads its state (and
+        `placement`, its replicas per node, when the backend knows them)."""
         ...
 
-    def logs(
-        self, api: str, version: str | None = None, *, since: float | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The API's replica log records (JSON lines, `ts` ordered), merged over every
-        replica wherever it runs: what `kiln logs API` prints."""
-        ...
-
-    async def start_job_workers(
-        self, job_id: str, api: BatchApiSpec, workers: int, project: Project
-    ) -> None:
-        """Start `workers` batch workers for a job; they claim batches from the durable
-        queue in the state store (leases, retries), so where they run does not matter."""
+    async def start_job_workers(self, job: Any, spec: Any, root: Path, env: dict[str, str]) -> Any:
+        """A Batch API job's workers, claiming from its durable queue in the store; the
+        handle `JobRun` follows (`nodes`, `done`, `new_lines`, `cancel`), or None: run
+        them here as `JobRun`'s own slots."""
         ...

@@ -128,9 +128,8 @@ class JobRun:
             job = await asyncio.to_thread(self.store.get_job, self.job.id)
             if job is not None and job.status == st.RUNNING and await self._prepare(job):
                 self.job = job
-                if self.placer is not None:
-                    await self._place(job)
-                else:
+                placed = self.placer is not None and await self._place(job)
+                if not placed:
                     self.log.write(f"starting {job.workers} worker(s)", event="workers")
                     self._slots = [asyncio.create_task(self._slot(n)) for n in range(job.workers)]
             await watcher
@@ -148,12 +147,16 @@ class JobRun:
             if self.on_end is not None:
                 self.on_end(final)
 
-    async def _place(self, job: JobRow) -> None:
-        """The workers on the backend's cluster; they reach the queue through the store."""
+    async def _place(self, job: JobRow) -> bool:
+        """The workers where the backend runs them (True), or False: here, in slots.
+
+        Remote workers reach the queue through the store, not through this server."""
         where = getattr(self.placer, "name", "the backend")
-        self.log.write(f"starting {job.workers} worker(s) on {where}", event="workers")
         try:
             self._remote = await self.placer.start_job_workers(job, self.spec, self.root, self.env)
+            if self._remote is None:
+                return False
+            self.log.write(f"starting {job.workers} worker(s) on {where}", event="workers")
             nodes = await self._remote.nodes()
         except Exception as exc:  # noqa: BLE001 - the cluster says why in many ways
             await asyncio.to_thread(
@@ -162,13 +165,14 @@ class JobRun:
                 st.WORKER_ERROR,
                 error=f"could not start the job's workers on {where}: {exc}",
             )
-            return
+            return True
         for n in range(job.workers):
             self.states[n] = "running"
         self.log.write(
             f"{job.workers} worker(s) running on {where} node(s) {', '.join(sorted(set(nodes)))}",
             event="workers",
         )
+        return True
 
     async def _pull_remote(self) -> bool:
         """The remote workers' new output into the job log; False once all have ended."""
@@ -185,7 +189,7 @@ class JobRun:
         self._sink = OutputSink(output["folder"], output["format"])
         if self._sink.remote:
             return True
-        if self.placer is not None:  # its workers write from other machines
+        if not getattr(self.placer, "local_outputs", True):  # its workers run elsewhere
             await asyncio.to_thread(
                 self.store.end_job,
                 job.id,

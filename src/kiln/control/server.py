@@ -26,10 +26,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kiln.backends import Backend
+from kiln.backends.local import LocalBackend
 from kiln.control.envstep import prepare_served_folder, site_dirs_for
 from kiln.control.host import (  # noqa: F401 - re-exported: the CLI imports them from here
     ServerError,
@@ -90,8 +91,8 @@ class ServerOptions:
     # None: the OTEL_* variables decide.
     otlp_endpoint: str | None = None
     otlp_protocol: str | None = None
-    # Where API versions run (kiln.backends): None is this machine's worker processes;
-    # `kiln server --backend ray` injects a RayBackend (the CLI imports it, nothing here).
+    # Where API versions run (kiln.backends): None is this machine's worker processes
+    # (LocalBackend); `kiln server --backend ray` injects a RayBackend (the CLI imports it).
     backend: Any = None
     # The state store's URL (--store); None: $KILN_STATE_URL, else SQLite in the home.
     store_url: str | None = None
@@ -109,6 +110,7 @@ class InferenceServer:
         self.project = project
         self.options = options
         self.registry = Registry()
+        self.backend: Backend = options.backend or LocalBackend()
         self.log = LogSink(options.home / "logs", quiet=options.quiet_logs)
         self.started = time.time()
         self.running: RunningServer | None = None
@@ -175,10 +177,9 @@ class InferenceServer:
         message. On `kiln server` only the type and request id do, unless the API sets
         `serving.expose_errors: true` (the worker applies it: `to_kiln_error`).
         """
-        backend = self.options.backend
-        make = ServedApi if backend is None else partial(backend.served_api, root=root)
-        served = make(
+        served = self.backend.served_api(
             api,
+            root=root,
             cwd=str(root),
             log_line=self._log_line(api.name),
             observer=self.metrics,
@@ -230,9 +231,8 @@ class InferenceServer:
         try:
             self._grpc = bind_grpc(options, self.log, self.metrics)
             open_state(self)  # the home's lock, the store, accounts, jobs (server_state.py)
-            if options.backend is not None:
-                await options.backend.start(self)
-                self.jobs.placer = options.backend  # job workers on the cluster too
+            await self.backend.start(self)
+            self.jobs.placer = self.backend  # where a job's workers run
         except ServerError:
             ports.close()
             if self._grpc is not None:
@@ -252,8 +252,7 @@ class InferenceServer:
                 on_loading(len(self.registry.all()))
             if not await self._load(loads, serving):
                 return
-            if options.backend is not None:
-                await options.backend.loaded()  # what it runs and nothing restored: gone
+            await self.backend.loaded()  # what it runs and nothing restored: gone
             self._start_autoscalers()
             self.jobs.asyncs.start()  # AsyncAPIs: run the queue once the APIs are up
             if os.environ.get("KILN_GC_TUNING", "1") != "0":
@@ -269,8 +268,7 @@ class InferenceServer:
                 on_ready(self.running)
             await serving
         finally:
-            if options.backend is not None:
-                await options.backend.close()  # the cluster keeps serving without us
+            await self.backend.close()  # Ray's replicas keep serving without us
             if self.jobs is not None and self.jobs.asyncs is not None:
                 await self.jobs.asyncs.close()  # stop claiming before the APIs drain
             stopping = asyncio.gather(

@@ -60,6 +60,7 @@ class RayBackend:
     """Kiln's APIs as Ray Serve applications on the cluster at `address`."""
 
     name = "ray"
+    local_outputs = False  # job workers write on other nodes: outputs must be s3:// or gs://
 
     def __init__(
         self,
