@@ -405,3 +405,48 @@ def test_kiln_logs_merges_the_replicas_logs_from_the_cluster(
         in httpx.get(daemon.info["metrics_url"], headers=daemon.auth, timeout=30).text
     )
     assert daemon.apis()["talker"]["requests"]["2xx"] >= len(tokens)
+
+
+SPLIT_HANDLER = """
+VERSION = "{version}"
+
+
+def predict(payload, context):
+    return {{"version": VERSION}}
+"""
+
+SPLIT_CONFIG = """
+- kind: deployment
+  name: split
+""" + "".join(
+    f"""
+- kind: api
+  name: ab
+  version: "{v}"
+  python: {{handler: v{v}.py}}
+  compute: {{cpu: 100m}}
+"""
+    for v in ("1", "2")
+)
+
+
+def test_versions_and_a_runtime_traffic_split_through_the_proxy(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    folder = tmp_path / "split"
+    for v in ("1", "2"):
+        write(folder / f"v{v}.py", SPLIT_HANDLER.format(version=v))
+    write(folder / "kiln.yaml", SPLIT_CONFIG)
+    deploy(daemon, folder)
+    endpoint = daemon.apis()["ab"]["endpoint"]
+
+    def versions(n: int = 40) -> Counter[str]:
+        return Counter(call(daemon, endpoint, {}).json()["version"] for _ in range(n))
+
+    assert daemon.wait_until(lambda: set(versions()) <= {"1", "2"}, 30, "both versions routed")
+    done = daemon.kiln("traffic", "ab", "1=0", "2=100")
+    assert done.returncode == 0, done.stdout + done.stderr
+    daemon.wait_until(lambda: versions() == {"2": 40}, 30, "all traffic on version 2")
+    back = daemon.kiln("traffic", "ab", "1=100", "2=0")
+    assert back.returncode == 0, back.stdout + back.stderr
+    daemon.wait_until(lambda: versions() == {"1": 40}, 30, "all traffic on version 1")

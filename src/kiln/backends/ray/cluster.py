@@ -242,13 +242,23 @@ class RayBackend:
             )
         return sorted(out, key=lambda e: (e["name"], e["version"] or ""))
 
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """The runtime traffic splits (`kiln traffic`, set-default) of the APIs it routes."""
+        if self.server is None:
+            return {}
+        groups = self.server.registry.groups
+        return {name: dict(g.override) for name, g in groups.items() if g.override is not None}
+
     async def publish(self) -> None:
         """Send the whole set of Kiln's applications to Serve when it changed, and wait
         until every ingress replica applied the manifest in it."""
         async with self._lock:
             apis = self.manifest()
             apps = {**self._adopted, **self._apps}
-            body = json.dumps({"apis": apis, "apps": apps}, sort_keys=True, default=str)
+            traffic = self.traffic()
+            body = json.dumps(
+                {"apis": apis, "apps": apps, "traffic": traffic}, sort_keys=True, default=str
+            )
             if body == self._applied:
                 return
             self._generation += 1
@@ -262,7 +272,11 @@ class RayBackend:
                         "name": INGRESS_DEPLOYMENT,
                         **ingress_options(),
                         "num_replicas": self.ingress_replicas,
-                        "user_config": {"apis": apis, "generation": self._generation},
+                        "user_config": {
+                            "apis": apis,
+                            "traffic": traffic,
+                            "generation": self._generation,
+                        },
                     }
                 ],
             }

@@ -80,6 +80,10 @@ class KilnClusterIngress:
                 old = self.registry.remove(*key)
                 del self.apps[key]
                 self._drain(old)
+            splits = config.get("traffic") or {}
+            for name, group in self.registry.groups.items():  # `kiln traffic` at runtime
+                if group.override != splits.get(name):
+                    group.set_traffic(splits.get(name))
             self.generation = int(config.get("generation", 0))
 
     async def _route(self, entry: dict[str, Any]) -> None:
