@@ -237,6 +237,7 @@ def status(home: Path, output: str) -> int:
         ("metrics", str(info.get("metrics_url"))),
         ("gRPC", _grpc_line(*_grpc_of(info))),
         ("APIs", str(detail.get("apis", "?"))),
+        ("backend", str(detail.get("backend", "?"))),
         ("state", str(home)),
         ("workers", escape(str(info.get("sandbox", "?")))),
     ]

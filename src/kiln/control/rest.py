@@ -2,7 +2,7 @@
 
 | route | what |
 | --- | --- |
-| `GET /server` | version, mode, uptime, URLs of the three ports |
+| `GET /server` | version, mode, backend, uptime, URLs of the three ports |
 | `POST /deployments?name=` | upload a project (gzip'd tar from `kiln deploy`), roll it out |
 | `GET /deployments`, `GET /deployments/{name}` | deployments, their revisions and rollout |
 | `DELETE /deployments/{name}` | delete every API of a deployment |
@@ -44,7 +44,7 @@ UPLOAD_WRITE_BYTES = 1 << 20  # an upload is written to its file in pieces of ab
 
 # (method, path, summary, query parameters): the routes and their OpenAPI entries.
 CONTROL_ROUTES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("get", "/server", "The server: version, mode, uptime and the URLs of its ports", ()),
+    ("get", "/server", "The server: version, mode, backend, uptime and the URLs of its ports", ()),
     ("post", "/deployments", "Deploy a project (body: gzip'd tar from kiln deploy)", ("name",)),
     ("get", "/deployments", "List deployments", ()),
     ("get", "/deployments/{name}", "A deployment: revisions and its latest rollout", ()),

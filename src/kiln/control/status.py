@@ -28,6 +28,7 @@ def server_info(server: Any, viewer: Any = None) -> dict[str, Any]:
     info = {
         "version": kiln.__version__,
         "mode": server.options.mode,
+        "backend": server.backend.name,
         "pid": os.getpid(),
         "started": server.started,
         "uptime_s": round(time.time() - server.started, 1),
