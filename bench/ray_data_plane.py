@@ -76,6 +76,7 @@ class RayServe:
 
         self.port = data_plane.free_port()
         ray.init(
+            address="local",  # always a new cluster: not one a test left running on the box
             num_cpus=cpus,
             include_dashboard=False,
             log_to_driver=False,
