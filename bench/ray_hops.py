@@ -204,10 +204,12 @@ def kiln_app(project: Path, env: dict[str, str] | None) -> Any:
     handles = {}
     for api in load_project(str(project)).apis:
         name = deployment_name(api)
-        handles[name] = KilnReplica.options(name=name, **with_env(deployment_options(api))).bind(
-            str(project), None, api.name, api.version, "off"
+        replica = KilnReplica.options(  # type: ignore[attr-defined]  # a serve.deployment
+            name=name, **with_env(deployment_options(api))
         )
-    return KilnIngress.options(**with_env(ingress_options())).bind(handles, str(project))
+        handles[name] = replica.bind(str(project), None, api.name, api.version, "off")
+    ingress = KilnIngress.options(**with_env(ingress_options()))  # type: ignore[attr-defined]
+    return ingress.bind(handles, str(project))
 
 
 def tree_cpu() -> dict[int, tuple[str, float]]:
