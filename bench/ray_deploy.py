@@ -392,8 +392,8 @@ def print_report(result: dict[str, Any]) -> None:
         failed = sum(int(r["update_failed"]) for r in backends[name]["rounds"])
         first = sum(int(r["deploy_failed"]) for r in backends[name]["rounds"])
         print(
-            f"{name}: non-200 answers: {failed} during the updates, "
-            f"{first} before the first deploys were live"
+            f"{name}: non-200: {failed} during the updates, "
+            f"{first} before the first deploys answered"
         )
 
 
