@@ -102,6 +102,26 @@ def test_a_wheel_for_another_python_fails_naming_both_versions(tmp_path: Path) -
     assert "Python cp312" in str(raised.value) and "Python 3.11" in str(raised.value)
 
 
+def test_extras_asked_for_join_the_projects_and_unknown_ones_are_refused(
+    tmp_path: Path,
+) -> None:
+    """`kiln build --extra ray --extra postgres`: the image a KubeRay cluster runs needs them."""
+    from kiln.build.base import BuildError
+    from kiln.build.wheels import project_extras, requirement_lines
+    from kiln.config import load_project
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "kiln.yaml").write_text("- kind: api\n  name: m\n  onnx: {model: model.onnx}\n")
+    project = load_project(tmp_path)
+    assert project_extras(project) == ["onnx"]
+    extras = project_extras(project, ("ray", "postgres"))
+    assert extras == ["onnx", "postgres", "ray"]
+    lines = requirement_lines(tmp_path / "kiln_serve-1-py3-none-any.whl", extras, None)
+    assert lines[0].startswith("kiln-serve[onnx,postgres,ray]")
+    with pytest.raises(BuildError, match="--extra torchx: not an extra kiln build adds"):
+        project_extras(project, ("torchx",))
+
+
 def test_serve_refuses_a_short_admin_key_before_starting(tmp_path: Path) -> None:
     result = subprocess.run(
         [*KILN, "serve", str(tmp_path), "--host", "0.0.0.0", "--auth"],

@@ -30,6 +30,7 @@ def write_context(
     home: Path,
     base_ref: str | None,
     say: Callable[[str], None],
+    extras: tuple[str, ...] = (),
 ) -> dict[str, int]:
     """Fill `dest` (new or empty); file counts of each part."""
     if dest.exists() and any(dest.iterdir()):
@@ -47,7 +48,7 @@ def write_context(
             f"--base picks another"
         )
     kiln_whl = kiln_wheel(home, say)
-    lines = requirement_lines(kiln_whl, project_extras(project), root / "requirements.txt")
+    lines = requirement_lines(kiln_whl, project_extras(project, extras), root / "requirements.txt")
     wheels = download(home, kiln_whl, lines, version, glibc, dest / "wheels", say)
     (dest / "wheels" / "requirements.txt").write_text(
         "# What the Dockerfile installs, from this folder only (pip --no-index).\n"

@@ -200,6 +200,7 @@ def build_image(
     base_ref: str | None,
     suite: str | None,
     say: Callable[[str], None],
+    extras: tuple[str, ...] = (),
 ) -> Built:
     """Build the project's image and write it to `output` (an archive or layout)."""
     timings: dict[str, float] = {}
@@ -217,8 +218,7 @@ def build_image(
     timings["base"] = time.monotonic() - started
     mark = time.monotonic()
     kiln_whl = kiln_wheel(home, say)
-    extras = project_extras(project)
-    lines = requirement_lines(kiln_whl, extras, root / "requirements.txt")
+    lines = requirement_lines(kiln_whl, project_extras(project, extras), root / "requirements.txt")
     say(f"resolve: {', '.join(lines)}")
     with tempfile.TemporaryDirectory(prefix="kiln-wheels-") as tmp:
         wheels = download(home, kiln_whl, lines, base.python_version, base.glibc, Path(tmp), say)

@@ -36,9 +36,23 @@ RUNTIME_EXTRAS = {
 SCHEME_EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "http": "http", "https": "http"}
 
 
-def project_extras(project: Any) -> list[str]:
-    """The kiln-serve extras the project's runtime blocks (and remote model paths) need."""
-    extras: set[str] = set()
+ASKABLE_EXTRAS = ("ray", "postgres", "s3", "gcs", "http", "batch", "otel", "grpc")
+"""Extras `kiln build --extra` may add: what the image needs beyond the project's runtimes
+(`ray` and `postgres` for a KubeRay cluster's nodes and control plane, storage schemes)."""
+
+
+def project_extras(project: Any, asked: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The kiln-serve extras the project's runtime blocks (and remote model paths) need,
+    plus those asked for (`kiln build --extra`); an unknown one is a BuildError."""
+    unknown = sorted(set(asked) - set(ASKABLE_EXTRAS))
+    if unknown:
+        from kiln.build.base import BuildError
+
+        raise BuildError(
+            f"--extra {unknown[0]}: not an extra kiln build adds; use one of "
+            f"{', '.join(ASKABLE_EXTRAS)} (runtimes are added from kiln.yaml)"
+        )
+    extras: set[str] = set(asked)
     for api in [*project.apis, *project.batch_apis]:
         runtime = getattr(api, "runtime", "")
         if runtime in RUNTIME_EXTRAS:

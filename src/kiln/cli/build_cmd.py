@@ -47,6 +47,7 @@ def run_build(
     deploy: bool,
     push: str | None,
     env: str | None = None,
+    extras: tuple[str, ...] = (),
 ) -> int:
     import os
 
@@ -68,7 +69,7 @@ def run_build(
             from kiln.build.context import write_context
 
             dockerfile = (TEMPLATE_ROOT / COMMON / "Dockerfile").read_text()
-            counts = write_context(project, context, dockerfile, home, base, say)
+            counts = write_context(project, context, dockerfile, home, base, say, extras)
             console.print(
                 f"\nWrote the build context {escape(str(context))}: Dockerfile, wheels/ "
                 f"({counts['wheels']} wheels), project/ ({counts['project']} files), model/ "
@@ -81,7 +82,7 @@ def run_build(
             return 0
         from kiln.build.image import build_image
 
-        built = build_image(project, home, output, tag, base, suite, say)
+        built = build_image(project, home, output, tag, base, suite, say, extras)
     except BuildError as exc:
         raise CliError(str(exc), 1) from None
     _report(built)

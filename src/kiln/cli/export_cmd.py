@@ -83,8 +83,9 @@ def kuberay(
 
         image = image_name(project, None)
         _note(
-            f"no --image: using {image}, the name `kiln build` gives the image; push it "
-            f"(kiln build --push REF) and pass --image REF so the cluster can pull it"
+            f"no --image: using {image}, the name `kiln build` gives the image; build it "
+            f"with Ray and PostgreSQL's driver and push it (kiln build --extra ray --extra "
+            f"postgres --push REF) and pass --image REF so the cluster can pull it"
         )
     elif problem := image_problem(image):
         _fail(problem)

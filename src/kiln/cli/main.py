@@ -489,12 +489,25 @@ def build(
     push: Annotated[
         str | None, typer.Option(help="Then copy the image to this registry reference (skopeo).")
     ] = None,
+    extra: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--extra",
+            help="Also install this kiln-serve extra (repeatable): `ray` and `postgres` "
+            "for a Ray cluster's image (kiln export kuberay), s3, gcs, http, batch, otel, grpc.",
+        ),
+    ] = None,
     env: EnvOption = None,
 ) -> None:
     """Build the project as a runnable, reproducible OCI image (no container daemon needed)."""
     from kiln.cli.build_cmd import run_build
 
-    _cli(lambda: run_build(project_dir, None, tag, output, base, suite, context, deploy, push, env))
+    extras = tuple(extra or ())
+    _cli(
+        lambda: run_build(
+            project_dir, None, tag, output, base, suite, context, deploy, push, env, extras
+        )
+    )
 
 
 from kiln.cli.accounts_cmd import keys_app, usage, users_app  # noqa: E402
