@@ -42,6 +42,7 @@ DEFAULT_TARGET_ONGOING = 2.0
 # The ingress is async and queues in Kiln's batcher; Serve's limit must not be the bottleneck.
 INGRESS_MAX_ONGOING = 10_000
 INGRESS_CPUS = 0.1
+SERVE_METRICS_INTERVAL_S = 10.0  # Serve's default (its setting is deprecated)
 
 
 def deployment_name(api: ApiSpec) -> str:
@@ -78,7 +79,9 @@ def autoscaling_config(api: ApiSpec) -> dict[str, Any] | None:
         ),
         "upscale_delay_s": float(scaling.upscale_stabilization_period),
         "downscale_delay_s": float(scaling.downscale_stabilization_period),
-        "look_back_period_s": float(scaling.window),
+        # Serve needs more than its metrics interval (10 s; a window of 10 s warns now and
+        # will be an error): the smallest window it takes is just over it.
+        "look_back_period_s": max(float(scaling.window), SERVE_METRICS_INTERVAL_S + 1.0),
     }
     if compute.min_replicas == 0 and scaling.idle_timeout is not None:
         config["downscale_to_zero_delay_s"] = float(scaling.idle_timeout)
