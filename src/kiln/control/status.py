@@ -54,6 +54,9 @@ def api_status(server: Any, served: Any) -> str:
     if rollout is not None and rollout.status == "updating" and served.name in rollout.apis:
         return "updating"
     state = served.state
+    placed = getattr(served, "placement", None)
+    if state == "ready" and placed == [] and served.api.compute.min_replicas == 0:
+        return "scaled to zero"  # the backend (Serve) scaled it down: no replica runs
     if state == "ready":
         return "live"
     if state == "scaled to zero":
