@@ -10,7 +10,6 @@ restart without restarting a replica.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kiln_on_ray
 import orjson
 import pytest
-import sqlalchemy as sa
 from daemon import Daemon
 from ray_cluster import RayCluster
 from storage_servers import BUCKET, S3Server
@@ -29,7 +28,6 @@ from support import write
 
 serve = pytest.importorskip("ray.serve")
 
-PG_URL = os.environ.get("KILN_TEST_POSTGRES_URL")
 CLIENTS = 8
 
 HANDLER = """
@@ -82,38 +80,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def daemon(
     ray_cluster: RayCluster, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Daemon]:
-    if not PG_URL:
-        if os.environ.get("CI") == "true":
-            pytest.fail("KILN_TEST_POSTGRES_URL is not set under CI=true")
-        pytest.skip("KILN_TEST_POSTGRES_URL not set (an empty PostgreSQL this test may wipe)")
-    engine = sa.create_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
-    d = Daemon(tmp_path_factory.mktemp("ray-control") / "home")
-    d.env.update(s3.env())  # job outputs on Ray go to shared storage, with the server's keys
-    d.ray_flags = (  # type: ignore[attr-defined]
-        "--backend",
-        "ray",
-        "--ray-address",
-        ray_cluster.address,
-        "--ray-http-port",
-        str(ray_cluster.http_port),
-        "--store",
-        PG_URL.replace("postgresql+psycopg://", "postgresql://"),
-    )
-    d.start(*d.ray_flags)  # type: ignore[attr-defined]
-    d.proxy = ray_cluster.url  # type: ignore[attr-defined]
+    home = tmp_path_factory.mktemp("ray-control") / "home"
+    # Job outputs on Ray go to shared storage, written with the server's credentials.
+    d = kiln_on_ray.start(ray_cluster, home, s3.env())
     yield d
     d.stop()
-    # The data plane outlives its control plane by design: remove what the tests placed.
-    from ray.serve.schema import ServeDeploySchema
-
-    serve.context._get_global_client().deploy_apps(ServeDeploySchema(applications=[]))
-    deadline = time.monotonic() + 60
-    while kiln_apps() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    kiln_on_ray.remove_kiln_apps()  # the data plane outlives its control plane by design
 
 
 def deploy(d: Daemon, folder: Path, env: dict[str, str] | None = None) -> str:

@@ -1,0 +1,130 @@
+"""One contract, every backend: the protocols' core cases against `kiln server` on this
+machine and against `kiln server --backend ray` through Ray Serve's proxy.
+
+The same project (a Python handler and an ONNX model the test builds), deployed the
+same way with the CLI, answers the same values and the same errors whichever backend
+places it: native, KServe V1, V2 with tritonclient, TorchServe's inference API, API
+keys. Ray's own behaviour (nodes, failover, scale to zero) is tested in test_ray_*.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+from daemon import Daemon
+from support import build_linear_onnx, write
+
+W = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=np.float32)
+
+KILN_YAML = """
+- kind: deployment
+  name: contract
+- kind: api
+  name: echo
+  python: {handler: model.py:Model}
+  compute: {cpu: 200m}
+- kind: api
+  name: lin
+  onnx: {model: model/lin.onnx}
+  compute: {cpu: 200m}
+"""
+
+MODEL_PY = """
+class Model:
+    def predict(self, payload, context):
+        if isinstance(payload, dict):
+            return {"y": payload["x"] * 2}
+        return payload * 2
+"""
+
+
+@dataclass
+class Served:
+    backend: str
+    url: str  # where clients send requests: the server's port, or Serve's proxy
+    key: str
+    endpoint: str  # the native route of `echo`
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"x-api-key": self.key}
+
+    def post(self, path: str, **kwargs: object) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", headers=self.auth, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=["local", "ray"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp(f"contract-{request.param}")
+    project = root / "project"
+    write(project / "kiln.yaml", KILN_YAML)
+    write(project / "model.py", MODEL_PY)
+    build_linear_onnx(project / "model" / "lin.onnx", W)
+    if request.param == "ray":
+        import kiln_on_ray
+
+        cluster = request.getfixturevalue("ray_cluster")
+        daemon = kiln_on_ray.start(cluster, root / "home")
+        url = cluster.url
+    else:
+        daemon = Daemon(root / "home")
+        daemon.start()
+        url = daemon.url
+    try:
+        done = daemon.kiln("deploy", str(project), timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        endpoint = daemon.apis()["echo"]["endpoint"]
+        served = Served(request.param, url, daemon.admin_key, endpoint)
+        daemon.wait_until(lambda: served.post(endpoint, json={"x": 1}).status_code == 200, 30)
+        yield served
+    finally:
+        daemon.stop()
+        if request.param == "ray":
+            kiln_on_ray.remove_kiln_apps()
+
+
+def test_native_kserve_v1_and_torchserve_answer_the_same(served: Served) -> None:
+    native = served.post(served.endpoint, json={"x": 21})
+    assert native.status_code == 200, native.text
+    assert native.json() == {"y": 42}
+    v1 = served.post("/v1/models/echo:predict", json={"instances": [1, 2, 3]})
+    assert v1.status_code == 200, v1.text
+    assert v1.json()["predictions"] == [2, 4, 6]
+    ts = served.post("/predictions/echo", json={"x": 5})
+    assert ts.status_code == 200, ts.text
+    assert ts.json() == {"y": 10}
+
+
+def test_v2_with_tritonclient(served: Served) -> None:
+    httpclient = pytest.importorskip("tritonclient.http")
+    client = httpclient.InferenceServerClient(served.url.removeprefix("http://"))
+    try:
+        x = np.array([[1.0, 0.0, 2.0], [0.5, 1.0, 1.0]], dtype=np.float32)
+        inputs = [httpclient.InferInput("x", list(x.shape), "FP32")]
+        inputs[0].set_data_from_numpy(x, binary_data=True)
+        wanted = [httpclient.InferRequestedOutput("y")]
+        result = client.infer("lin", inputs, outputs=wanted, headers=served.auth)
+        np.testing.assert_allclose(result.as_numpy("y"), x @ W, rtol=1e-6)
+        metadata = client.get_model_metadata("lin", headers=served.auth)
+        assert metadata["inputs"][0]["name"] == "x" and metadata["inputs"][0]["datatype"] == "FP32"
+        assert client.is_model_ready("lin", headers=served.auth)
+    finally:
+        client.close()
+
+
+def test_errors_are_the_same_on_every_backend(served: Served) -> None:
+    malformed = served.post(served.endpoint, content=b"{not json")
+    assert malformed.status_code == 400, malformed.text
+    assert "error" in malformed.json()
+    missing = served.post("/v2/models/nope/infer", json={"inputs": []})
+    assert missing.status_code == 404, missing.text
+    unauthenticated = httpx.post(f"{served.url}{served.endpoint}", json={"x": 1}, timeout=30)
+    assert unauthenticated.status_code == 401
+    bad_v2 = served.post("/v2/models/lin/infer", json={"inputs": [{"name": "x"}]})
+    assert bad_v2.status_code == 400, bad_v2.text
