@@ -9,6 +9,7 @@ keys. Ray's own behaviour (nodes, failover, scale to zero) is tested in test_ray
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ KILN_YAML = """
   name: echo
   python: {handler: model.py:Model}
   compute: {cpu: 200m}
+  env: {PLACE: kiln.yaml}
+  tracker: {model_type: classification, key: label}
 - kind: api
   name: lin
   onnx: {model: model/lin.onnx}
@@ -34,10 +37,16 @@ KILN_YAML = """
 """
 
 MODEL_PY = """
+import os
+
+
 class Model:
     def predict(self, payload, context):
+        if payload == "env":
+            return {k: os.environ.get(k) for k in ("GREETING", "PLACE", "KILN_STATE_URL")}
         if isinstance(payload, dict):
-            return {"y": payload["x"] * 2}
+            x = payload["x"]
+            return {"y": x * 2, "label": "huge" if x > 1000 else "big" if x > 10 else "small"}
         return payload * 2
 """
 
@@ -48,6 +57,7 @@ class Served:
     url: str  # where clients send requests: the server's port, or Serve's proxy
     key: str
     endpoint: str  # the native route of `echo`
+    metrics_url: str  # the control plane's metrics port
 
     @property
     def auth(self) -> dict[str, str]:
@@ -65,6 +75,7 @@ def served(
     project = root / "project"
     write(project / "kiln.yaml", KILN_YAML)
     write(project / "model.py", MODEL_PY)
+    write(project / ".env", "GREETING=hello from .env\n")
     build_linear_onnx(project / "model" / "lin.onnx", W)
     if request.param == "ray":
         import kiln_on_ray
@@ -80,7 +91,8 @@ def served(
         done = daemon.kiln("deploy", str(project), timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         endpoint = daemon.apis()["echo"]["endpoint"]
-        served = Served(request.param, url, daemon.admin_key, endpoint)
+        metrics = daemon.info["metrics_url"]
+        served = Served(request.param, url, daemon.admin_key, endpoint, metrics)
         daemon.wait_until(lambda: served.post(endpoint, json={"x": 1}).status_code == 200, 30)
         yield served
     finally:
@@ -92,13 +104,13 @@ def served(
 def test_native_kserve_v1_and_torchserve_answer_the_same(served: Served) -> None:
     native = served.post(served.endpoint, json={"x": 21})
     assert native.status_code == 200, native.text
-    assert native.json() == {"y": 42}
+    assert native.json() == {"y": 42, "label": "big"}
     v1 = served.post("/v1/models/echo:predict", json={"instances": [1, 2, 3]})
     assert v1.status_code == 200, v1.text
     assert v1.json()["predictions"] == [2, 4, 6]
     ts = served.post("/predictions/echo", json={"x": 5})
     assert ts.status_code == 200, ts.text
-    assert ts.json() == {"y": 10}
+    assert ts.json() == {"y": 10, "label": "small"}
 
 
 def test_v2_with_tritonclient(served: Served) -> None:
@@ -128,3 +140,33 @@ def test_errors_are_the_same_on_every_backend(served: Served) -> None:
     assert unauthenticated.status_code == 401
     bad_v2 = served.post("/v2/models/lin/infer", json={"inputs": [{"name": "x"}]})
     assert bad_v2.status_code == 400, bad_v2.text
+
+
+def test_the_deployments_env_reaches_the_handler_and_nothing_of_the_servers(
+    served: Served,
+) -> None:
+    answer = served.post(served.endpoint, json="env")
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "GREETING": "hello from .env",
+        "PLACE": "kiln.yaml",
+        "KILN_STATE_URL": None,
+    }
+
+
+def test_the_tracker_counts_answers_whichever_backend_served_them(served: Served) -> None:
+    def big() -> float:
+        text = httpx.get(served.metrics_url, headers=served.auth, timeout=30).text
+        for line in text.splitlines():
+            if line.startswith("kiln_tracked_predictions_total{") and 'class_name="huge"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    assert big() == 0.0
+    for x in (1001, 1002, 1003):
+        assert served.post(served.endpoint, json={"x": x}).status_code == 200
+    deadline = time.monotonic() + 30
+    while big() < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.5)  # a late duplicate from the cluster would show by now
+    assert big() == 3.0

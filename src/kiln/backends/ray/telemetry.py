@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -132,18 +133,23 @@ class MetricsForwarder:
         event = ("batch", served.name, served.version, list(queue_times), inference_s, size)
         self.forwarder.event(event)
 
-    def tracked(self, *args: Any, **kwargs: Any) -> None:
-        return None  # prediction monitoring on Ray: not forwarded yet
+    def tracked(self, served: Any, values: list[Any]) -> None:
+        """Values for the API's `tracker:` (prediction monitoring)."""
+        model_type = served.api.tracker.model_type
+        self.forwarder.event(("tracked", served.name, served.version, model_type, list(values)))
 
-    def handler_metrics(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def handler_metrics(self, served: Any, recorded: list[Any]) -> None:
+        """A TorchServe handler's `context.metrics`."""
+        event = ("handler_metrics", served.name, served.version, [list(m) for m in recorded])
+        self.forwarder.event(event)
 
 
 class _Named:
-    """What `Metrics.batch` reads of a served API: its name and version."""
+    """What `Metrics` reads of a served API: its name, version and tracker's model type."""
 
-    def __init__(self, name: str, version: str | None) -> None:
+    def __init__(self, name: str, version: str | None, model_type: str | None = None) -> None:
         self.name, self.version = name, version
+        self.api = SimpleNamespace(tracker=SimpleNamespace(model_type=model_type))
 
 
 def replay(metrics: Any, event: tuple[Any, ...]) -> None:
@@ -154,6 +160,12 @@ def replay(metrics: Any, event: tuple[Any, ...]) -> None:
     elif event[0] == "batch":
         _, name, version, queue_times, inference_s, size = event
         metrics.batch(_Named(name, version), queue_times, inference_s, size)
+    elif event[0] == "tracked":
+        _, name, version, model_type, values = event
+        metrics.tracked(_Named(name, version, model_type), values)
+    elif event[0] == "handler_metrics":
+        _, name, version, recorded = event
+        metrics.handler_metrics(_Named(name, version), recorded)
 
 
 class ForwardingLogSink(LogSink):
