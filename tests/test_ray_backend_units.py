@@ -107,3 +107,11 @@ def test_sandbox_on_refuses_a_node_without_bubblewrap(
         sandbox_policy("on")
     assert sandbox_policy("auto").enabled is False
     assert sandbox_policy("off").enabled is False
+
+
+def test_requirements_become_the_runtime_envs_pip_packages(tmp_path: Path) -> None:
+    from kiln.backends.ray.project_env import pip_packages
+
+    assert pip_packages(tmp_path) == []
+    write(tmp_path / "requirements.txt", "# pinned\nrequests==2.32.3  # http\n\nnumpy>=1.26\n")
+    assert pip_packages(tmp_path) == ["requests==2.32.3", "numpy>=1.26"]

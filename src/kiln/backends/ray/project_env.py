@@ -13,13 +13,16 @@ def project_runtime_env(root: Path) -> dict[str, Any]:
     from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
     env = upload_working_dir_if_needed({"working_dir": str(root)}, include_gitignore=False)
-    requirements = root / "requirements.txt"
-    if requirements.is_file():
-        lines = [
-            line.strip()
-            for line in requirements.read_text().splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        ]
-        if lines:
-            env["pip"] = {"packages": lines}
+    packages = pip_packages(root)
+    if packages:
+        env["pip"] = {"packages": packages}
     return dict(env)
+
+
+def pip_packages(root: Path) -> list[str]:
+    """requirements.txt's requirement lines (comments and blank lines dropped)."""
+    requirements = root / "requirements.txt"
+    if not requirements.is_file():
+        return []
+    lines = (line.split(" #", 1)[0].strip() for line in requirements.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
