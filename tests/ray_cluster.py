@@ -10,10 +10,12 @@ the tests skip; with CI=true they fail instead, so CI cannot pass by skipping.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +146,33 @@ def _shutdown(cluster: Any) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid` (from /proc), deepest first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found[::-1]
+
+
+def kill_node(raylet_pid: int) -> None:
+    """SIGKILL a node's raylet, then what it started (this session's cluster's processes
+    only): its actors' workers and their Kiln workers go as with a lost machine."""
+    workers = descendants(raylet_pid)
+    os.kill(raylet_pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import orjson
 import pytest
-from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in conftest.py
+from ray_cluster import RayCluster, kill_node  # the session fixture `ray_cluster` is in conftest.py
 from storage_servers import BUCKET, S3Server
 
 from kiln.batch import statuses as st
@@ -283,36 +282,6 @@ NODE_KILL_ITEMS = 10_000
 NODE_KILL_BATCH_SIZE = 50  # 200 batches of ~30 ms: a few seconds on 4 workers
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes under `pid` (from /proc), deepest first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found[::-1]
-
-
-def _kill_node(raylet_pid: int) -> None:
-    """SIGKILL the raylet, then what it started (this session's cluster's processes only):
-    its actors' workers and their Kiln batch workers go as with a lost machine."""
-    workers = _descendants(raylet_pid)
-    os.kill(raylet_pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _scored(lines: list[str]) -> list[int]:
     return [int(m.group(1)) for line in lines if (m := re.fullmatch(r"scored batch (\d+)", line))]
 
@@ -357,7 +326,7 @@ def test_a_job_of_10000_items_survives_losing_a_worker_node(
                 break
             assert time.monotonic() < deadline, f"batches scored per node: {before}"
             time.sleep(0.1)
-        _kill_node(raylets[0].process.pid)
+        kill_node(raylets[0].process.pid)
         killed = True
         killed_at = time.monotonic()
         assert len(_parts(s3, prefix)) < batches, "the job ended before the kill"

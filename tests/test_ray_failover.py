@@ -20,8 +20,6 @@ node that runs it is a single point of failure, and this test is about replicas.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from ray_cluster import RayCluster  # the session fixture `ray_cluster` is in conftest.py
+from ray_cluster import RayCluster, kill_node  # the session fixture `ray_cluster` is in conftest.py
 
 serve = pytest.importorskip("ray.serve")
 
@@ -50,35 +48,6 @@ class Model:
         time.sleep(payload.get("sleep", 0))
         return {"y": payload["x"] * 2}
 """
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes under `pid` (from /proc), deepest first."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found[::-1]
-
-
-def _kill_node(raylet_pid: int) -> None:
-    """SIGKILL the raylet, then what it started (this session's cluster's processes only)."""
-    workers = _descendants(raylet_pid)
-    os.kill(raylet_pid, signal.SIGKILL)
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 REQUEST_TIMEOUT_S = 10.0  # a request that takes longer counts as hanging
@@ -160,7 +129,7 @@ def test_killing_a_nodes_raylet_moves_replicas_to_the_head(failover_app: RayClus
         try:
             time.sleep(1.0)
             killed_at = time.monotonic()
-            _kill_node(raylet_pid)
+            kill_node(raylet_pid)
             # Until every request in a 3 s window is a 200 from the head, bounded.
             deadline = killed_at + RECOVERY_S
             recovered_at = None
