@@ -3,8 +3,8 @@ machine and against `kiln server --backend ray` through Ray Serve's proxy.
 
 The same project (a Python handler and an ONNX model the test builds), deployed the
 same way with the CLI, answers the same values and the same errors whichever backend
-places it: native, KServe V1, V2 with tritonclient, TorchServe's inference API, API
-keys. Ray's own behaviour (nodes, failover, scale to zero) is tested in test_ray_*.py.
+places it: native, KServe V1 (predict and explain), V2 with tritonclient, TorchServe's
+inference API, streaming (chunked and SSE), API keys, the deployment's env, the tracker. Ray's own behaviour (nodes, failover, scale to zero) is tested in test_ray_*.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ KILN_YAML = """
   env: {PLACE: kiln.yaml}
   tracker: {model_type: classification, key: label}
 - kind: api
+  name: words
+  python: {handler: model.py:Words}
+  metadata: {streaming: true}
+  compute: {cpu: 100m}
+- kind: api
   name: lin
   onnx: {model: model/lin.onnx}
   compute: {cpu: 200m}
@@ -48,6 +53,15 @@ class Model:
             x = payload["x"]
             return {"y": x * 2, "label": "huge" if x > 1000 else "big" if x > 10 else "small"}
         return payload * 2
+
+    def explain(self, payload, context):
+        return {"why": f"{payload} doubled", "protocol": context.protocol}
+
+
+class Words:
+    def predict(self, payload, context):
+        for word in ("one ", "two ", "three"):
+            yield word
 """
 
 
@@ -170,3 +184,24 @@ def test_the_tracker_counts_answers_whichever_backend_served_them(served: Served
         time.sleep(0.5)
     time.sleep(1.5)  # a late duplicate from the cluster would show by now
     assert big() == 3.0
+
+
+def test_explanations_and_streams_on_every_backend(served: Served) -> None:
+    explained = served.post("/v1/models/echo:explain", json={"instances": [2, 5]})
+    assert explained.status_code == 200, explained.text
+    assert explained.json() == {
+        "explanations": [
+            {"why": "2 doubled", "protocol": "v1"},
+            {"why": "5 doubled", "protocol": "v1"},
+        ]
+    }
+    with httpx.Client(base_url=served.url, headers=served.auth, timeout=60) as http:
+        with http.stream("POST", "/predictions/words", content=b"go") as response:
+            assert response.status_code == 200, response.read()
+            assert b"".join(response.iter_raw()) == b"one two three"
+        sse = http.post(
+            "/predictions/words", content=b"go", headers={"Accept": "text/event-stream"}
+        )
+        assert sse.status_code == 200 and sse.headers["content-type"] == "text/event-stream"
+        data = [line for line in sse.text.splitlines() if line.startswith("data:")]
+        assert data == ["data: one ", "data: two ", "data: three", "data: {}"]
