@@ -4,7 +4,8 @@ machine and against `kiln server --backend ray` through Ray Serve's proxy.
 The same project (a Python handler and an ONNX model the test builds), deployed the
 same way with the CLI, answers the same values and the same errors whichever backend
 places it: native, KServe V1 (predict and explain), V2 with tritonclient, TorchServe's
-inference API, streaming (chunked and SSE), API keys, the deployment's env, the tracker. Ray's own behaviour (nodes, failover, scale to zero) is tested in test_ray_*.py.
+inference API, streaming (chunked and SSE), API keys, the deployment's env, the
+tracker. Ray's own behaviour (nodes, failover, scale to zero) is in test_ray_*.py.
 """
 
 from __future__ import annotations

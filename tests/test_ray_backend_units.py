@@ -102,11 +102,18 @@ def test_sandbox_on_refuses_a_node_without_bubblewrap(
 ) -> None:
     """Tenants' replicas and job workers run with sandbox "on": a node without bubblewrap
     refuses them (the deploy fails with this message) instead of running them bare."""
+    from kiln.sandbox.probe import probe
+
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap, no setpriv on this "node"
-    with pytest.raises(SandboxUnavailable):
-        sandbox_policy("on")
-    assert sandbox_policy("auto").enabled is False
-    assert sandbox_policy("off").enabled is False
+    probe.cache_clear()  # the machine's answer is cached per process
+    try:
+        with pytest.raises(SandboxUnavailable):
+            sandbox_policy("on")
+        assert sandbox_policy("auto").enabled is False
+        assert sandbox_policy("off").enabled is False
+    finally:
+        monkeypatch.undo()
+        probe.cache_clear()  # later tests probe the real machine again
 
 
 def test_requirements_become_the_runtime_envs_pip_packages(tmp_path: Path) -> None:
