@@ -151,6 +151,7 @@ def test_errors_are_the_same_on_every_backend(served: Served) -> None:
     assert "error" in malformed.json()
     missing = served.post("/v2/models/nope/infer", json={"inputs": []})
     assert missing.status_code == 404, missing.text
+    assert "nope" in missing.text  # the error names the model it could not find
     unauthenticated = httpx.post(f"{served.url}{served.endpoint}", json={"x": 1}, timeout=30)
     assert unauthenticated.status_code == 401
     bad_v2 = served.post("/v2/models/lin/infer", json={"inputs": [{"name": "x"}]})

@@ -147,11 +147,15 @@ class JobRun:
             if self.on_end is not None:
                 self.on_end(final)
 
+    async def _end(self, status: str, error: str) -> None:
+        """End the job with `status` and why (the store refuses to end an ended one)."""
+        await asyncio.to_thread(self.store.end_job, self.job.id, status, error=error)
+
     async def _place(self, job: JobRow) -> bool:
         """The workers where the backend runs them (True), or False: here, in slots.
 
         Remote workers reach the queue through the store, not through this server."""
-        where = getattr(self.placer, "name", "the backend")
+        where = self.placer.name
         try:
             self._remote = await self.placer.start_job_workers(job, self.spec, self.root, self.env)
             if self._remote is None:
@@ -159,12 +163,7 @@ class JobRun:
             self.log.write(f"starting {job.workers} worker(s) on {where}", event="workers")
             nodes = await self._remote.nodes()
         except Exception as exc:  # noqa: BLE001 - the cluster says why in many ways
-            await asyncio.to_thread(
-                self.store.end_job,
-                job.id,
-                st.WORKER_ERROR,
-                error=f"could not start the job's workers on {where}: {exc}",
-            )
+            await self._end(st.WORKER_ERROR, f"could not start the job's workers on {where}: {exc}")
             return True
         for n in range(job.workers):
             self.states[n] = "running"
@@ -189,12 +188,10 @@ class JobRun:
         self._sink = OutputSink(output["folder"], output["format"])
         if self._sink.remote:
             return True
-        if not getattr(self.placer, "local_outputs", True):  # its workers run elsewhere
-            await asyncio.to_thread(
-                self.store.end_job,
-                job.id,
+        if self.placer is not None and not self.placer.local_outputs:  # workers elsewhere
+            await self._end(
                 st.WORKER_ERROR,
-                error=f"on the {getattr(self.placer, 'name', 'remote')} backend a job's output "
+                f"on the {self.placer.name} backend a job's output "
                 f"must be shared storage: give output.path as s3://BUCKET/PREFIX/ or "
                 f"gs://BUCKET/PREFIX/ (a local folder would be on each worker's own node)",
             )
@@ -202,11 +199,9 @@ class JobRun:
         try:
             await asyncio.to_thread(Path(self._sink.folder).mkdir, parents=True, exist_ok=True)
         except OSError as exc:
-            await asyncio.to_thread(
-                self.store.end_job,
-                job.id,
+            await self._end(
                 st.WORKER_ERROR,
-                error=f"cannot create the output folder {self._sink.folder}: {exc.strerror or exc}",
+                f"cannot create the output folder {self._sink.folder}: {exc.strerror or exc}",
             )
             return False
         return True
@@ -257,11 +252,8 @@ class JobRun:
                 self.log.flush()  # the job's last lines are readable as soon as it ends
                 return
             if job.timeout is not None and time.time() > job.created_at + job.timeout:
-                await asyncio.to_thread(
-                    self.store.end_job,
-                    job.id,
-                    st.TIMED_OUT,
-                    error=f"the job ran longer than its timeout of {job.timeout:g}s",
+                await self._end(
+                    st.TIMED_OUT, f"the job ran longer than its timeout of {job.timeout:g}s"
                 )
                 return
             if self.mem_limit:
@@ -270,12 +262,7 @@ class JobRun:
             if self._remote is not None and not await self._pull_remote():
                 ended = True
             if ended:
-                await asyncio.to_thread(
-                    self.store.end_job,
-                    job.id,
-                    st.WORKER_ERROR,
-                    error="every worker exited but the job had not finished",
-                )
+                await self._end(st.WORKER_ERROR, "every worker exited but the job had not finished")
                 return
             self.log.flush()
             self._wake.clear()
@@ -288,9 +275,7 @@ class JobRun:
             if why is not None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                await asyncio.to_thread(
-                    self.store.end_job, job.id, st.WORKER_OOM, error=f"worker {n} {why}"
-                )
+                await self._end(st.WORKER_OOM, f"worker {n} {why}")
                 return
 
     async def _slot(self, n: int) -> None:
@@ -319,19 +304,15 @@ class JobRun:
             self.states[n] = "failed"
             if code in (EXIT_LOAD_FAILED, EXIT_OOM):
                 status = st.WORKER_OOM if code == EXIT_OOM else st.WORKER_ERROR
-                await asyncio.to_thread(
-                    self.store.end_job, self.job.id, status, error=error or f"exit code {code}"
-                )
+                await self._end(status, error or f"exit code {code}")
                 self.wake()
                 return
             self.failures += 1
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             if self.failures > self.max_restarts:
-                await asyncio.to_thread(
-                    self.store.end_job,
-                    self.job.id,
+                await self._end(
                     st.WORKER_ERROR,
-                    error=f"workers crashed {self.failures} times (last: worker {n}, {how}); "
+                    f"workers crashed {self.failures} times (last: worker {n}, {how}); "
                     f"jobs.max_worker_restarts is {self.max_restarts}",
                 )
                 self.wake()

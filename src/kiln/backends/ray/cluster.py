@@ -83,7 +83,6 @@ class RayBackend:
         self._holders: dict[str, set[int]] = {}  # application name -> ids of ClusterServedApis
         self._adopted: dict[str, dict[str, Any]] = {}  # found running, not yet re-placed
         self._applied: str | None = None  # the last config sent, as JSON
-        self._generation = 0
         self._lock = asyncio.Lock()
         self._details: dict[str, Any] = {}
         self._details_at = 0.0
@@ -261,7 +260,6 @@ class RayBackend:
             )
             if body == self._applied:
                 return
-            self._generation += 1
             ingress = {
                 "name": INGRESS_APP,
                 "import_path": INGRESS_IMPORT,
@@ -272,11 +270,7 @@ class RayBackend:
                         "name": INGRESS_DEPLOYMENT,
                         **ingress_options(),
                         "num_replicas": self.ingress_replicas,
-                        "user_config": {
-                            "apis": apis,
-                            "traffic": traffic,
-                            "generation": self._generation,
-                        },
+                        "user_config": {"apis": apis, "traffic": traffic},
                     }
                 ],
             }

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from kiln.backends.ray.ingress import RayServedApi
 from kiln.backends.ray.replica import api_from_args
-from kiln.backends.ray.telemetry import ForwardingLogSink, LogForwarder, MetricsForwarder
+from kiln.backends.ray.telemetry import ForwardedLog, LogForwarder, MetricsForwarder
 from kiln.control.logs import worker_record
 from kiln.control.shared_quotas import shared_authority
 from kiln.protocols.app import InferenceApp
@@ -54,10 +52,8 @@ class KilnClusterIngress:
     async def __init__(self, store_url: str | None = None) -> None:  # type: ignore[misc]
         self.registry = Registry()
         self.forwarder = LogForwarder()  # request records to the control plane's logs
-        folder = Path(tempfile.mkdtemp(prefix="kiln-ray-ingress-"))
-        self.log = ForwardingLogSink(folder, quiet=True, forwarder=self.forwarder)
+        self.log = ForwardedLog(self.forwarder)
         self.forwarder.start()
-        self.generation = -1
         self.apps: dict[tuple[str, str | None], str] = {}  # (name, version) -> application
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[None]] = set()
@@ -84,7 +80,6 @@ class KilnClusterIngress:
             for name, group in self.registry.groups.items():  # `kiln traffic` at runtime
                 if group.override != splits.get(name):
                     group.set_traffic(splits.get(name))
-            self.generation = int(config.get("generation", 0))
 
     async def _route(self, entry: dict[str, Any]) -> None:
         api = api_from_args(entry["spec"], str(entry.get("root", "/")))
@@ -94,10 +89,9 @@ class KilnClusterIngress:
             handle,
             cwd="/",
             log_line=partial(self._log_line, api.name),
-            revision=None,
+            revision=entry.get("revision"),
             observer=self.metrics,
         )
-        served.revision = entry.get("revision")
         try:
             await served.start()
         except Exception as exc:  # noqa: BLE001 - one API must not stop the others

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -36,8 +34,9 @@ from ray.exceptions import RayError
 
 from kiln.backends.ray.frames import batch_frame, outcomes_from_frame
 from kiln.backends.ray.options import deployment_name
+from kiln.backends.ray.telemetry import ForwardedLog, LogForwarder
 from kiln.config import load_project
-from kiln.control.logs import LogSink, worker_record
+from kiln.control.logs import worker_record
 from kiln.control.shared_quotas import in_namespace, shared_authority
 from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
 from kiln.protocols.app import InferenceApp
@@ -285,8 +284,9 @@ class KilnIngress:
         (control/shared_quotas.py); `owner`: the user whose namespace the APIs are in."""
         project = load_project(project_dir, config_file)
         self.registry = Registry()
-        logs = Path(tempfile.mkdtemp(prefix="kiln-ray-ingress-"))
-        self.log = LogSink(logs, quiet=True)
+        self.forwarder = LogForwarder()  # to a control plane's logs, when there is one
+        self.log = ForwardedLog(self.forwarder)
+        self.forwarder.start()
         served: list[RayServedApi] = []
         for api in project.apis:
             name = deployment_name(api)

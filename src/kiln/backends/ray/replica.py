@@ -147,6 +147,9 @@ class KilnReplica:
             api, root, declared = found, str(project.root), dict(found.worker_env)
         self.api = api
         self.node_id: str = ray.get_runtime_context().get_node_id()
+        self.replica_id: str = serve.get_replica_context().replica_id.unique_id
+        self.forwarder = LogForwarder()  # to the control plane's `kiln logs`, when there is one
+        self.forwarder.start()
         self.policy = sandbox_policy(sandbox)
         worker = worker_spec_for(api)
         worker.cpus = cores_for(api.compute.cpu or 1) if api.compute.cpu else None
@@ -157,15 +160,12 @@ class KilnReplica:
             launch=launch_factory(api, root, self.policy, env),
             log_line=self._log_line,
         )
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.forwarder = LogForwarder()  # to the control plane's `kiln logs`, when there is one
-        self.forwarder.start()
         await self.replica.start(api.serving.startup_timeout_s)
 
     def _log_line(self, line: str) -> None:
         # The actor's stderr is the replica's log in Ray; the control plane gets it too.
         print(f"[{self.api.name}] {line}", file=sys.stderr, flush=True)
-        record = worker_record(line, getattr(self, "replica_id", None))
+        record = worker_record(line, self.replica_id)
         self.forwarder.add(self.api.name, {**record, "node": self.node_id})
 
     async def info(self) -> dict[str, Any]:

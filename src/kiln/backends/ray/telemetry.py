@@ -28,8 +28,6 @@ from typing import Any
 
 import ray
 
-from kiln.control.logs import LogSink
-
 COLLECTOR = "kiln-logs"
 NAMESPACE = "kiln"
 MAX_RECORDS = 100_000
@@ -168,13 +166,13 @@ def replay(metrics: Any, event: tuple[Any, ...]) -> None:
         metrics.handler_metrics(_Named(name, version), recorded)
 
 
-class ForwardingLogSink(LogSink):
-    """An ingress's `LogSink` whose records also go to the control plane."""
+class ForwardedLog:
+    """An ingress replica's log (what `InferenceApp` writes to: `write` only): its records
+    go to the control plane. No file on the node: nobody there would read it, and it
+    would grow with every request."""
 
-    def __init__(self, *args: Any, forwarder: LogForwarder, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, forwarder: LogForwarder) -> None:
         self.forwarder = forwarder
 
     def write(self, api: str, record: dict[str, Any]) -> None:
-        super().write(api, record)
         self.forwarder.add(api, record)
