@@ -42,6 +42,8 @@ class WorkerSpec:
     # The project's Python environment (kiln.environments): folders appended to sys.path
     # before user code is imported. The worker needs nothing else of the environment.
     site_dirs: list[str] = field(default_factory=list)
+    # Busy-poll limit between requests, microseconds (serving/polling.py); 0: block at once.
+    poll_us: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

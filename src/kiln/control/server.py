@@ -96,6 +96,9 @@ class ServerOptions:
     backend: Any = None
     # The state store's URL (--store); None: $KILN_STATE_URL, else SQLite in the home.
     store_url: str | None = None
+    # How long the server and its workers poll for an imminent answer before they sleep,
+    # in microseconds (serving/polling.py; server.yaml `busy_poll_us`); 0 turns it off.
+    busy_poll_us: int = 500
 
 
 class InferenceServer:
@@ -188,6 +191,7 @@ class InferenceServer:
         )
         if self.options.mode != "server":
             served.worker_spec.expose_errors = True
+        served.worker_spec.poll_us = self.options.busy_poll_us
         return served
 
     def _log_line(self, api: str) -> Callable[[str], None]:

@@ -14,9 +14,11 @@ raises `FrameError` with what was wrong: the reader decides what that costs
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
@@ -24,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kiln.serving.messages import Cancel, Message
+from kiln.serving.polling import PollWindow
 
 _TOTAL = struct.Struct("!I")
 _HEAD = struct.Struct("!II")  # header length, buffer count
@@ -204,6 +207,8 @@ class BlockingChannel(Generic[M]):
         self._decoder = decoder
         self._parked: deque[Frame[M]] = deque()
         self._ahead = bytearray()  # bytes read past the last frame handed out
+        # Poll this long before blocking for the next read (serving/polling.py); None: block.
+        self.poll: PollWindow | None = None
 
     def cancelled(self, stream_id: int) -> bool:
         """Read whatever has arrived without blocking; True if it cancels `stream_id`."""
@@ -243,13 +248,37 @@ class BlockingChannel(Generic[M]):
                 got += count
             return buf
         while len(ahead) < n:
-            data = self._sock.recv(_READ_AHEAD)
+            data = self._recv_some()
             if not data:
                 return None
             ahead += data
         chunk = bytes(ahead[:n])
         del ahead[:n]
         return chunk
+
+    def _recv_some(self) -> bytes:
+        """One read of up to `_READ_AHEAD` bytes, polled for first when `poll` says so."""
+        poll = self.poll
+        sock = self._sock
+        if poll is None:
+            return sock.recv(_READ_AHEAD)
+        started = time.perf_counter()
+        window = poll.window
+        data: bytes | None = None
+        if window:
+            deadline = started + window
+            while True:
+                try:
+                    data = sock.recv(_READ_AHEAD, socket.MSG_DONTWAIT)
+                    break
+                except BlockingIOError:
+                    if time.perf_counter() >= deadline:
+                        break
+                    os.sched_yield()  # anything runnable on this CPU goes first
+        if data is None:
+            data = sock.recv(_READ_AHEAD)
+        poll.learn(time.perf_counter() - started)
+        return data
 
     def recv(self) -> Frame[M] | None:
         """Next frame (a `Cancel` for a stream already over is skipped), or None at EOF."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import select
 import socket
 import sys
 import time
@@ -42,6 +43,7 @@ from kiln.serving.messages import (
     StreamChunk,
     StreamEnd,
 )
+from kiln.serving.polling import ACTIVITY, for_limit, wait_readable
 from kiln.serving.process import WorkerProcess, describe_exit
 from kiln.serving.types import InferenceRequest, InferenceResponse, WorkerSpec
 from kiln.serving.wire import decode_outcomes, encode_request, from_wire_error
@@ -75,7 +77,7 @@ class NotStarted(Unavailable):
 class _Sent:
     """A batch written to the worker and not answered yet."""
 
-    __slots__ = ("future", "size", "timer", "on_done")
+    __slots__ = ("future", "size", "timer", "on_done", "alone_at")
 
     def __init__(
         self,
@@ -87,6 +89,7 @@ class _Sent:
         self.size = size
         self.timer: asyncio.TimerHandle | None = None
         self.on_done = on_done
+        self.alone_at = 0.0  # perf_counter when sent as the server's only work (polling.py)
 
 
 def _late_done(sent: _Sent, future: asyncio.Future[list[Any]]) -> None:
@@ -130,6 +133,10 @@ class Replica:
         self.in_flight = 0  # requests (streams included) sent and not answered yet
         self.batch_sent_at = 0.0  # when the oldest batch in flight was sent
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, on first send
+        # Polling for the answer of a batch sent while the server had nothing else to do
+        # (serving/polling.py): the window, and a poll object on the worker's socket.
+        self._poll = for_limit(spec.poll_us)
+        self._poller: select.poll | None = None
 
     @property
     def batches_in_flight(self) -> int:
@@ -176,6 +183,9 @@ class Replica:
             lambda: FrameProtocol(FROM_WORKER), sock=parent
         )
         self._writer = transport
+        if self._poll is not None:
+            self._poller = select.poll()
+            self._poller.register(parent.fileno(), select.POLLIN)
         transport.writelines(encode_frame(Init(self.spec)))
         try:
             message, _ = await asyncio.wait_for(channel.first(), timeout)
@@ -231,6 +241,8 @@ class Replica:
         if not isinstance(message, BatchReply):
             raise FrameError(f"{type(message).__name__} after the worker was ready")
         sent = self._settle(message.id)
+        if sent is not None and sent.alone_at and self._poll is not None:
+            self._poll.learn(time.perf_counter() - sent.alone_at)
         if self._pending:  # the worker starts on the next batch now
             self.batch_sent_at = time.monotonic()
         if sent is None or sent.future.done():
@@ -273,6 +285,7 @@ class Replica:
         second time from the socket object; by then the number may belong to a
         client's TCP connection, which would be cut (uvloop#645/#738).
         """
+        self._poller = None  # its descriptor number may be reused once closed
         if self._writer is not None and not self._writer.is_closing():
             self._writer.close()
 
@@ -344,9 +357,22 @@ class Replica:
         items, buffers = self._encode(requests)
         self.in_flight += len(requests)
         kind = Explain if op == "explain" else Batch
-        self._writer.writelines(encode_frame(kind(batch_id, items), buffers))
+        writer = self._writer
+        writer.writelines(encode_frame(kind(batch_id, items), buffers))
         if timeout is not None:
             sent.timer = loop.call_later(timeout, self._overrun, batch_id, len(requests))
+        poll = self._poll
+        if (
+            poll is not None
+            and ACTIVITY.alone()
+            and self.in_flight == len(requests)
+            and not writer.get_write_buffer_size()
+        ):
+            # The server's only request, written whole to an idle worker: wait for the
+            # answer awake, for the window the last answers taught (polling.py).
+            sent.alone_at = time.perf_counter()
+            if poll.window and self._poller is not None:
+                wait_readable(self._poller, poll.window)
         return future
 
     async def submit_batch(

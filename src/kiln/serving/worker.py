@@ -48,6 +48,7 @@ from kiln.serving.messages import (
     ToWorker,
 )
 from kiln.serving.payloads import decode_payload, encode_chunk, encode_reply
+from kiln.serving.polling import for_limit, usable_cpus
 from kiln.serving.tracking import check_tracker_at_load, tracked_values
 from kiln.serving.types import WorkerSpec
 from kiln.serving.v2_tensors import InferBody
@@ -307,6 +308,7 @@ def serve(channel: Channel) -> int:
     if first is None or not isinstance(first[0], Init):
         return 2
     spec = first[0].spec
+    cpus = usable_cpus()  # the machine's share, before this worker is pinned to its own
     if spec.cpus and hasattr(os, "sched_setaffinity"):
         try:
             os.sched_setaffinity(0, spec.cpus)
@@ -336,6 +338,7 @@ def serve(channel: Channel) -> int:
     gc.freeze()
     load_s = round(time.monotonic() - started, 3)
     channel.send(Ready(os.getpid(), signature, pipeline.can_explain, load_s))
+    channel.poll = for_limit(spec.poll_us, cpus)
     return Worker(channel, spec, pipeline).run()
 
 
