@@ -165,6 +165,7 @@ def _load(project_dir: Path, file: str | None):  # noqa: ANN202 - returns kiln.c
 
 from kiln.cli.server_cmd_edge import (  # noqa: E402 - the edge flags `kiln server` shares
     BodyIdleTimeoutOption,
+    BusyPollOption,
     GrpcCertOption,
     GrpcKeyOption,
     GrpcPortOption,
@@ -259,6 +260,7 @@ def serve(
     grpc_tls_key: GrpcKeyOption = None,
     otlp_endpoint: OtlpEndpointOption = None,
     otlp_protocol: OtlpProtocolOption = None,
+    busy_poll_us: BusyPollOption = None,
 ) -> None:
     """Serve every API of a project on this machine, in the foreground (Ctrl-C stops)."""
     from kiln.cli.serve_cmd import run_serve
@@ -298,6 +300,7 @@ def serve(
             grpc_tls_key,
             otlp_endpoint,
             otlp_protocol,
+            busy_poll_us,
         )
     )
 

@@ -15,6 +15,7 @@ from kiln.cli.common import console, err_console, kiln_home
 from kiln.cli.server_cmd_edge import (
     GRPC_DEFAULT_PORT,
     EdgeFlagError,
+    check_busy_poll,
     check_grpc_tls,
     check_otlp,
     edge_limits,
@@ -51,17 +52,19 @@ def run_serve(
     grpc_tls_key: Path | None = None,
     otlp_endpoint: str | None = None,
     otlp_protocol: str | None = None,
+    busy_poll_us: int | None = None,
 ) -> int:
     """Serve `project` until Ctrl-C or SIGTERM; returns the exit code.
 
     `edge`: the edge flags given (--max-connections ...); used for this run, never saved.
     `grpc_port`: None is the default port (8083), skipped with a note when the grpc extra
-    is missing; a port given is required.
+    is missing; a port given is required. `busy_poll_us`: None is the default limit.
     """
     try:
         limits = edge_limits(edge or {})
         tls = check_grpc_tls(grpc_tls_cert, grpc_tls_key)
         check_otlp(otlp_endpoint, otlp_protocol)
+        poll_us = check_busy_poll(busy_poll_us)
     except EdgeFlagError as exc:
         err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
         return 2
@@ -95,6 +98,7 @@ def run_serve(
         grpc_tls_key=tls[1] if tls else None,
         otlp_endpoint=otlp_endpoint,
         otlp_protocol=otlp_protocol,
+        busy_poll_us=poll_us,
     )
     server = InferenceServer(project, options)
 

@@ -33,6 +33,7 @@ from kiln.cli.server_backend import (
 )
 from kiln.cli.server_cmd_edge import (
     BodyIdleTimeoutOption,
+    BusyPollOption,
     GrpcCertOption,
     GrpcKeyOption,
     GrpcPortOption,
@@ -341,6 +342,7 @@ def run_cmd(
     ray_address: RayAddressOption = None,
     ray_http_port: RayHttpPortOption = None,
     store: StoreOption = None,
+    busy_poll_us: BusyPollOption = None,
 ) -> None:
     """Run the server in the foreground (Ctrl-C stops it; deployed APIs come back next time)."""
     state = default_home(home)
@@ -373,6 +375,7 @@ def start_cmd(
     ray_address: RayAddressOption = None,
     ray_http_port: RayHttpPortOption = None,
     store: StoreOption = None,
+    busy_poll_us: BusyPollOption = None,
 ) -> None:
     """Start the server in the background and wait until it answers."""
     state = default_home(home)

@@ -1,4 +1,5 @@
-"""The edge flags (and the gRPC port's) shared by `kiln serve` and `kiln server start|run`.
+"""The edge flags (and the gRPC, OTLP and busy-poll ones) shared by `kiln serve` and
+`kiln server start|run`.
 
 One flag per `edge:` key of `KILN_HOME/server.yaml` (kiln.protocols.edge.EdgeLimits):
 `kiln server start|run` saves what it is given under `edge:`, `kiln serve` uses
@@ -172,3 +173,43 @@ def check_otlp(endpoint: str | None, protocol: str | None) -> None:
     problem = otlp_problem(endpoint, protocol)
     if problem is not None:
         raise EdgeFlagError(problem)
+
+
+# ----- busy-polling (kiln.serving.polling) ---------------------------------------------
+# ServerOptions.busy_poll_us's default; the CLI states it in its help and server.yaml's.
+BUSY_POLL_DEFAULT_US = 500
+BUSY_POLL_MAX_US = 100_000
+BUSY_POLL_ACCEPTS = f"an int from 0 to {BUSY_POLL_MAX_US} (microseconds; 0: polling off)"
+
+BusyPollOption = Annotated[
+    int | None,
+    typer.Option(
+        "--busy-poll-us",
+        help=f"How long the server and its workers poll for an imminent answer before they "
+        f"sleep, in microseconds (default {BUSY_POLL_DEFAULT_US}; 0: off). Polling costs CPU "
+        f"while a request is in flight and saves the wake-up of a sleeping process "
+        f"(docs/performance.md).",
+    ),
+]
+
+
+def busy_poll_problem(value: object) -> str | None:
+    """Why `value` cannot be the busy-poll limit (what it must be), or None when it can.
+
+    A bound because a window past 0.1 s would spin a CPU through whole requests, where
+    sleeping costs tens of microseconds; an int since the limit is counted in them."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be {BUSY_POLL_ACCEPTS}, not {value!r}"
+    if not 0 <= value <= BUSY_POLL_MAX_US:
+        return f"must be {BUSY_POLL_ACCEPTS}, not {value}"
+    return None
+
+
+def check_busy_poll(value: int | None) -> int:
+    """The --busy-poll-us given (its default when None); a bad one names the flag."""
+    if value is None:
+        return BUSY_POLL_DEFAULT_US
+    problem = busy_poll_problem(value)
+    if problem is not None:
+        raise EdgeFlagError(f"--busy-poll-us {problem}")
+    return value

@@ -2,10 +2,11 @@
 
 Apart from `server_cmd.py` because it is the one place the three sources meet
 and are checked: every flag is validated before anything is saved (a bad edge
-limit, TLS pair, OTLP endpoint or webhook network stops the command with the
-flag named), what was given is saved for later starts, and the result becomes
-the `ServerOptions` the server runs with (refusing a non-loopback host without
-API keys).
+limit, TLS pair, OTLP endpoint, webhook network or busy-poll limit stops the
+command with the flag named; a bad server.yaml, with the file and key named),
+what was given is saved for later starts, and the result becomes the
+`ServerOptions` the server runs with (refusing a non-loopback host without API
+keys).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from rich.markup import escape
 
 from kiln.cli.common import err_console
 from kiln.cli.server_cmd_edge import (
+    BUSY_POLL_ACCEPTS,
+    BUSY_POLL_DEFAULT_US,
     EDGE_FLAGS,
     GRPC_DEFAULT_PORT,
     EdgeFlagError,
+    busy_poll_problem,
+    check_busy_poll,
     check_edge,
     check_grpc_tls,
     check_otlp,
@@ -45,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "ray_address": None,
     "ray_http_port": None,
     "store": None,
+    "busy_poll_us": BUSY_POLL_DEFAULT_US,
 }
 
 
@@ -55,12 +61,21 @@ def merge_settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
     same --pass-env patterns and edge limits. Edge flags (--max-connections ...)
     update the keys they name inside `edge:` and leave the others as saved.
     """
+    from kiln.control import server_file
     from kiln.control.server_file import ServerFileError, load, save
 
+    # server.yaml's table of keys is control/server_file.py's; busy_poll_us joins it here
+    # until that table lists it (then this is a no-op), so load type-checks it and save
+    # writes it like the keys there.
+    server_file.KEYS.setdefault("busy_poll_us", (int, BUSY_POLL_ACCEPTS))
     try:
         saved = load(home)
     except ServerFileError as exc:
         fail(str(exc))
+    if "busy_poll_us" in saved:  # load checked the type; the range is the CLI's rule
+        problem = busy_poll_problem(saved["busy_poll_us"])
+        if problem is not None:
+            fail(f"{server_file.path_of(home)}: 'busy_poll_us' {problem}")
     edge = given_edge(given)
     try:
         check_edge(edge)  # before anything is saved
@@ -78,6 +93,10 @@ def merge_settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
             given.get("otlp_endpoint") or saved.get("otlp_endpoint"),
             given.get("otlp_protocol") or saved.get("otlp_protocol"),
         )
+    except EdgeFlagError as exc:
+        fail(str(exc))
+    try:  # before anything is saved: a limit the pollers can use
+        check_busy_poll(given.get("busy_poll_us"))
     except EdgeFlagError as exc:
         fail(str(exc))
     if tls is not None and (given.get("grpc_tls_cert") or given.get("grpc_tls_key")):
@@ -153,4 +172,5 @@ def server_options(home: Path, settings: dict[str, Any]) -> Any:
         otlp_protocol=settings["otlp_protocol"],
         store_url=normalized_store(settings.get("store")),
         backend=make_backend(settings),
+        busy_poll_us=settings["busy_poll_us"],
     )
