@@ -19,7 +19,6 @@ from rich.markup import escape
 
 from kiln.cli.common import err_console
 from kiln.cli.server_cmd_edge import (
-    BUSY_POLL_ACCEPTS,
     BUSY_POLL_DEFAULT_US,
     EDGE_FLAGS,
     GRPC_DEFAULT_PORT,
@@ -61,13 +60,8 @@ def merge_settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
     same --pass-env patterns and edge limits. Edge flags (--max-connections ...)
     update the keys they name inside `edge:` and leave the others as saved.
     """
-    from kiln.control import server_file
-    from kiln.control.server_file import ServerFileError, load, save
+    from kiln.control.server_file import ServerFileError, load, path_of, save
 
-    # server.yaml's table of keys is control/server_file.py's; busy_poll_us joins it here
-    # until that table lists it (then this is a no-op), so load type-checks it and save
-    # writes it like the keys there.
-    server_file.KEYS.setdefault("busy_poll_us", (int, BUSY_POLL_ACCEPTS))
     try:
         saved = load(home)
     except ServerFileError as exc:
@@ -75,7 +69,7 @@ def merge_settings(home: Path, given: dict[str, Any]) -> dict[str, Any]:
     if "busy_poll_us" in saved:  # load checked the type; the range is the CLI's rule
         problem = busy_poll_problem(saved["busy_poll_us"])
         if problem is not None:
-            fail(f"{server_file.path_of(home)}: 'busy_poll_us' {problem}")
+            fail(f"{path_of(home)}: 'busy_poll_us' {problem}")
     edge = given_edge(given)
     try:
         check_edge(edge)  # before anything is saved

@@ -39,6 +39,7 @@ KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "ray_address": (str, "auto, or the Ray head's HOST:PORT"),
     "ray_http_port": (int, "a port number for Ray Serve's HTTP proxy"),
     "store": (str, "a state store URL, e.g. postgresql+psycopg://kiln:PASSWORD@db/kiln"),
+    "busy_poll_us": (int, "an int from 0 to 100000 (microseconds; 0: polling off)"),
 }
 
 
