@@ -28,7 +28,7 @@ nothing is exported. Compare two runs to see what tracing costs.
 
 Run: .venv/bin/python bench/data_plane.py [--duration 5] [--concurrency 1,8,64] [--quick]
      [--models tiny,mlp] [--configs b0-r1,b1-r1] [--routes native,v1,v2] [--no-baselines]
-     [--sandbox-compare] [--tracing off|on] [--trace-sample 0.1]
+     [--sandbox-compare] [--tracing off|on] [--trace-sample 0.1] [--busy-poll-us 0]
 """
 
 from __future__ import annotations
@@ -367,6 +367,10 @@ class NoopCollector:
 COLLECTOR: NoopCollector | None = None  # set by main() with --tracing on
 
 
+def _poll_limit(value: int | None) -> str:
+    return "Kiln's default" if value is None else f"{value} us"
+
+
 def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
     """`kiln serve` of `project` (with --sandbox when asked); the server and its base URL."""
     port = free_port()
@@ -387,7 +391,8 @@ def start_kiln(project: Path, args, sandbox: bool) -> tuple[Server, str]:
         + ["--port", str(port), "--management-port", "0", "--metrics-port", "0"]
         + ["--grpc-port", "0"]
         + ["--home", str(project / f"state-{tag}")]
-        + (["--sandbox"] if sandbox else []),
+        + (["--sandbox"] if sandbox else [])
+        + ([] if args.busy_poll_us is None else ["--busy-poll-us", str(args.busy_poll_us)]),
         project / f"serve-{tag}.log",
         env,
     )
@@ -812,7 +817,8 @@ def print_report(result: dict) -> None:
     a = result["args"]
     print(
         f"load: closed loop, {a['duration']:g}s measured after {a['warmup']:g}s warmup per row; "
-        f"client and servers share the machine's cores; Kiln's HTTP layer: {a.get('http')}"
+        f"client and servers share the machine's cores; Kiln's HTTP layer: {a.get('http')}; "
+        f"busy-poll limit: {_poll_limit(a.get('busy_poll_us'))}"
     )
 
     if result["in_process"]:
@@ -914,6 +920,12 @@ def main() -> None:
         help="with --tracing on: the share of requests traced (OTEL_TRACES_SAMPLER="
         "parentbased_traceidratio); 1 traces every request",
     )
+    parser.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=None,
+        help="passed to `kiln serve --busy-poll-us` (0: no polling; default: Kiln's own)",
+    )
     args = parser.parse_args()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -1006,6 +1018,7 @@ def main() -> None:
             "rounds": args.rounds,
             "tracing": args.tracing,
             "trace_sample": args.trace_sample,
+            "busy_poll_us": args.busy_poll_us,
         },
         "load_average_start": load_average,
         "batching": BATCHING,
