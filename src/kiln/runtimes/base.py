@@ -42,6 +42,8 @@ def _cast(name: str, value: Any, spec: TensorSpec) -> np.ndarray:
         array = np.asarray(value)
     except ValueError:
         array = np.asarray(value, dtype=object)
+    if array.dtype.kind == "f" and spec.dtype.kind == "f":  # the common case: no checks apply
+        return array.astype(spec.dtype, copy=False)
     if array.dtype == object and spec.dtype != np.object_:
         raise InvalidInput(
             f"input '{name}' is not a rectangular array of numbers: every row must have "
@@ -69,7 +71,12 @@ class TensorSignature:
     def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
         self.inputs = inputs
         self.outputs = outputs
+        self.output_names = [spec.name for spec in outputs]  # read per answer: built once
         self._by_name = {spec.name: spec for spec in inputs}
+        # One input (most models): its spec and rank facts, so `to_tensors` skips the
+        # per-request name checks and `_fit_rank`'s general walk when the sample fits.
+        self._single = inputs[0] if len(inputs) == 1 else None
+        self._fit = _RankFit(inputs[0]) if len(inputs) == 1 else None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,19 @@ class TensorSignature:
 
     def to_tensors(self, sample: Any) -> tuple[dict[str, np.ndarray], bool]:
         """Named arrays from a JSON sample, and whether the batch axis was added for it."""
+        single = self._single
+        if single is not None and self._fit is not None:
+            if not isinstance(sample, dict):
+                value = sample
+            elif len(sample) == 1 and single.name in sample:
+                value = sample[single.name]
+            else:
+                return self._to_tensors(sample)
+            array, added = self._fit.fit(_cast(single.name, value, single))
+            return {single.name: array}, added
+        return self._to_tensors(sample)
+
+    def _to_tensors(self, sample: Any) -> tuple[dict[str, np.ndarray], bool]:
         names = ", ".join(f"'{s.name}'" for s in self.inputs)
         if isinstance(sample, dict) and (len(self.inputs) > 1 or self.inputs[0].name in sample):
             unknown = [key for key in sample if key not in self._by_name]
@@ -108,6 +128,37 @@ class TensorSignature:
                 "them as one instance or all of them as a batch"
             )
         return tensors, unbatched.pop()
+
+
+class _RankFit:
+    """`_fit_rank` for one spec with its facts worked out once: a fitting array costs a
+    few comparisons; anything else goes to `_fit_rank`, which raises with the message."""
+
+    __slots__ = ("spec", "rank", "addable", "fixed")
+
+    def __init__(self, spec: TensorSpec) -> None:
+        self.spec = spec
+        shape = spec.shape
+        self.rank = None if shape is None else len(shape)
+        self.addable = shape is not None and len(shape) >= 1 and shape[0] in (None, 1)
+        self.fixed = tuple((a, d) for a, d in enumerate(shape or ()) if d is not None)
+
+    def fit(self, array: np.ndarray) -> tuple[np.ndarray, bool]:
+        rank = self.rank
+        if rank is None:
+            return array, False
+        ndim = array.ndim
+        if ndim == rank:
+            fitted, added = array, False
+        elif ndim == rank - 1 and self.addable:
+            fitted, added = array[np.newaxis, ...], True
+        else:
+            return _fit_rank(self.spec, array)
+        shape = fitted.shape
+        for axis, dim in self.fixed:
+            if shape[axis] != dim:
+                return _fit_rank(self.spec, array)
+        return fitted, added
 
 
 def _fit_rank(spec: TensorSpec, array: np.ndarray) -> tuple[np.ndarray, bool]:

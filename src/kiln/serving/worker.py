@@ -139,16 +139,20 @@ class Worker:
         self.clock = BatchClock(pipeline)  # a traced batch's phase times (worker_trace.py)
 
     def _context(self, item: RequestItem) -> RequestContext:
+        spec = self.spec
+        # Positional, in field order: built once per request, keywords cost more.
         return RequestContext(
-            request_id=item.request_id,
-            api=self.spec.api,
-            version=self.spec.version,
-            protocol=item.protocol,
-            headers=item.headers or {},
-            query=item.query or {},
-            metadata=self.spec.metadata,
-            config=self.spec.config,
-            wants_tensors=item.want_tensors,
+            item.request_id,
+            spec.api,
+            spec.version,
+            item.protocol,
+            item.headers or {},
+            item.query or {},
+            spec.metadata,
+            spec.config,
+            None,
+            {},
+            item.want_tensors,
         )
 
     def _error(self, exc: BaseException, context: RequestContext, logged: bool = False) -> Any:
@@ -193,14 +197,18 @@ class Worker:
         """
         items = message.items
         received = self.clock.arrived(items)  # 0 unless a request of this batch is traced
-        contexts = [self._context(item) for item in items]
+        context = self._context
+        contexts = [context(item) for item in items]
         stages: list[list[tuple[str, Any]] | None] = [[] if i.debug else None for i in items]
         outcomes: list[Any] = [None] * len(items)
         v2_bodies: list[InferBody | None] = [None] * len(items)
         runnable: list[int] = []
+        names, tensor_api, signature = self.input_names, self.tensor_api, self.signature
         for index, (item, owned) in enumerate(zip(items, split_items(items, buffers), strict=True)):
             try:
-                outcomes[index], v2_bodies[index] = self._decode(item, owned)
+                outcomes[index], v2_bodies[index] = decode_payload(
+                    item, owned, names, tensor_api, signature
+                )
                 runnable.append(index)
             except Exception as exc:  # noqa: BLE001 - decoding client data
                 outcomes[index] = exc
@@ -230,8 +238,9 @@ class Worker:
                 outcomes[index] = result
         replies: list[ReplyItem] = []
         out: list[Any] = []
+        answer = self._reply
         for index, outcome in enumerate(outcomes):
-            reply, owned = self._reply(outcome, contexts[index], items[index], v2_bodies[index])
+            reply, owned = answer(outcome, contexts[index], items[index], v2_bodies[index])
             stage = stages[index]
             if stage is not None:
                 reply.debug = [(name, preview(value)) for name, value in stage]
