@@ -242,3 +242,41 @@ def test_requests_queued_after_a_kill_reach_the_other_replica(
     assert len(failed) == 1 and isinstance(failed[0], Unavailable), outcomes
     assert "before answering" in str(failed[0])
     assert len([o for o in outcomes if isinstance(o, int)]) == 3
+
+
+def test_requests_queued_behind_a_busy_replica_do_not_wake_the_dispatcher(tmp_path: Path) -> None:
+    """With batching and the one replica busy, a new request cannot be placed: the
+    dispatcher waiting for capacity is not woken for it (each wake-up was a wasted task
+    step per request at c=64). A full batch is the exception: it may go ahead."""
+    batching = "  batching: {max_batch_size: 8, max_batch_delay_ms: 2}\n"
+
+    async def main() -> tuple[int, int, list[int]]:
+        served = await started(make_served(tmp_path, batching), 1)
+        picks = 0
+        pick = served._pick
+
+        def counted() -> Any:
+            nonlocal picks
+            picks += 1
+            return pick()
+
+        served._pick = counted  # type: ignore[method-assign]
+        try:
+            busy = asyncio.ensure_future(pid_of(served, {"sleep": 0.6}))
+            await asyncio.sleep(0.2)  # the slow one runs; the dispatcher waits for capacity
+            before = picks
+            queued = []
+            for _ in range(5):  # one at a time, as clients' requests arrive
+                queued.append(asyncio.ensure_future(pid_of(served, {})))
+                await asyncio.sleep(0.02)
+            while_busy = picks - before
+            pids = await asyncio.gather(busy, *queued)
+            return while_busy, len(served.queue), pids
+        finally:
+            await served.stop(5)
+
+    while_busy, left, pids = asyncio.run(main())
+    # The first arrival is tried at once (`_dispatch_now`) and wakes the dispatcher from an
+    # empty queue: two looks; the next four arrivals add none (before: one each).
+    assert while_busy == 2
+    assert left == 0 and len(set(pids)) == 1  # all six answered by the one replica
