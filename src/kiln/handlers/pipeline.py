@@ -127,6 +127,7 @@ class TensorPipeline(Pipeline):
     ) -> list[Any]:
         results: list[Any] = [None] * len(payloads)
         groups: dict[tuple[Any, ...], list[Member]] = {}
+        unbatched_at = [False] * len(payloads)
         prepare = self._prepare
         for index, payload in enumerate(payloads):
             try:
@@ -134,6 +135,7 @@ class TensorPipeline(Pipeline):
             except Exception as exc:  # noqa: BLE001 - hooks are user code
                 results[index] = exc
                 continue
+            unbatched_at[index] = unbatched
             key = tuple([(name, a.dtype.str, a.shape[1:]) for name, a in tensors.items()])
             member = (index, tensors, unbatched, _rows(tensors))
             group = groups.get(key)
@@ -143,14 +145,14 @@ class TensorPipeline(Pipeline):
                 group.append(member)
         finish = self._finish
         for members in groups.values():
-            unbatched_of = {m[0]: m[2] for m in members}
             for index, outputs in self._run_group(members):
-                unbatched = unbatched_of[index]
                 if isinstance(outputs, BaseException):
                     results[index] = outputs
                     continue
                 try:
-                    results[index] = finish(outputs, unbatched, stages[index], contexts[index])
+                    results[index] = finish(
+                        outputs, unbatched_at[index], stages[index], contexts[index]
+                    )
                 except Exception as exc:  # noqa: BLE001 - hooks are user code
                     results[index] = exc
         return results

@@ -172,7 +172,8 @@ def parse_infer_body(body: bytes | memoryview, header_length: str | None) -> Inf
     request_id = head.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput("the request 'id' must be a string")
-    parameters = _object(head.get("parameters"), "the request parameters")
+    parameters = head.get("parameters")
+    parameters = {} if parameters is None else _object(parameters, "the request parameters")
     raw_inputs = head.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput(
@@ -214,7 +215,10 @@ def parse_infer_body(body: bytes | memoryview, header_length: str | None) -> Inf
             body_info.outputs.append(name)
         body_info.outputs = list(dict.fromkeys(body_info.outputs)) or None
     body_info.tail = memoryview(body)[split:] if split < len(body) else _NO_TAIL
-    declared = sum(spec.binary_size or 0 for spec in inputs)
+    declared = 0
+    for spec in inputs:
+        if spec.binary_size:
+            declared += spec.binary_size
     if declared != len(body_info.tail):
         binary = [s.name for s in inputs if s.binary_size is not None]
         if not binary:
@@ -288,7 +292,7 @@ def _from_json(spec: InputHeader) -> Tensor:
         array = np.asarray(spec.data)
     except (ValueError, TypeError):
         array = None
-    if array is None or array.dtype == object:
+    if array is None or (kind := array.dtype.kind) == "O":
         raise InvalidInput(
             f"input '{name}' data is not a rectangular array of {datatype} values: nested "
             f"lists must all have the same length, or send a flat list"
@@ -296,7 +300,6 @@ def _from_json(spec: InputHeader) -> Tensor:
     if array.size != spec.count:
         raise _count_error(spec, int(array.size))
     target = V2_TO_NUMPY[datatype]
-    kind = array.dtype.kind
     if kind in "US":
         raise InvalidInput(f"input '{name}' is {datatype}, but its data holds strings")
     if target.kind == "b":

@@ -191,6 +191,10 @@ def to_output_tensors(result: Any, names: list[str] | None = None) -> list[Tenso
     tensors = []
     for name, value in items:
         array = np.asarray(value)
+        datatype = V2_BY_DTYPE_STR.get(array.dtype.str)
+        if datatype is not None:  # numbers or bools (the usual answer): no checks apply
+            tensors.append(Tensor(str(name), datatype, list(array.shape), array))
+            continue
         if array.dtype.kind in "US":
             data = [str(v).encode() for v in array.reshape(-1)]
             tensors.append(Tensor(str(name), "BYTES", list(array.shape), data))
