@@ -1,0 +1,110 @@
+"""The worker's quick path for the usual V2 JSON request (serving/payloads.py `_quick_v2`)
+gives what the general path (parse, check against the signature, decode) gives, and
+leaves every other request, good or bad, to the general path and its messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from kiln.errors import InvalidInput
+from kiln.serving.messages import RequestItem
+from kiln.serving.payloads import _quick_v2, decode_payload
+from kiln.serving.v2_tensors import check_signature, decode_inputs, parse_infer_body
+
+SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],
+}
+ITEM = RequestItem("req-1", kind="v2json", buffers=1, protocol="v2", want_tensors=True)
+
+
+def _general(body: bytes) -> tuple[dict[str, np.ndarray], Any]:
+    parsed = parse_infer_body(memoryview(body), None)
+    check_signature(parsed, SIGNATURE)
+    return {t.name: t.data for t in decode_inputs(parsed)}, parsed
+
+
+def _decode(body: bytes) -> tuple[Any, Any]:
+    return decode_payload(ITEM, [memoryview(body)], ["x"], True, SIGNATURE)
+
+
+def _input(**fields: Any) -> dict[str, Any]:
+    return {"name": "x", "shape": [2, 4], "datatype": "FP32", **fields}
+
+
+GOOD = [
+    {"inputs": [_input(data=list(range(8)))]},
+    {"inputs": [_input(data=[[0.5, 1, 2, 3], [4, 5, 6, 7.25]])]},
+    {"id": "abc", "inputs": [_input(shape=[1, 4], data=[1e30, -2.5, 0, 3])]},
+    {"id": None, "inputs": [_input(shape=[0, 4], data=[])]},
+]
+
+
+@pytest.mark.parametrize("request_body", GOOD)
+def test_quick_path_matches_the_general_path(request_body: dict[str, Any]) -> None:
+    body = orjson.dumps(request_body)
+    quick = _quick_v2(memoryview(body), SIGNATURE)
+    assert quick is not None, "the usual request takes the quick path"
+    payload, parsed = quick
+    tensors, general = _general(body)
+    assert list(payload) == list(tensors)
+    for name, array in tensors.items():
+        assert payload[name].dtype == array.dtype
+        assert payload[name].shape == array.shape
+        assert np.array_equal(payload[name], array)
+    assert parsed == general
+
+
+UNUSUAL_BUT_GOOD = [
+    {"inputs": [_input(data=list(range(8)))], "outputs": [{"name": "y"}]},
+    {"inputs": [_input(data=list(range(8)), parameters={})]},
+    {"inputs": [_input(data=list(range(8)))], "parameters": {"binary_data_output": True}},
+    {"inputs": [_input(data=list(range(8)))], "extra": 1},
+]
+
+
+@pytest.mark.parametrize("request_body", UNUSUAL_BUT_GOOD)
+def test_other_requests_take_the_general_path(request_body: dict[str, Any]) -> None:
+    body = orjson.dumps(request_body)
+    assert _quick_v2(memoryview(body), SIGNATURE) is None
+    payload, parsed = _decode(body)
+    tensors, general = _general(body)
+    assert np.array_equal(payload["x"], tensors["x"])
+    assert parsed == general
+
+
+BAD = [
+    b"not json",
+    b"[1, 2]",
+    b'{"inputs": []}',
+    b'{"id": 5, "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": [1]}]}',
+    orjson.dumps({"inputs": [_input(name="z", data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(datatype="FP64", data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(datatype="FP3", data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(shape=[2, 3], data=list(range(6)))]}),
+    orjson.dumps({"inputs": [_input(shape=[8], data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(shape=[2, -4], data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(shape=[2, True], data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(shape="2x4", data=list(range(8)))]}),
+    orjson.dumps({"inputs": [_input(data=list(range(7)))]}),
+    orjson.dumps({"inputs": [_input(data=[[1, 2, 3, 4], [5, 6, 7]])]}),
+    orjson.dumps({"inputs": [_input(data=["a"] * 8)]}),
+    orjson.dumps({"inputs": [_input(data=[True] * 8)]}),
+    orjson.dumps({"inputs": [_input(data=None)]}),
+    orjson.dumps({"inputs": [_input()]}),
+    orjson.dumps({"inputs": [_input(data=list(range(8))), _input(data=list(range(8)))]}),
+]
+
+
+@pytest.mark.parametrize("body", BAD)
+def test_bad_requests_get_the_general_paths_error(body: bytes) -> None:
+    assert _quick_v2(memoryview(body), SIGNATURE) is None
+    with pytest.raises(InvalidInput) as general:
+        _general(body)
+    with pytest.raises(InvalidInput) as worker:
+        _decode(body)
+    assert str(worker.value) == str(general.value)
