@@ -23,7 +23,6 @@ from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
 from kiln.protocols.native import NativeApi, now_ms, unknown_path
 from kiln.serving.data_plane import Call, DataPlane
-from kiln.serving.polling import ACTIVITY
 from kiln.serving.router import Registry
 
 Handler = Callable[[Request, Send, Call], Awaitable[int]]
@@ -97,13 +96,6 @@ class InferenceApp:
             return
         if scope["type"] != "http":
             return
-        ACTIVITY.requests += 1  # the server polls for a worker only when it has one (polling.py)
-        try:
-            await self._answer(scope, receive, send)
-        finally:
-            ACTIVITY.requests -= 1
-
-    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request = Request(scope, receive)
         api_name = _SYSTEM

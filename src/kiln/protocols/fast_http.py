@@ -34,6 +34,7 @@ import httptools
 
 from kiln.protocols.edge import EdgeLimits, error_body
 from kiln.protocols.fast_http_exchange import HIGH_WATER, LINGER_S, STATUS_LINES, Exchange
+from kiln.serving.polling import ACTIVITY
 
 _MALFORMED = error_body("InvalidInput", "malformed HTTP request")
 _HEAD_TOO_LARGE = error_body("HeadersTooLarge", "request line and headers are too large")
@@ -277,6 +278,7 @@ class FastHttpProtocol(asyncio.Protocol):
         self.server.tasks.add(task)
 
     async def run_app(self, ex: Exchange) -> None:
+        ACTIVITY.requests += 1  # the server polls for a worker only while it has one (polling.py)
         try:
             await self.app(ex.scope, ex.receive, ex.send)
         except BaseException as exc:  # noqa: BLE001 - the connection must be answered or closed
@@ -287,6 +289,7 @@ class FastHttpProtocol(asyncio.Protocol):
             if not ex.complete and not ex.disconnected:
                 self._unfinished(ex)
         finally:
+            ACTIVITY.requests -= 1
             self.server.tasks.discard(ex.task)  # type: ignore[arg-type]
 
     def _unfinished(self, ex: Exchange) -> None:
