@@ -1,6 +1,7 @@
-"""The worker's quick path for the usual V2 JSON request (serving/payloads.py `_quick_v2`)
-gives what the general path (parse, check against the signature, decode) gives, and
-leaves every other request, good or bad, to the general path and its messages."""
+"""The worker's quick paths for the usual V2 JSON request and answer (serving/payloads.py
+`_quick_v2`, `_quick_outputs`) give what the general path (parse, check against the
+signature, decode; to_output_tensors, encode_infer_response) gives, and leave every other
+request or answer, good or bad, to the general path and its messages."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import orjson
 import pytest
 
 from kiln.errors import InvalidInput
+from kiln.handlers.context import RequestContext
 from kiln.serving.messages import RequestItem
-from kiln.serving.payloads import _quick_v2, decode_payload
+from kiln.serving.payloads import _quick_outputs, _quick_v2, _v2_response, _wanted, decode_payload
+from kiln.serving.v2_response import encode_infer_response
 from kiln.serving.v2_tensors import check_signature, decode_inputs, parse_infer_body
+from kiln.serving.wire import to_output_tensors
 
 SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -108,3 +112,53 @@ def test_bad_requests_get_the_general_paths_error(body: bytes) -> None:
     with pytest.raises(InvalidInput) as worker:
         _decode(body)
     assert str(worker.value) == str(general.value)
+
+
+def _general_answer(result: Any, body: Any) -> bytes:
+    head: dict[str, Any] = {"model_name": "m", "id": body.id or "req-1"}
+    tensors = _wanted(to_output_tensors(result, ["y"]), body.outputs)
+    return encode_infer_response(head, tensors, body.wants_binary)[0]
+
+
+ANSWERS = [
+    {"y": np.arange(8, dtype=np.float32).reshape(2, 4)[:, ::2]},  # not contiguous
+    {"y": np.array([[1.5, -2]], dtype=np.float64), "z": np.array([True, False])},
+    {"y": np.array([3], dtype=np.int64), "z": np.zeros((0, 2), dtype=np.uint8)},
+    {},
+]
+
+
+@pytest.mark.parametrize("result", ANSWERS)
+@pytest.mark.parametrize("request_body", [GOOD[0], GOOD[2]])
+def test_quick_answer_matches_the_general_encoding(
+    result: dict[str, Any], request_body: dict[str, Any]
+) -> None:
+    _, body = _decode(orjson.dumps(request_body))
+    context = RequestContext("req-1", "m", protocol="v2", wants_tensors=True)
+    reply, buffers = _v2_response(result, context, body, ["y"])
+    assert buffers == [_general_answer(result, body)]
+    assert (reply.content_type, reply.headers, reply.buffers) == ("application/json", None, 1)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [{"y": np.array(["a", "b"])}, {"y": [1.0, 2.0]}, np.zeros(2, np.float32)],
+)
+def test_other_answers_take_the_general_encoding(result: Any) -> None:
+    _, body = _decode(orjson.dumps(GOOD[0]))
+    context = RequestContext("req-1", "m", protocol="v2", wants_tensors=True)
+    assert _quick_outputs(result, body) is None
+    assert _v2_response(result, context, body, ["y"])[1] == [_general_answer(result, body)]
+
+
+def test_requested_or_binary_outputs_take_the_general_encoding() -> None:
+    result = {"y": np.ones((1, 2), np.float32), "z": np.zeros((1, 2), np.float32)}
+    for request_body in (
+        {**GOOD[0], "outputs": [{"name": "y"}]},
+        {**GOOD[0], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]},
+        {**GOOD[0], "parameters": {"binary_data_output": True}},
+    ):
+        _, body = _decode(orjson.dumps(request_body))
+        context = RequestContext("req-1", "m", protocol="v2", wants_tensors=True)
+        assert _quick_outputs(result, body) is None
+        assert _v2_response(result, context, body, ["y"])[1] == [_general_answer(result, body)]

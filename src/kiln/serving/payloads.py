@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kiln.datatypes import V2_TO_NUMPY
+from kiln.datatypes import V2_BY_DTYPE_STR, V2_TO_NUMPY
 from kiln.errors import InvalidInput
 from kiln.handlers.context import RequestContext, TensorPayload
 from kiln.serving.encoding import encode_result
@@ -202,17 +202,45 @@ def _v2_response(
     result: Any, context: RequestContext, body: InferBody, output_names: list[str]
 ) -> tuple[ReplyItem, list[Any]]:
     """The finished V2 response body of a `v2json` item, as the V2 adapter would build it."""
-    tensors = _wanted(to_output_tensors(result, output_names), body.outputs)
     head: dict[str, Any] = {"model_name": context.api}
     if context.version is not None:
         head["model_version"] = context.version
     head["id"] = body.id if body.id is not None else context.request_id
+    outputs = _quick_outputs(result, body)
+    if outputs is not None:
+        head["outputs"] = outputs
+        return ReplyItem(buffers=1), [orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)]
+    tensors = _wanted(to_output_tensors(result, output_names), body.outputs)
     payload, header_length = encode_infer_response(head, tensors, body.wants_binary)
     reply = ReplyItem(buffers=1)
     if header_length is not None:
         reply.content_type = "application/octet-stream"
         reply.headers = {"Inference-Header-Content-Length": str(header_length)}
     return reply, [payload]
+
+
+def _quick_outputs(result: Any, body: InferBody) -> list[dict[str, Any]] | None:
+    """The JSON outputs of the usual answer (a dict of numeric arrays, all outputs, no
+    binary data) as `to_output_tensors` and `encode_infer_response` would write them,
+    or None for any other answer, which takes that general way."""
+    if type(result) is not dict or body.outputs or body.binary_outputs or body.binary_default:
+        return None
+    outputs: list[dict[str, Any]] = []
+    for name, value in result.items():
+        if type(value) is not np.ndarray:
+            return None
+        datatype = V2_BY_DTYPE_STR.get(value.dtype.str)
+        if datatype is None:
+            return None
+        outputs.append(
+            {
+                "name": str(name),
+                "datatype": datatype,
+                "shape": list(value.shape),
+                "data": value.ravel(),
+            }
+        )
+    return outputs
 
 
 def _wanted(tensors: list[Tensor], wanted: list[str] | None) -> list[Tensor]:
