@@ -104,6 +104,12 @@ class TensorPipeline(Pipeline):
     def _finish(
         self, outputs: list[Any], unbatched: bool, stages: Stages, context: RequestContext
     ) -> Any:
+        if stages is None and len(outputs) == 1 and not context.wants_tensors:
+            if self.hooks.post is None:  # one output, no hook: the general way, shortened
+                value = outputs[0]
+                if unbatched and isinstance(value, np.ndarray) and value.ndim:
+                    return value[0]
+                return value
         if stages is not None:
             stages.append(("after inference", outputs))
         names = self.runtime.signature.output_names
@@ -127,6 +133,7 @@ class TensorPipeline(Pipeline):
     ) -> list[Any]:
         results: list[Any] = [None] * len(payloads)
         groups: dict[tuple[Any, ...], list[Member]] = {}
+        key: tuple[Any, ...]
         unbatched_at = [False] * len(payloads)
         prepare = self._prepare
         for index, payload in enumerate(payloads):
@@ -136,8 +143,14 @@ class TensorPipeline(Pipeline):
                 results[index] = exc
                 continue
             unbatched_at[index] = unbatched
-            key = tuple([(name, a.dtype.str, a.shape[1:]) for name, a in tensors.items()])
-            member = (index, tensors, unbatched, _rows(tensors))
+            if len(tensors) == 1:  # one input: its key and rows without a loop
+                ((name, a),) = tensors.items()
+                shape = a.shape
+                key = ((name, a.dtype.str, shape[1:]),)
+                member = (index, tensors, unbatched, shape[0] if shape else 1)
+            else:
+                key = tuple([(name, a.dtype.str, a.shape[1:]) for name, a in tensors.items()])
+                member = (index, tensors, unbatched, _rows(tensors))
             group = groups.get(key)
             if group is None:
                 groups[key] = [member]

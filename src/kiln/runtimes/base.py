@@ -94,7 +94,16 @@ class TensorSignature:
                 value = sample[single.name]
             else:
                 return self._to_tensors(sample)
-            array, added = self._fit.fit(_cast(single.name, value, single))
+            try:
+                array = np.asarray(value)
+            except ValueError:
+                array = None
+            if array is None or array.dtype.kind != "f" or single.dtype.kind != "f":
+                # The checks, and what is wrong; an array already made is not made again.
+                array = _cast(single.name, value if array is None else array, single)
+            else:  # floats for a float input: `_cast` would only convert
+                array = array.astype(single.dtype, copy=False)
+            array, added = self._fit.fit(array)
             return {single.name: array}, added
         return self._to_tensors(sample)
 

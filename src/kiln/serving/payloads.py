@@ -18,7 +18,7 @@ import orjson
 from kiln.datatypes import V2_BY_DTYPE_STR, V2_TO_NUMPY
 from kiln.errors import InvalidInput
 from kiln.handlers.context import RequestContext, TensorPayload
-from kiln.serving.encoding import encode_result
+from kiln.serving.encoding import dumps, encode_result
 from kiln.serving.messages import ReplyItem, RequestItem
 from kiln.serving.types import Tensor
 from kiln.serving.v2_response import encode_infer_response
@@ -94,7 +94,8 @@ def decode_payload(
 
 # ----- V2 JSON: the common request in fewer steps ---------------------------------------
 
-_QUICK_HEAD = frozenset(("inputs", "id"))
+_V2_ID = "id"  # the Open Inference Protocol's request id (not a short frame key)
+_QUICK_HEAD = frozenset(("inputs", _V2_ID))
 _QUICK_INPUT = frozenset(("name", "shape", "datatype", "data"))
 _FLOATS = frozenset(("FP16", "FP32", "FP64"))
 # The single-input float signature facts `_quick_v2` needs, by id(signature); the
@@ -145,7 +146,7 @@ def _quick_v2(
         return None
     if type(head) is not dict or not head.keys() <= _QUICK_HEAD:
         return None
-    request_id = head.get("id")
+    request_id = head.get(_V2_ID)
     raw_inputs = head.get("inputs")
     if (
         (request_id is not None and type(request_id) is not str)
@@ -265,6 +266,14 @@ def encode_reply(
     """The reply item and buffers of one successful item (`v2_body`: from `decode_payload`)."""
     if v2_body is not None:
         return _v2_response(result, context, v2_body, output_names)
+    if not (
+        item.want_tensors
+        or context.status
+        or context.response_headers
+        or envelope == "hub"
+        or isinstance(result, (bytes, bytearray, memoryview))
+    ):  # the usual JSON answer: what the general way below makes of it, in one step
+        return ReplyItem(buffers=1), [dumps(result)]
     reply = ReplyItem()
     buffers: list[Any]
     if item.want_tensors:
