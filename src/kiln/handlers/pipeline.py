@@ -136,9 +136,15 @@ class TensorPipeline(Pipeline):
         key: tuple[Any, ...]
         unbatched_at = [False] * len(payloads)
         prepare = self._prepare
+        # No hook and no debug trace: `_prepare` would only call `to_tensors`.
+        direct = self.runtime.signature.to_tensors if self.hooks.pre is None else None
         for index, payload in enumerate(payloads):
+            stage = stages[index]
             try:
-                tensors, unbatched = prepare(payload, stages[index])
+                if direct is not None and stage is None:
+                    tensors, unbatched = direct(payload)
+                else:
+                    tensors, unbatched = prepare(payload, stage)
             except Exception as exc:  # noqa: BLE001 - hooks are user code
                 results[index] = exc
                 continue

@@ -80,8 +80,13 @@ def decode_payload(
     """The handler's payload, and for a `v2json` item its parsed request, whose id and
     outputs shape the answer (`encode_reply`)."""
     kind = item.kind
-    if kind == "json":  # the native and V1 routes: as `_payload` decodes it, one call less
-        return (_json(buffers[0]) if buffers else None), None
+    if kind == "json":  # the native and V1 routes: `_payload`'s `_json`, inline
+        if not buffers or not len(data := buffers[0]):
+            return None, None
+        try:
+            return orjson.loads(data), None
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
     if kind == "v2json":
         quick = _quick_v2(buffers[0], signature)
         if quick is not None:
