@@ -172,3 +172,31 @@ def test_a_replica_polls_for_its_answer_only_as_the_servers_only_request(
     # Alone: send_batch waited awake until the answer was there (300 ms < the 1 s window).
     # With other work in progress it returned at once, long before the worker answered.
     assert answered_on_return is (requests == 1)
+
+
+@pytest.mark.parametrize("armed", [True, False], ids=["armed", "disarmed"])
+def test_a_channel_spins_only_when_armed(armed: bool) -> None:
+    """After a batch of several requests the worker disarms polling (`Worker.run`): the
+    next frame is not imminent, and spinning would take CPU the server and clients need.
+    Spinning shows as CPU time of the waiting thread; blocking in `recv` uses none."""
+    left, right = socket.socketpair()
+    channel = BlockingChannel(left, m.TO_WORKER)
+    channel.poll = PollWindow(1.0)
+    channel.poll.window = 1.0
+    channel.poll_armed = armed
+    frame = b"".join(bytes(c) for c in encode_frame(m.Batch(1, [m.RequestItem("r1")]), [b"{}"]))
+    timer = threading.Timer(0.2, right.sendall, (frame,))
+    timer.start()
+    try:
+        cpu = time.thread_time()
+        got = channel.recv()
+        spent = time.thread_time() - cpu
+    finally:
+        timer.join()
+        left.close()
+        right.close()
+    assert got is not None and got[0].id == 1
+    if armed:
+        assert spent > 0.05  # it spun (with sched_yield) for most of the 0.2 s
+    else:
+        assert spent < 0.05  # it slept in recv

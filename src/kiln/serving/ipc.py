@@ -209,6 +209,10 @@ class BlockingChannel(Generic[M]):
         self._ahead = bytearray()  # bytes read past the last frame handed out
         # Poll this long before blocking for the next read (serving/polling.py); None: block.
         self.poll: PollWindow | None = None
+        # Whether the next wait polls: the worker arms it after answering a lone request
+        # (`Worker.run`); after a batch of several, the server is busy and the next frame
+        # is not imminent enough to spin for (the spinning took CPU the clients needed).
+        self.poll_armed = True
 
     def cancelled(self, stream_id: int) -> bool:
         """Read whatever has arrived without blocking; True if it cancels `stream_id`."""
@@ -260,7 +264,7 @@ class BlockingChannel(Generic[M]):
         """One read of up to `_READ_AHEAD` bytes, polled for first when `poll` says so."""
         poll = self.poll
         sock = self._sock
-        if poll is None:
+        if poll is None or not self.poll_armed:
             return sock.recv(_READ_AHEAD)
         started = time.perf_counter()
         window = poll.window

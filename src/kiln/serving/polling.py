@@ -12,8 +12,9 @@ does for a whole guest: the window grows while answers arrive soon after it
 ended, and shrinks when they arrive later than the limit, so a replica that gets
 a request now and then stops polling after a few of them.
 
-- A worker polls for its next frame after each answer (`BlockingChannel`); the CPU
-  it burns is its own replica's (`compute.cpu`).
+- A worker polls for its next frame after answering a lone request (`BlockingChannel`,
+  armed by `Worker.run`); after a batch of several the server is busy and the next
+  frame is not imminent. The CPU it burns is its own replica's (`compute.cpu`).
 - The server polls for a worker's answer only when it has nothing else to do: one
   request in progress on the inference port (`ACTIVITY`), its batch written whole.
   Anything else that arrives meanwhile waits at most one window.

@@ -179,6 +179,7 @@ class Worker:
             message, buffers = frame
             if isinstance(message, Batch):
                 self.channel.send(*self.handle_batch(message, buffers))
+                self.channel.poll_armed = len(message.items) == 1  # see BlockingChannel
             elif isinstance(message, Explain):
                 self.channel.send(*self.handle_explain(message, buffers))
             elif isinstance(message, Stream):
