@@ -16,7 +16,8 @@ from kiln.handlers.context import RequestContext
 from kiln.serving.messages import RequestItem
 from kiln.serving.payloads import _quick_outputs, _quick_v2, _v2_response, _wanted, decode_payload
 from kiln.serving.v2_response import encode_infer_response
-from kiln.serving.v2_tensors import check_signature, decode_inputs, parse_infer_body
+from kiln.serving.v2_signature import check_signature
+from kiln.serving.v2_tensors import decode_inputs, parse_infer_body
 from kiln.serving.wire import to_output_tensors
 
 SIGNATURE: dict[str, Any] = {

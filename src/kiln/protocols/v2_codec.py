@@ -11,11 +11,11 @@ import zlib
 
 from kiln.errors import InvalidInput, PayloadTooLarge
 from kiln.serving.v2_response import encode_infer_response
+from kiln.serving.v2_signature import check_signature
 from kiln.serving.v2_tensors import (
     DATATYPES,
     InferBody,
     InputHeader,
-    check_signature,
     decode_inputs,
     parse_infer_body,
 )

@@ -22,10 +22,10 @@ from kiln.serving.encoding import dumps, encode_result
 from kiln.serving.messages import ReplyItem, RequestItem
 from kiln.serving.types import Tensor
 from kiln.serving.v2_response import encode_infer_response
+from kiln.serving.v2_signature import check_signature
 from kiln.serving.v2_tensors import (
     InferBody,
     InputHeader,
-    check_signature,
     decode_inputs,
     parse_infer_body,
 )

@@ -43,7 +43,7 @@ from kiln.protocols.v2 import (
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import ServedApi
 from kiln.serving.types import InferenceRequest, Tensor
-from kiln.serving.v2_tensors import check_signature
+from kiln.serving.v2_signature import check_signature
 
 _M = "inference."
 STREAM_OUTPUT = "output"
