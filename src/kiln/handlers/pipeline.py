@@ -104,12 +104,6 @@ class TensorPipeline(Pipeline):
     def _finish(
         self, outputs: list[Any], unbatched: bool, stages: Stages, context: RequestContext
     ) -> Any:
-        if stages is None and len(outputs) == 1 and not context.wants_tensors:
-            if self.hooks.post is None:  # one output, no hook: the general way, shortened
-                value = outputs[0]
-                if unbatched and isinstance(value, np.ndarray) and value.ndim:
-                    return value[0]
-                return value
         if stages is not None:
             stages.append(("after inference", outputs))
         names = self.runtime.signature.output_names
@@ -122,10 +116,11 @@ class TensorPipeline(Pipeline):
             if stages is not None:
                 stages.append(("after post_inference", result))
             return result
+        if len(outputs) == 1:  # most models: no list, no dict
+            value = outputs[0]
+            return value[0] if unbatched and isinstance(value, np.ndarray) and value.ndim else value
         if unbatched:
             outputs = [o[0] if isinstance(o, np.ndarray) and o.ndim else o for o in outputs]
-        if len(outputs) == 1:
-            return outputs[0]
         return dict(zip(names, outputs, strict=False))
 
     def predict_batch(

@@ -75,7 +75,6 @@ class TensorSignature:
         self._by_name = {spec.name: spec for spec in inputs}
         # One input (most models): its spec and rank facts, so `to_tensors` skips the
         # per-request name checks and `_fit_rank`'s general walk when the sample fits.
-        self._single = inputs[0] if len(inputs) == 1 else None
         self._fit = _RankFit(inputs[0]) if len(inputs) == 1 else None
 
     def describe(self) -> dict[str, Any]:
@@ -86,24 +85,16 @@ class TensorSignature:
 
     def to_tensors(self, sample: Any) -> tuple[dict[str, np.ndarray], bool]:
         """Named arrays from a JSON sample, and whether the batch axis was added for it."""
-        single = self._single
-        if single is not None and self._fit is not None:
+        fit = self._fit
+        if fit is not None:
+            single = fit.spec
             if not isinstance(sample, dict):
                 value = sample
             elif len(sample) == 1 and single.name in sample:
                 value = sample[single.name]
             else:
                 return self._to_tensors(sample)
-            try:
-                array = np.asarray(value)
-            except ValueError:
-                array = None
-            if array is None or array.dtype.kind != "f" or single.dtype.kind != "f":
-                # The checks, and what is wrong; an array already made is not made again.
-                array = _cast(single.name, value if array is None else array, single)
-            else:  # floats for a float input: `_cast` would only convert
-                array = array.astype(single.dtype, copy=False)
-            array, added = self._fit.fit(array)
+            array, added = fit.fit(_cast(single.name, value, single))
             return {single.name: array}, added
         return self._to_tensors(sample)
 

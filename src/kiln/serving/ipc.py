@@ -14,7 +14,6 @@ raises `FrameError` with what was wrong: the reader decides what that costs
 from __future__ import annotations
 
 import asyncio
-import os
 import select
 import socket
 import struct
@@ -26,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kiln.serving.messages import Cancel, Message
-from kiln.serving.polling import PollWindow
+from kiln.serving.polling import PollWindow, wait_readable
 
 _TOTAL = struct.Struct("!I")
 _HEAD = struct.Struct("!II")  # header length, buffer count
@@ -213,6 +212,8 @@ class BlockingChannel(Generic[M]):
         # (`Worker.run`); after a batch of several, the server is busy and the next frame
         # is not imminent enough to spin for (the spinning took CPU the clients needed).
         self.poll_armed = True
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
 
     def cancelled(self, stream_id: int) -> bool:
         """Read whatever has arrived without blocking; True if it cancels `stream_id`."""
@@ -267,20 +268,9 @@ class BlockingChannel(Generic[M]):
         if poll is None or not self.poll_armed:
             return sock.recv(_READ_AHEAD)
         started = time.perf_counter()
-        window = poll.window
-        data: bytes | None = None
-        if window:
-            deadline = started + window
-            while True:
-                try:
-                    data = sock.recv(_READ_AHEAD, socket.MSG_DONTWAIT)
-                    break
-                except BlockingIOError:
-                    if time.perf_counter() >= deadline:
-                        break
-                    os.sched_yield()  # anything runnable on this CPU goes first
-        if data is None:
-            data = sock.recv(_READ_AHEAD)
+        if poll.window:
+            wait_readable(self._poller, poll.window)  # then this read does not sleep
+        data = sock.recv(_READ_AHEAD)
         poll.learn(time.perf_counter() - started)
         return data
 
