@@ -7,7 +7,9 @@ socket writes per response). This layer keeps the same ASGI contract, so
 `InferenceApp` and every adapter run unchanged, but:
 
 - `http.response.start` is buffered and written together with the body, so a
-  complete answer is ONE `transport.write` (one system call);
+  complete answer is ONE `transport.write` (one system call), and while other
+  requests are in progress the answers finished in one loop turn are written
+  back to back in the next (`fast_http_exchange.Outbox`);
 - a body that already arrived is handed to `receive()` without waiting on
   anything, and nothing is allocated for waiting unless the app must wait;
 - streamed answers (`more_body=True`: chunked, SSE) still leave chunk by chunk.
@@ -33,7 +35,7 @@ from urllib.parse import unquote
 import httptools
 
 from kiln.protocols.edge import EdgeLimits, error_body
-from kiln.protocols.fast_http_exchange import HIGH_WATER, LINGER_S, STATUS_LINES, Exchange
+from kiln.protocols.fast_http_exchange import HIGH_WATER, LINGER_S, STATUS_LINES, Exchange, Outbox
 from kiln.serving.polling import ACTIVITY
 
 _MALFORMED = error_body("InvalidInput", "malformed HTTP request")
@@ -52,6 +54,7 @@ class ConnectionHost(Protocol):
     connections: set[FastHttpProtocol]
     tasks: set[asyncio.Task[None]]
     date_line: bytes
+    outbox: Outbox
 
     def admit(self, conn: FastHttpProtocol) -> bool: ...
 

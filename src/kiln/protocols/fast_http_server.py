@@ -19,6 +19,7 @@ from typing import Any
 
 from kiln.protocols.edge import EVICT_AFTER_S, EdgeLimits
 from kiln.protocols.fast_http import FastHttpProtocol
+from kiln.protocols.fast_http_exchange import Outbox
 
 TICK_S = 0.1
 SWEEP_TICKS = 5  # edge deadlines are checked every 0.5 s: a limit holds to within that
@@ -44,11 +45,13 @@ class FastHttpServer:
         self.tasks: set[asyncio.Task[None]] = set()  # requests whose app still runs
         self.date_line = date_line()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.outbox: Outbox = None  # type: ignore[assignment]  # complete answers written together
         self._servers: list[asyncio.AbstractServer] = []
 
     async def serve(self, sockets: list[socket.socket]) -> None:
         """Serve on already bound sockets until `should_exit`, then drain and close."""
         self.loop = asyncio.get_running_loop()
+        self.outbox = Outbox(self.loop)
         self.cap = self.limits.connection_cap()
         for sock in sockets:
             server = await self.loop.create_server(
