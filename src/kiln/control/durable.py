@@ -46,6 +46,13 @@ class DurableCounters:
         with self._lock:
             self._usage[(api, _CLASSES[status // 100])] += 1
 
+    def count_requests(self, counts: dict[tuple[str, int], int]) -> None:
+        """Many answers at once: `counts[(api, status)]` answers each (one lock for all)."""
+        with self._lock:
+            usage = self._usage
+            for (api, status), n in counts.items():
+                usage[(api, _CLASSES[status // 100])] += n
+
     def record(self, api: str, version: str, model_type: str, values: list[Any]) -> None:
         """The tracker's values for one batch (same signature as PredictionMonitor.record)."""
         key = (api, version)

@@ -71,6 +71,35 @@ class LogSink:
             if not self._quiet:
                 self._echo(record, line)
 
+    def write_many(self, records: list[tuple[str, dict[str, Any]]]) -> None:
+        """Many (api, record) at once, as `write` each, with one write per file under one lock."""
+        ts = round(time.time(), 3)
+        lines: dict[str, list[bytes]] = {}
+        stamped = []
+        for api, record in records:
+            record = {"ts": ts, "api": api, **record}
+            line = orjson.dumps(record, default=str) + b"\n"
+            lines.setdefault(api, []).append(line)
+            stamped.append((record, line))
+        with self._lock:
+            for api, chunk in lines.items():
+                file = self._files.get(api)
+                if file is None:
+                    file = self._files[api] = open(self.path_for(api), "ab")  # noqa: SIM115
+                file.write(b"".join(chunk))
+            if not self._quiet:
+                if self._raw is not None and not self._pretty:
+                    self._echo_raw(b"".join(line for _, line in stamped))
+                else:
+                    for record, line in stamped:
+                        self._echo(record, line)
+
+    def _echo_raw(self, lines: bytes) -> None:
+        try:
+            self._raw.write(lines)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            pass
+
     def _echo(self, record: dict[str, Any], line: bytes) -> None:
         try:
             if self._pretty:

@@ -9,6 +9,7 @@ dashboards keep working.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,6 +99,30 @@ class _KeyUsage(Collector):
         for (key_id, user, status_class), count in list((self.metrics.key_totals or {}).items()):
             family.add_metric([key_id, user, status_class], count)
         yield family
+
+
+def observe_many(child: Any, amounts: list[float]) -> None:
+    """`child.observe(a)` for each amount, with one increment per bucket that moved.
+
+    prometheus_client's `observe` scans the bounds in Python and takes two locks per
+    amount; this counts per bucket first (its buckets are per-bucket counts, cumulated
+    when collected). A histogram without those internals gets `observe` per amount.
+    """
+    buckets = getattr(child, "_buckets", None)
+    bounds = getattr(child, "_upper_bounds", None)
+    total = getattr(child, "_sum", None)
+    if buckets is None or bounds is None or total is None or len(buckets) != len(bounds):
+        for amount in amounts:
+            child.observe(amount)
+        return
+    moved: dict[int, int] = {}
+    for amount in amounts:
+        index = bisect_left(bounds, amount)  # the first bound >= amount, as observe finds it
+        if index < len(bounds):
+            moved[index] = moved.get(index, 0) + 1
+    total.inc(sum(amounts))
+    for index, n in moved.items():
+        buckets[index].inc(n)
 
 
 class Metrics:
@@ -216,20 +241,49 @@ class Metrics:
     def request(
         self, api: str, protocol: str, status: int, seconds: float, version: str = ""
     ) -> None:
-        key = (api, version, protocol, status)
-        children = self._request_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(api, version, protocol, f"{status // 100}xx"),
-                self.latency.labels(api),
-            )
-            self._request_children[key] = children
+        children = self._children((api, version, protocol, status))
         children[0].inc()
         children[1].observe(seconds)
         if self.usage is not None:
             self.usage.count_request(api, status)
         if self.series is not None:
             self.series.observe(api, status, seconds)
+
+    def answered(self, answers: list[tuple[str, str, int, float, str]]) -> None:
+        """Many answers (api, protocol, status, seconds, version) at once, as `request` each.
+
+        protocols/bookkeeping.py hands over a loop turn's answers: one increment per
+        counter and bucket that moved instead of one per answer (each takes a lock).
+        """
+        counted: dict[tuple[str, str, str, int], int] = {}
+        latencies: dict[str, list[float]] = {}
+        usage: dict[tuple[str, int], int] = {}
+        for api, protocol, status, seconds, version in answers:
+            key = (api, version, protocol, status)
+            counted[key] = counted.get(key, 0) + 1
+            latencies.setdefault(api, []).append(seconds)
+            usage[(api, status)] = usage.get((api, status), 0) + 1
+        for key, n in counted.items():
+            self._children(key)[0].inc(n)
+            amounts = latencies.pop(key[0], None)
+            if amounts is not None:
+                observe_many(self._request_children[key][1], amounts)
+        if self.usage is not None:
+            self.usage.count_requests(usage)
+        if self.series is not None:
+            self.series.observe_many([(a[0], a[2], a[3]) for a in answers])
+
+    def _children(self, key: tuple[str, str, str, int]) -> tuple[Any, Any]:
+        """The (requests counter, latency histogram) children of one label set, looked up once."""
+        children = self._request_children.get(key)
+        if children is None:
+            api, version, protocol, status = key
+            children = (
+                self.requests.labels(api, version, protocol, f"{status // 100}xx"),
+                self.latency.labels(api),
+            )
+            self._request_children[key] = children
+        return children
 
     def batch(self, served: Any, queue_times: list[float], inference_s: float, size: int) -> None:
         key = (served.name, served.version or "")

@@ -67,6 +67,22 @@ class TimeSeries:
                 row[cls] += 1
             row[bucket] += 1
 
+    def observe_many(self, answers: list[tuple[str, int, float]]) -> None:
+        """Many answers (api, status, seconds) at once, as `observe` each, under one lock."""
+        now = int(self._clock())
+        minute = now - now % MINUTE_S
+        bounds, width, counts = self.bounds, self._width, self._counts
+        with self._lock:
+            for api, status, seconds in answers:
+                key = (api, minute)
+                row = counts.get(key)
+                if row is None:
+                    row = counts[key] = [0] * width
+                cls = _SLOT.get(status // 100)
+                if cls is not None:
+                    row[cls] += 1
+                row[3 + bisect.bisect_left(bounds, seconds)] += 1
+
     # ---- flushing -------------------------------------------------------------------
     def sample(self) -> None:
         """Note each served API's ready replicas and queue length for the current minute."""

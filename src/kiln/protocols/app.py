@@ -19,9 +19,10 @@ from typing import Any, Protocol
 
 from kiln.errors import InvalidInput, KilnError, MethodNotAllowed, NotFound
 from kiln.protocols.auth import OPEN_PATHS, authenticate
+from kiln.protocols.bookkeeping import Bookkeeping
 from kiln.protocols.errors import error_headers, native_error
 from kiln.protocols.http import Receive, Request, Scope, Send, send_json
-from kiln.protocols.native import NativeApi, now_ms, unknown_path
+from kiln.protocols.native import NativeApi, unknown_path
 from kiln.serving.data_plane import Call, DataPlane
 from kiln.serving.router import Registry
 
@@ -84,6 +85,7 @@ class InferenceApp:
         self.metrics = metrics
         # API keys (control/accounts.py + quotas.py), or None: auth off (`kiln serve`).
         self.auth = auth
+        self.books = Bookkeeping(metrics, log, _SYSTEM)
         # Admission and metering go through the data plane, never through this app.
         self.plane = DataPlane(registry, auth, log=log)
         self.adapters = (
@@ -155,25 +157,24 @@ class InferenceApp:
         except asyncio.CancelledError:  # the client left and the HTTP layer cancelled this
             status, cancelled = 499, True  # nginx's "client closed request": logged, then gone
         self.plane.finish(call, status)
-        if self.metrics is not None and api_name != _SYSTEM:
-            self.metrics.request(
-                api_name, protocol, status, time.perf_counter() - started, call.version
-            )
+        elapsed = time.perf_counter() - started
         if trace is not None:
             trace.finish(status, call.api, call.version, request.path, protocol)
+        record: dict[str, Any] | None = None
         if api_name != _SYSTEM or status >= 400:
             record = {
                 "event": "request",
                 "method": request.method,
                 "path": request.path,
                 "status": status,
-                "latency_ms": now_ms(started),
+                "latency_ms": round(elapsed * 1000, 2),
                 "request_id": request.request_id,
             }
             if trace is not None:
                 record["trace_id"] = trace.trace_id
                 record["span_id"] = trace.span_id
-            self.log.write(api_name, record)
+        # Metrics and the log line: for this loop turn's answers together (bookkeeping.py).
+        self.books.answered(api_name, protocol, status, elapsed, call.version, record)
         if cancelled:
             raise asyncio.CancelledError
 
