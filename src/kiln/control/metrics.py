@@ -302,8 +302,7 @@ class Metrics:
         batch_size, inference, queue, ts_requests, ts_latency, ts_queue = children
         batch_size.observe(size)
         inference.observe(inference_s)
-        for waited in queue_times:
-            queue.observe(waited)
+        observe_many(queue, queue_times)
         ts_requests.inc(size)
         ts_latency.inc(inference_s * 1e6 * size)
         ts_queue.inc(sum(queue_times) * 1e6)

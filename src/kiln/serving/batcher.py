@@ -9,7 +9,9 @@ non-full batch wait up to `max_batch_delay_ms` for more requests to join.
 A request whose client left is a done (cancelled) future: `take` drops it
 before it reaches a worker. A batch that reached a worker but never started
 there (the worker died or was killed) comes back with `requeue`, at the front
-and with its deadlines, ahead of later arrivals.
+and with its deadlines, ahead of later arrivals. Every request also has a
+backstop a second past its deadline (`DeadlineWatch`) for whatever no batch
+timer or `take` answered.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kiln.errors import Timeout, Unavailable
 from kiln.serving.types import InferenceRequest, InferenceResponse
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity (DeadlineWatch's set)
 class Pending:
     """One queued request and the future its HTTP handler awaits."""
 
@@ -114,3 +117,46 @@ class RequestQueue:
             pending = self._items.popleft()
             if not pending.future.done():
                 pending.future.set_exception(error)
+
+
+BACKSTOP_S = 1.0  # a request is answered 504 this long past its deadline if nothing else did
+SWEEP_S = 0.1  # how often the backstop looks (one timer per API, only while requests wait)
+
+
+class DeadlineWatch:
+    """Each request's backstop: a 504 `BACKSTOP_S` past its deadline if nothing answered it.
+
+    The deadline itself is kept by the batch's timer (`Replica` overrun) and by `take`
+    (expired requests leave the queue as 504s); this catches what neither reached, such
+    as a request queued while no replica could take it. One timer per API that sweeps
+    every `SWEEP_S` while requests wait, not one per request: `call_later` and `cancel`
+    cost 2 us a request on the event loop (uvloop), on the path every request takes.
+    """
+
+    __slots__ = ("_expire", "_waiting", "_timer")
+
+    def __init__(self, expire: Callable[[Pending], None]) -> None:
+        self._expire = expire  # answers the request 504 (its future's exception)
+        self._waiting: set[Pending] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, pending: Pending, loop: asyncio.AbstractEventLoop) -> None:
+        self._waiting.add(pending)
+        if self._timer is None:
+            self._timer = loop.call_later(SWEEP_S, self._sweep, loop)
+
+    def discard(self, pending: Pending) -> None:
+        self._waiting.discard(pending)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = time.monotonic()
+        overdue = [p for p in self._waiting if max(p.deadline, p.enqueued) + BACKSTOP_S <= now]
+        for pending in overdue:
+            self._waiting.discard(pending)
+            self._expire(pending)
+        if self._waiting:
+            self._timer = loop.call_later(SWEEP_S, self._sweep, loop)

@@ -300,8 +300,9 @@ class ReplicaPool:
             return "compute unavailable"
         if self.scaled_to_zero and not self.slots:
             return "scaled to zero"
-        if any(slot.ready for slot in self.slots):
-            return "ready"
+        for slot in self.slots:  # a loop, not any(): asked twice per request
+            if slot.ready:
+                return "ready"
         states = {slot.state for slot in self.slots}
         if states and states <= {"failed"}:
             return "failed"

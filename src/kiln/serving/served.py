@@ -34,7 +34,7 @@ from typing import Any
 from kiln.errors import Timeout, Unavailable
 from kiln.sandbox.policy import SandboxPolicy
 from kiln.serving.availability import not_ready_in_time, unavailable
-from kiln.serving.batcher import Pending, RequestQueue
+from kiln.serving.batcher import DeadlineWatch, Pending, RequestQueue
 from kiln.serving.dispatch import Dispatcher
 from kiln.serving.placement import worker_spec_for
 from kiln.serving.replica_pool import ReplicaPool
@@ -81,6 +81,7 @@ class ServedApi(ReplicaPool, Dispatcher):
         self.batch_delay_s = (batching.max_batch_delay_ms / 1000) if batching else 0.0
         self.depth = 1 if self.max_batch_size > 1 else 2
         self.queue = RequestQueue(self.name, api.serving.max_queue_size)
+        self._deadlines = DeadlineWatch(self._expire)
         self.max_replica_concurrency = api.autoscaling.max_replica_concurrency
         self._running = 0  # requests handed to workers by the dispatcher, not answered yet
         self.slots: list[ReplicaSlot] = []
@@ -201,8 +202,9 @@ class ServedApi(ReplicaPool, Dispatcher):
                 # Waking it for every request cost a task step each at c=64.
                 self._capacity.set()
         self.stats["requests"] += 1
-        # A timer, not asyncio.wait_for: wait_for costs a task per request on the hot path.
-        timer = loop.call_later(max(0.0, deadline - time.monotonic()) + 1.0, self._expire, pending)
+        # The backstop past the deadline: one sweeping timer per API, not one per request
+        # (nor asyncio.wait_for, which costs a task per request).
+        self._deadlines.add(pending, loop)
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -211,7 +213,7 @@ class ServedApi(ReplicaPool, Dispatcher):
             self._cancelled("running" if pending.sent else "queued")
             raise
         finally:
-            timer.cancel()
+            self._deadlines.discard(pending)
             self.last_request_at = time.monotonic()  # idle counts from the last answer
 
     async def _until_ready(self, deadline: float) -> float:
