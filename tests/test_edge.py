@@ -312,7 +312,11 @@ def test_slowloris_does_not_lock_out_a_normal_client(
         assert p99 < 1.0, f"p99 {p99:.3f}s over {len(latencies)} requests"
         assert len(latencies) > 50
         if count <= 1000:  # under the cap: slow heads are cut at the head deadline (10 s)
-            assert attack.lifetimes and max(attack.lifetimes) < 12.5
+            # A cut is seen up to one sweep (0.5 s) after the deadline by the server and up
+            # to one visit (`every`) later by the attacker, whose loop lags on a busy box
+            # (12.502 s was seen in CI against a bound of 12.5): 1.5 s of slack on top.
+            bound = 10.0 + 0.5 + every + 1.5
+            assert attack.lifetimes and max(attack.lifetimes) < bound, max(attack.lifetimes)
         else:  # over the cap: the oldest slow heads made room for the normal client
             assert attack.reconnects > 0
         assert server.alive()
