@@ -42,6 +42,9 @@ class Adapter(Protocol):
 
     # Optional: `scope_of(request) -> "invoke" | "manage"`, the key scope a route needs
     # (e.g. V2's repository extension, which loads and unloads models); "invoke" without it.
+    # Optional: `owns`, the first path segments only this adapter serves ("v2"): such
+    # paths go to it first. They are reserved names (config/blocks.py RESERVED_NAMES), so
+    # no API endpoint, and no adapter before it, can claim them.
 
 
 def default_adapters(plane: DataPlane, log: Any, jobs: Any = None) -> list[Adapter]:
@@ -91,6 +94,7 @@ class InferenceApp:
         self.adapters = (
             adapters if adapters is not None else default_adapters(self.plane, log, jobs)
         )
+        self._owners = {seg: a for a in self.adapters for seg in getattr(a, "owns", ())}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -179,6 +183,11 @@ class InferenceApp:
             raise asyncio.CancelledError
 
     def _route(self, request: Request, call: Call) -> tuple[tuple[Handler, str] | None, Any]:
+        owner = self._owners.get(request.path[1:].partition("/")[0])
+        if owner is not None:  # /v2/..., /v1/..., /predictions/...: skip the adapters before
+            routed = owner.route(request, call)
+            if routed is not None:
+                return routed, owner
         for adapter in self.adapters:
             routed = adapter.route(request, call)
             if routed is not None:

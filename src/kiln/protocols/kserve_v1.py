@@ -117,6 +117,8 @@ def answer_json(response: InferenceResponse) -> bytes:
 class KServeV1:
     """`/v1/models...` in KServe V1's shapes."""
 
+    owns = ("v1",)  # first path segments only this adapter serves (app.py routes them here)
+
     def __init__(self, plane: DataPlane, log: Any) -> None:
         self.plane = plane
         self.log = log

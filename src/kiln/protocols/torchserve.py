@@ -193,6 +193,8 @@ async def send_response(send: Send, response: InferenceResponse, request_id: str
 class TorchServeInference:
     """`/ping`, `/predictions/...` and `/explanations/...` in TorchServe's shapes."""
 
+    owns = ("ping", "predictions", "explanations")  # see KServeV1.owns
+
     def __init__(self, plane: DataPlane, log: Any) -> None:
         self.plane = plane
         self.log = log

@@ -96,6 +96,7 @@ class OpenInferenceV2:
     """The `/v2` routes of the inference port."""
 
     protocol = "v2"
+    owns = ("v2",)  # see KServeV1.owns
 
     def __init__(self, plane: DataPlane, log: Any) -> None:
         self.plane = plane
