@@ -95,7 +95,10 @@ class ApiGroup:
             served = self.versions.get(lead)
             if served is not None:
                 return served
-        return self.versions[self.configured_default()]
+        versions = self.versions
+        if len(versions) == 1:  # the usual case, asked per request: the one there is
+            return next(iter(versions.values()))
+        return versions[self.configured_default()]
 
     def route(self, version: str | None, headers: Mapping[str, str] | None = None) -> ServedApi:
         """The version an inference request goes to: `version` when it names one, else
