@@ -121,12 +121,19 @@ def make_server() -> tuple[FastHttpServer, App]:
     return server, app
 
 
+async def busy_server() -> tuple[FastHttpServer, App, RecordingTransport]:
+    """A server with one request in progress (`/slow`, until `app.release` is set), and
+    the transport its answer will be written to."""
+    server, app = make_server()
+    slow, slow_out = await connect(server)
+    slow.data_received(post("/slow", b"s"))
+    await turns(2)
+    return server, app, slow_out
+
+
 def test_an_answer_waits_one_turn_while_another_request_runs_then_leaves_whole() -> None:
     async def scenario() -> None:
-        server, app = make_server()
-        slow, slow_out = await connect(server)
-        slow.data_received(post("/slow", b"s"))
-        await turns(2)
+        server, app, slow_out = await busy_server()
         assert ACTIVITY.requests == 1  # /slow is in progress
         conn, out = await connect(server)
         conn.data_received(post("/echo", b"hello"))
@@ -158,10 +165,7 @@ def test_alone_an_answer_is_written_in_its_own_turn() -> None:
 
 def test_what_follows_an_answer_on_the_wire_still_follows_it() -> None:
     async def scenario() -> None:
-        server, app = make_server()
-        slow, _ = await connect(server)
-        slow.data_received(post("/slow", b"s"))
-        await turns(2)
+        server, app, _ = await busy_server()
         conn, out = await connect(server)
         # Two pipelined requests, then, while the second's answer waits in the outbox,
         # bytes that are not HTTP: 200, 200, then 400 and EOF, in that order.
@@ -195,10 +199,7 @@ def test_what_follows_an_answer_on_the_wire_still_follows_it() -> None:
 
 def test_a_client_that_left_before_the_write_gets_nothing_and_breaks_nothing() -> None:
     async def scenario() -> None:
-        server, app = make_server()
-        slow, _ = await connect(server)
-        slow.data_received(post("/slow", b"s"))
-        await turns(2)
+        server, app, _ = await busy_server()
         conn, out = await connect(server)
         conn.data_received(post("/echo", b"gone"))
         await turns(1)
