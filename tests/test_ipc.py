@@ -292,6 +292,7 @@ PROTOCOL_FILES = [
     "serving/messages.py",
     "serving/wire.py",
     "serving/replica.py",
+    "serving/replica_traffic.py",
     "serving/worker.py",
     "serving/payloads.py",
     "batch/link.py",

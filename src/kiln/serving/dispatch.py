@@ -19,7 +19,7 @@ from typing import Any
 from kiln.errors import KilnError, Unavailable
 from kiln.serving import tracing
 from kiln.serving.batcher import Pending, RequestQueue
-from kiln.serving.replica import NotStarted
+from kiln.serving.replica_traffic import NotStarted
 from kiln.serving.supervisor import ReplicaSlot
 
 

@@ -40,7 +40,7 @@ from kiln.control.logs import worker_record
 from kiln.control.shared_quotas import in_namespace, shared_authority
 from kiln.errors import KilnError, Timeout, Unavailable, error_from_wire
 from kiln.protocols.app import InferenceApp
-from kiln.serving.replica import NotStarted
+from kiln.serving.replica_traffic import NotStarted
 from kiln.serving.router import Registry
 from kiln.serving.served import ServedApi
 from kiln.serving.types import InferenceRequest

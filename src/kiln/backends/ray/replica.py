@@ -37,7 +37,8 @@ from kiln.sandbox import LaunchSpec, Limits
 from kiln.sandbox.policy import SandboxPolicy
 from kiln.sandbox.probe import SandboxUnavailable
 from kiln.serving.placement import cores_for, worker_env, worker_spec_for
-from kiln.serving.replica import NotStarted, Replica
+from kiln.serving.replica import Replica
+from kiln.serving.replica_traffic import NotStarted
 from kiln.serving.wire import wire_error
 
 NOT_STARTED = b""
