@@ -41,13 +41,12 @@ class DurableCounters:
 
     # ---- hot path -----------------------------------------------------------------
     def count_request(self, api: str, status: int) -> None:
-        # The lock, because `flush` swaps the dict from a worker thread: without it an
-        # increment landing between its read and the swap would be lost.
-        with self._lock:
-            self._usage[(api, _CLASSES[status // 100])] += 1
+        self.count_requests({(api, status): 1})
 
     def count_requests(self, counts: dict[tuple[str, int], int]) -> None:
-        """Many answers at once: `counts[(api, status)]` answers each (one lock for all)."""
+        """`counts[(api, status)]` answers each, under one lock. The lock, because `flush`
+        swaps the dict from a worker thread: without it an increment landing between its
+        read and the swap would be lost."""
         with self._lock:
             usage = self._usage
             for (api, status), n in counts.items():

@@ -61,18 +61,11 @@ class LogSink:
         return self.folder / f"{api}.log"
 
     def write(self, api: str, record: dict[str, Any]) -> None:
-        record = {"ts": round(time.time(), 3), "api": api, **record}
-        line = orjson.dumps(record, default=str) + b"\n"
-        with self._lock:
-            file = self._files.get(api)
-            if file is None:
-                file = self._files[api] = open(self.path_for(api), "ab")  # noqa: SIM115
-            file.write(line)
-            if not self._quiet:
-                self._echo(record, line)
+        self.write_many([(api, record)])
 
     def write_many(self, records: list[tuple[str, dict[str, Any]]]) -> None:
-        """Many (api, record) at once, as `write` each, with one write per file under one lock."""
+        """(api, record) pairs, in order: one write per API file and one echo, under one lock
+        (protocols/bookkeeping.py hands over a loop turn's request lines at once)."""
         ts = round(time.time(), 3)
         lines: dict[str, list[bytes]] = {}
         stamped = []
@@ -88,26 +81,16 @@ class LogSink:
                     file = self._files[api] = open(self.path_for(api), "ab")  # noqa: SIM115
                 file.write(b"".join(chunk))
             if not self._quiet:
-                if self._raw is not None and not self._pretty:
-                    self._echo_raw(b"".join(line for _, line in stamped))
-                else:
-                    for record, line in stamped:
-                        self._echo(record, line)
+                self._echo(stamped)
 
-    def _echo_raw(self, lines: bytes) -> None:
-        try:
-            self._raw.write(lines)  # type: ignore[union-attr]
-        except (OSError, ValueError):
-            pass
-
-    def _echo(self, record: dict[str, Any], line: bytes) -> None:
+    def _echo(self, stamped: list[tuple[dict[str, Any], bytes]]) -> None:
         try:
             if self._pretty:
-                self._stream.write(_human(record) + "\n")
+                self._stream.write("".join(_human(record) + "\n" for record, _ in stamped))
             elif self._raw is not None:
-                self._raw.write(line)
+                self._raw.write(b"".join(line for _, line in stamped))
             else:
-                self._stream.write(line.decode())
+                self._stream.write(b"".join(line for _, line in stamped).decode())
         except (OSError, ValueError):
             pass
 

@@ -264,10 +264,11 @@ class Metrics:
             latencies.setdefault(api, []).append(seconds)
             usage[(api, status)] = usage.get((api, status), 0) + 1
         for key, n in counted.items():
-            self._children(key)[0].inc(n)
-            amounts = latencies.pop(key[0], None)
+            counter, latency = self._children(key)
+            counter.inc(n)
+            amounts = latencies.pop(key[0], None)  # one latency child per API: observed once
             if amounts is not None:
-                observe_many(self._request_children[key][1], amounts)
+                observe_many(latency, amounts)
         if self.usage is not None:
             self.usage.count_requests(usage)
         if self.series is not None:

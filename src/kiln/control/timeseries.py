@@ -54,21 +54,12 @@ class TimeSeries:
 
     # ---- hot path -----------------------------------------------------------------
     def observe(self, api: str, status: int, seconds: float) -> None:
-        """One answer (Metrics.request): two list increments under an uncontended lock."""
-        now = int(self._clock())
-        key = (api, now - now % MINUTE_S)
-        bucket = 3 + bisect.bisect_left(self.bounds, seconds)
-        cls = _SLOT.get(status // 100)
-        with self._lock:
-            row = self._counts.get(key)
-            if row is None:
-                row = self._counts[key] = [0] * self._width
-            if cls is not None:
-                row[cls] += 1
-            row[bucket] += 1
+        """One answer (gRPC, Ray's forwarded metrics): `observe_many` of one."""
+        self.observe_many([(api, status, seconds)])
 
     def observe_many(self, answers: list[tuple[str, int, float]]) -> None:
-        """Many answers (api, status, seconds) at once, as `observe` each, under one lock."""
+        """Answers (api, status, seconds): list increments under an uncontended lock, one
+        lock for a loop turn's answers (protocols/bookkeeping.py via Metrics.answered)."""
         now = int(self._clock())
         minute = now - now % MINUTE_S
         bounds, width, counts = self.bounds, self._width, self._counts

@@ -23,7 +23,15 @@ from typing import Any
 class Bookkeeping:
     """Collects answers (`answered`) and records them at the next loop turn (`flush`)."""
 
-    __slots__ = ("metrics", "log", "system", "_answers", "_scheduled")
+    __slots__ = (
+        "metrics",
+        "log",
+        "system",
+        "_answers",
+        "_scheduled",
+        "_many_metrics",
+        "_many_lines",
+    )
 
     def __init__(self, metrics: Any, log: Any, system: str) -> None:
         self.metrics = metrics  # control/metrics.py Metrics (or the Ray forwarder), or None
@@ -31,6 +39,9 @@ class Bookkeeping:
         self.system = system  # the api name of Kiln's own routes: logged, never metered
         self._answers: list[tuple[Any, ...]] = []
         self._scheduled = False
+        # The bulk recorders, where these objects have them (Metrics, LogSink; not Ray's).
+        self._many_metrics = getattr(metrics, "answered", None)
+        self._many_lines = getattr(log, "write_many", None)
 
     def answered(
         self,
@@ -53,8 +64,7 @@ class Bookkeeping:
         self._scheduled = False
         answers, self._answers = self._answers, []
         metrics, log, system = self.metrics, self.log, self.system
-        many_metrics = getattr(metrics, "answered", None)
-        many_lines = getattr(log, "write_many", None)
+        many_metrics, many_lines = self._many_metrics, self._many_lines
         if many_metrics is not None:
             _guarded(many_metrics, [a[:5] for a in answers if a[0] != system])
         if many_lines is not None:
